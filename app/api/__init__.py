@@ -1,0 +1,9 @@
+"""The versioned JSON API: one router per resource, mounted under /api/v1."""
+
+from fastapi import APIRouter
+
+from app.api import features, jobs, models, saes, search
+
+api_router = APIRouter(prefix="/api/v1")
+for module in (models, saes, features, search, jobs):
+    api_router.include_router(module.router)

@@ -1,0 +1,37 @@
+"""GET /api/v1/saes and /api/v1/saes/{sae}: published SAEs with their metrics and charts."""
+
+from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
+
+from app import store
+from app.deps import get_session, read_access
+from app.models import SAE
+from app.responses import JSON
+
+router = APIRouter(tags=["saes"], dependencies=[Depends(read_access)])
+
+
+def sae_dict(sae: SAE, detail: bool = False) -> dict:
+    d = {
+        "name": sae.name, "model": sae.lm.name, "site": sae.site, "layer": sae.layer, "architecture": sae.architecture,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "metrics": sae.metrics,
+        "tokens_analyzed": sae.n_tokens_analyzed, "description": sae.description,
+        "published_at": sae.published_at.isoformat() if sae.published_at else None,
+        "links": {"self": f"/api/v1/saes/{sae.name}", "features": f"/api/v1/saes/{sae.name}/features",
+                  "page": f"/saes/{sae.name}"},
+    }
+    if detail:
+        d["charts"] = sae.charts
+        d["config"] = sae.config
+        d["norm_scale"] = sae.norm_scale
+    return d
+
+
+@router.get("/saes", summary="List published SAEs")
+def list_saes(session: Session = Depends(get_session)):
+    return JSON({"items": [sae_dict(s) for s in store.list_saes(session)]})
+
+
+@router.get("/saes/{sae}", summary="One SAE with its metrics, charts and configuration")
+def get_sae(sae: str, session: Session = Depends(get_session)):
+    return JSON(sae_dict(store.sae_by_name(session, sae), detail=True))

@@ -1,0 +1,1 @@
+"""Auto-interpretation: a durable job queue, workers, explainer/judge backends, prompts and scorers."""

@@ -1,0 +1,100 @@
+"""The FastAPI application: JSON API under /api/v1, HTML pages, static files, security headers."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
+
+from app import __version__
+from app.api import api_router
+from app.api.errors import install_error_handlers
+from app.db import check_schema, make_engine, session_factory
+from app.paths import resource_dir
+from app.settings import Settings, get_settings
+from app.web.pages import html_error, router as pages_router
+
+log = logging.getLogger(__name__)
+
+
+def content_security_policy(settings: Settings) -> str:
+    parts = urlsplit(settings.htmx_url)
+    cdn = f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
+    return ("default-src 'self'; "
+            f"script-src 'self' {cdn}; "
+            "style-src 'self'; img-src 'self' data:; font-src 'self'; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+# Swagger UI at /docs loads its own assets from a CDN and runs an inline script.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "object-src 'none'; frame-ancestors 'none'")
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path)."""
+
+    def __init__(self, app, csp: str):
+        self.app = app
+        self.headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"same-origin"),
+            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        self.csp = csp.encode()
+        self.docs_csp = DOCS_CSP.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        csp = self.docs_csp if path in ("/docs", "/redoc") else self.csp
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += self.headers
+                headers.append((b"content-security-policy", csp))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(engine: Engine | None = None, settings: Settings | None = None, check: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine or make_engine(settings.sqlalchemy_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if check:
+            check_schema(engine)  # refuse to serve an out-of-date schema
+        yield
+
+    app = FastAPI(
+        title="SAE Atlas",
+        version=__version__,
+        description="Sparse autoencoder features of language models: statistics, examples, logit effects, "
+                    "neighbours and explanations. Reads are public unless the server says otherwise; writes need "
+                    "an API key sent as `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = session_factory(engine)
+    install_error_handlers(app, html_error)
+    app.include_router(api_router)
+    app.include_router(pages_router)
+    app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
+    app.add_middleware(SecurityHeaders, csp=content_security_policy(settings))
+    return app

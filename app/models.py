@@ -1,0 +1,310 @@
+"""The store's ORM: the one thing the trainer and the app share.
+
+Sized for PostgreSQL with a million features and a hundred million example rows:
+- per-feature arrays that are always read whole (histograms, logit tables, neighbours) live in
+  JSON columns of the feature row, so a feature page is two indexed reads (feature + examples);
+- examples keep their token ids and per-token activations packed (int32 / float16 bytes), about
+  250 bytes a row for a 41-token window instead of 41 rows;
+- every query the pages make has an index (see __table_args__), and big tables use BIGINT keys.
+Constraint names follow one convention so that Alembic batch migrations work on SQLite too.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT on PostgreSQL, but INTEGER on SQLite so that the primary key stays the rowid alias.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python, on SQLite (naive text) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SAEStatus(str, enum.Enum):
+    publishing = "publishing"  # rows are being written; readers never see it
+    ready = "ready"
+    failed = "failed"
+
+
+class ExampleKind(enum.IntEnum):
+    top = 0  # the highest activations, one per document
+    interval = 1  # random examples from equal-width intervals of [0, max]
+    random = 2  # a uniform random sample of positive activations
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+LIVE_JOB_STATUSES = (JobStatus.queued.value, JobStatus.running.value)
+
+
+class LM(Base):
+    """A language model that SAEs are trained on, with its vocabulary."""
+
+    __tablename__ = "lms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(1000), doc="HF id, local path or alias it was loaded from")
+    architecture: Mapped[str] = mapped_column(String(100))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    bos_token_id: Mapped[int | None] = mapped_column(Integer)
+    # zlib-compressed JSON list of token strings, index = token id; decoded once per process.
+    vocab: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    saes: Mapped[list[SAE]] = relationship(back_populates="lm")
+
+
+class SAE(Base):
+    """A sparse autoencoder on one site of an LM, with its metrics and SAE-level charts."""
+
+    __tablename__ = "saes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    lm_id: Mapped[int] = mapped_column(ForeignKey("lms.id", ondelete="RESTRICT"), index=True)
+    site: Mapped[str] = mapped_column(String(100))
+    layer: Mapped[int | None] = mapped_column(Integer)
+    architecture: Mapped[str] = mapped_column(String(50))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    norm_scale: Mapped[float] = mapped_column(Float, default=1.0)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict, doc="fvu, mse, l0, dead_frac, ce_recovered, ...")
+    charts: Mapped[dict] = mapped_column(JSON, default=dict, doc="log-density histogram, dead and dense lists")
+    weights_path: Mapped[str | None] = mapped_column(String(2000))
+    n_tokens_analyzed: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(20), default=SAEStatus.publishing.value, index=True)
+    # Changes on every publish: part of every ETag of this SAE's immutable data.
+    version: Mapped[str] = mapped_column(String(40))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    lm: Mapped[LM] = relationship(back_populates="saes")
+
+
+class Feature(Base):
+    """One latent of an SAE with its whole dashboard except the examples."""
+
+    __tablename__ = "features"
+    __table_args__ = (
+        UniqueConstraint("sae_id", "index", name="uq_features_sae_id_index"),
+        Index("ix_features_sae_density", "sae_id", "density"),
+        Index("ix_features_sae_max_act", "sae_id", "max_act"),
+        Index("ix_features_sae_score", "sae_id", "best_score"),
+        Index("ix_features_sae_peak_token", "sae_id", "peak_token_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    firing_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    density: Mapped[float] = mapped_column(Float, default=0.0)
+    mean_act: Mapped[float] = mapped_column(Float, default=0.0, doc="mean of the non-zero activations")
+    max_act: Mapped[float] = mapped_column(Float, default=0.0)
+    moments: Mapped[dict] = mapped_column(JSON, default=dict, doc="e_a2, std, skew, kurtosis of non-zero activations")
+    act_hist: Mapped[dict] = mapped_column(JSON, default=dict, doc="{edges, counts} of non-zero activations")
+    interval_shares: Mapped[list] = mapped_column(JSON, default=list)
+    logits: Mapped[dict] = mapped_column(JSON, default=dict, doc="{top: [[id, v]], bottom: [[id, v]], hist: {edges, counts}}")
+    neighbors: Mapped[list] = mapped_column(JSON, default=list, doc="[[index, cosine], ...] best first")
+    peak_token_id: Mapped[int | None] = mapped_column(Integer, doc="the token most top examples peak on")
+    peak_token_share: Mapped[float] = mapped_column(Float, default=0.0)
+    # Denormalised from explanations so the SAE table can filter and sort without a join.
+    best_score: Mapped[float | None] = mapped_column(Float)
+    explanation: Mapped[str | None] = mapped_column(Text, doc="text of the best-scored explanation")
+
+    examples: Mapped[list[Example]] = relationship(
+        back_populates="feature", order_by="(Example.kind, Example.rank)", passive_deletes=True
+    )
+    explanations: Mapped[list[Explanation]] = relationship(
+        back_populates="feature", order_by="Explanation.id", passive_deletes=True
+    )
+
+
+class Example(Base):
+    """A window of tokens around one activation of one feature, with every token's activation."""
+
+    __tablename__ = "examples"
+    __table_args__ = (Index("ix_examples_feature_kind_rank", "feature_id", "kind", "rank"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    feature_id: Mapped[int] = mapped_column(ForeignKey("features.id", ondelete="CASCADE"))
+    kind: Mapped[int] = mapped_column(SmallInteger, doc="ExampleKind")
+    rank: Mapped[int] = mapped_column(SmallInteger, doc="order within the kind (and interval)")
+    interval: Mapped[int | None] = mapped_column(SmallInteger, doc="interval number for kind=interval")
+    activation: Mapped[float] = mapped_column(Float, doc="activation at the peak token")
+    peak: Mapped[int] = mapped_column(SmallInteger, doc="position of the peak token in the window")
+    doc_id: Mapped[int] = mapped_column(Integer, doc="corpus document the peak token comes from")
+    doc_offset: Mapped[int] = mapped_column(Integer, doc="token offset of the peak inside its document")
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary, doc="int32 little-endian")
+    acts: Mapped[bytes] = mapped_column(LargeBinary, doc="float16 little-endian, one per token")
+
+    feature: Mapped[Feature] = relationship(back_populates="examples")
+
+    def token_array(self) -> np.ndarray:
+        return np.frombuffer(self.token_ids, dtype="<i4")
+
+    def act_array(self) -> np.ndarray:
+        return np.frombuffer(self.acts, dtype="<f2").astype(np.float32)
+
+
+class Explanation(Base):
+    """A short description of a feature, who wrote it, and how well it scored."""
+
+    __tablename__ = "explanations"
+    __table_args__ = (Index("ix_explanations_feature", "feature_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    feature_id: Mapped[int] = mapped_column(ForeignKey("features.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(50), doc="how it was produced, e.g. explain-v1 or human")
+    explainer: Mapped[str] = mapped_column(String(200), doc="model or person that wrote it")
+    prompt: Mapped[str | None] = mapped_column(Text)
+    raw_response: Mapped[str | None] = mapped_column(Text)
+    detection_score: Mapped[float | None] = mapped_column(Float, doc="balanced accuracy")
+    detection_f1: Mapped[float | None] = mapped_column(Float)
+    fuzzing_score: Mapped[float | None] = mapped_column(Float, doc="balanced accuracy")
+    fuzzing_f1: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    feature: Mapped[Feature] = relationship(back_populates="explanations")
+    judgements: Mapped[list[Judgement]] = relationship(
+        back_populates="explanation", order_by="Judgement.id", passive_deletes=True
+    )
+
+
+class Judgement(Base):
+    """One answer of the judge LM while scoring an explanation; unparsable answers are kept."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (Index("ix_judgements_explanation", "explanation_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    explanation_id: Mapped[int] = mapped_column(ForeignKey("explanations.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(20), doc="detection or fuzzing")
+    example_id: Mapped[int | None] = mapped_column(BigInteger, doc="the held-out example shown, if from the store")
+    text: Mapped[str] = mapped_column(Text, doc="the example as the judge saw it")
+    truth: Mapped[bool]
+    prediction: Mapped[bool | None] = mapped_column(Boolean, doc="null when the answer could not be parsed")
+    correct: Mapped[bool]
+    raw: Mapped[str | None] = mapped_column(Text, doc="the judge's answer for this prompt")
+
+    explanation: Mapped[Explanation] = relationship(back_populates="judgements")
+
+
+class Job(Base):
+    """An auto-interp job: a durable queue row claimed by workers with a lease."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "priority", "run_after", "id"),
+        Index("ix_jobs_sae_status", "sae_id", "status"),
+        # At most one live job per (feature, kind): a partial unique index on both databases.
+        Index(
+            "uq_jobs_live_feature_kind",
+            "feature_id",
+            "kind",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="explain")
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    feature_id: Mapped[int] = mapped_column(ForeignKey("features.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued.value)
+    priority: Mapped[int] = mapped_column(Integer, default=0, doc="higher runs first")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class APIKey(Base):
+    """A key for writes (and reads when public_reads is off); only its SHA-256 is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), doc="first characters, to tell keys apart")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,120 @@
+"""One settings object, read from environment variables and `.env`.
+
+Every field is documented in README.md's settings table; `sae-atlas settings` prints the live values.
+Environment variables are the field names in upper case with the `SAE_ATLAS_` prefix, except
+`DATABASE_URL`, which is also read without the prefix because every hosting platform sets it so.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.errors import AtlasError
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "sae-atlas"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SAE_ATLAS_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the SQLite store, converted model weights, activation caches and trained SAEs.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SAE_ATLAS_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL of the store; unset means SQLite at DATA_DIR/atlas.db. "
+        "postgresql://user:pass@host/db selects PostgreSQL (psycopg 3).",
+    )
+    device: str = Field(
+        default="auto", description="Torch device for the LM and SAEs: auto (CUDA when present), cpu, cuda, cuda:1."
+    )
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Precision of the LM forward pass; auto is bfloat16 on CUDA and on CPUs with AMX, else float32.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the web server binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the web server listens on.")
+    public_reads: bool = Field(
+        default=True, description="Serve pages and GET endpoints without an API key; false requires a key for reads too."
+    )
+    htmx_url: str = Field(
+        default="https://unpkg.com/htmx.org@2.0.4/dist/htmx.min.js",
+        description="Where pages load htmx from (pinned version); the Content-Security-Policy allows this origin only.",
+    )
+    htmx_integrity: str = Field(
+        default="sha384-HGfztofotfshcF7+8n44JQL2oJmowVChPTg48S+jvZoztPfvwD79OC/LTtG6dMp+",
+        description="Subresource-integrity hash of htmx_url.",
+    )
+    explainer_backend: Literal["local", "openai"] = Field(
+        default="local",
+        description="Who writes and scores explanations: local (a transformers model) or openai (any OpenAI-compatible HTTP server).",
+    )
+    local_model: str = Field(
+        default="smollm2-135m", description="Model of the local explainer/judge backend (alias, HF id or path)."
+    )
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:11434/v1",
+        description="Base URL of the OpenAI-compatible server (OpenAI, OpenRouter, vLLM, Ollama).",
+    )
+    openai_api_key: str | None = Field(default=None, description="Bearer key sent to the OpenAI-compatible server.")
+    explainer_model: str = Field(default="gpt-4o-mini", description="Model name asked to write explanations (HTTP backend).")
+    judge_model: str | None = Field(
+        default=None, description="Model name asked to score explanations (HTTP backend); unset means explainer_model."
+    )
+    llm_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one HTTP request to the explainer server.")
+    llm_max_retries: int = Field(default=5, ge=0, le=20, description="Retries on 429/5xx/timeouts, with exponential backoff and jitter.")
+    llm_concurrency: int = Field(default=4, ge=1, le=256, description="Most requests in flight to the explainer server per worker.")
+    job_lease_s: float = Field(default=300.0, gt=0, description="Seconds a worker holds a job without a heartbeat before it returns to the queue.")
+    job_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before a job is marked failed.")
+    worker_poll_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for new jobs.")
+    log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The store URL with the driver spelled out (postgresql:// means psycopg 3 here)."""
+        if not self.database_url:
+            return f"sqlite:///{self.data_dir / 'atlas.db'}"
+        url = self.database_url
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def judge(self) -> str:
+        return self.judge_model or self.explainer_model
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests call get_settings.cache_clear() after changing the environment."""
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic.ValidationError: turn it into one readable line
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()]
+            raise AtlasError("invalid setting: " + "; ".join(parts), "fix the SAE_ATLAS_* environment variable or .env") from None
+        raise

@@ -1,0 +1,301 @@
+"""Activation streams for training: from the LM, from an on-disk cache, or from a saved array.
+
+Every source yields aligned chunks `{site: Tensor[n, D]}` of *valid* tokens: the leading BOS and
+attention-sink tokens (activation norm far above the median) are dropped, because they would
+dominate the reconstruction loss and the top examples. A ShuffleBuffer then mixes tokens across
+many contexts into training batches.
+
+The cache stores one pass over the training split as memory-mapped .npy shards per site, in the
+LM's own precision (bfloat16 as raw uint16), so repeated runs and sweeps skip the LM entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.errors import AtlasError
+
+log = logging.getLogger(__name__)
+
+_STORAGE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def valid_token_mask(acts: torch.Tensor, sink_norm_ratio: float | None, exclude_bos: bool = True) -> torch.Tensor:
+    """[B, T] bool: tokens to keep. Drops position 0 (BOS) and tokens whose norm exceeds
+    sink_norm_ratio x the median norm of the batch (attention sinks such as <bos> mid-context)."""
+    mask = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
+    if exclude_bos:
+        mask[:, 0] = False
+    if sink_norm_ratio:
+        norms = acts.float().norm(dim=-1)
+        median = norms[mask].median() if mask.any() else norms.median()
+        mask &= norms <= sink_norm_ratio * median
+    return mask
+
+
+def to_numpy_storage(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_numpy_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@dataclass
+class LMStreamSpec:
+    """Everything that determines the LM activation stream (and names its cache)."""
+
+    model: str
+    sites: list[str]
+    corpus: str
+    text_field: str
+    ctx_len: int
+    split: str
+    eval_fraction: float
+    seed: int
+    exclude_bos: bool
+    sink_norm_ratio: float | None
+    lm_dtype: str
+
+    def key(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class LMActivations:
+    """Runs the LM over packed contexts and yields the valid tokens' activations, epoch after epoch.
+
+    With world_size > 1 (DDP) each rank reads every world_size-th context batch.
+    """
+
+    def __init__(self, lm, spec: LMStreamSpec, lm_batch_size: int = 32, max_tokens: int | None = None,
+                 rank: int = 0, world_size: int = 1, epochs: int | None = None, skip_batches: int = 0):
+        from trainer.corpus import Packer, open_corpus
+
+        self.lm, self.spec = lm, spec
+        self.sites = [lm.site(s) for s in spec.sites]
+        self.corpus = open_corpus(spec.corpus, spec.text_field)
+        self.packer = Packer(lm.tokenizer, spec.ctx_len, lm.bos_token_id, lm.separator_token_id)
+        self.lm_batch_size = lm_batch_size
+        self.max_tokens = max_tokens
+        self.rank, self.world_size = rank, world_size
+        self.epochs = epochs
+        self.skip_batches = skip_batches
+        self.d_in = lm.d_model
+        self.epochs_started = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from trainer.corpus import split_documents
+
+        seen = 0
+        epoch = 0
+        batch_no = 0
+        while self.epochs is None or epoch < self.epochs:
+            self.epochs_started = epoch + 1
+            produced = False
+            docs = split_documents(self.corpus, self.spec.split, self.spec.eval_fraction, self.spec.seed + epoch)
+            for batch in self.packer.batches(docs, self.lm_batch_size):
+                batch_no += 1
+                if (batch_no - 1) % self.world_size != self.rank or batch_no <= self.skip_batches:
+                    continue
+                acts = self.lm.read(batch.tokens, self.sites)
+                first = acts[self.sites[-1].name]
+                mask = valid_token_mask(first, self.spec.sink_norm_ratio, self.spec.exclude_bos)
+                for site in self.sites[:-1]:
+                    mask &= valid_token_mask(acts[site.name], self.spec.sink_norm_ratio, self.spec.exclude_bos)
+                chunk = {s.name: acts[s.name][mask] for s in self.sites}
+                produced = True
+                seen += int(mask.sum())
+                yield chunk
+                if self.max_tokens is not None and seen >= self.max_tokens:
+                    return
+            if not produced:
+                raise AtlasError(f"corpus {self.spec.corpus!r} gave no contexts for the {self.spec.split} split",
+                                 f"use a larger corpus or a context length below {self.spec.ctx_len}")
+            epoch += 1
+
+
+class ActivationCache:
+    """One pass of an LMActivations stream stored as memory-mapped .npy shards per site."""
+
+    def __init__(self, root: Path, spec: LMStreamSpec):
+        self.root = root
+        self.spec = spec
+        self.dir = root / spec.key()
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    def meta(self) -> dict:
+        return json.loads((self.dir / "meta.json").read_text())
+
+    def write(self, source: LMActivations, max_tokens: int, shard_tokens: int = 1 << 18, progress=None) -> None:
+        """Run the LM once over the training split (up to max_tokens) and store the activations."""
+        tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pending: dict[str, list[torch.Tensor]] = {s: [] for s in self.spec.sites}
+        shards, total, pending_n = [], 0, 0
+        storage = None
+
+        def flush():
+            nonlocal pending_n
+            if not pending_n:
+                return
+            name = f"shard_{len(shards):05d}.npy"
+            for site, parts in pending.items():
+                (tmp / site).mkdir(parents=True, exist_ok=True)
+                np.save(tmp / site / name, to_numpy_storage(torch.cat(parts)))
+                parts.clear()
+            shards.append({"file": name, "tokens": pending_n})
+            pending_n = 0
+
+        source.epochs, source.max_tokens = 1, max_tokens
+        for chunk in source:
+            for site, acts in chunk.items():
+                storage = storage or _STORAGE[acts.dtype]
+                pending[site].append(acts.cpu())
+            n = next(iter(chunk.values())).shape[0]
+            pending_n += n
+            total += n
+            if progress is not None:
+                progress(n)
+            if pending_n >= shard_tokens:
+                flush()
+        flush()
+        meta = {"spec": self.spec.__dict__, "d_in": source.d_in, "dtype": storage, "tokens": total, "shards": shards}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tmp.rename(self.dir)
+
+    def reader(self, epochs: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+               chunk_tokens: int = 8192, skip_chunks: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Chunks of the cache in a shuffled shard/chunk order, epoch after epoch."""
+        meta = self.meta()
+        arrays = {s: [np.load(self.dir / s / sh["file"], mmap_mode="r") for sh in meta["shards"]] for s in self.spec.sites}
+        spans = [(i, start) for i, sh in enumerate(meta["shards"]) for start in range(0, sh["tokens"], chunk_tokens)]
+        epoch, n = 0, 0
+        while epochs is None or epoch < epochs:
+            order = np.random.default_rng(seed + epoch).permutation(len(spans))
+            for j in order:
+                n += 1
+                if (n - 1) % world_size != rank or n <= skip_chunks:
+                    continue
+                shard, start = spans[j]
+                yield {s: from_numpy_storage(arrays[s][shard][start:start + chunk_tokens], meta["dtype"]) for s in arrays}
+            epoch += 1
+
+
+class ArrayActivations:
+    """A user's float32 [N, D] .npy matrix: held-out rows for evaluation, shuffled batches for training.
+
+    Batches are drawn from one seeded permutation per epoch and split across DDP ranks by rows, so
+    a two-process run sees exactly the batches of a one-process run.
+    """
+
+    def __init__(self, path: Path, eval_fraction: float = 0.05, seed: int = 0):
+        if not path.is_file():
+            raise AtlasError(f"activation file {path} does not exist", "check the path")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise AtlasError(f"cannot read {path} as a .npy array: {exc}", "save it with numpy.save(path, float32 array)") from None
+        if arr.ndim != 2:
+            raise AtlasError(f"activation file {path} has shape {arr.shape}, expected [N, D]", "save a 2-D float32 matrix")
+        if arr.dtype != np.float32:
+            raise AtlasError(f"activation file {path} has dtype {arr.dtype}, expected float32", "convert with arr.astype('float32')")
+        if arr.shape[0] < 64:
+            raise AtlasError(f"activation file {path} has only {arr.shape[0]} rows", "provide at least thousands of activations")
+        self.path, self.array = path, arr
+        self.d_in = arr.shape[1]
+        perm = np.random.default_rng(seed).permutation(arr.shape[0])
+        n_eval = max(1, int(round(arr.shape[0] * eval_fraction)))
+        self.eval_rows = np.sort(perm[:n_eval])
+        self.train_rows = perm[n_eval:]
+        self.seed = seed
+
+    def eval_tensor(self, max_rows: int | None = None) -> torch.Tensor:
+        rows = self.eval_rows[:max_rows] if max_rows else self.eval_rows
+        return torch.from_numpy(np.asarray(self.array[rows]))
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Global batches of batch_size rows; this rank's share is rows rank::world_size."""
+        epoch, n = 0, 0
+        rows = self.train_rows
+        if len(rows) < batch_size:
+            raise AtlasError(f"{self.path} has {len(rows)} training rows, fewer than one batch of {batch_size}",
+                             "lower --batch-size or provide more activations")
+        while True:
+            order = np.random.default_rng(self.seed + 1 + epoch).permutation(rows)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                n += 1
+                if n <= skip:
+                    continue
+                idx = np.sort(order[start:start + batch_size][rank::world_size])
+                yield torch.from_numpy(np.asarray(self.array[idx]))
+            epoch += 1
+
+
+class ShuffleBuffer:
+    """Mixes a stream of token chunks across many contexts into batches of batch_size.
+
+    Fills `capacity` tokens, permutes them, hands out the first half as batches and keeps the
+    second half to mix with what comes next.
+    """
+
+    def __init__(self, chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, capacity: int, seed: int = 0,
+                 device: torch.device | None = None):
+        self.chunks = chunks
+        self.batch_size = batch_size
+        self.capacity = max(capacity, 2 * batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        held: dict[str, torch.Tensor] | None = None
+        parts: list[dict[str, torch.Tensor]] = []
+        count = 0
+        exhausted = False
+        chunks = iter(self.chunks)
+        while True:
+            while count < self.capacity and not exhausted:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    exhausted = True
+                    break
+                parts.append(chunk)
+                count += next(iter(chunk.values())).shape[0]
+            if held is not None:
+                parts.insert(0, held)
+            if not parts:
+                return
+            merged = {s: torch.cat([p[s].to(self.device) if self.device else p[s] for p in parts]) for s in parts[0]}
+            parts = []
+            n = next(iter(merged.values())).shape[0]
+            perm = torch.randperm(n, generator=self.generator).to(next(iter(merged.values())).device)
+            emit = n if exhausted else n // 2
+            emit -= emit % self.batch_size
+            for start in range(0, emit, self.batch_size):
+                idx = perm[start:start + self.batch_size]
+                yield {s: v[idx] for s, v in merged.items()}
+            rest = perm[emit:]
+            if exhausted:
+                return
+            held = {s: v[rest] for s, v in merged.items()}
+            count = rest.numel()

@@ -1,0 +1,571 @@
+"""Every latent's dashboard from one streaming pass of the LM.
+
+Pass 1 (the only one that runs the LM) reads held-out contexts, encodes them with the SAE, updates
+running statistics for all latents at once (count, sum of a, a^2, a^3, a^4, max), and writes the
+sparse codes plus the context tokens to disk shards. After every shard the statistics are saved,
+so an interrupted analysis resumes from its last shard.
+
+Pass 2 (disk only, now that every latent's max is known) computes exact histograms and interval
+shares, and streams three per-latent selections: the top activations (one per document), random
+examples from each of n_intervals equal-width intervals of [0, max], and a uniform random sample
+of positive activations. Pass 3 cuts a window of tokens around each selected activation and
+reads that latent's activation on every token of the window from the shards.
+
+Memory is bounded by (latents x examples) plus one shard, whatever the number of tokens.
+Weight-only panels (direct logit effects and decoder cosine neighbours) are computed in blocks.
+
+Activations shown to users are f_i * ||W_dec,i||, i.e. in the units of the residual stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.errors import AtlasError
+from trainer.activations import valid_token_mask
+from trainer.formats import LoadedSAE, load_sae
+from trainer.selection import TopPerGroup, uniform_key
+
+log = logging.getLogger(__name__)
+
+ANALYSIS_DIR = "analysis"
+KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2
+
+
+@dataclass
+class AnalyzeConfig:
+    """What to analyse and how many examples to keep (CLI flags have the same names)."""
+
+    sae_dir: Path
+    """An SAE folder (ours, SAELens, sparsify or Gemma Scope)."""
+    model: str | None = None
+    """LM to run; default: the model the SAE was trained on."""
+    site: str | None = None
+    """Activation site; default: the SAE's own."""
+    corpus: str | None = None
+    """Corpus; default: the SAE's training corpus, else pydoc."""
+    text_field: str = "text"
+    """Text field of .jsonl/.parquet/HF corpora."""
+    split: str = "eval"
+    """Documents to read: eval (held out from training), train or all."""
+    eval_fraction: float | None = None
+    """Held-out share of documents; default: the SAE's training value, else 0.1."""
+    ctx_len: int | None = None
+    """Context length; default: the SAE's training value, else 128."""
+    tokens: int = 1_000_000
+    """Most tokens to analyse (fewer when the split is smaller)."""
+    seed: int = 0
+    """Document order and sampling seed."""
+    lm_batch_size: int = 32
+    """Contexts per LM forward pass."""
+    shard_contexts: int = 256
+    """Contexts per on-disk shard (the resume granularity)."""
+    n_top: int = 20
+    """Top examples per latent (one per document)."""
+    n_intervals: int = 10
+    """Equal-width intervals of [0, max] to sample examples from."""
+    per_interval: int = 5
+    """Examples per interval."""
+    n_random: int = 20
+    """Uniformly sampled positive activations per latent."""
+    hist_bins: int = 50
+    """Bins of each latent's activation histogram."""
+    window_before: int = 32
+    """Tokens shown before the peak token."""
+    window_after: int = 12
+    """Tokens shown after the peak token."""
+    n_logits: int = 10
+    """Top and bottom tokens of the direct logit effect."""
+    logit_hist_bins: int = 40
+    """Bins of the logit-effect histogram over the vocabulary."""
+    n_neighbors: int = 32
+    """Nearest latents by decoder cosine similarity."""
+    dense_threshold: float = 0.1
+    """A latent active on more than this share of tokens is listed as dense."""
+    exclude_bos: bool = True
+    """Mask the BOS position."""
+    sink_norm_ratio: float | None = 10.0
+    """Mask tokens whose activation norm exceeds this multiple of the median (attention sinks)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    lm_dtype: str = "auto"
+    """LM precision."""
+    out: Path | None = None
+    """Output folder; default SAE_DIR/analysis."""
+    keep_shards: bool = False
+    """Keep the on-disk codes after the analysis finishes."""
+    restart: bool = False
+    """Discard a partial analysis instead of resuming it."""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.sae_dir) / ANALYSIS_DIR
+
+    def identity(self) -> str:
+        """What must match for a partial analysis to be resumed."""
+        keys = ("model", "site", "corpus", "text_field", "split", "eval_fraction", "ctx_len", "tokens", "seed",
+                "shard_contexts", "exclude_bos", "sink_norm_ratio")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        for name in ("tokens", "lm_batch_size", "shard_contexts", "n_top", "n_intervals", "per_interval", "hist_bins",
+                     "n_logits", "logit_hist_bins", "n_neighbors"):
+            if getattr(self, name) <= 0:
+                raise AtlasError(f"--{name.replace('_', '-')} must be positive")
+        if self.n_random < 0 or self.window_before < 0 or self.window_after < 0:
+            raise AtlasError("--n-random and the window sizes must not be negative")
+        if self.split not in ("eval", "train", "all"):
+            raise AtlasError(f"unknown split {self.split!r}", "use eval, train or all")
+
+
+def resolve_defaults(cfg: AnalyzeConfig, loaded: LoadedSAE) -> AnalyzeConfig:
+    """Fill model/site/corpus/ctx_len/eval_fraction from what the SAE folder knows."""
+    training = loaded.meta.get("training", {})
+    cfg.model = cfg.model or loaded.model
+    if not cfg.model or cfg.model == "activations":
+        raise AtlasError(f"{cfg.sae_dir} does not say which model it reads", "pass --model")
+    cfg.site = cfg.site or loaded.site
+    if not cfg.site:
+        raise AtlasError(f"{cfg.sae_dir} does not say which site it reads", "pass --site, e.g. resid_post.6")
+    cfg.corpus = cfg.corpus or training.get("corpus") or "pydoc"
+    if training.get("text_field") and cfg.text_field == "text":
+        cfg.text_field = training["text_field"]
+    cfg.ctx_len = cfg.ctx_len or int(training.get("ctx_len") or 128)
+    cfg.eval_fraction = cfg.eval_fraction if cfg.eval_fraction is not None else float(training.get("eval_fraction", 0.1))
+    return cfg
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class RunningStats:
+    """Per-latent count, power sums and max of the shown activations (float64)."""
+
+    def __init__(self, d_sae: int, device):
+        z = lambda dt: torch.zeros(d_sae, dtype=dt, device=device)  # noqa: E731
+        self.count = z(torch.int64)
+        self.s1, self.s2, self.s3, self.s4 = z(torch.float64), z(torch.float64), z(torch.float64), z(torch.float64)
+        self.max = z(torch.float64)
+        self.n_tokens = 0
+
+    def update(self, latents: torch.Tensor, acts: torch.Tensor, n_tokens: int) -> None:
+        a = acts.to(torch.float64)
+        self.count.index_add_(0, latents, torch.ones_like(latents))
+        a2 = a * a
+        self.s1.index_add_(0, latents, a)
+        self.s2.index_add_(0, latents, a2)
+        self.s3.index_add_(0, latents, a2 * a)
+        self.s4.index_add_(0, latents, a2 * a2)
+        self.max.scatter_reduce_(0, latents, a, reduce="amax")
+        self.n_tokens += n_tokens
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k).cpu().numpy() for k in ("count", "s1", "s2", "s3", "s4", "max")} | {
+            "n_tokens": np.array(self.n_tokens)}
+
+    def load(self, state) -> None:
+        for k in ("count", "s1", "s2", "s3", "s4", "max"):
+            getattr(self, k).copy_(torch.from_numpy(state[k]))
+        self.n_tokens = int(state["n_tokens"])
+
+    def moments(self) -> dict[str, np.ndarray]:
+        c = self.count.double().clamp_min(1)
+        mean, e2, e3, e4 = self.s1 / c, self.s2 / c, self.s3 / c, self.s4 / c
+        var = (e2 - mean**2).clamp_min(0)
+        std = var.sqrt()
+        safe = std.clamp_min(1e-12)
+        skew = (e3 - 3 * mean * e2 + 2 * mean**3) / safe**3
+        kurt = (e4 - 4 * mean * e3 + 6 * mean**2 * e2 - 3 * mean**4) / safe**4
+        few = self.count < 2
+        skew[few] = 0.0
+        kurt[few] = 0.0
+        return {"mean": mean.cpu().numpy(), "e_a2": e2.cpu().numpy(), "std": std.cpu().numpy(),
+                "skew": skew.cpu().numpy(), "kurtosis": kurt.cpu().numpy()}
+
+
+class Analyzer:
+    def __init__(self, cfg: AnalyzeConfig, lm=None, loaded: LoadedSAE | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.loaded = loaded or load_sae(cfg.sae_dir)
+        resolve_defaults(cfg, self.loaded)
+        from trainer.lm import load_lm, pick_device
+
+        self.device = pick_device(cfg.device)
+        self.lm = lm or load_lm(cfg.model, self.device, cfg.lm_dtype)
+        self.site = self.lm.site(cfg.site)
+        d_in = self.loaded.sae.cfg.d_in
+        if d_in != self.lm.d_model:
+            raise AtlasError(f"the SAE reads {d_in}-dimensional activations but {cfg.model} site {cfg.site} has {self.lm.d_model}",
+                             "pass the --model and --site the SAE was trained on")
+        self.sae = self.loaded.sae.to(self.device).eval()
+        self.d_sae = self.sae.cfg.d_sae
+        self.dec_norm = self.sae.W_dec.detach().norm(dim=1).float()
+        self.out = cfg.out_dir
+        self.shards = self.out / "shards"
+        self.timings: dict[str, float] = {}
+
+    # --- pass 1: the LM --------------------------------------------------------------------------
+
+    def _contexts(self):
+        from trainer.corpus import Packer, open_corpus, split_documents
+
+        c = self.cfg
+        corpus = open_corpus(c.corpus, c.text_field)
+        packer = Packer(self.lm.tokenizer, c.ctx_len, self.lm.bos_token_id, self.lm.separator_token_id)
+        docs = split_documents(corpus, c.split, c.eval_fraction, c.seed)
+        max_contexts = math.ceil(c.tokens / (c.ctx_len - 1))
+        return packer.batches(docs, c.lm_batch_size, max_contexts=max_contexts), max_contexts
+
+    def _state(self) -> dict:
+        path = self.out / "state.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {}
+
+    @torch.no_grad()
+    def stream(self, progress: bool = True) -> RunningStats:
+        from tqdm import tqdm
+
+        c = self.cfg
+        stats = RunningStats(self.d_sae, self.device)
+        state = self._state()
+        if state and (c.restart or state.get("identity") != c.identity()):
+            if not c.restart:
+                log.warning("the analysis in %s was made with other settings; starting again", self.out)
+            shutil.rmtree(self.out, ignore_errors=True)
+            state = {}
+        self.shards.mkdir(parents=True, exist_ok=True)
+        shard_list: list[dict] = state.get("shards", [])
+        done_contexts = int(state.get("contexts_done", 0))
+        if state.get("pass1_complete"):
+            stats.load(np.load(self.out / "stats.npz"))
+            return stats
+        if done_contexts:
+            stats.load(np.load(self.out / "stats.npz"))
+            log.info("resuming the analysis after %d contexts", done_contexts)
+        batches, max_contexts = self._contexts()
+        T = c.ctx_len
+        buf: dict[str, list] = {k: [] for k in ("tokens", "doc_ids", "doc_pos", "tok", "lat", "act")}
+        buffered = 0
+        seen = 0
+        started = time.time()
+        bar = tqdm(total=max_contexts * (T - 1), initial=done_contexts * (T - 1), unit="tok", unit_scale=True,
+                   desc="analysing", dynamic_ncols=True, disable=not progress, mininterval=1.0)
+
+        def flush():
+            nonlocal buffered, done_contexts
+            if not buffered:
+                return
+            idx = len(shard_list)
+            name = f"shard_{idx:05d}.npz"
+            arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in buf.items()}
+            _atomic_savez(self.shards / name, **arrays)
+            shard_list.append({"file": name, "first_context": done_contexts, "contexts": buffered})
+            done_contexts += buffered
+            _atomic_savez(self.out / "stats.npz", **stats.state())
+            _atomic_json(self.out / "state.json", {"identity": c.identity(), "contexts_done": done_contexts,
+                                                   "shards": shard_list, "config": asdict(c)})
+            for v in buf.values():
+                v.clear()
+            buffered = 0
+
+        for batch in batches:
+            n_ctx = batch.tokens.shape[0]
+            if seen + n_ctx <= done_contexts:  # already in a shard: skip the LM
+                seen += n_ctx
+                continue
+            ctx0 = seen
+            seen += n_ctx
+            acts = self.lm.read(batch.tokens, [self.site])[self.site.name]
+            mask = valid_token_mask(acts, c.sink_norm_ratio, c.exclude_bos)
+            x = acts[mask].float().to(self.device)
+            codes = self.sae.encode(x)
+            values = codes.values.float() * self.dec_norm[codes.indices]
+            active = values > 0
+            token_ids = (torch.arange(ctx0, ctx0 + n_ctx, device=mask.device)[:, None] * T
+                         + torch.arange(T, device=mask.device)[None, :])[mask].to(self.device)
+            rows = torch.nonzero(active)[:, 0]
+            lat = codes.indices[active]
+            val = values[active]
+            stats.update(lat, val, int(mask.sum()))
+            buf["tokens"].append(batch.tokens.numpy().astype(np.int32))
+            buf["doc_ids"].append(batch.doc_ids.numpy())
+            buf["doc_pos"].append(batch.doc_pos.numpy())
+            buf["tok"].append(token_ids[rows].cpu().numpy())
+            buf["lat"].append(lat.cpu().numpy().astype(np.int32))
+            buf["act"].append(val.cpu().numpy().astype(np.float32))
+            buffered += n_ctx
+            bar.update(n_ctx * (T - 1))
+            if buffered >= c.shard_contexts:
+                flush()
+        flush()
+        bar.close()
+        if not shard_list:
+            raise AtlasError(f"no contexts to analyse in the {c.split} split of {c.corpus}",
+                             "use --split all, a larger corpus or a shorter --ctx-len")
+        _atomic_json(self.out / "state.json", {"identity": c.identity(), "contexts_done": done_contexts,
+                                               "shards": shard_list, "config": asdict(c), "pass1_complete": True})
+        self.timings["pass1_s"] = time.time() - started
+        return stats
+
+    # --- pass 2: selections and exact histograms -------------------------------------------------
+
+    def _iter_shards(self):
+        for sh in self._state()["shards"]:
+            with np.load(self.shards / sh["file"]) as z:
+                yield sh, {k: z[k] for k in z.files}
+
+    @torch.no_grad()
+    def select(self, stats: RunningStats) -> dict:
+        c = self.cfg
+        F, T = self.d_sae, c.ctx_len
+        dev = self.device
+        top = TopPerGroup(F, c.n_top, dedupe=True, device=dev)
+        intervals = TopPerGroup(F * c.n_intervals, c.per_interval, device=dev)
+        sample = TopPerGroup(F, max(c.n_random, 1), device=dev)
+        hist = torch.zeros(F * c.hist_bins, dtype=torch.int64, device=dev)
+        interval_count = torch.zeros(F * c.n_intervals, dtype=torch.int64, device=dev)
+        peak_max = stats.max.clamp_min(1e-30)
+        for sh, z in self._iter_shards():
+            if z["lat"].size == 0:
+                continue
+            tok = torch.from_numpy(z["tok"]).to(dev)
+            lat = torch.from_numpy(z["lat"]).to(dev).long()
+            act = torch.from_numpy(z["act"]).to(dev).double()
+            first = sh["first_context"] * T
+            doc = torch.from_numpy(z["doc_ids"]).reshape(-1).to(dev).long()[tok - first]
+            rel = act / peak_max[lat]
+            b_hist = (rel * c.hist_bins).long().clamp_(0, c.hist_bins - 1)
+            hist.index_add_(0, lat * c.hist_bins + b_hist, torch.ones_like(lat))
+            b_int = (rel * c.n_intervals).long().clamp_(0, c.n_intervals - 1)
+            g_int = lat * c.n_intervals + b_int
+            interval_count.index_add_(0, g_int, torch.ones_like(lat))
+            top.update(lat, act, tok, doc)
+            intervals.update(g_int, -uniform_key(tok, lat, seed=c.seed + 1), tok)
+            if c.n_random:
+                sample.update(lat, -uniform_key(tok, lat, seed=c.seed + 2), tok)
+        return {"top": top, "intervals": intervals, "sample": sample,
+                "hist": hist.view(F, c.hist_bins), "interval_count": interval_count.view(F, c.n_intervals)}
+
+    # --- pass 3: windows -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def windows(self, sel: dict) -> dict[str, np.ndarray]:
+        c = self.cfg
+        F, T = self.d_sae, c.ctx_len
+        W = c.window_before + c.window_after + 1
+        feats, kinds, ranks, ints, toks = [], [], [], [], []
+
+        def add(tpg: TopPerGroup, kind: int, per_group_interval: int | None):
+            g, r = torch.nonzero(tpg.token >= 0, as_tuple=True)
+            feats.append((g // per_group_interval if per_group_interval else g).cpu())
+            ints.append((g % per_group_interval if per_group_interval else torch.full_like(g, -1)).cpu())
+            kinds.append(torch.full_like(g, kind).cpu())
+            ranks.append(r.cpu())
+            toks.append(tpg.token[g, r].cpu())
+
+        add(sel["top"], KIND_TOP, None)
+        add(sel["intervals"], KIND_INTERVAL, c.n_intervals)
+        if c.n_random:
+            add(sel["sample"], KIND_RANDOM, None)
+        feat = torch.cat(feats).numpy().astype(np.int32)
+        kind = torch.cat(kinds).numpy().astype(np.int8)
+        rank = torch.cat(ranks).numpy().astype(np.int16)
+        interval = torch.cat(ints).numpy().astype(np.int8)
+        tok = torch.cat(toks).numpy().astype(np.int64)
+        E = len(feat)
+        out_tokens = np.full((E, W), -1, dtype=np.int32)
+        out_acts = np.zeros((E, W), dtype=np.float32)
+        peak_act = np.zeros(E, dtype=np.float32)
+        doc_id = np.zeros(E, dtype=np.int32)
+        doc_pos = np.zeros(E, dtype=np.int32)
+        order = np.argsort(tok, kind="stable")
+        shard_bounds = []
+        for sh, _ in ((sh, None) for sh in self._state()["shards"]):
+            shard_bounds.append((sh["first_context"] * T, (sh["first_context"] + sh["contexts"]) * T, sh))
+        offsets = np.arange(-c.window_before, c.window_after + 1)
+        pos_in_order = 0
+        for lo, hi, sh in shard_bounds:
+            end = np.searchsorted(tok[order], hi, side="left")
+            idx = order[pos_in_order:end]
+            pos_in_order = end
+            if idx.size == 0:
+                continue
+            with np.load(self.shards / sh["file"]) as z:
+                tokens, docs, dpos = z["tokens"], z["doc_ids"], z["doc_pos"]
+                key = (z["tok"].astype(np.int64) - lo) * F + z["lat"].astype(np.int64)
+                act = z["act"]
+            sort = np.argsort(key, kind="stable")
+            key, act = key[sort], act[sort]
+            t_local = tok[idx] - lo
+            ctx, pos = t_local // T, t_local % T
+            p = pos[:, None] + offsets[None, :]
+            ok = (p >= (1 if c.exclude_bos else 0)) & (p < T)
+            p_clip = np.clip(p, 0, T - 1)
+            out_tokens[idx] = np.where(ok, tokens[ctx[:, None], p_clip], -1)
+            q = (ctx[:, None] * T + p_clip) * F + feat[idx][:, None].astype(np.int64)
+            found = np.searchsorted(key, q.ravel()).reshape(q.shape)
+            found_c = np.minimum(found, len(key) - 1)
+            hit = ok & (key[found_c] == q) if len(key) else np.zeros_like(ok)
+            out_acts[idx] = np.where(hit, act[found_c] if len(key) else 0.0, 0.0)
+            peak_act[idx] = out_acts[idx][:, c.window_before]
+            doc_id[idx] = docs[ctx, pos]
+            doc_pos[idx] = dpos[ctx, pos]
+        return {"feature": feat, "kind": kind, "rank": rank, "interval": interval, "token": tok,
+                "activation": peak_act, "doc_id": doc_id, "doc_pos": doc_pos,
+                "tokens": out_tokens, "acts": out_acts.astype(np.float16), "peak": np.full(E, c.window_before, np.int16)}
+
+    # --- weight-only panels ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logit_effects(self, block: int = 512) -> dict[str, np.ndarray]:
+        c = self.cfg
+        w_u = self.lm.unembed_with_norm().to(self.device)  # [V, D]
+        directions = self.sae.W_dec.detach().float()
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        F = directions.shape[0]
+        n = min(c.n_logits, w_u.shape[0])
+        top_ids = np.zeros((F, n), np.int32)
+        top_val = np.zeros((F, n), np.float32)
+        bot_ids = np.zeros((F, n), np.int32)
+        bot_val = np.zeros((F, n), np.float32)
+        hist = np.zeros((F, c.logit_hist_bins), np.int32)
+        lo_hi = np.zeros((F, 2), np.float32)
+        for s in range(0, F, block):
+            logits = directions[s:s + block] @ w_u.T  # [b, V]
+            tv, ti = logits.topk(n, dim=1)
+            bv, bi = logits.topk(n, dim=1, largest=False)
+            top_ids[s:s + block], top_val[s:s + block] = ti.cpu().numpy(), tv.cpu().numpy()
+            bot_ids[s:s + block], bot_val[s:s + block] = bi.cpu().numpy(), bv.cpu().numpy()
+            lo, hi = logits.min(dim=1).values, logits.max(dim=1).values
+            span = (hi - lo).clamp_min(1e-12)
+            bins = ((logits - lo[:, None]) / span[:, None] * c.logit_hist_bins).long().clamp_(0, c.logit_hist_bins - 1)
+            counts = torch.zeros(logits.shape[0], c.logit_hist_bins, dtype=torch.int64, device=logits.device)
+            counts.scatter_add_(1, bins, torch.ones_like(bins))
+            hist[s:s + block] = counts.cpu().numpy()
+            lo_hi[s:s + block, 0], lo_hi[s:s + block, 1] = lo.cpu().numpy(), hi.cpu().numpy()
+        return {"logit_top_ids": top_ids, "logit_top": top_val, "logit_bottom_ids": bot_ids, "logit_bottom": bot_val,
+                "logit_hist": hist, "logit_range": lo_hi}
+
+    @torch.no_grad()
+    def neighbors(self, block: int = 1024) -> dict[str, np.ndarray]:
+        d = self.sae.W_dec.detach().float()
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        F = d.shape[0]
+        k = min(self.cfg.n_neighbors, F - 1)
+        ids = np.zeros((F, max(k, 0)), np.int32)
+        cos = np.zeros((F, max(k, 0)), np.float32)
+        if k <= 0:
+            return {"neighbor_ids": ids, "neighbor_cos": cos}
+        for s in range(0, F, block):
+            sims = d[s:s + block] @ d.T
+            rows = torch.arange(sims.shape[0], device=sims.device)
+            sims[rows, rows + s] = float("-inf")  # not its own neighbour
+            v, i = sims.topk(k, dim=1)
+            ids[s:s + block], cos[s:s + block] = i.cpu().numpy(), v.cpu().numpy()
+        return {"neighbor_ids": ids, "neighbor_cos": cos}
+
+    # --- the whole analysis ----------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> Path:
+        c = self.cfg
+        t0 = time.time()
+        stats = self.stream(progress)
+        t1 = time.time()
+        sel = self.select(stats)
+        examples = self.windows(sel)
+        t2 = time.time()
+        logits = self.logit_effects()
+        neighbors = self.neighbors()
+        t3 = time.time()
+        n_tok = max(stats.n_tokens, 1)
+        count = stats.count.cpu().numpy()
+        density = count / n_tok
+        moments = stats.moments()
+        peak_token, peak_share = _peak_tokens(examples, self.d_sae)
+        features = {
+            "count": count, "density": density, "max": stats.max.cpu().numpy(), **moments,
+            "hist": sel["hist"].cpu().numpy().astype(np.int32),
+            "interval_count": sel["interval_count"].cpu().numpy().astype(np.int32),
+            "peak_token": peak_token, "peak_token_share": peak_share, **logits, **neighbors,
+        }
+        _atomic_savez(self.out / "features.npz", **features)
+        _atomic_savez(self.out / "examples.npz", **examples)
+        vocab = self.lm.vocab_strings()
+        _atomic_json(self.out / "vocab.json", vocab)
+        summary = self.summary(density, n_tok)
+        summary["timings"] = {"pass1_s": self.timings.get("pass1_s", t1 - t0), "select_and_windows_s": t2 - t1,
+                              "logits_and_neighbors_s": t3 - t2, "total_s": time.time() - t0}
+        _atomic_json(self.out / "summary.json", summary)
+        if not c.keep_shards:
+            shutil.rmtree(self.shards, ignore_errors=True)
+        (self.out / "DONE").write_text(json.dumps(summary["timings"]))
+        return self.out
+
+    def summary(self, density: np.ndarray, n_tokens: int) -> dict:
+        c = self.cfg
+        log_density = np.log10(np.clip(density, 1e-10, None))
+        alive = density > 0
+        edges = np.linspace(-8, 0, 49)
+        counts, _ = np.histogram(np.clip(log_density[alive], -8, 0), bins=edges)
+        lm = self.lm
+        return {
+            "sae": {"architecture": self.loaded.architecture, "d_in": self.sae.cfg.d_in, "d_sae": self.d_sae,
+                    "k": self.sae.cfg.k if self.loaded.architecture in ("topk", "batchtopk", "matryoshka") else None,
+                    "site": c.site, "source_format": self.loaded.source_format,
+                    "norm_scale": float(self.loaded.meta.get("norm_scale_folded", 1.0)), "config": self.loaded.meta.get("sae", {}),
+                    "training": self.loaded.meta.get("training", {})},
+            "metrics": self.loaded.metrics,
+            "lm": {"name": c.model, "source": lm.source, "architecture": getattr(lm.config, "model_type", ""),
+                   "n_layers": lm.n_layers, "d_model": lm.d_model, "vocab_size": lm.vocab_size, "bos_token_id": lm.bos_token_id},
+            "analysis": {**{k: v for k, v in asdict(c).items()}, "n_tokens": n_tokens},
+            "log_density_hist": {"edges": edges.tolist(), "counts": counts.tolist(), "dead": int((~alive).sum())},
+            "dead": np.nonzero(~alive)[0].tolist(),
+            "dense": np.nonzero(density > c.dense_threshold)[0].tolist(),
+        }
+
+
+def _peak_tokens(examples: dict[str, np.ndarray], d_sae: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent: the token most of its top examples peak on, and the share that do."""
+    peak_token = np.full(d_sae, -1, dtype=np.int32)
+    share = np.zeros(d_sae, dtype=np.float32)
+    top = examples["kind"] == KIND_TOP
+    if not top.any():
+        return peak_token, share
+    f = examples["feature"][top].astype(np.int64)
+    t = examples["tokens"][top, examples["peak"][top][0]].astype(np.int64)
+    pairs, counts = np.unique(np.stack([f, t], 1), axis=0, return_counts=True)
+    order = np.lexsort((-counts, pairs[:, 0]))
+    pairs, counts = pairs[order], counts[order]
+    first = np.ones(len(pairs), bool)
+    first[1:] = pairs[1:, 0] != pairs[:-1, 0]
+    totals = np.bincount(f, minlength=d_sae)
+    peak_token[pairs[first, 0]] = pairs[first, 1]
+    share[pairs[first, 0]] = counts[first] / np.maximum(totals[pairs[first, 0]], 1)
+    return peak_token, share
+
+
+def analyze(cfg: AnalyzeConfig, lm=None, progress: bool = True) -> Path:
+    return Analyzer(cfg, lm).run(progress)

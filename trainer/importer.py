@@ -1,0 +1,31 @@
+"""Bring an SAE from elsewhere (SAELens, Gemma Scope, EleutherAI sparsify) into DATA_DIR/saes/NAME."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from app.errors import AtlasError
+from app.settings import get_settings
+from trainer.formats import load_sae, save_sae
+from trainer.lm import parse_site
+
+
+def import_sae(source: Path, model: str, site: str | None, name: str, overwrite: bool = False) -> Path:
+    """Validate the folder, then save it in our SAELens layout with model and site recorded."""
+    from trainer.publish import _check_name
+
+    _check_name(name)
+    loaded = load_sae(source)
+    site = site or loaded.site
+    if not site:
+        raise AtlasError(f"{source} does not say which site it reads", "pass --site, e.g. resid_post.12")
+    parse_site(site)
+    dest = get_settings().data_dir / "saes" / name
+    if dest.exists():
+        if not overwrite:
+            raise AtlasError(f"{dest} already exists", "pass --overwrite or choose another --name")
+        shutil.rmtree(dest)
+    training = {"imported_from": str(Path(source).resolve()), "source_format": loaded.source_format}
+    save_sae(dest, loaded.sae, 1.0, site, model, training=training, metrics=loaded.metrics)
+    return dest

