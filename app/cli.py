@@ -63,7 +63,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             continue
         tp, is_list, _ = _field_type(f, hints)
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")
         if tp is bool and not is_list:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
@@ -354,13 +354,24 @@ def cmd_keys(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import subprocess
+
     from app.demo import build_demo
 
     build_demo(rebuild=args.rebuild, tokens=args.tokens)
     if args.no_serve:
         return 0
-    args.host, args.port, args.workers = None, None, 1
-    return cmd_serve(args)
+    # An auto-interp worker beside the server, so that "Request an explanation" does something.
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdin=subprocess.DEVNULL)
+    try:
+        args.host, args.port, args.workers = None, None, 1
+        return cmd_serve(args)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 # --- parser ------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
-"""FastAPI dependencies: database sessions and API-key checks."""
+"""FastAPI dependencies: database sessions and API-key checks.
+
+They are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, and a
+thread hop per dependency per request costs more than the work they do (creating a session does
+no I/O; the key check only touches the database when a key is needed).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -13,7 +18,7 @@ from app.security import presented_key, verify_key
 from app.settings import Settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     session = request.app.state.sessionmaker()
     try:
         yield session
@@ -21,23 +26,25 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def read_access(request: Request, session: Session = Depends(get_session)) -> None:
-    """Reads are public unless public_reads is off; then they need a valid key."""
+async def read_access(request: Request, session: Session = Depends(get_session)) -> None:
+    """Reads are public unless public_reads is off; then they need a valid key (header or the
+    pages' key cookie)."""
     if request.app.state.settings.public_reads:
         return
-    _require(request, session)
+    _require(request, session, allow_cookie=True)
 
 
-def write_access(request: Request, session: Session = Depends(get_session)) -> APIKey:
-    return _require(request, session)
+async def write_access(request: Request, session: Session = Depends(get_session)) -> APIKey:
+    """Writes always need a key in a header (never a cookie: no cross-site request can write)."""
+    return _require(request, session, allow_cookie=False)
 
 
-def _require(request: Request, session: Session) -> APIKey:
-    key = presented_key(request)
+def _require(request: Request, session: Session, allow_cookie: bool) -> APIKey:
+    key = presented_key(request, allow_cookie=allow_cookie)
     if key is None:
         raise ApiError(401, "unauthorized", "this request needs an API key: send 'Authorization: Bearer <key>' "
                                             "(create one with `sae-atlas keys create NAME`)")

@@ -37,7 +37,10 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.j
 
 
 class SecurityHeaders:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path)."""
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path): adds the security
+    headers to every response, and turns any exception that escaped the app's handlers into the
+    one error shape (JSON under /api, the HTML error page elsewhere) — with the headers, and
+    without a stack trace. Starlette's own last-resort handler would skip both."""
 
     def __init__(self, app, csp: str):
         self.app = app
@@ -45,8 +48,9 @@ class SecurityHeaders:
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"same-origin"),
-            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+            (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), interest-cohort=()"),
             (b"cross-origin-opener-policy", b"same-origin"),
+            (b"cross-origin-resource-policy", b"same-origin"),
         ]
         self.csp = csp.encode()
         self.docs_csp = DOCS_CSP.encode()
@@ -55,17 +59,38 @@ class SecurityHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        csp = self.docs_csp if path in ("/docs", "/redoc") else self.csp
+        csp = self.docs_csp if path in ("/docs", "/redoc", "/docs/oauth2-redirect") else self.csp
+        started = False
 
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
+                started = True
+                headers = [h for h in message.get("headers", []) if h[0] != b"server"]
                 headers += self.headers
                 headers.append((b"content-security-policy", csp))
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
+            if started:
+                return  # the response is half sent; the server closes the connection
+            from starlette.requests import Request
+
+            request = Request(scope)
+            respond = getattr(scope.get("app"), "state", None)
+            respond = getattr(respond, "respond_error", None) if respond is not None else None
+            if respond is not None:
+                response = respond(request, 500, "internal_error", "internal error; the server log has the details")
+            else:
+                from app.api.errors import error_body
+                from app.responses import JSON
+
+                response = JSON(error_body(500, "internal_error", "internal error"), status_code=500)
+            await response(scope, receive, send_with_headers)
 
 
 def create_app(engine: Engine | None = None, settings: Settings | None = None, check: bool = True) -> FastAPI:

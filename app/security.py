@@ -7,7 +7,7 @@ import hmac
 import secrets
 from datetime import timedelta
 
-from fastapi import Depends, Request
+from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -45,16 +45,25 @@ def list_keys(session: Session) -> list[APIKey]:
     return list(session.scalars(select(APIKey).order_by(APIKey.created_at)))
 
 
-def presented_key(request: Request) -> str | None:
-    """The key from `Authorization: Bearer …`, `X-API-Key`, or the `api_key` form field/cookie of pages."""
+KEY_COOKIE = "atlas_key"
+
+
+def presented_key(request: Request, allow_cookie: bool = False) -> str | None:
+    """The key from `Authorization: Bearer …` or `X-API-Key`; with allow_cookie, also the key
+    cookie that the sign-in page sets for browsing when reads are private."""
     auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
+    if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+    key = request.headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    if allow_cookie:
+        return request.cookies.get(KEY_COOKIE) or None
+    return None
 
 
 def verify_key(session: Session, key: str | None) -> APIKey | None:
-    if not key or len(key) > 200:
+    if not key or len(key) > 200 or not key.isascii():
         return None
     digest = hash_key(key)
     row = session.scalar(select(APIKey).where(APIKey.key_hash == digest, APIKey.revoked_at.is_(None)))

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         default_factory=_default_data_dir,
         description="Folder for the SQLite store, converted model weights, activation caches and trained SAEs.",
     )
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where converted model weights are cached; unset means DATA_DIR/models."
+    )
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("SAE_ATLAS_DATABASE_URL", "DATABASE_URL"),
@@ -101,6 +104,10 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix):]
         return url
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "models").expanduser().resolve()
 
     @property
     def judge(self) -> str:

@@ -1,33 +1,48 @@
 // Progressive enhancement only: every page works without this file.
-// A tooltip that shows a token and its activation when the pointer is over it.
+// - A tooltip that shows a token and its activation when the pointer (or focus) is over it.
+//   Active tokens carry their value in `title` (the browser's own tooltip without JavaScript);
+//   it moves to data-a here so that the two tooltips do not overlap. Inactive tokens read 0.
+// - Keys: [ and ] walk to the previous / next latent, / focuses the search box.
 (function () {
   "use strict";
-  function tip() { return document.getElementById("tip"); }
+  var tipEl = null;
+  function tip() { return tipEl || (tipEl = document.getElementById("tip")); }
+  function token(ev) { return ev.target && ev.target.closest ? ev.target.closest(".extext .t") : null; }
+  function value(el) {
+    var t = el.getAttribute("title");
+    if (t !== null) { el.setAttribute("data-a", t); el.removeAttribute("title"); }
+    return el.getAttribute("data-a") || "0";
+  }
   function show(el, x, y) {
     var t = tip();
     if (!t) return;
-    t.textContent = el.textContent + "  " + el.getAttribute("data-a");
+    t.textContent = "";
+    t.appendChild(document.createTextNode(el.textContent + "  "));
+    var b = document.createElement("b");
+    b.textContent = value(el);
+    t.appendChild(b);
     t.hidden = false;
-    t.style.left = Math.min(x + 12, window.innerWidth - t.offsetWidth - 8) + "px";
-    t.style.top = (y + 14) + "px";
+    var left = Math.max(4, Math.min(x + 12, window.innerWidth - t.offsetWidth - 8));
+    var top = y + 16;
+    if (top + t.offsetHeight > window.innerHeight - 4) top = y - t.offsetHeight - 10;
+    t.style.left = left + "px";
+    t.style.top = top + "px";
   }
-  document.addEventListener("mouseover", function (ev) {
-    var el = ev.target.closest ? ev.target.closest(".t") : null;
-    if (el) { show(el, ev.clientX, ev.clientY); el.removeAttribute("title"); }
-  });
-  document.addEventListener("mousemove", function (ev) {
-    var el = ev.target.closest ? ev.target.closest(".t") : null;
-    if (el) show(el, ev.clientX, ev.clientY);
-  });
-  document.addEventListener("mouseout", function (ev) {
-    var el = ev.target.closest ? ev.target.closest(".t") : null;
-    if (el && tip()) tip().hidden = true;
-  });
-  // Keyboard: [ and ] walk to the previous / next latent on a feature page.
+  function hide() { var t = tip(); if (t) t.hidden = true; }
+  document.addEventListener("mouseover", function (ev) { var el = token(ev); if (el) show(el, ev.clientX, ev.clientY); });
+  document.addEventListener("mousemove", function (ev) { var el = token(ev); if (el) show(el, ev.clientX, ev.clientY); });
+  document.addEventListener("mouseout", function (ev) { if (token(ev)) hide(); });
+  window.addEventListener("scroll", hide, { passive: true });
   document.addEventListener("keydown", function (ev) {
-    if (ev.target.closest && ev.target.closest("input, select, textarea")) return;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    if (ev.target.closest && ev.target.closest("input, select, textarea, button")) return;
+    if (ev.key === "/") {
+      var box = document.querySelector(".topsearch input");
+      if (box) { ev.preventDefault(); box.focus(); }
+      return;
+    }
     var rel = ev.key === "[" ? "prev" : ev.key === "]" ? "next" : null;
-    var link = rel && document.querySelector('a[rel="' + rel + '"]');
+    var link = rel && document.querySelector('.prevnext a[rel="' + rel + '"]');
     if (link) window.location.href = link.href;
   });
 })();

@@ -213,8 +213,11 @@ class ArrayActivations:
             raise AtlasError(f"activation file {path} does not exist", "check the path")
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise AtlasError(f"cannot read {path} as a .npy array: {exc}", "save it with numpy.save(path, float32 array)") from None
+        except Exception as exc:  # numpy raises ValueError, OSError, BadZipFile, UnpicklingError...
+            raise AtlasError(f"cannot read {path} as a .npy array ({type(exc).__name__}: {str(exc)[:100]})",
+                             "save it with numpy.save(path, float32 array)") from None
+        if not isinstance(arr, np.ndarray):
+            raise AtlasError(f"{path} is an archive of several arrays, not one .npy array", "save one [N, D] float32 array")
         if arr.ndim != 2:
             raise AtlasError(f"activation file {path} has shape {arr.shape}, expected [N, D]", "save a 2-D float32 matrix")
         if arr.dtype != np.float32:

@@ -56,7 +56,7 @@ class Family:
     attn: str
     mlp: str
     final_norm: str
-    unembed: str
+    unembed: str  # informational: the unembedding is read through get_output_embeddings()
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
 
@@ -72,7 +72,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
     "gpt2": Family("transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
-    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "embed_out"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "lm_head"),
 }
 
 
@@ -111,7 +111,8 @@ def _get(obj: object, path: str):
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    requested = requested or get_settings().device
+    if requested in (None, "", "auto"):  # "auto" on the command line defers to SAE_ATLAS_DEVICE
+        requested = get_settings().device
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -132,7 +133,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    requested = requested or get_settings().lm_dtype
+    if requested in (None, "", "auto"):
+        requested = get_settings().lm_dtype
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -185,7 +187,7 @@ class LoadedLM:
 
     @property
     def unembed_weight(self) -> torch.Tensor:
-        return _get(self.model, self.family.unembed).weight
+        return self.model.get_output_embeddings().weight
 
     @property
     def bos_token_id(self) -> int:
@@ -313,8 +315,11 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
         return "folder", path
     if path.suffix == ".gguf" or name.startswith((".", "/", "~")):
         raise AtlasError(f"model file {name!r} does not exist", "check the path")
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return "hub", None
+    if re.fullmatch(r"[\w.-]+", name):
+        raise AtlasError(f"unknown model alias {name!r}",
+                         f"aliases: {', '.join(ALIASES)}; Hugging Face models are named org/name, e.g. openai-community/gpt2")
     raise AtlasError(
         f"unknown model {name!r}",
         f"use an alias ({', '.join(ALIASES)}), a local folder, a .gguf file or a Hugging Face id like org/name",
@@ -324,7 +329,7 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return get_settings().data_dir / "models" / f"{gguf.stem}-{key}"
+    return get_settings().models_dir / f"{gguf.stem}-{key}"
 
 
 def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype) -> None:
@@ -364,6 +369,8 @@ def load_lm(name: str | None = None, device: str | torch.device | None = None, d
         folder = str(cache)
     else:
         folder = str(path) if path is not None else name
+        if kind == "hub":
+            _check_hub(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
@@ -384,10 +391,33 @@ def load_lm(name: str | None = None, device: str | torch.device | None = None, d
     return LoadedLM(model=model, tokenizer=tokenizer, name=name, source=str(path or name), family=family)
 
 
+def _check_hub(name: str) -> None:
+    """Fail in seconds, not minutes of retries, when a Hub model is neither cached nor reachable."""
+    import os
+
+    import httpx
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise AtlasError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+                         "download it first or unset HF_HUB_OFFLINE")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        r = httpx.get(f"{endpoint}/api/models/{name}", timeout=8.0, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise AtlasError(f"cannot reach the Hugging Face Hub to download {name!r} ({type(exc).__name__})",
+                         f"check the network, or use a local folder, a .gguf file or an alias ({', '.join(ALIASES)})") from None
+    if r.status_code == 404:
+        raise AtlasError(f"unknown model {name!r}: the Hugging Face Hub has no such model",
+                         "check the spelling (org/name), or use a local folder or an alias")
+
+
 def _probe_family(model: nn.Module) -> Family | None:
     for family in dict.fromkeys(FAMILIES.values()):
         try:
-            _get(model, family.blocks), _get(model, family.final_norm), _get(model, family.unembed)
+            _get(model, family.blocks), _get(model, family.final_norm)
             return family
         except AttributeError:
             continue

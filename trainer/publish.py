@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 import uuid
 import zlib
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psycopg
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
@@ -215,10 +217,12 @@ def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engin
             sae.published_at = utcnow()
             session.flush()
             sae_id = sae.id
-    except (OperationalError, DBAPIError) as exc:
+    except (OperationalError, DBAPIError, sqlite3.Error, psycopg.Error) as exc:
+        # COPY and executemany run on the raw driver connection, so driver errors arrive unwrapped.
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()
         raise AtlasError(
-            f"publishing {name!r} failed because the database at {describe(engine)} went away "
-            f"({str(getattr(exc, 'orig', exc)).strip().splitlines()[0][:200]}); nothing was written",
+            f"publishing {name!r} failed because the database at {describe(engine)} went away or refused the write "
+            f"({detail[0][:200] if detail else type(exc).__name__}); nothing was written",
             "check the database and run the same command again",
         ) from None
     if engine.dialect.name == "postgresql":  # fresh statistics for the planner after a bulk load

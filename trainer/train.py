@@ -413,24 +413,31 @@ class Trainer:
 
     @torch.no_grad()
     def initialise(self, first: dict[str, torch.Tensor]) -> None:
-        """Estimate each site's input scale (mean norm -> sqrt(D)) and variance; init b_dec."""
-        scales: dict[str, tuple[float, float]] = {}
+        """Estimate each site's input scale (mean norm -> sqrt(D)) and variance; init b_dec.
+
+        Under DDP the first batch is gathered from every rank, so all ranks (and a one-process
+        run on the same data) start from exactly the same numbers.
+        """
+        for site, x in first.items():
+            if not torch.isfinite(x).all():
+                raise Diverged(f"the first batch of {site} activations contains NaN or infinite values",
+                               "check the model's precision (--lm-dtype float32) or the activation file")
+        gathered = {}
         for site, x in first.items():
             x = x.float()
-            mean_norm = x.norm(dim=1).mean()
             if self.world > 1:
-                dist.all_reduce(mean_norm)
-                mean_norm /= self.world
-            scale = math.sqrt(x.shape[1]) / float(mean_norm)
+                parts = [torch.empty_like(x) for _ in range(self.world)]
+                dist.all_gather(parts, x.contiguous())
+                x = torch.cat(parts)
+            gathered[site] = x
+        scales: dict[str, tuple[float, float]] = {}
+        for site, x in gathered.items():
+            scale = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
             xs = x * scale
-            variance = (xs - xs.mean(0)).pow(2).sum(-1).mean()
-            if self.world > 1:
-                dist.all_reduce(variance)
-                variance /= self.world
-            scales[site] = (scale, float(variance))
+            scales[site] = (scale, float((xs - xs.mean(0)).pow(2).sum(-1).mean()))
         for run in self.runs:
             run.norm_scale, run.variance = scales[run.site]
-            run.sae.initialise_from(first[run.site].float() * run.norm_scale)
+            run.sae.initialise_from(gathered[run.site] * run.norm_scale)
 
     def wrap_ddp(self) -> None:
         if self.world == 1:
@@ -522,7 +529,7 @@ class Trainer:
                 dist.all_reduce(n_tokens)
             run.tokens_since_fired += n_tokens
             run.tokens_since_fired[fired > 0] = 0
-        return {"loss": float(loss), "lr": lr, "x": xs, "x_hat": x_hat, "active": active, **terms}
+        return {"loss": float(loss.detach()), "lr": lr, "x": xs, "x_hat": x_hat, "active": active, **terms}
 
     def fit(self) -> list[Path]:
         from tqdm import tqdm
@@ -544,12 +551,13 @@ class Trainer:
             self.initialise(first)
             batches = itertools.chain([first], batches)
         self.wrap_ddp()
+        if self.is_main:
+            for r in self.runs:
+                r.folder.mkdir(parents=True, exist_ok=True)
         logs = {r.name: open(r.folder / "metrics.jsonl", "a") for r in self.runs} if self.is_main else {}
-        for r in self.runs:
-            r.folder.mkdir(parents=True, exist_ok=True)
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.is_main else None
         start = time.time()
-        bar = tqdm(total=total_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True,
+        bar = tqdm(total=total_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True, mininterval=1.0,
                    disable=not self.is_main)
         try:
             while self.step < total_steps:
@@ -626,5 +634,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, lm=None) -> list[Path]:
-    """Train the SAE(s) described by cfg; returns their folders."""
-    return Trainer(cfg, lm).fit()
+    """Train the SAE(s) described by cfg; returns their folders (empty on non-zero DDP ranks)."""
+    try:
+        return Trainer(cfg, lm).fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,80 +1,107 @@
-"""Features of an SAE: the filtered table, one feature's whole dashboard, neighbours, examples."""
+"""Features of an SAE: the filtered table, one feature's whole dashboard, neighbours, examples.
+
+The single-feature endpoints are `async def` and call the (fast, indexed) store directly: a thread
+hop per request would cost more than the queries. The table query, which can count many rows,
+stays a plain `def` and runs in the thread pool.
+"""
 
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from app import store
 from app.api.errors import ApiError
 from app.deps import get_session, read_access
 from app.models import ExampleKind
-from app.responses import JSON
+from app.responses import JSON, RawJSON, cache_headers, dumps, etag_matches, not_modified
 
 router = APIRouter(tags=["features"], dependencies=[Depends(read_access)])
 
-Index = Path(ge=0, le=2**31 - 1, description="latent index")
+Index = Path(ge=0, le=store.MAX_LATENT_INDEX, description="latent index (0-based)")
+SaeName = Path(min_length=1, max_length=200, description="name of a published SAE")
 
 
-def _table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page) -> store.TableQuery:
+def table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page) -> store.TableQuery:
     if density_min is not None and density_max is not None and density_min > density_max:
-        raise ApiError(422, "invalid_parameters", "density_min must not exceed density_max")
+        raise ApiError(422, "invalid_parameters", "density_min must not exceed density_max",
+                       [{"location": "query.density_min", "message": "must not exceed density_max"}])
     return store.TableQuery(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
 
 
 @router.get("/saes/{sae}/features", summary="Features of an SAE, filtered, sorted and paginated")
 def list_features(
-    sae: str,
+    sae: str = SaeName,
     sort: Literal["index", "density", "max", "mean", "score"] = "index",
     order: Literal["asc", "desc"] = "asc",
-    density_min: float | None = Query(None, ge=0, le=1),
-    density_max: float | None = Query(None, ge=0, le=1),
+    density_min: float | None = Query(None, ge=0, le=1, allow_inf_nan=False),
+    density_max: float | None = Query(None, ge=0, le=1, allow_inf_nan=False),
     has_explanation: bool | None = None,
-    score_min: float | None = Query(None, ge=0, le=1),
+    score_min: float | None = Query(None, ge=0, le=1, allow_inf_nan=False),
     page: int = Query(1, ge=1, le=1_000_000),
     per_page: int = Query(50, ge=1, le=store.MAX_PAGE_SIZE),
     session: Session = Depends(get_session),
 ):
     s = store.sae_by_name(session, sae)
-    q = _table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
+    q = table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
     rows, total = store.feature_table(session, s, q)
     vocab = store.vocab_for(session, s.lm_id)
-    return JSON({"items": [store.feature_summary(f, vocab) for f in rows], "total": total, "page": page,
+    return JSON({"sae": s.name, "items": [store.feature_summary(f, vocab) for f in rows], "total": total, "page": page,
                  "per_page": per_page, "pages": (total + per_page - 1) // per_page})
 
 
+def _links(sae: str, index: int, d_sae: int) -> dict:
+    base = f"/api/v1/saes/{sae}/features"
+    return {"self": f"{base}/{index}", "page": f"/saes/{sae}/features/{index}",
+            "neighbors": f"{base}/{index}/neighbors", "examples": f"{base}/{index}/examples",
+            "prev": f"{base}/{index - 1}" if index > 0 else None,
+            "next": f"{base}/{index + 1}" if index + 1 < d_sae else None}
+
+
 @router.get("/saes/{sae}/features/{index}", summary="One feature with everything on its page")
-def get_feature(request: Request, sae: str, index: int = Index, session: Session = Depends(get_session)):
-    s = store.sae_by_name(session, sae)
-    f = store.feature_by_index(session, s, index)
-    etag = store.feature_etag(session, s, f)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    vocab = store.vocab_for(session, s.lm_id)
-    payload = store.feature_payload(session, s, f, vocab)
-    payload["links"] = {"self": f"/api/v1/saes/{sae}/features/{index}", "page": f"/saes/{sae}/features/{index}",
-                        "prev": f"/api/v1/saes/{sae}/features/{index - 1}" if index > 0 else None,
-                        "next": f"/api/v1/saes/{sae}/features/{index + 1}" if index + 1 < s.d_sae else None}
-    return JSON(payload, headers=headers)
+async def get_feature(request: Request, sae: str = SaeName, index: int = Index, session: Session = Depends(get_session)):
+    f = store.load_feature(session, sae, index)
+    etag = f.etag()
+    if etag_matches(request, etag):
+        return not_modified(etag)
+    key = ("json", f.sae.id, index, etag)
+    body = store.RENDERED.get(key)
+    if body is None:
+        vocab = store.vocab_for(session, f.sae.lm_id)
+        payload = store.feature_payload(session, f.sae, f, vocab)
+        payload["links"] = _links(f.sae.name, index, f.sae.d_sae)
+        body = dumps(payload)
+        store.RENDERED.put(key, body)
+    return RawJSON(body, headers=cache_headers(etag))
 
 
 @router.get("/saes/{sae}/features/{index}/neighbors", summary="Nearest features by decoder cosine similarity")
-def get_neighbors(sae: str, index: int = Index, k: int = Query(10, ge=1, le=100),
-                  session: Session = Depends(get_session)):
-    s = store.sae_by_name(session, sae)
-    f = store.feature_by_index(session, s, index)
-    items = [{"index": int(j), "cosine": c} for j, c in (f.neighbors or [])[:k]]
-    return JSON({"sae": sae, "index": index, "k": k, "items": items, "available": len(f.neighbors or [])})
+async def get_neighbors(request: Request, sae: str = SaeName, index: int = Index,
+                        k: int = Query(10, ge=1, le=100, description="how many neighbours (1-100)"),
+                        session: Session = Depends(get_session)):
+    f = store.load_feature(session, sae, index)
+    etag = f.etag()[:-1] + f'-k{k}"'
+    if etag_matches(request, etag):
+        return not_modified(etag)
+    near = [(int(j), c) for j, c in (f.neighbors or [])[:k]]
+    expl = dict(session.execute(store.NEIGHBOR_EXPL_QUERY, {"sid": f.sae.id, "idx": [j for j, _ in near]}).all()) \
+        if near else {}
+    items = [{"index": j, "cosine": c, "explanation": expl.get(j),
+              "links": {"self": f"/api/v1/saes/{sae}/features/{j}", "page": f"/saes/{sae}/features/{j}"}}
+             for j, c in near]
+    return JSON({"sae": sae, "index": index, "k": k, "items": items, "available": len(f.neighbors or [])},
+                headers=cache_headers(etag))
 
 
 @router.get("/saes/{sae}/features/{index}/examples", summary="A feature's examples with per-token activations")
-def get_examples(sae: str, index: int = Index, kind: Literal["top", "interval", "random", "all"] = "all",
-                 session: Session = Depends(get_session)):
-    s = store.sae_by_name(session, sae)
-    f = store.feature_by_index(session, s, index)
-    vocab = store.vocab_for(session, s.lm_id)
+async def get_examples(request: Request, sae: str = SaeName, index: int = Index,
+                       kind: Literal["top", "interval", "random", "all"] = "all",
+                       session: Session = Depends(get_session)):
+    f = store.load_feature(session, sae, index)
+    etag = f'W/"{f.sae.version[:16]}-{index}-ex-{kind}"'  # examples change only when the SAE is republished
+    if etag_matches(request, etag):
+        return not_modified(etag)
+    vocab = store.vocab_for(session, f.sae.lm_id)
     wanted = None if kind == "all" else ExampleKind[kind].value
     items = []
     for ex in store.examples_for(session, f.id):
@@ -83,4 +110,4 @@ def get_examples(sae: str, index: int = Index, kind: Literal["top", "interval", 
             d["kind"] = ExampleKind(ex.kind).name
             d["interval"] = ex.interval
             items.append(d)
-    return JSON({"sae": sae, "index": index, "items": items})
+    return JSON({"sae": sae, "index": index, "kind": kind, "items": items}, headers=cache_headers(etag))

@@ -1,12 +1,12 @@
 """GET /api/v1/saes and /api/v1/saes/{sae}: published SAEs with their metrics and charts."""
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from app import store
 from app.deps import get_session, read_access
 from app.models import SAE
-from app.responses import JSON
+from app.responses import JSON, cache_headers, etag_matches, not_modified
 
 router = APIRouter(tags=["saes"], dependencies=[Depends(read_access)])
 
@@ -33,5 +33,9 @@ def list_saes(session: Session = Depends(get_session)):
 
 
 @router.get("/saes/{sae}", summary="One SAE with its metrics, charts and configuration")
-def get_sae(sae: str, session: Session = Depends(get_session)):
-    return JSON(sae_dict(store.sae_by_name(session, sae), detail=True))
+def get_sae(request: Request, sae: str = Path(min_length=1, max_length=200), session: Session = Depends(get_session)):
+    s = store.sae_by_name(session, sae)
+    etag = f'W/"{s.version[:16]}"'  # everything here is fixed when the SAE is published
+    if etag_matches(request, etag):
+        return not_modified(etag)
+    return JSON(sae_dict(s, detail=True), headers=cache_headers(etag))

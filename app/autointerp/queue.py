@@ -123,13 +123,24 @@ def enqueue_for_sae(session: Session, sae_name: str, indices: list[int] | None =
 # --- claiming and leases ----------------------------------------------------------------------
 
 def requeue_expired(session: Session, now: datetime | None = None) -> int:
-    """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts)."""
+    """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
+
+    On PostgreSQL the rows are picked with SKIP LOCKED, so workers sweeping at the same moment
+    never wait on (or deadlock over) each other's rows; whoever locks a row first requeues it.
+    """
     now = now or utcnow()
     expired = and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
-    failed = session.execute(update(Job).where(expired, Job.attempts >= Job.max_attempts).values(
+
+    def pick(cond):
+        ids = select(Job.id).where(cond)
+        if session.get_bind().dialect.name == "postgresql":
+            ids = ids.with_for_update(skip_locked=True)
+        return Job.id.in_(ids.scalar_subquery())
+
+    failed = session.execute(update(Job).where(pick(and_(expired, Job.attempts >= Job.max_attempts))).values(
         status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
-        error=func.coalesce(Job.error, "") + "lease expired: the worker stopped responding")).rowcount
-    back = session.execute(update(Job).where(expired).values(
+        error=func.coalesce(Job.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
+    back = session.execute(update(Job).where(pick(expired)).values(
         status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)).rowcount
     return (failed or 0) + (back or 0)
 
@@ -193,6 +204,16 @@ def complete(session: Session, job_id: int, worker_id: str, result: dict | None 
     return _write(session, update(Job).where(_owned(job_id, worker_id)).values(
         status=JobStatus.done.value, result=result or {}, finished_at=utcnow(), lease_owner=None,
         lease_expires_at=None, error=None))
+
+
+def finish(session: Session, job_id: int, worker_id: str, result: dict | None = None) -> bool:
+    """Mark our job done inside the caller's transaction (no commit), so that a job's results and
+    its completion commit together or not at all: False means the job is no longer ours (its lease
+    expired and another worker may have it, or it was cancelled) and the caller must roll back."""
+    n = session.execute(update(Job).where(_owned(job_id, worker_id)).values(
+        status=JobStatus.done.value, result=result or {}, finished_at=utcnow(), lease_owner=None,
+        lease_expires_at=None, error=None)).rowcount
+    return bool(n)
 
 
 def backoff_s(attempts: int) -> float:

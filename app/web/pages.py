@@ -1,9 +1,10 @@
 """HTML pages. Every page works without JavaScript; htmx (from a pinned CDN URL with an integrity
-hash) only swaps partials in place: the feature table, the job status, the jobs list.
+hash) only swaps partials in place: the feature table, the job status, the jobs list, search results.
 
 Token strings are never trusted: each one is made visible (newlines, tabs, invisible characters)
-and HTML-escaped once per vocabulary (app.store.Vocab.html); everything else goes through
-Jinja's autoescaping.
+and HTML-escaped once per vocabulary (app.store.Vocab.html / .chips); everything else goes through
+Jinja's autoescaping. Nothing here writes an inline script or a style attribute (the CSP forbids
+both): colours are classes, charts are SVG with classes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import math
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+import numpy as np
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
@@ -22,68 +24,132 @@ from app.api.errors import ApiError
 from app.autointerp import queue
 from app.deps import get_session, read_access
 from app.paths import resource_dir
-from app.security import verify_key
+from app.responses import cache_headers, etag_matches, not_modified
+from app.security import KEY_COOKIE, verify_key
 from app.web import charts
 
-router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
+router = APIRouter(include_in_schema=False)
+pages = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 templates = Jinja2Templates(directory=str(resource_dir("templates")))
 env = templates.env
 env.globals.update(version=__version__, charts=charts)
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+def _bad(x) -> bool:
+    return x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))
 
 
 def _pct(x, digits=1):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
+    if _bad(x):
+        return "–"
+    v = 100 * x
+    if v != 0 and abs(v) < 10 ** -digits:
+        return f"<{10 ** -digits:g}%"
+    return f"{v:.{digits}f}%"
 
 
 def _num(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    """Numbers for people: thousands separators, 3 significant digits, no 1.23e-05 unless tiny."""
+    if _bad(x):
         return "–"
+    if isinstance(x, bool):
+        return str(x)
     if isinstance(x, int):
         return f"{x:,}"
-    if x != 0 and (abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5):
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if a < 1e-3 or a >= 1e6:
         return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:,.{max(digits - 1, 0)}f}"
+    if a >= 10 ** digits:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
 
 
 def _density(x):
-    if not x:
+    """Feature density as a share of tokens, plus '1 in N' for rare features."""
+    if _bad(x):
+        return "–"
+    if x <= 0:
+        return "never fired"
+    if x < 0.001:
+        return f"{x:.2e} · 1 in {1 / x:,.0f}"
+    if x < 0.01:
+        return f"{100 * x:.3f}% · 1 in {1 / x:,.0f}"
+    return f"{100 * x:.2f}%"
+
+
+def _density_short(x):
+    if _bad(x):
+        return "–"
+    if x <= 0:
         return "0"
-    return f"{x:.2e} (1 in {1 / x:,.0f})" if x < 0.01 else f"{100 * x:.2f}%"
+    if x < 0.0001:
+        return f"{x:.1e}"
+    return f"{100 * x:.3g}%"
 
 
-env.filters.update(pct=_pct, num=_num, density=_density, vis=store.visible)
+def _score(x):
+    return "–" if _bad(x) else f"{x:.2f}"
+
+
+def _log10(x):
+    return "–" if _bad(x) or x <= 0 else f"{math.log10(x):.2f}"
+
+
+env.filters.update(pct=_pct, num=_num, score=_score, density=_density, density_short=_density_short, log10=_log10,
+                   vis=store.visible, chip=store.chip)
+
+_TOKEN_CLASSES = [f"t a{i}" for i in range(10)]
 
 
 def tokens_html(token_ids, acts, peak: int, vocab: store.Vocab, scale: float) -> Markup:
-    """One example: a span per token, coloured by activation relative to the feature's max."""
-    scale = scale if scale > 0 else 1.0
-    out = []
+    """One example: a span per token, coloured by its activation relative to the feature's max.
+
+    Active tokens carry their value in `title` (a native tooltip without JavaScript; atlas.js shows
+    a nicer one); inactive tokens are plain spans, which keeps a page of ~90 examples small."""
+    ids = np.asarray(token_ids)
+    a = np.asarray(acts, dtype=np.float32)
+    inv = 10.0 / scale if scale and scale > 0 else 10.0
+    levels = np.minimum(9, (a * inv).astype(np.int32)).tolist()
     html = vocab.html
     n = len(html)
-    for i, (t, a) in enumerate(zip(token_ids, acts)):
-        a = float(a)
-        cls = "t"
-        if a > 0:
-            cls += f" a{min(9, int(a / scale * 10))}"
-        if i == peak:
-            cls += " pk"
+    out = []
+    append = out.append
+    for i, (t, v, lv) in enumerate(zip(ids.tolist(), a.tolist(), levels)):
         label = html[t] if 0 <= t < n else f"&lt;{t}&gt;"
-        value = f"{a:.3g}" if a else "0"
-        out.append(f'<span class="{cls}" data-a="{value}" title="{value}">{label}</span>')
+        if v > 0:
+            cls = _TOKEN_CLASSES[lv] + " pk" if i == peak else _TOKEN_CLASSES[lv]
+            append(f'<span class="{cls}" title="{v:.3g}">{label}</span>')
+        elif i == peak:
+            append(f'<span class="t pk" title="0">{label}</span>')
+        else:
+            append(f'<span class="t">{label}</span>')
     return Markup("".join(out))
 
 
-def render(request: Request, name: str, context: dict, status: int = 200, headers: dict | None = None) -> HTMLResponse:
+def render_bytes(request: Request, name: str, context: dict) -> bytes:
     s = request.app.state.settings
-    ctx = {"request": request, "htmx_url": s.htmx_url, "htmx_integrity": s.htmx_integrity, **context}
-    return templates.TemplateResponse(request, name, ctx, status_code=status, headers=headers)
+    ctx = {"request": request, "htmx_url": s.htmx_url, "htmx_integrity": s.htmx_integrity,
+           "htmx": _is_htmx(request), **context}
+    return env.get_template(name).render(ctx).encode()
+
+
+def render(request: Request, name: str, context: dict, status: int = 200, headers: dict | None = None) -> HTMLResponse:
+    return HTMLResponse(render_bytes(request, name, context), status_code=status, headers=headers)
 
 
 def html_error(request: Request, status: int, message: str) -> Response:
     try:
-        return render(request, "error.html", {"status": status, "message": message}, status=status)
+        ctx = {"status": status, "message": message, "title": {401: "API key needed", 403: "Not allowed",
+                                                                  404: "Not found", 422: "Bad request",
+                                                                  503: "Unavailable"}.get(status, "Error")}
+        if status in (401, 403) and request.method == "GET" and not request.url.path.startswith("/login"):
+            ctx["login_next"] = request.url.path
+        return render(request, "error.html", ctx, status=status)
     except Exception:  # the error page itself must never fail with a traceback
-        return HTMLResponse(f"<h1>{status}</h1>", status_code=status)
+        return HTMLResponse(f"<!doctype html><title>{status}</title><h1>{status}</h1>", status_code=status)
 
 
 def _is_htmx(request: Request) -> bool:
@@ -92,36 +158,44 @@ def _is_htmx(request: Request) -> bool:
 
 # --- pages ------------------------------------------------------------------------------------
 
-@router.get("/", response_class=HTMLResponse)
+@pages.get("/", response_class=HTMLResponse)
 def home(request: Request, session: Session = Depends(get_session)):
     saes = store.list_saes(session)
     lms = store.list_lms(session)
+    lms = [lm for lm in lms if any(s.lm_id == lm.id for s in saes)]
     return render(request, "home.html", {"saes": saes, "lms": lms, "jobs": store.job_counts(session)})
 
 
 def _table_context(session: Session, sae, q: store.TableQuery) -> dict:
     rows, total = store.feature_table(session, sae, q)
     vocab = store.vocab_for(session, sae.lm_id)
-    pages = max(1, (total + q.per_page - 1) // q.per_page)
+    pages_n = max(1, (total + q.per_page - 1) // q.per_page)
     params = {k: v for k, v in {"sort": q.sort, "order": q.order, "density_min": q.density_min,
                                 "density_max": q.density_max, "per_page": q.per_page,
                                 "has_explanation": None if q.has_explanation is None else str(q.has_explanation).lower(),
                                 "score_min": q.score_min}.items() if v is not None}
-    return {"sae": sae, "rows": [store.feature_summary(f, vocab) for f in rows], "total": total, "q": q,
-            "pages": pages, "params": params, "qs": lambda **kw: urlencode({**params, **kw})}
+    items = []
+    for f in rows:
+        d = store.feature_summary(f, vocab)
+        d["peak_html"] = None if f.peak_token_id is None else Markup(vocab.chip_html(f.peak_token_id))
+        d["logits_html"] = [Markup(vocab.chip_html(t)) for t in d["top_logit_ids"]]
+        items.append(d)
+    return {"sae": sae, "rows": items, "total": total, "q": q, "pages": pages_n, "params": params,
+            "first": (q.page - 1) * q.per_page + 1 if total else 0, "last": min(q.page * q.per_page, total),
+            "qs": lambda **kw: urlencode({**params, **kw})}
 
 
 def _parse_table_query(sort: str, order: str, density_min: str | None, density_max: str | None,
                        has_explanation: str | None, score_min: str | None, page: int, per_page: int) -> store.TableQuery:
     def opt_float(name, v, lo=0.0, hi=1.0):
-        if v is None or v == "":
+        if v is None or v.strip() == "":
             return None
         try:
-            x = float(v)
+            x = float(v.strip().rstrip("%")) / (100 if v.strip().endswith("%") else 1)
         except ValueError:
-            raise ApiError(422, "invalid_parameters", f"{name} must be a number") from None
-        if not lo <= x <= hi or math.isnan(x):
-            raise ApiError(422, "invalid_parameters", f"{name} must be between {lo} and {hi}")
+            raise ApiError(422, "invalid_parameters", f"{name} must be a number between {lo:g} and {hi:g}") from None
+        if math.isnan(x) or not lo <= x <= hi:
+            raise ApiError(422, "invalid_parameters", f"{name} must be between {lo:g} and {hi:g}")
         return x
 
     if sort not in store.SORTS:
@@ -131,62 +205,82 @@ def _parse_table_query(sort: str, order: str, density_min: str | None, density_m
     has = {"": None, None: None, "true": True, "false": False, "any": None}.get(has_explanation, "bad")
     if has == "bad":
         raise ApiError(422, "invalid_parameters", "has_explanation must be true, false or any")
-    return store.TableQuery(sort, order, opt_float("density_min", density_min), opt_float("density_max", density_max),
-                            has, opt_float("score_min", score_min), page, per_page)
+    dmin, dmax = opt_float("density_min", density_min), opt_float("density_max", density_max)
+    if dmin is not None and dmax is not None and dmin > dmax:
+        raise ApiError(422, "invalid_parameters", "density_min must not exceed density_max")
+    return store.TableQuery(sort, order, dmin, dmax, has, opt_float("score_min", score_min), page, per_page)
 
 
-@router.get("/saes/{name}", response_class=HTMLResponse)
-def sae_page(request: Request, name: str, sort: str = "index", order: str = "asc",
-             density_min: str | None = None, density_max: str | None = None, has_explanation: str | None = None,
-             score_min: str | None = None, page: int = Query(1, ge=1, le=1_000_000),
-             per_page: int = Query(50, ge=1, le=store.MAX_PAGE_SIZE), session: Session = Depends(get_session)):
+@pages.get("/saes/{name}", response_class=HTMLResponse)
+def sae_page(request: Request, name: str = Path(max_length=200), sort: str = Query("index", max_length=20),
+             order: str = Query("asc", max_length=10), density_min: str | None = Query(None, max_length=40),
+             density_max: str | None = Query(None, max_length=40),
+             has_explanation: str | None = Query(None, max_length=10), score_min: str | None = Query(None, max_length=40),
+             page: int = Query(1, ge=1, le=1_000_000), per_page: int = Query(50, ge=1, le=store.MAX_PAGE_SIZE),
+             session: Session = Depends(get_session)):
     sae = store.sae_by_name(session, name)
     q = _parse_table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
     ctx = _table_context(session, sae, q)
-    if _is_htmx(request):
-        return render(request, "_feature_table.html", ctx)
-    return render(request, "sae.html", ctx)
+    if _is_htmx(request) and request.headers.get("hx-target") == "feature-table":
+        return render(request, "_feature_table.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
+    ctx["lm"] = sae.lm
+    ctx["m"] = sae.metrics or {}
+    return render(request, "sae.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
 
 
-@router.get("/saes/{name}/jump")
-def jump(name: str, index: str = "", session: Session = Depends(get_session)):
+@pages.get("/saes/{name}/jump")
+def jump(request: Request, name: str = Path(max_length=200), index: str = Query("", max_length=40),
+         session: Session = Depends(get_session)):
     sae = store.sae_by_name(session, name)
     try:
-        i = int(index)
+        i = int(index.strip().lstrip("#"))
     except ValueError:
-        raise ApiError(422, "invalid_parameters", "the latent index must be a whole number") from None
+        raise ApiError(422, "invalid_parameters", f"the latent number must be a whole number from 0 to {sae.d_sae - 1}") from None
     store.feature_by_index(session, sae, i)  # 404 when out of range
-    return RedirectResponse(f"/saes/{name}/features/{i}", status_code=303)
+    return RedirectResponse(f"/saes/{sae.name}/features/{i}", status_code=303)
 
 
-@router.get("/saes/{name}/features/{index}", response_class=HTMLResponse)
-def feature_page(request: Request, name: str, index: int, queued: str | None = None, session: Session = Depends(get_session)):
+@pages.get("/saes/{name}/features/{index}", response_class=HTMLResponse)
+async def feature_page(request: Request, name: str = Path(max_length=200),
+                       index: int = Path(ge=0, le=store.MAX_LATENT_INDEX),
+                       queued: str | None = Query(None, max_length=10), session: Session = Depends(get_session)):
+    f = store.load_feature(session, name, index, with_job=True)
+    etag = f.etag(page=True)
+    headers = cache_headers(etag)
+    if queued:  # the "explanation requested" notice is for this one view only
+        headers = {"Cache-Control": "no-store"}
+    elif etag_matches(request, etag):
+        return not_modified(etag)
+    key = ("page", f.sae.id, index, etag)
+    body = None if queued else store.RENDERED.get(key)
+    if body is None:
+        vocab = store.vocab_for(session, f.sae.lm_id)
+        payload = store.feature_payload(session, f.sae, f, vocab)
+        job = store.live_job_for(session, f.id) if f.live_job else None
+        body = render_bytes(request, "feature.html", {
+            "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "tokens_html": tokens_html, "job": job,
+            "queued": queued,
+            "top_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["top"]],
+            "bottom_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["bottom"]],
+            "peak_html": None if f.peak_token_id is None else Markup(vocab.chip_html(f.peak_token_id)),
+        })
+        if not queued:
+            store.RENDERED.put(key, body)
+    return HTMLResponse(body, headers=headers)
+
+
+@pages.get("/saes/{name}/features/{index}/job", response_class=HTMLResponse)
+def job_status(request: Request, name: str = Path(max_length=200), index: int = Path(ge=0, le=store.MAX_LATENT_INDEX),
+               session: Session = Depends(get_session)):
     sae = store.sae_by_name(session, name)
     f = store.feature_by_index(session, sae, index)
-    etag = store.feature_etag(session, sae, f)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if request.headers.get("if-none-match") == etag and not queued:
-        return Response(status_code=304, headers=headers)
-    vocab = store.vocab_for(session, sae.lm_id)
-    payload = store.feature_payload(session, sae, f, vocab)
-    job = store.live_job_for(session, f.id)
-    return render(request, "feature.html", {
-        "sae": sae, "f": f, "p": payload, "vocab": vocab, "tokens_html": tokens_html, "job": job,
-        "queued": queued, "lm": sae.lm,
-        "top_labels": [Markup(vocab.display_html(d["token_id"])) for d in payload["logits"]["top"]],
-        "bottom_labels": [Markup(vocab.display_html(d["token_id"])) for d in payload["logits"]["bottom"]],
-    }, headers=None if queued else headers)
+    return render(request, "_job_status.html", {"sae": sae, "f": f, "job": store.latest_job_for(session, f.id)},
+                  headers={"Cache-Control": "no-store"})
 
 
-@router.get("/saes/{name}/features/{index}/job", response_class=HTMLResponse)
-def job_status(request: Request, name: str, index: int, session: Session = Depends(get_session)):
-    sae = store.sae_by_name(session, name)
-    f = store.feature_by_index(session, sae, index)
-    return render(request, "_job_status.html", {"sae": sae, "f": f, "job": store.live_job_for(session, f.id)})
-
-
-@router.post("/saes/{name}/features/{index}/explain", response_class=HTMLResponse)
-def request_explanation(request: Request, name: str, index: int, api_key: str = Form("", max_length=200),
+@pages.post("/saes/{name}/features/{index}/explain", response_class=HTMLResponse)
+def request_explanation(request: Request, name: str = Path(max_length=200),
+                        index: int = Path(ge=0, le=store.MAX_LATENT_INDEX), api_key: str = Form("", max_length=200),
                         session: Session = Depends(get_session)):
     sae = store.sae_by_name(session, name)
     f = store.feature_by_index(session, sae, index)
@@ -201,10 +295,10 @@ def request_explanation(request: Request, name: str, index: int, api_key: str = 
     session.commit()
     if _is_htmx(request):
         return render(request, "_job_status.html", {"sae": sae, "f": f, "job": job, "created": created})
-    return RedirectResponse(f"/saes/{name}/features/{index}?queued=1", status_code=303)
+    return RedirectResponse(f"/saes/{sae.name}/features/{index}?queued=1#explanations", status_code=303)
 
 
-@router.get("/search", response_class=HTMLResponse)
+@pages.get("/search", response_class=HTMLResponse)
 def search(request: Request, q: str = Query("", max_length=200), token: str = Query("", max_length=100),
            sae: str = Query("", max_length=200), session: Session = Depends(get_session)):
     sae_name = sae or None
@@ -212,20 +306,64 @@ def search(request: Request, q: str = Query("", max_length=200), token: str = Qu
         store.sae_by_name(session, sae_name)
     explanations = store.search_explanations(session, q, 100, sae_name) if q.strip() else []
     tokens = store.search_by_token(session, token, 100, sae_name) if token.strip() else []
+    vocabs: dict[str, store.Vocab] = {}
+    if tokens:
+        for s in store.list_saes(session):
+            vocabs[s.name] = store.vocab_for(session, s.lm_id)
+        for r in tokens:
+            v = vocabs.get(r["sae"])
+            r["peak_html"] = Markup(v.chip_html(r["peak_token_id"])) if v and r["peak_token_id"] is not None else ""
     ctx = {"q": q, "token": token, "sae_name": sae or "", "explanations": explanations, "tokens": tokens,
            "saes": store.list_saes(session)}
-    if _is_htmx(request):
-        return render(request, "_search_results.html", ctx)
-    return render(request, "search.html", ctx)
+    if _is_htmx(request) and request.headers.get("hx-target") == "results":
+        return render(request, "_search_results.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
+    return render(request, "search.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
 
 
-@router.get("/jobs", response_class=HTMLResponse)
+@pages.get("/jobs", response_class=HTMLResponse)
 def jobs_page(request: Request, status: str | None = Query(None, max_length=20), session: Session = Depends(get_session)):
-    if status not in (None, "", "queued", "running", "done", "failed", "cancelled"):
+    if status not in (None, "", *JOB_STATUSES):
         raise ApiError(422, "invalid_parameters", "status must be queued, running, done, failed or cancelled")
     jobs = store.recent_jobs(session, 100, status or None)
-    ctx = {"counts": store.job_counts(session), "jobs": jobs, "status": status or ""}
-    if _is_htmx(request):
-        return render(request, "_jobs_table.html", ctx)
-    return render(request, "jobs.html", ctx)
+    ctx = {"counts": store.job_counts(session), "jobs": jobs, "status": status or "", "statuses": JOB_STATUSES}
+    if _is_htmx(request) and request.headers.get("hx-target") == "jobs-table":
+        return render(request, "_jobs_table.html", ctx, headers={"Cache-Control": "no-store", "Vary": "HX-Request, HX-Target"})
+    return render(request, "jobs.html", ctx, headers={"Cache-Control": "no-store", "Vary": "HX-Request, HX-Target"})
 
+
+# --- signing in for private atlases (public_reads = false) ---------------------------------------
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = Query("/", max_length=500)):
+    return render(request, "login.html", {"next": _safe_next(next)})
+
+
+@router.post("/login")
+def login(request: Request, api_key: str = Form("", max_length=200), next: str = Form("/", max_length=500),
+          session: Session = Depends(get_session)):
+    key = verify_key(session, api_key.strip() or None)
+    if key is None:
+        return render(request, "login.html", {"next": _safe_next(next), "error": "That API key is not valid."},
+                      status=403 if api_key.strip() else 401)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    secure = request.url.scheme == "https"
+    response.set_cookie(KEY_COOKIE, api_key.strip(), httponly=True, samesite="strict", secure=secure,
+                        max_age=30 * 24 * 3600, path="/")
+    return response
+
+
+@router.post("/logout")
+def logout():
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(KEY_COOKIE, path="/")
+    return response
+
+
+def _safe_next(target: str) -> str:
+    """Only local paths: never redirect to another site."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
+        return "/"
+    return target
+
+
+router.include_router(pages)

@@ -118,26 +118,31 @@ class SelectedPreacts(torch.autograd.Function):
 
     forward returns `values` (already computed densely without autograd); backward gives
     x_c: sum_j g[n,j] W[idx[n,j]], W[idx[n,j]] += g[n,j] x_c[n], b[idx[n,j]] += g[n,j].
+
+    The selection is either padded, indices [N, K] (TopK: the same count per token), or flat,
+    indices [M] with `offsets` [N] where token n owns indices[offsets[n]:offsets[n+1]] (BatchTopK:
+    a varying count per token; padding every token to the largest count would make the backward
+    pass as costly as that count times N).
     """
 
     @staticmethod
-    def forward(ctx, x_c, weight, bias, indices, values):
-        ctx.save_for_backward(x_c, weight, indices)
+    def forward(ctx, x_c, weight, bias, indices, values, offsets=None):
+        ctx.save_for_backward(x_c, weight, indices, offsets)
         ctx.bias_shape = bias.shape
         return values
 
     @staticmethod
     def backward(ctx, grad):
-        x_c, weight, indices = ctx.saved_tensors
+        x_c, weight, indices, offsets = ctx.saved_tensors
         grad = grad.to(weight.dtype)
-        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+        grad_x = F.embedding_bag(indices, weight, offsets, per_sample_weights=grad, mode="sum")
         with torch.enable_grad():
             table = weight.detach().requires_grad_()
-            out = F.embedding_bag(indices, table, per_sample_weights=grad.detach(), mode="sum")
+            out = F.embedding_bag(indices, table, offsets, per_sample_weights=grad.detach(), mode="sum")
             (grad_w,) = torch.autograd.grad(out, table, x_c.to(weight.dtype))
         grad_b = torch.zeros(ctx.bias_shape, dtype=weight.dtype, device=weight.device)
         grad_b.index_add_(0, indices.reshape(-1), grad.reshape(-1))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -169,7 +174,7 @@ class SparseAutoencoder(nn.Module):
         directions = torch.randn(d_sae, d_in)
         directions /= directions.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(directions * self.initial_decoder_norm())
-        self.W_enc = nn.Parameter(directions.clone())
+        import os; self.W_enc = nn.Parameter(directions.clone() * float(os.environ.get('HA_ENC_SCALE', 1)))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -227,8 +232,10 @@ class SparseAutoencoder(nn.Module):
         acts = F.relu(pre) * mask
         return acts, indices, z, x_c
 
-    def decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
+    def decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, bias: bool = True,
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat from selected activations: padded [N, K] indices, or flat [M] ones with offsets [N]."""
+        out = F.embedding_bag(indices, self.W_dec, offsets, per_sample_weights=acts, mode="sum")
         return out + self.b_dec if bias else out
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, x_c: torch.Tensor,

@@ -16,13 +16,13 @@ from trainer.sae.batchtopk import BatchTopKSAE
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
 
-    def reconstruction(self, x, x_hat, acts, indices, ctx: StepContext):
+    def reconstruction(self, x, x_hat, acts, indices, offsets, ctx: StepContext):
         losses = []
         for m in self.cfg.matryoshka_prefixes:
             if m >= self.cfg.d_sae:
                 losses.append(self.recon_loss(x, x_hat, ctx))
             else:
-                partial = self.decode_sparse(acts * (indices < m), indices)
+                partial = self.decode_sparse(acts * (indices < m), indices, offsets=offsets)
                 losses.append(self.recon_loss(x, partial, ctx))
         loss = torch.stack(losses).mean()
-        return loss, {"recon": float(losses[-1]), "recon_smallest_prefix": float(losses[0])}
+        return loss, {"recon": float(losses[-1].detach()), "recon_smallest_prefix": float(losses[0].detach())}

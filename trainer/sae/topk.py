@@ -31,4 +31,4 @@ class TopKSAE(SparseAutoencoder):
         recon = self.recon_loss(x, x_hat, ctx)
         aux, aux_terms = self.auxk_loss(x, x_hat, z, x_c, ctx)
         codes = Codes(acts.detach(), indices)
-        return StepOutput(recon + aux, x_hat, codes, {"recon": float(recon), **aux_terms})
+        return StepOutput(recon + aux, x_hat, codes, {"recon": float(recon.detach()), **aux_terms})

@@ -1,0 +1,336 @@
+"""Explainer and judge prompts built from a feature's stored examples (REFERENCE §4).
+
+The explainer sees top examples plus examples sampled across the interval groups, each cut to a
+~32-token window with the peak about 3/4 of the way in, activating tokens (> 0.3 x the example's
+max) marked <<like this>>, optionally followed by (token, activation 0-10) lists. Examples it saw
+are never used for scoring: the rest (held-out) are the positives the judge sees, next to
+non-activating windows (negatives).
+
+Everything here is pure (no database, no model) so it can be unit-tested and reused.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from app.autointerp.backends import Message
+
+PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
+
+KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2  # app.models.ExampleKind
+SOURCE_NAMES = {KIND_TOP: "top", KIND_INTERVAL: "interval", KIND_RANDOM: "random"}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How many examples to show and how. Job params with the same names override these."""
+
+    window: int = 32
+    """Tokens per example window shown to an LM."""
+    peak_frac: float = 0.75
+    """Where the peak token sits in the window (0 = first token, 1 = last)."""
+    mark_threshold: float = 0.3
+    """Tokens above this fraction of the example's max activation are marked << >>."""
+    n_explain_top: int = 12
+    """Top examples shown to the explainer (every other one of the top list; the rest are held out)."""
+    n_explain_interval: int = 12
+    """Interval examples shown to the explainer, spread over the interval groups."""
+    show_activations: bool = True
+    """Append (token, activation 0-10) lists to the explainer's examples."""
+    n_score: int = 20
+    """Held-out activating examples judged per scorer (and as many non-activating ones)."""
+    per_prompt: int = 5
+    """Examples per judge prompt."""
+    min_examples: int = 4
+    """Fewer distinct activating examples than this and the feature is skipped."""
+    explain_max_tokens: int = 48
+    """Most tokens the explainer may answer with (one phrase)."""
+    max_explanation_chars: int = 200
+    """Longer explanations are rejected as not 'one short phrase'."""
+    seed: int = 0
+    """Seed of every random choice (mixed with the feature id)."""
+
+    @classmethod
+    def for_backend(cls, kind: str, overrides: dict | None = None) -> PromptConfig:
+        """Defaults per backend: a 135M local model gets fewer, plainer examples; then job params."""
+        cfg = cls()
+        if kind == "local":
+            # Small context and weak reading: fewer examples, no number lists, fewer judge calls.
+            cfg = replace(cfg, n_explain_top=8, n_explain_interval=4, show_activations=False, n_score=6)
+        if overrides:
+            known = {f.name: f.type for f in fields(cls)}
+            picked = {}
+            for k, v in overrides.items():
+                if k in known:
+                    default = getattr(cfg, k)
+                    picked[k] = type(default)(v) if not isinstance(default, bool) else bool(v)
+            cfg = replace(cfg, **picked)
+        return cfg
+
+
+@dataclass(frozen=True)
+class StoredExample:
+    """One row of the examples table, decoded (see app.models.Example)."""
+
+    id: int | None
+    kind: int
+    rank: int
+    interval: int | None
+    activation: float
+    peak: int
+    doc_id: int
+    doc_offset: int
+    token_ids: np.ndarray
+    acts: np.ndarray
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Document token range [start, end) of the stored window."""
+        start = self.doc_offset - self.peak
+        return start, start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window as shown to an LM: token texts and this feature's activation on each token."""
+
+    tokens: tuple[str, ...]
+    acts: tuple[float, ...]
+    activating: bool
+    source: str  # top, interval, random, or negative:<where it came from>
+    example_id: int | None
+    doc_id: int
+    start: int  # document offset of the first token
+
+    @property
+    def max_act(self) -> float:
+        return max(self.acts) if self.acts else 0.0
+
+    def active_positions(self, threshold: float) -> list[int]:
+        m = self.max_act
+        if m <= 0:
+            return []
+        return [i for i, a in enumerate(self.acts) if a > threshold * m]
+
+
+@dataclass
+class ExampleSplit:
+    explain: list[Window] = field(default_factory=list)
+    held_out: list[Window] = field(default_factory=list)
+    n_distinct: int = 0
+
+
+class TooFewExamples(Exception):
+    """The feature has too few examples to explain and score; the job is skipped, not retried."""
+
+    retryable = False
+
+
+# --- windows ----------------------------------------------------------------------------------
+
+def cut_window(n_tokens: int, peak: int, length: int, peak_frac: float) -> tuple[int, int]:
+    """[lo, hi) of a `length`-token window of a stored window with the peak ~peak_frac of the way in."""
+    if n_tokens <= length:
+        return 0, n_tokens
+    before = int(round(peak_frac * (length - 1)))
+    lo = max(0, peak - before)
+    hi = min(n_tokens, lo + length)
+    return max(0, hi - length), hi
+
+
+_SPECIAL = re.compile(r"^<\|([^|<>]{1,40})\|>$|^<(/?s|bos|eos|pad|unk|start_of_turn|end_of_turn)>$")
+
+
+def token_text(t: str) -> str:
+    """A token as an LM should read it inside a one-line example: escapes instead of line breaks.
+
+    Special tokens (<|im_end|>, <bos>, ...) become [im_end], [bos]: left as they are, the chat
+    template's tokenizer would read them as real control tokens and break the prompt.
+    """
+    m = _SPECIAL.match(t)
+    if m:
+        return f"[{m.group(1) or m.group(2)}]"
+    t = t.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return "".join(ch if unicodedata.category(ch)[0] != "C" else f"\\u{ord(ch):04x}" for ch in t)
+
+
+def to_window(ex: StoredExample, vocab_text, cfg: PromptConfig, activating: bool = True,
+              source: str | None = None, zero_acts: bool = False) -> Window:
+    lo, hi = cut_window(len(ex.token_ids), ex.peak, cfg.window, cfg.peak_frac)
+    ids = ex.token_ids[lo:hi]
+    acts = [0.0] * len(ids) if zero_acts else [max(0.0, float(a)) for a in ex.acts[lo:hi]]
+    return Window(tokens=tuple(token_text(vocab_text(int(i))) for i in ids), acts=tuple(acts), activating=activating,
+                  source=source or SOURCE_NAMES.get(ex.kind, "example"), example_id=ex.id, doc_id=ex.doc_id,
+                  start=ex.span[0] + lo)
+
+
+def render(w: Window, marks: set[int] | list[int] | None = None) -> str:
+    """The window as one line of text; marked tokens wrapped in << >> (adjacent ones share a pair)."""
+    marks = set(marks or ())
+    out: list[str] = []
+    i, n = 0, len(w.tokens)
+    while i < n:
+        if i not in marks:
+            out.append(w.tokens[i])
+            i += 1
+            continue
+        j = i
+        while j < n and j in marks:
+            j += 1
+        span = "".join(w.tokens[i:j])
+        lead = span[: len(span) - len(span.lstrip())]  # keep the space outside: " <<cat>>", not "<< cat>>"
+        out.append(f"{lead}<<{span.strip() or span}>>")
+        i = j
+    return "".join(out).strip()
+
+
+def activation_list(w: Window, scale: float, threshold: float) -> str:
+    """(token, activation rescaled to 0-10 by the feature's max) for the marked tokens."""
+    scale = scale if scale > 0 else (w.max_act or 1.0)
+    pairs = [f"({w.tokens[i].strip() or w.tokens[i]!r}, {min(10, round(10 * w.acts[i] / scale))})"
+             for i in w.active_positions(threshold)]
+    return ", ".join(pairs)
+
+
+# --- choosing examples ------------------------------------------------------------------------
+
+def _overlaps(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """(doc, start, end) ranges that share a token."""
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def split_examples(examples: list[StoredExample], vocab_text, cfg: PromptConfig, seed: int) -> ExampleSplit:
+    """Explainer set (top + interval samples) and held-out activating windows, never overlapping."""
+    rng = random.Random(seed)
+    # top, interval and random lists can hold the same activation: one copy of each.
+    seen: set[tuple[int, int]] = set()
+    distinct: list[StoredExample] = []
+    for ex in sorted(examples, key=lambda e: (e.kind, -(e.interval or 0), e.rank)):
+        key = (ex.doc_id, ex.doc_offset)
+        if key not in seen and ex.activation > 0:
+            seen.add(key)
+            distinct.append(ex)
+    if len(distinct) < cfg.min_examples:
+        raise TooFewExamples(f"the feature has {len(distinct)} distinct activating examples; "
+                             f"explaining needs at least {cfg.min_examples}")
+    tops = [e for e in distinct if e.kind == KIND_TOP]
+    groups: dict[int, list[StoredExample]] = {}
+    for e in distinct:
+        if e.kind == KIND_INTERVAL:
+            groups.setdefault(e.interval or 0, []).append(e)
+    # Every other top example: the explainer sees the very top, and held-out keeps strong examples too.
+    chosen = tops[0::2][: cfg.n_explain_top]
+    picked_interval: list[StoredExample] = []
+    order = sorted(groups, reverse=True)
+    depth = 0
+    while len(picked_interval) < cfg.n_explain_interval and any(len(groups[g]) > depth for g in order):
+        for g in order:
+            if depth < len(groups[g]) and len(picked_interval) < cfg.n_explain_interval:
+                picked_interval.append(groups[g][depth])
+        depth += 1
+    chosen += picked_interval
+    if not chosen:  # no top list (imported data): fall back to whatever there is
+        chosen = distinct[: max(1, len(distinct) // 2)]
+    ids = {id(e) for e in chosen}
+    shown = [(e.doc_id, *e.span) for e in chosen]
+    rest = [e for e in distinct if id(e) not in ids and not any(_overlaps((e.doc_id, *e.span), s) for s in shown)]
+    if not rest:  # everything overlaps what the explainer saw: hold back the weakest shown examples
+        k = max(1, len(chosen) // 3)
+        rest, chosen = chosen[-k:], chosen[:-k]
+    # Held-out: mix strong and weak activations, round-robin over top / interval / random.
+    pools = [[e for e in rest if e.kind == k] for k in (KIND_TOP, KIND_INTERVAL, KIND_RANDOM)]
+    for p in pools[1:]:
+        rng.shuffle(p)
+    held: list[StoredExample] = []
+    while len(held) < cfg.n_score and any(pools):
+        for p in pools:
+            if p and len(held) < cfg.n_score:
+                held.append(p.pop(0))
+    return ExampleSplit(explain=[to_window(e, vocab_text, cfg) for e in chosen],
+                        held_out=[to_window(e, vocab_text, cfg) for e in held], n_distinct=len(distinct))
+
+
+def zero_runs(ex: StoredExample, vocab_text, cfg: PromptConfig, min_len: int) -> list[Window]:
+    """Stretches of a feature's own stored windows where it is exactly 0: certain negatives."""
+    out, start = [], None
+    acts = list(ex.acts) + [1.0]  # sentinel closes the last run
+    for i, a in enumerate(acts):
+        if a <= 0 and start is None:
+            start = i
+        elif a > 0 and start is not None:
+            if i - start >= min_len:
+                lo, hi = start, min(i, start + cfg.window)
+                ids = ex.token_ids[lo:hi]
+                out.append(Window(tokens=tuple(token_text(vocab_text(int(t))) for t in ids), acts=(0.0,) * len(ids),
+                                  activating=False, source="negative:own-zero-run", example_id=None,
+                                  doc_id=ex.doc_id, start=ex.span[0] + lo))
+            start = None
+    return out
+
+
+# --- explainer prompt -------------------------------------------------------------------------
+
+EXPLAIN_SYSTEM = (
+    "You are an interpretability researcher. You study one feature of a language model: a unit that "
+    "activates on some tokens. You see text excerpts where the feature is active; the tokens where it "
+    "activates are marked <<like this>>. Find what the marked tokens have in common (the words themselves, "
+    "their meaning, or their context) and describe it in one short phrase of at most 12 words. "
+    "Reply with the phrase only, no preamble."
+)
+
+
+def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float) -> list[Message]:
+    lines = []
+    for n, w in enumerate(windows, 1):
+        lines.append(f"Example {n}: {render(w, w.active_positions(cfg.mark_threshold))}")
+        if cfg.show_activations:
+            acts = activation_list(w, scale, cfg.mark_threshold)
+            if acts:
+                lines.append(f"Activations {n}: {acts}")
+    user = ("Excerpts where the feature activates (marked tokens <<like this>>):\n\n" + "\n".join(lines)
+            + "\n\nWhat does this feature detect? Answer with one short phrase.")
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
+
+
+def messages_text(messages: list[Message]) -> str:
+    """A chat as plain text, for Explanation.prompt."""
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+# Leading labels small and large models like to add; quotes and a final full stop carry no meaning.
+_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:feature\s+)?(?:explanation|answer|description|phrase|feature|"
+                     r"this feature (?:detects|activates on|fires on)|it (?:detects|activates on))\s*[:\-–]\s*", re.I)
+
+
+class InvalidExplanation(Exception):
+    """The explainer's answer is not a usable phrase; the job fails and is retried (error kept)."""
+
+    retryable = True
+
+
+def clean_explanation(raw: str, cfg: PromptConfig) -> str:
+    """The phrase in an explainer's answer, or InvalidExplanation saying what is wrong with it."""
+    text = (raw or "").strip()
+    if not text:
+        raise InvalidExplanation("the explainer answered with nothing")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = re.sub(r"^[#*>\-\s]+", "", first)  # markdown bullets and headers
+    first = _PREFIX.sub("", first).strip()
+    first = first.strip("\"'“”‘’`*_ ").rstrip(".").strip()
+    if not first:
+        raise InvalidExplanation(f"the explainer's answer has no phrase in it: {raw[:200]!r}")
+    if len(first) > cfg.max_explanation_chars:
+        raise InvalidExplanation(f"the explainer answered with {len(first)} characters, not one short phrase "
+                                 f"(limit {cfg.max_explanation_chars}): {first[:200]!r}")
+    letters = sum(ch.isalpha() for ch in first)
+    if letters < 3 or letters < 0.5 * len(first.replace(" ", "")):
+        raise InvalidExplanation(f"the explainer's answer does not look like words: {first[:200]!r}")
+    words = first.lower().split()
+    if len(words) >= 6 and len(set(words)) <= len(words) // 3:
+        raise InvalidExplanation(f"the explainer's answer repeats itself: {first[:200]!r}")
+    return first

@@ -1,0 +1,225 @@
+"""Detection and fuzzing scores of an explanation (REFERENCE §4), on held-out examples only.
+
+- Detection: the judge sees the explanation and unmarked windows, activating and non-activating
+  mixed, `per_prompt` to a prompt, and says for each whether the feature fires in it.
+- Fuzzing: activating windows are shown with their true activating tokens marked; non-activating
+  windows with as many randomly chosen tokens marked; the judge says whether the marks fit.
+
+Both report balanced accuracy (TPR + TNR) / 2 and F1. An answer that cannot be parsed counts as
+wrong (a missed positive or a false alarm) and is recorded with prediction = None: never dropped,
+so a judge that rambles scores badly instead of silently scoring on fewer examples.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from app.autointerp.backends import Backend, Message
+from app.autointerp.prompts import PromptConfig, Window, render
+
+JUDGE_MAX_TOKENS_PER_EXAMPLE = 8
+
+
+@dataclass
+class JudgedExample:
+    """One example as the judge saw it and what it said (becomes a Judgement row)."""
+
+    method: str
+    example_id: int | None
+    text: str
+    truth: bool
+    prediction: bool | None
+    raw: str
+
+    @property
+    def correct(self) -> bool:
+        return self.prediction is not None and self.prediction == self.truth
+
+
+@dataclass
+class Score:
+    method: str
+    items: list[JudgedExample] = field(default_factory=list)
+
+    def _count(self, truth: bool, predicted: bool) -> int:
+        return sum(1 for j in self.items if j.truth == truth and j.prediction is predicted)
+
+    @property
+    def tp(self) -> int:
+        return self._count(True, True)
+
+    @property
+    def tn(self) -> int:
+        return self._count(False, False)
+
+    @property
+    def positives(self) -> int:
+        return sum(1 for j in self.items if j.truth)
+
+    @property
+    def negatives(self) -> int:
+        return sum(1 for j in self.items if not j.truth)
+
+    @property
+    def unparsed(self) -> int:
+        return sum(1 for j in self.items if j.prediction is None)
+
+    @property
+    def fn(self) -> int:  # unparsable positives count as missed
+        return self.positives - self.tp
+
+    @property
+    def fp(self) -> int:  # unparsable negatives count as false alarms
+        return self.negatives - self.tn
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        if not self.positives or not self.negatives:
+            return None
+        return (self.tp / self.positives + self.tn / self.negatives) / 2
+
+    @property
+    def f1(self) -> float | None:
+        denom = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denom if denom else None
+
+    def summary(self) -> dict:
+        return {"balanced_accuracy": self.balanced_accuracy, "f1": self.f1, "n": len(self.items),
+                "positives": self.positives, "negatives": self.negatives, "tp": self.tp, "tn": self.tn,
+                "fp": self.fp, "fn": self.fn, "unparsed": self.unparsed}
+
+
+# --- parsing the judge's answers --------------------------------------------------------------
+
+_YES = {"yes", "y", "true", "1", "active", "activates", "activated", "fires", "match", "matches", "correct"}
+_NO = {"no", "n", "false", "0", "inactive", "not", "none", "doesn't", "isn't", "incorrect"}
+_STRONG = {"yes", "no", "true", "false"}
+# "Example 3: yes", "Example 3 - no", "3. yes", "3) no"; the verdict is the first yes/no word after it.
+_LINE = re.compile(r"(?:\b(?:example|excerpt)\s*#?\s*(\d+)\s*[:.)\-=]*|^\s*#?(\d+)\s*[:.)\-=]+)((?:(?!\b(?:example|excerpt)\b)[^\n])*)", re.I | re.M)
+_LIST = re.compile(r"\[([^\[\]]*)\]")
+_WORD = re.compile(r"[a-z']+|\d+", re.I)
+
+
+def _verdict(word: str) -> bool | None:
+    w = word.lower().strip("'\"*_ ")
+    if w in _YES:
+        return True
+    if w in _NO:
+        return False
+    return None
+
+
+def _line_verdict(rest: str) -> bool | None:
+    for w in _WORD.findall(rest):  # "is not active" reads as no: the first verdict word wins
+        v = _verdict(w)
+        if v is not None:
+            return v
+    return None
+
+
+def parse_answers(answer: str, n: int) -> list[bool | None]:
+    """One verdict per example 1..n from a judge's answer; None where it cannot be read.
+
+    Accepts 'Example 3: yes' lines (any order, numbering 1..n), a list like [1, 0, 1, 0, 0] or
+    ["yes", "no", ...] with exactly n entries, or exactly n bare yes/no/true/false words.
+    """
+    text = answer or ""
+    numbered: dict[int, bool | None] = {}
+    for m in _LINE.finditer(text):
+        k = int(m.group(1) or m.group(2))
+        v = _line_verdict(m.group(3))
+        if 1 <= k <= n and v is not None:
+            if k in numbered and numbered[k] != v:
+                numbered[k] = None  # contradicts itself: unreadable
+            elif k not in numbered:
+                numbered[k] = v
+    if numbered:
+        return [numbered.get(k) for k in range(1, n + 1)]
+    for m in _LIST.finditer(text):
+        items = [x.strip() for x in m.group(1).split(",") if x.strip()]
+        verdicts = [_verdict(x) for x in items]
+        if len(items) == n and all(v is not None for v in verdicts):
+            return verdicts
+    words = [w.lower() for w in _WORD.findall(text) if w.lower() in _STRONG]
+    if len(words) == n:
+        return [w in ("yes", "true") for w in words]
+    return [None] * n
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = ("You check descriptions of features of a language model against text examples. "
+                "Answer exactly in the format asked for, one line per example, nothing else.")
+
+
+def detection_messages(explanation: str, texts: list[str]) -> list[Message]:
+    body = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, 1))
+    user = (f"Feature description: \"{explanation}\"\n\n"
+            "For each example below, decide whether the feature is active on some of its tokens, "
+            "i.e. whether the example contains what the description says.\n\n"
+            f"{body}\n\n"
+            "Answer with one line per example: \"Example N: yes\" or \"Example N: no\".")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def fuzzing_messages(explanation: str, texts: list[str]) -> list[Message]:
+    body = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, 1))
+    user = (f"Feature description: \"{explanation}\"\n\n"
+            "In each example below some tokens are marked <<like this>>. Decide whether the marked tokens "
+            "are what the description is about (yes) or are marked at random (no).\n\n"
+            f"{body}\n\n"
+            "Answer with one line per example: \"Example N: yes\" or \"Example N: no\".")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+# --- scorers ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shown:
+    """A window rendered for the judge, with its truth."""
+
+    window: Window
+    text: str
+    truth: bool
+
+
+def _mix(positives: list[Window], negatives: list[Window], rng: random.Random) -> list[Window]:
+    items = positives + negatives
+    rng.shuffle(items)
+    return items
+
+
+async def _judge(backend: Backend, method: str, explanation: str, shown: list[Shown], cfg: PromptConfig,
+                 build) -> Score:
+    chunks = [shown[i:i + cfg.per_prompt] for i in range(0, len(shown), cfg.per_prompt)]
+    prompts = [build(explanation, [s.text for s in chunk]) for chunk in chunks]
+    answers = await backend.complete_many(prompts, JUDGE_MAX_TOKENS_PER_EXAMPLE * cfg.per_prompt + 8, "judge")
+    score = Score(method)
+    for chunk, answer in zip(chunks, answers):
+        verdicts = parse_answers(answer, len(chunk))
+        for s, v in zip(chunk, verdicts):
+            score.items.append(JudgedExample(method, s.window.example_id, s.text, s.truth, v, answer))
+    return score
+
+
+async def detection(backend: Backend, explanation: str, positives: list[Window], negatives: list[Window],
+                    cfg: PromptConfig, seed: int) -> Score:
+    rng = random.Random(seed)
+    shown = [Shown(w, render(w), w.activating) for w in _mix(positives, negatives, rng)]
+    return await _judge(backend, "detection", explanation, shown, cfg, detection_messages)
+
+
+async def fuzzing(backend: Backend, explanation: str, positives: list[Window], negatives: list[Window],
+                  cfg: PromptConfig, seed: int) -> Score:
+    rng = random.Random(seed + 1)
+    true_marks = [w.active_positions(cfg.mark_threshold) for w in positives]
+    counts = [len(m) for m in true_marks if m] or [1]
+    shown = [Shown(w, render(w, m), True) for w, m in zip(positives, true_marks)]
+    for w in negatives:
+        # As many random marks as a real example has, so the number of marks gives nothing away.
+        k = min(len(w.tokens), rng.choice(counts))
+        shown.append(Shown(w, render(w, rng.sample(range(len(w.tokens)), k)), False))
+    rng.shuffle(shown)
+    return await _judge(backend, "fuzzing", explanation, shown, cfg, fuzzing_messages)

@@ -1,0 +1,175 @@
+"""Benchmark: dashboard analysis against the bare LM forward + SAE encode, and bulk publish.
+
+    python benchmarks/analyze.py [--tokens 200000] [--width 16384] [--repeats 2]
+
+On the bundled SmolLM2-135M (resid_post.15, pydoc corpus) with a TopK SAE (k=32) of `width` latents:
+1. the bare pass: the LM forward over the analysed contexts plus SAE encode, nothing else;
+2. the full analysis (`trainer.analyze`, every latent at once), run alternately with (1);
+   reported as medians and the ratio analysis / bare (goal <= 1.3), with peak memory;
+3. publishing the analysed SAE (~70 examples per latent) into a fresh SQLite file and into a
+   throwaway PostgreSQL server (goal <= 60 s for PostgreSQL).
+The SAE is randomly initialised: speed does not depend on what its latents mean, and every
+latent still gets its full set of examples. Results go to benchmarks/results/analyze.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
+os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
+
+import torch  # noqa: E402
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 50 ms (VmRSS), keeping the peak."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.current())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def bare_pass(analyzer) -> tuple[float, int]:
+    """LM forward + mask + SAE encode over exactly the contexts the analysis reads."""
+    from trainer.activations import valid_token_mask
+
+    c = analyzer.cfg
+    batches, _ = analyzer._contexts()
+    start = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            acts = analyzer.lm.read(batch.tokens, [analyzer.site])[analyzer.site.name]
+            mask = valid_token_mask(acts, c.sink_norm_ratio, c.exclude_bos)
+            codes = analyzer.sae.encode(acts[mask].float())
+            n += int(mask.sum())
+            del codes
+    return time.perf_counter() - start, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--width", type=int, default=16_384)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-postgres", action="store_true")
+    args = ap.parse_args()
+
+    from app.db import make_engine, upgrade
+    from trainer.analyze import AnalyzeConfig, Analyzer
+    from trainer.formats import load_sae, save_sae
+    from trainer.lm import load_lm
+    from trainer.publish import Analysis, publish
+    from trainer.sae import SAEConfig, build_sae
+
+    bench = Path(os.environ["SAE_ATLAS_DATA_DIR"])
+    sae_dir = bench / f"random-topk-w{args.width}-k{args.k}"
+    lm = load_lm("smollm2-135m")
+    if not (sae_dir / "cfg.json").is_file():
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig(d_in=lm.d_model, d_sae=args.width, architecture="topk", k=args.k))
+        save_sae(sae_dir, sae, 1.0, "resid_post.15", "smollm2-135m")
+    loaded = load_sae(sae_dir)
+    print(f"LM {lm.name} ({lm.dtype}), SAE {args.width} latents k={args.k}, {args.tokens:,} tokens, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+
+    def config():
+        return AnalyzeConfig(sae_dir=sae_dir, tokens=args.tokens, split="all", restart=True)
+
+    bare_times, analysis_times, peaks = [], [], []
+    n_tokens = 0
+    for r in range(args.repeats):
+        t, n_tokens = bare_pass(Analyzer(config(), lm=lm, loaded=loaded))
+        bare_times.append(t)
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            Analyzer(config(), lm=lm, loaded=loaded).run(progress=False)
+            analysis_times.append(time.perf_counter() - start)
+        peaks.append(mem.peak)
+        print(f"  repeat {r + 1}: bare {bare_times[-1]:.1f} s, analysis {analysis_times[-1]:.1f} s, "
+              f"peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+    bare, full = statistics.median(bare_times), statistics.median(analysis_times)
+    summary = json.loads((sae_dir / "analysis" / "summary.json").read_text())
+    a = Analysis.load(sae_dir)
+    per_latent = len(a.examples["feature"]) / args.width
+
+    publish_times = {}
+    for leftover in bench.glob("publish-bench.db*"):
+        leftover.unlink()
+    engine = make_engine(f"sqlite:///{bench / 'publish-bench.db'}")
+    upgrade(engine)
+    start = time.perf_counter()
+    publish(sae_dir, "bench", engine=engine)
+    publish_times["sqlite"] = time.perf_counter() - start
+    engine.dispose()
+    if not args.skip_postgres:
+        from tests.helpers import PostgresServer
+
+        server = PostgresServer().start()
+        try:
+            engine = make_engine(server.create_database("bench"))
+            upgrade(engine)
+            start = time.perf_counter()
+            publish(sae_dir, "bench", engine=engine)
+            publish_times["postgresql"] = time.perf_counter() - start
+            engine.dispose()
+        finally:
+            server.stop()
+
+    result = {
+        "command": "python benchmarks/analyze.py " + " ".join(sys.argv[1:]),
+        "tokens": n_tokens, "width": args.width, "k": args.k, "lm_dtype": str(lm.dtype),
+        "bare_lm_plus_encode_s": bare_times, "analysis_s": analysis_times,
+        "median_bare_s": bare, "median_analysis_s": full, "ratio": full / bare,
+        "analysis_phases_s": summary["timings"], "peak_rss_gib": max(peaks) / 2**30,
+        "examples_per_latent": per_latent, "examples": len(a.examples["feature"]), "publish_s": publish_times,
+    }
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analyze.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(f"| tokens | latents | bare LM+encode (median) | analysis (median) | ratio | peak RSS | examples/latent |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {n_tokens:,} | {args.width:,} | {bare:.1f} s | {full:.1f} s | {full / bare:.2f} | "
+          f"{max(peaks) / 2**30:.2f} GiB | {per_latent:.1f} |")
+    print()
+    for db, t in publish_times.items():
+        print(f"publish {args.width:,} latents, {len(a.examples['feature']):,} examples into {db}: {t:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The training loop: sweeps, TOML configs, resume, divergence, Ctrl-C, DDP, the activation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.cli import main
+from trainer.formats import load_sae
+from trainer.synthetic import superposition_data
+from trainer.train import CHECKPOINT, Diverged, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acts_file(tmp_path_factory) -> Path:
+    x, _ = superposition_data(30_000, d=32, n_features=96, seed=1)
+    path = tmp_path_factory.mktemp("acts") / "acts.npy"
+    np.save(path, x)
+    return path
+
+
+def small(out: Path, acts: Path, **kw) -> TrainConfig:
+    base = dict(out=out, activations=acts, site=["resid_post.0"], width=[64], k=[4], tokens=12_800, batch_size=256,
+                log_every=5, checkpoint_every=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def test_run_writes_saelens_folder_metrics_and_log(tmp_path, acts_file):
+    (folder,) = train(small(tmp_path / "run", acts_file))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_in"] == 32 and cfg["d_sae"] == 64
+    w = weights(folder)
+    assert w["W_enc"].shape == (32, 64) and w["W_dec"].shape == (64, 32)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 < metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(4, abs=0.01)
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[-1]["step"] == 49
+    assert log[-1]["fvu"] < log[0]["fvu"]
+
+
+def test_sweep_trains_every_combination_from_one_stream(tmp_path, acts_file):
+    folders = train(small(tmp_path / "sweep", acts_file, width=[32, 64], k=[2, 4], arch=["topk", "relu"]))
+    names = sorted(f.name for f in folders)
+    assert names == sorted(["resid_post.0-topk-w32-k2", "resid_post.0-topk-w32-k4", "resid_post.0-topk-w64-k2",
+                            "resid_post.0-topk-w64-k4", "resid_post.0-relu-w32", "resid_post.0-relu-w64"])
+    for f in folders:
+        assert (f / "metrics.json").is_file() and (f / "sae_weights.safetensors").is_file()
+
+
+def test_toml_config_and_flags_give_the_same_sae(tmp_path, acts_file, capsys):
+    flags = ["--activations", str(acts_file), "--width", "64", "--k", "4", "--tokens", "5120", "--batch-size", "256",
+             "--site", "resid_post.0", "--device", "cpu"]
+    assert main(["train", *flags, "--out", str(tmp_path / "a")]) == 0
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'activations = "{acts_file}"\nwidth = [64]\nk = 4\ntokens = 5120\nbatch_size = 256\n'
+                    f'site = "resid_post.0"\ndevice = "cpu"\nout = "{tmp_path / "b"}"\n')
+    assert main(["train", "--config", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "FVU" in out and str(tmp_path / "b") in out
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, acts_file):
+    full = train(small(tmp_path / "full", acts_file, checkpoint_every=20))[0]
+    part = small(tmp_path / "part", acts_file, checkpoint_every=20, tokens=12_800)
+    trainer_steps = {"n": 0}
+
+    # Stop after 30 steps by asking the trainer to stop, exactly as Ctrl-C does.
+    from trainer import train as train_module
+
+    original = train_module.Trainer.train_step
+
+    def counting(self, run, x, total):
+        trainer_steps["n"] += 1
+        if trainer_steps["n"] == 30:
+            self._stop_requested = True
+        return original(self, run, x, total)
+
+    train_module.Trainer.train_step = counting
+    try:
+        with pytest.raises(train_module.Interrupted, match="--resume"):
+            train(part)
+    finally:
+        train_module.Trainer.train_step = original
+    state = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 30
+    assert "exp_avg" in str(state["runs"]["resid_post.0-topk-w64-k4"]["optimizer"]["state"][0].keys())
+    resumed = small(tmp_path / "part", acts_file, checkpoint_every=20, resume=True)
+    (folder,) = train(resumed)
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 49
+    m_full = json.loads((full / "metrics.json").read_text())
+    m_res = json.loads((folder / "metrics.json").read_text())
+    assert m_res["fvu"] == pytest.approx(m_full["fvu"], rel=0.02)  # same data order, same optimiser state
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, acts_file):
+    from trainer.activations import ArrayActivations
+
+    x = np.load(acts_file).copy()
+    arr = ArrayActivations(acts_file, eval_fraction=0.1, seed=0)
+    order = np.random.default_rng(0 + 1).permutation(arr.train_rows)
+    x[order[12 * 256]] = np.inf  # a row of step 12's batch
+    poisoned = tmp_path / "poisoned.npy"
+    np.save(poisoned, x)
+    cfg = small(tmp_path / "nan", poisoned, checkpoint_every=5)
+    with pytest.raises(Diverged, match=r"became (inf|nan) at step 12.*last good checkpoint"):
+        train(cfg)
+    state = torch.load(tmp_path / "nan" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["runs"]["resid_post.0-topk-w64-k4"]["sae"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, acts_file):
+    out = tmp_path / "sigint"
+    cmd = [sys.executable, "-m", "app.cli", "train", "--activations", str(acts_file), "--out", str(out), "--width", "64",
+           "--k", "4", "--tokens", "2000000", "--batch-size", "256", "--device", "cpu", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    log = out / "metrics.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    step = torch.load(out / CHECKPOINT, weights_only=True)["step"]
+    assert step > 0
+    resumed = subprocess.run(cmd[:cmd.index("2000000")] + ["20480"] + cmd[cmd.index("2000000") + 1:] + ["--resume"],
+                             capture_output=True, text=True, timeout=300)
+    # the resumed run trains for the (shorter) remaining budget and saves the SAE
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "sae_weights.safetensors").is_file()
+
+
+@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="torchrun missing")
+def test_two_process_ddp_matches_one_process(tmp_path, acts_file):
+    common = ["--activations", str(acts_file), "--width", "64", "--k", "4", "--tokens", "7680", "--batch-size", "256",
+              "--device", "cpu", "--dead-after-tokens", "100000000", "--site", "resid_post.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "app.cli", "train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "app.cli", "train", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-4, rtol=1e-3), (k, (w1[k] - w2[k]).abs().max())
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["fvu"] == pytest.approx(m1["fvu"], rel=1e-3)
+
+
+def test_activation_cache_lets_a_second_run_skip_the_lm(tmp_path, tiny_lm, monkeypatch):
+    calls = {"n": 0}
+    original = type(tiny_lm).read
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(type(tiny_lm), "read", counted)
+    cfg = dict(model=str(tiny_lm.source), site=["resid_post.1"], width=[64], k=[4], tokens=20_000, batch_size=500,
+               cache_activations=True, eval_tokens=1000, ce_contexts=2, device="cpu", lm_dtype="float32", lm_batch_size=16)
+    train(TrainConfig(out=tmp_path / "first", **cfg), lm=tiny_lm)
+    first = calls["n"]
+    calls["n"] = 0
+    train(TrainConfig(out=tmp_path / "second", **{**cfg, "width": [32]}), lm=tiny_lm)
+    second = calls["n"]
+    assert first > 10 and second <= 2, (first, second)  # the second run reads the LM only for held-out evaluation
+    assert load_sae(tmp_path / "second").sae.cfg.d_sae == 32
