@@ -225,9 +225,9 @@ def cmd_analyze(args, extra: dict) -> int:
     if args.publish and not args.name:
         raise AtlasError("--publish needs --name", "e.g. --name my-sae")
     if args.publish:  # fail before the long analysis, not after it
-        from app.db import check_schema
+        from trainer.publish import check_can_publish
 
-        check_schema()
+        check_can_publish(args.name, args.replace)
     out = analyze(cfg)
     summary = json.loads((out / "summary.json").read_text())
     t = summary["timings"]
@@ -262,11 +262,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from app.db import check_schema
     from trainer.analyze import AnalyzeConfig, analyze
     from trainer.importer import import_sae
+    from trainer.publish import check_can_publish
 
-    check_schema()
+    check_can_publish(args.name, args.replace)
     folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=True)
     analyze(AnalyzeConfig(sae_dir=folder, tokens=args.tokens, corpus=args.corpus, restart=True))
     return _publish(folder, args.name, args.replace, args.description or "")

@@ -234,6 +234,18 @@ def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engin
     return sae_id
 
 
+def check_can_publish(name: str, replace: bool, engine: Engine | None = None) -> None:
+    """Fail before a long analysis, not after it: bad name, old schema, or a name already taken."""
+    _check_name(name)
+    engine = engine or get_engine()
+    check_schema(engine)
+    if not replace:
+        with Session(engine) as session:
+            if session.scalar(select(SAE.id).where(SAE.name == name)) is not None:
+                raise AtlasError(f"an SAE named {name!r} is already published",
+                                 "pass --replace to replace it, or choose another --name")
+
+
 def _check_name(name: str) -> None:
     import re
 
