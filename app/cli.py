@@ -291,8 +291,14 @@ def cmd_worker(args) -> int:
     from app.autointerp.worker import run_worker
     from app.db import check_schema
 
+    for flag, value in (("--concurrency", args.concurrency), ("--max-jobs", args.max_jobs)):
+        if value is not None and value < 1:
+            raise AtlasError(f"{flag} must be at least 1")
+    if args.grace < 0:
+        raise AtlasError("--grace must not be negative")
     check_schema()
-    return run_worker(concurrency=args.concurrency, once=args.once, max_jobs=args.max_jobs)
+    return run_worker(concurrency=args.concurrency, once=args.once, max_jobs=args.max_jobs, backend=args.backend,
+                      grace_s=args.grace)
 
 
 def cmd_explain(args) -> int:
@@ -300,7 +306,13 @@ def cmd_explain(args) -> int:
     from app.db import check_schema, session_scope
 
     check_schema()
-    indices = [int(i) for i in args.feature.split(",")] if args.feature else None
+    try:
+        indices = [int(i) for i in args.feature.split(",")] if args.feature else None
+    except ValueError:
+        raise AtlasError(f"--feature {args.feature!r} must be comma-separated latent indices, e.g. 3,17,42") from None
+    for flag, v in (("--density-min", args.density_min), ("--density-max", args.density_max)):
+        if v is not None and not 0 <= v <= 1:
+            raise AtlasError(f"{flag} must be between 0 and 1")
     with session_scope() as session:
         created, skipped = enqueue_for_sae(session, args.sae, indices=indices, density_min=args.density_min,
                                            density_max=args.density_max, priority=args.priority, limit=args.limit,
@@ -436,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--max-jobs", type=int, default=None)
+    worker.add_argument("--backend", choices=["local", "openai", "instant"], default=None,
+                        help="explainer backend (default: SAE_ATLAS_EXPLAINER_BACKEND); instant is a canned "
+                             "answer for tests and benchmarks of the queue only")
+    worker.add_argument("--grace", type=float, default=30.0,
+                        help="seconds running jobs get to finish on SIGTERM before they are released")
 
     ex = sub.add_parser("explain", help="queue explanation jobs for an SAE's latents")
     ex.add_argument("--sae", required=True)

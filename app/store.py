@@ -23,6 +23,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -109,6 +110,15 @@ class Vocab:
             return operator.itemgetter(*ids.tolist())(self.raw)
         return [self.text(int(i)) for i in ids.tolist()]
 
+    @property
+    def spans(self) -> tuple[str, ...]:
+        """Each token as an inactive example span, `<span class="t">…</span>` (built once)."""
+        spans = self._index.get("__spans__")
+        if spans is None:
+            spans = tuple(f'<span class="t">{h}</span>' for h in self.html)
+            self._index["__spans__"] = spans
+        return spans
+
     def display_html(self, token_id: int) -> str:
         return self.html[token_id] if 0 <= token_id < len(self.html) else str(escape(f"<{token_id}>"))
 
@@ -125,12 +135,13 @@ class Vocab:
             return []
         if not q.strip():
             return [i for i, t in enumerate(self.raw) if t == q][:limit]
-        if not self._index:
-            index: dict[str, list[int]] = {}
+        index = self._index.get("__find__")
+        if index is None:
+            index = {}
             for i, t in enumerate(self.raw):
                 index.setdefault(t.strip().lower(), []).append(i)
-            self._index.update(index)
-        return self._index.get(q.strip().lower(), [])[:limit]
+            self._index["__find__"] = index
+        return index.get(q.strip().lower(), [])[:limit]
 
 
 _SPECIAL = re.compile(r"<\|[^<>|]{1,40}\|>|<(?:s|/s|bos|eos|pad|unk|mask|cls|sep|start_of_turn|end_of_turn)>|\[(?:CLS|SEP|PAD|UNK|MASK)\]")
@@ -268,13 +279,18 @@ _live_job = (select(cast(_J.id, Text).concat(":").concat(_J.status))
              .where(_J.feature_id == _F.id, _J.status.in_(("queued", "running")))
              .order_by(_J.id.desc()).limit(1).correlate(Feature.__table__).scalar_subquery().label("live_job"))
 
+# Newest explanation anywhere (an O(1) read of the primary key index). It is part of every feature
+# ETag, so a neighbour that gains an explanation refreshes the pages that list it; when it is 0 (no
+# explanations at all) the explanation queries are skipped.
+_expl_watermark = select(func.max(_E.id)).scalar_subquery().label("expl_watermark")
+
 _FEATURE_COLS = (
     _S.id.label("sae_id"), _S.version, _S.d_sae, _S.lm_id, _S.n_tokens_analyzed,
     _F.id.label("feature_id"), _F.index, _F.firing_count, _F.density, _F.mean_act, _F.max_act,
     cast(_F.moments, Text).label("moments"), cast(_F.act_hist, Text).label("act_hist"),
     cast(_F.interval_shares, Text).label("interval_shares"), cast(_F.logits, Text).label("logits"),
     cast(_F.neighbors, Text).label("neighbors"), _F.peak_token_id, _F.peak_token_share, _F.best_score,
-    _F.explanation, _expl_count, _expl_last,
+    _F.explanation, _expl_count, _expl_last, _expl_watermark,
 )
 _FEATURE_FROM = Feature.__table__.join(SAE.__table__, _F.sae_id == _S.id)
 _FEATURE_WHERE = (_S.name == bindparam("name"), _S.status == SAEStatus.ready.value, _F.index == bindparam("index"))
@@ -319,12 +335,14 @@ class FeatureRow:
     explanation: str | None
     n_explanations: int
     last_explanation: int
+    explanation_watermark: int = 0
     live_job: str | None = None
 
     def etag(self, page: bool = False) -> str:
         """Changes when the SAE is republished or the feature gains an explanation (and, for the
         page, when its explanation job changes state)."""
-        tag = f"{self.sae.version[:16]}-{self.index}-{self.n_explanations}-{self.last_explanation}"
+        tag = (f"{self.sae.version[:16]}-{self.index}-{self.n_explanations}-{self.last_explanation}"
+               f"-{self.explanation_watermark}")
         if page:
             tag += f"-{(self.live_job or '0').replace(':', '')}"
         return f'W/"{tag}"'
@@ -351,12 +369,12 @@ def load_feature(session: Session, name: str, index: int, with_job: bool = False
         neighbors=_loads(m["neighbors"]) or [], peak_token_id=m["peak_token_id"],
         peak_token_share=m["peak_token_share"] or 0.0, best_score=m["best_score"], explanation=m["explanation"],
         n_explanations=int(m["n_expl"] or 0), last_explanation=int(m["last_expl"] or 0),
-        live_job=m["live_job"] if with_job else None,
+        explanation_watermark=int(m["expl_watermark"] or 0), live_job=m["live_job"] if with_job else None,
     )
 
 
-def hist_edges(lo: float, hi: float, n: int) -> list[float]:
-    return [round(lo + (hi - lo) * i / n, 6) for i in range(n + 1)]
+def hist_edges(lo: float, hi: float, n: int) -> np.ndarray:
+    return np.round(np.linspace(float(lo), float(hi), n + 1), 6)
 
 
 def example_dict(ex, vocab: Vocab) -> dict:
@@ -377,10 +395,83 @@ def example_dict(ex, vocab: Vocab) -> dict:
     }
 
 
-def examples_for(session: Session, feature_id: int) -> list:
+def example_dicts(rows, vocab: Vocab, with_text: bool = True) -> list[dict]:
+    """example_dict for many rows at once: one numpy decode and one vocabulary lookup for all their
+    tokens, then zero-copy slices per example (the feature dashboard's hot path). Pages, which
+    render tokens from the vocabulary's HTML, skip the token strings (with_text=False)."""
+    if not rows:
+        return []
+    ids_all = np.frombuffer(b"".join([r.token_ids for r in rows]), dtype="<i4")
+    acts_all = np.round(np.frombuffer(b"".join([r.acts for r in rows]), dtype="<f2").astype(np.float32), 3)
+    texts_all = vocab.texts(ids_all) if with_text else ()
+    out = []
+    start = 0
+    for r in rows:
+        end = start + len(r.token_ids) // 4
+        out.append({"id": r.id, "activation": round(r.activation, 4), "peak": r.peak, "doc_id": r.doc_id,
+                    "doc_offset": r.doc_offset, "token_ids": ids_all[start:end], "tokens": texts_all[start:end] if with_text else None,
+                    "acts": acts_all[start:end]})
+        start = end
+    return out
+
+
+def _raw_rows(session: Session, sql: str, params: tuple) -> list[tuple] | None:
+    """Run `sql` (written with ? placeholders) on the session's DBAPI connection; None when the
+    driver's placeholder style is not one we translate (then callers use SQLAlchemy)."""
+    conn = session.connection()
+    style = conn.dialect.paramstyle
+    if style in ("format", "pyformat"):
+        sql = sql.replace("?", "%s")
+    elif style != "qmark":
+        return None
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        cur.execute(sql, params)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
+def neighbor_explanations(session: Session, sae_id: int, indices: list[int]) -> dict[int, str]:
+    """{latent index: best explanation} for those of `indices` that have one."""
+    indices = [int(i) for i in indices][:1000]
+    if not indices:
+        return {}
+    sql = (f'SELECT "index", explanation FROM features WHERE sae_id = ? AND "index" IN ({", ".join("?" * len(indices))}) '
+           "AND explanation IS NOT NULL")
+    rows = _raw_rows(session, sql, (sae_id, *indices))
+    if rows is None:
+        rows = session.execute(NEIGHBOR_EXPL_QUERY, {"sid": sae_id, "idx": indices}).all()
+    return {int(i): e for i, e in rows}
+
+
+class ExampleRow(NamedTuple):
+    id: int
+    kind: int
+    rank: int
+    interval: int | None
+    activation: float
+    peak: int
+    doc_id: int
+    doc_offset: int
+    token_ids: bytes
+    acts: bytes
+
+
+_EXAMPLES_SQL = ('SELECT id, kind, rank, "interval", activation, peak, doc_id, doc_offset, token_ids, acts '
+                 'FROM examples WHERE feature_id = ? ORDER BY kind, "interval", rank')
+
+
+def examples_for(session: Session, feature_id: int) -> list[ExampleRow]:
     """A feature's examples as rows (id, kind, rank, interval, activation, peak, doc_id, doc_offset,
-    token_ids, acts), ordered by kind, interval and rank."""
-    return list(session.execute(EXAMPLES_QUERY, {"fid": feature_id}))
+    token_ids, acts), ordered by kind, interval and rank.
+
+    This is the largest read of a page (~70 rows), so it goes through the DBAPI cursor directly
+    (uses the index ix_examples_feature_kind_rank)."""
+    rows = _raw_rows(session, _EXAMPLES_SQL, (feature_id,))
+    if rows is None:
+        rows = session.execute(EXAMPLES_QUERY, {"fid": feature_id}).all()
+    return [ExampleRow(*r) for r in rows]
 
 
 def explanation_dict(e: Explanation) -> dict:
@@ -390,17 +481,19 @@ def explanation_dict(e: Explanation) -> dict:
             "created_at": e.created_at.isoformat() if e.created_at else None}
 
 
-def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | None = None) -> dict:
+def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | None = None,
+                    with_text: bool = True) -> dict:
     """Everything on a feature's page, as JSON-ready data.
 
-    `f` is a FeatureRow (fast path) or an ORM Feature (then `sae` is its SAE)."""
+    `f` is a FeatureRow (fast path) or an ORM Feature (then `sae` is its SAE); with_text=False
+    leaves out the examples' token strings (the HTML page renders tokens by id)."""
     if not isinstance(f, FeatureRow):
         f = load_feature(session, sae.name, f.index)
     info = f.sae
     top, random_sample = [], []
     groups: dict[int, list] = {}
-    for ex in examples_for(session, f.id):
-        d = example_dict(ex, vocab)
+    rows = examples_for(session, f.id)
+    for ex, d in zip(rows, example_dicts(rows, vocab, with_text)):
         if ex.kind == ExampleKind.top:
             top.append(d)
         elif ex.kind == ExampleKind.random:
@@ -415,8 +508,8 @@ def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | N
         intervals.append({"interval": i, "range": [round(lo, 4), round(hi, 4)],
                           "share": shares[i] if i < len(shares) else 0.0, "examples": groups.get(i, [])})
     neighbors = [(int(j), c) for j, c in (f.neighbors or [])]
-    neighbor_expl = dict(session.execute(NEIGHBOR_EXPL_QUERY, {"sid": info.id, "idx": [j for j, _ in neighbors]}).all()) \
-        if neighbors else {}
+    neighbor_expl = neighbor_explanations(session, info.id, [j for j, _ in neighbors]) \
+        if neighbors and f.explanation_watermark else {}
     explanations = []
     if f.n_explanations:
         explanations = [explanation_dict(e) for e in session.scalars(
@@ -621,7 +714,3 @@ def recent_jobs(session: Session, limit: int = 50, status: str | None = None,
 def live_job_for(session: Session, feature_id: int) -> Job | None:
     return session.scalar(select(Job).where(Job.feature_id == feature_id, or_(Job.status == "queued", Job.status == "running"))
                           .order_by(Job.id.desc()).limit(1))
-
-
-def latest_job_for(session: Session, feature_id: int) -> Job | None:
-    return session.scalar(select(Job).where(Job.feature_id == feature_id).order_by(Job.id.desc()).limit(1))

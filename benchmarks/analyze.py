@@ -162,8 +162,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "analyze.json").write_text(json.dumps(result, indent=2))
     print()
-    print(f"| tokens | latents | bare LM+encode (median) | analysis (median) | ratio | peak RSS | examples/latent |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| tokens | latents | bare LM+encode (median) | analysis (median) | ratio | peak RSS | examples/latent |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {n_tokens:,} | {args.width:,} | {bare:.1f} s | {full:.1f} s | {full / bare:.2f} | "
           f"{max(peaks) / 2**30:.2f} GiB | {per_latent:.1f} |")
     print()

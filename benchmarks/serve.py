@@ -230,6 +230,26 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's processes (master and workers)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        pids = {self.proc.pid}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.add(int(stat.parent.name))
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (after the ")" the state is field 0)
+        return total / tick
+
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -377,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                     if args.warmup > 0:
                         load(server.base, prefix, suffix, args.concurrency, args.warmup, args.threads)
                     log(f"{backend} · {name}: {args.concurrency} clients for {args.duration:.0f} s")
+                    cpu0 = server.cpu_seconds()
                     r = load(server.base, prefix, suffix, args.concurrency, args.duration, args.threads)
-                    r.update(backend=backend, endpoint=name, **facts)
+                    cpu = server.cpu_seconds() - cpu0
+                    r.update(backend=backend, endpoint=name, **facts,
+                             server_cpu_ms_per_request=round(1000 * cpu / max(r["requests"], 1), 3),
+                             load_average=round(os.getloadavg()[0], 2))
                     results.append(r)
                     log(f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                         f"{r['errors']} errors")
@@ -400,12 +424,16 @@ def print_table(results: list[dict], args) -> None:
     print()
     print(f"{args.concurrency} concurrent clients, {args.duration:.0f} s per cell, {args.workers} uvicorn workers, "
           f"random latents of a {WIDTH:,}-latent SAE")
-    head = f"{'endpoint':<14} {'backend':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'MB/s':>7} {'errors':>6}"
+    head = (f"{'endpoint':<14} {'backend':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'MB/s':>7} "
+            f"{'errors':>6} {'CPU ms/req':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in sorted(results, key=lambda r: (r["endpoint"], r["backend"])):
         print(f"{r['endpoint']:<14} {r['backend']:<9} {r['rps']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['max_ms']:>8.1f} {r['mb_per_s']:>7.1f} {r['errors']:>6}")
+              f"{r['max_ms']:>8.1f} {r['mb_per_s']:>7.1f} {r['errors']:>6} {r['server_cpu_ms_per_request']:>10.2f} "
+              f"{r['load_average']:>5.1f}")
+    print("CPU ms/req: server CPU time (all workers) per response, independent of other load on the machine;"
+          " load: 1-minute load average at the end of the cell (2 cores).")
     print()
 
 

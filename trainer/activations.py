@@ -142,6 +142,13 @@ class ActivationCache:
     def complete(self) -> bool:
         return (self.dir / "meta.json").is_file()
 
+    def covers(self, tokens: int) -> bool:
+        """Whether the cache holds `tokens` tokens or the whole split (whichever is smaller)."""
+        if not self.complete:
+            return False
+        meta = self.meta()
+        return meta.get("whole_split", False) or meta["tokens"] >= tokens
+
     def meta(self) -> dict:
         return json.loads((self.dir / "meta.json").read_text())
 
@@ -166,6 +173,7 @@ class ActivationCache:
             pending_n = 0
 
         source.epochs, source.max_tokens = 1, max_tokens
+        whole_split = True
         for chunk in source:
             for site, acts in chunk.items():
                 storage = storage or _STORAGE[acts.dtype]
@@ -177,8 +185,11 @@ class ActivationCache:
                 progress(n)
             if pending_n >= shard_tokens:
                 flush()
+            if total >= max_tokens:
+                whole_split = False  # stopped by the token budget, not by the end of the split
         flush()
-        meta = {"spec": self.spec.__dict__, "d_in": source.d_in, "dtype": storage, "tokens": total, "shards": shards}
+        meta = {"spec": self.spec.__dict__, "d_in": source.d_in, "dtype": storage, "tokens": total, "shards": shards,
+                "whole_split": whole_split}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(self.dir, ignore_errors=True)
         tmp.rename(self.dir)

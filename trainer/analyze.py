@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +236,11 @@ class Analyzer:
         packer = Packer(self.lm.tokenizer, c.ctx_len, self.lm.bos_token_id, self.lm.separator_token_id)
         docs = split_documents(corpus, c.split, c.eval_fraction, c.seed)
         max_contexts = math.ceil(c.tokens / (c.ctx_len - 1))
+        if corpus.finite:  # a small corpus may hold fewer contexts than asked for: say so in the progress bar
+            from trainer.corpus import count_tokens
+
+            available = count_tokens(corpus, self.lm.tokenizer, c.split, c.eval_fraction) // (c.ctx_len - 1)
+            max_contexts = min(max_contexts, available)
         return packer.batches(docs, c.lm_batch_size, max_contexts=max_contexts), max_contexts
 
     def _state(self) -> dict:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.db import check_schema, describe, get_engine
 from app.errors import AtlasError
-from app.models import LM, SAE, Example, Feature, SAEStatus, utcnow
+from app.models import LM, SAE, Feature, SAEStatus, utcnow
 from trainer.analyze import ANALYSIS_DIR
 
 log = logging.getLogger(__name__)

@@ -340,7 +340,7 @@ class Trainer:
         spec = self.stream_spec("train")
         if c.cache_activations:
             cache = ActivationCache(get_settings().data_dir / "activations", spec)
-            if not cache.complete:
+            if not cache.covers(c.tokens):
                 if self.is_main:
                     self._fill_cache(cache, spec)
                 if self.world > 1:

@@ -103,11 +103,9 @@ async def get_examples(request: Request, sae: str = SaeName, index: int = Index,
         return not_modified(etag)
     vocab = store.vocab_for(session, f.sae.lm_id)
     wanted = None if kind == "all" else ExampleKind[kind].value
-    items = []
-    for ex in store.examples_for(session, f.id):
-        if wanted is None or ex.kind == wanted:
-            d = store.example_dict(ex, vocab)
-            d["kind"] = ExampleKind(ex.kind).name
-            d["interval"] = ex.interval
-            items.append(d)
+    rows = [ex for ex in store.examples_for(session, f.id) if wanted is None or ex.kind == wanted]
+    items = store.example_dicts(rows, vocab)
+    for ex, d in zip(rows, items):
+        d["kind"] = ExampleKind(ex.kind).name
+        d["interval"] = ex.interval
     return JSON({"sae": sae, "index": index, "kind": kind, "items": items}, headers=cache_headers(etag))

@@ -71,6 +71,12 @@ class LLMRejected(LLMError):
         self.status = status
 
 
+class PromptTooLong(LLMError):
+    """The prompt does not fit the local model's context window: the same job would fail again."""
+
+    retryable = False
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 @dataclass
@@ -268,7 +274,13 @@ class HTTPBackend:
     async def complete_many(self, prompts: list[list[Message]], max_tokens: int, purpose: Purpose = "judge",
                             temperature: float = 0.0) -> list[str]:
         # The semaphore inside complete() bounds how many of these are in flight.
-        return list(await asyncio.gather(*(self.complete(p, max_tokens, purpose, temperature) for p in prompts)))
+        tasks = [asyncio.ensure_future(self.complete(p, max_tokens, purpose, temperature)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:  # one failed: the job fails, so stop spending requests on the rest
+                t.cancel()
+            raise
 
 
 def _hint_for(status: int) -> str:
@@ -283,6 +295,9 @@ def _hint_for(status: int) -> str:
 
 _models: dict[str, object] = {}
 _models_lock = threading.Lock()
+# One generation at a time per process, whatever the number of backends or jobs: parallel
+# generations on the same cores (or GPU) only slow each other down.
+_generate_lock = threading.Lock()
 
 
 def _load_local(name: str):
@@ -316,7 +331,6 @@ class LocalBackend:
 
     def __post_init__(self):
         self.model = self.model or get_settings().local_model
-        self._gen_lock = threading.Lock()  # one generation at a time: parallel ones only fight for the cores
 
     def model_name(self, purpose: Purpose) -> str:
         return self.model
@@ -335,29 +349,36 @@ class LocalBackend:
                             temperature: float = 0.0) -> list[str]:
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
-            out += await asyncio.to_thread(self._generate, prompts[i:i + self.batch_size], max_tokens, temperature)
+            out += await asyncio.to_thread(self._generate, prompts[i:i + self.batch_size], max_tokens, temperature,
+                                           purpose)
         return out
 
-    def _generate(self, prompts: list[list[Message]], max_tokens: int, temperature: float) -> list[str]:
+    def _generate(self, prompts: list[list[Message]], max_tokens: int, temperature: float,
+                  purpose: Purpose = "judge") -> list[str]:
         import torch
 
         lm = self.load()
         tok, model = lm.tokenizer, lm.model
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        with self._gen_lock:
+        with _generate_lock:
             started = time.perf_counter()
             try:
                 enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
                 limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
                 if enc["input_ids"].shape[1] + max_tokens > limit:
-                    raise LLMError(f"the prompt has {enc['input_ids'].shape[1]} tokens; {self.model} reads at most {limit}",
-                                   "show fewer or shorter examples (job params n_explain / window)")
+                    n = enc["input_ids"].shape[1]
+                    raise PromptTooLong(f"the prompt has {n} tokens; {self.model} reads at most {limit}",
+                                        "show fewer or shorter examples (job params n_explain_top, "
+                                        "n_explain_interval, window)")
                 enc = {k: v.to(lm.device) for k, v in enc.items()}
                 sample = temperature > 0
+                # Small models loop ("the feature is the feature is ..."); a one-phrase answer never
+                # needs a repeated trigram. Not for judges, whose "Example N: yes" lines repeat by design.
+                no_repeat = 3 if purpose == "explain" else 0
                 with torch.inference_mode():
                     out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=sample,
                                          temperature=temperature if sample else None, top_p=None, top_k=None,
-                                         pad_token_id=tok.pad_token_id)
+                                         no_repeat_ngram_size=no_repeat, pad_token_id=tok.pad_token_id)
                 new = out[:, enc["input_ids"].shape[1]:]
                 answers = tok.batch_decode(new, skip_special_tokens=True)
                 self.stats.requests += len(prompts)

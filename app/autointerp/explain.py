@@ -64,6 +64,12 @@ class LeaseLost(Exception):
     """The job is no longer ours (lease expired and re-leased, or cancelled): its work is dropped."""
 
 
+class FeatureGone(Exception):
+    """The job's feature was deleted (its SAE replaced) after the job was queued: nothing to retry."""
+
+    retryable = False
+
+
 @dataclass
 class FeatureData:
     sae_name: str
@@ -89,7 +95,7 @@ def load_feature_data(engine: Engine, job: JobRef, cfg: PromptConfig) -> Feature
     with Session(engine) as session:
         feature = session.get(Feature, job.feature_id)
         if feature is None:
-            raise TooFewExamples(f"feature {job.feature_id} no longer exists (its SAE was replaced or deleted)")
+            raise FeatureGone(f"feature {job.feature_id} no longer exists (its SAE was replaced or deleted)")
         sae = session.get(SAE, feature.sae_id)
         vocab = vocab_for(session, sae.lm_id)
         rows = session.scalars(select(Example).where(Example.feature_id == feature.id)).all()
@@ -221,8 +227,9 @@ async def run_explain_job(job: JobRef, backend: Backend, engine: Engine, worker_
     text = clean_explanation(raw, cfg)
     seed = cfg.seed * 1_000_003 + data.feature_id
     positives = split.held_out
-    det = await detection(backend, text, positives, data.negatives, cfg, seed)
-    fuzz = await fuzzing(backend, text, positives, data.negatives, cfg, seed)
+    # Both scorers at once: an HTTP backend overlaps their requests (up to llm_concurrency).
+    det, fuzz = await asyncio.gather(detection(backend, text, positives, data.negatives, cfg, seed),
+                                     fuzzing(backend, text, positives, data.negatives, cfg, seed))
     result = {
         "text": text,
         "detection": det.summary(), "fuzzing": fuzz.summary(),

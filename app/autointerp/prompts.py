@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from app.autointerp.backends import Message
+from app.errors import AtlasError
 
 PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
 
@@ -50,6 +51,8 @@ class PromptConfig:
     """Fewer distinct activating examples than this and the feature is skipped."""
     explain_max_tokens: int = 48
     """Most tokens the explainer may answer with (one phrase)."""
+    one_shot: bool = True
+    """Show the explainer one made-up question and answer first, to pin down the answer's form."""
     max_explanation_chars: int = 200
     """Longer explanations are rejected as not 'one short phrase'."""
     seed: int = 0
@@ -61,16 +64,32 @@ class PromptConfig:
         cfg = cls()
         if kind == "local":
             # Small context and weak reading: fewer examples, no number lists, fewer judge calls.
-            cfg = replace(cfg, n_explain_top=8, n_explain_interval=4, show_activations=False, n_score=6)
+            # A 135M judge cannot keep five numbered answers apart: one example per prompt.
+            cfg = replace(cfg, n_explain_top=6, n_explain_interval=4, show_activations=False, n_score=6,
+                          explain_max_tokens=32, per_prompt=1)
         if overrides:
-            known = {f.name: f.type for f in fields(cls)}
+            known = {f.name for f in fields(cls)}
             picked = {}
             for k, v in overrides.items():
                 if k in known:
                     default = getattr(cfg, k)
-                    picked[k] = type(default)(v) if not isinstance(default, bool) else bool(v)
+                    try:
+                        picked[k] = _as_bool(v) if isinstance(default, bool) else type(default)(v)
+                    except (TypeError, ValueError):
+                        raise InvalidParams(f"job parameter {k}={v!r} is not a valid {type(default).__name__}",
+                                            "queue the job again with a valid value") from None
             cfg = replace(cfg, **picked)
         return cfg
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        if v.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(v)
+    return bool(v)
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,12 @@ class ExampleSplit:
     explain: list[Window] = field(default_factory=list)
     held_out: list[Window] = field(default_factory=list)
     n_distinct: int = 0
+
+
+class InvalidParams(AtlasError):
+    """A job parameter cannot be used; retrying the same job cannot help."""
+
+    retryable = False
 
 
 class TooFewExamples(Exception):
@@ -192,8 +217,8 @@ def render(w: Window, marks: set[int] | list[int] | None = None) -> str:
 def activation_list(w: Window, scale: float, threshold: float) -> str:
     """(token, activation rescaled to 0-10 by the feature's max) for the marked tokens."""
     scale = scale if scale > 0 else (w.max_act or 1.0)
-    pairs = [f"({w.tokens[i].strip() or w.tokens[i]!r}, {min(10, round(10 * w.acts[i] / scale))})"
-             for i in w.active_positions(threshold)]
+    pairs = [f"({(w.tokens[i].strip() or w.tokens[i])!r}, {min(10, round(10 * w.acts[i] / scale))})"
+             for i in w.active_positions(threshold)]  # quoted: a token may be a comma or a space
     return ", ".join(pairs)
 
 
@@ -284,6 +309,17 @@ EXPLAIN_SYSTEM = (
 )
 
 
+# A made-up demonstration of the answer's form: small models copy it, large ones ignore it.
+ONE_SHOT_USER = (
+    "Excerpts where the feature activates (marked tokens <<like this>>):\n\n"
+    "Example 1: He stayed at home<< because>> it was raining.\n"
+    "Example 2: We left early<< because>> of the traffic.\n"
+    "Example 3: The build failed,<< since>> the file was missing.\n\n"
+    "What does this feature detect? Answer with one short phrase."
+)
+ONE_SHOT_ANSWER = "words that introduce a reason, like \"because\" and \"since\""
+
+
 def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float) -> list[Message]:
     lines = []
     for n, w in enumerate(windows, 1):
@@ -294,7 +330,9 @@ def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float) -> 
                 lines.append(f"Activations {n}: {acts}")
     user = ("Excerpts where the feature activates (marked tokens <<like this>>):\n\n" + "\n".join(lines)
             + "\n\nWhat does this feature detect? Answer with one short phrase.")
-    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
+    shot = [{"role": "user", "content": ONE_SHOT_USER}, {"role": "assistant", "content": ONE_SHOT_ANSWER}]
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, *(shot if cfg.one_shot else []),
+            {"role": "user", "content": user}]
 
 
 def messages_text(messages: list[Message]) -> str:
@@ -302,9 +340,12 @@ def messages_text(messages: list[Message]) -> str:
     return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
 
 
-# Leading labels small and large models like to add; quotes and a final full stop carry no meaning.
-_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:feature\s+)?(?:explanation|answer|description|phrase|feature|"
-                     r"this feature (?:detects|activates on|fires on)|it (?:detects|activates on))\s*[:\-–]\s*", re.I)
+# Leading labels and lead-ins models like to add; they carry no meaning.
+_PREFIX = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:explanation|answer|description|phrase|feature|short phrase)\s*[:\-–]\s*"
+    r"|(?:this|the)\s+(?:feature|neuron|unit)\s+(?:detects|activates on|fires on|responds to|is about|is)"
+    r"(?:\s+that\b)?\s*:?\s*"
+    r"|it\s+(?:detects|activates on|fires on)(?:\s+that\b)?\s*:?\s*)", re.I)
 
 
 class InvalidExplanation(Exception):
@@ -313,15 +354,37 @@ class InvalidExplanation(Exception):
     retryable = True
 
 
+_QUOTE_PAIRS = {('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("`", "`")}
+_QUOTES = "\"'“”‘’`"
+
+
+def _unquote(s: str) -> str:
+    """'"a phrase".' -> 'a phrase'; quotes inside the phrase ("the token 'def'") stay."""
+    for _ in range(3):
+        s = s.strip(" *_").rstrip(".").strip()
+        if len(s) >= 2 and (s[0], s[-1]) in _QUOTE_PAIRS:
+            s = s[1:-1]
+        elif s[:1] in _QUOTES and s[:1] and s.count(s[0]) == 1:  # an opening quote that never closes
+            s = s[1:]
+        elif s[-1:] in _QUOTES and s[-1:] and s.count(s[-1]) == 1:
+            s = s[:-1]
+        else:
+            break
+    return s.strip()
+
+
 def clean_explanation(raw: str, cfg: PromptConfig) -> str:
     """The phrase in an explainer's answer, or InvalidExplanation saying what is wrong with it."""
     text = (raw or "").strip()
     if not text:
         raise InvalidExplanation("the explainer answered with nothing")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    first = re.sub(r"^[#*>\-\s]+", "", first)  # markdown bullets and headers
-    first = _PREFIX.sub("", first).strip()
-    first = first.strip("\"'“”‘’`*_ ").rstrip(".").strip()
+    first = re.sub(r"^[#>\-\s]+", "", first)  # markdown bullets and headers
+    first = first.replace("**", "").replace("__", "")
+    for _ in range(2):  # "Answer: This feature detects ..." has two lead-ins
+        first = _PREFIX.sub("", first, count=1).strip()
+    first = re.split(r"(?<=[a-z0-9\"')])\.\s", first, maxsplit=1)[0]  # the first sentence
+    first = _unquote(first)
     if not first:
         raise InvalidExplanation(f"the explainer's answer has no phrase in it: {raw[:200]!r}")
     if len(first) > cfg.max_explanation_chars:
@@ -330,7 +393,8 @@ def clean_explanation(raw: str, cfg: PromptConfig) -> str:
     letters = sum(ch.isalpha() for ch in first)
     if letters < 3 or letters < 0.5 * len(first.replace(" ", "")):
         raise InvalidExplanation(f"the explainer's answer does not look like words: {first[:200]!r}")
-    words = first.lower().split()
-    if len(words) >= 6 and len(set(words)) <= len(words) // 3:
+    words = re.findall(r"\w+", first.lower())
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    if len(trigrams) >= 4 and len(set(trigrams)) <= len(trigrams) // 2:
         raise InvalidExplanation(f"the explainer's answer repeats itself: {first[:200]!r}")
     return first

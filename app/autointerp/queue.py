@@ -6,7 +6,9 @@
   many workers on many machines never take the same row; SQLite runs one atomic
   `UPDATE ... WHERE id IN (SELECT ...) RETURNING` (SQLite serialises writers).
 - leases: a claimed job carries lease_owner and lease_expires_at; heartbeats extend it; a job
-  whose lease expires (its worker died) goes back to the queue.
+  whose lease expires (its worker died) goes back to the queue. Every later state change is
+  conditional on (status = running, lease_owner = me), and `finish` marks a job done inside the
+  caller's transaction, so results commit together with the completion or not at all.
 - failures retry with exponential backoff and jitter up to max_attempts, then the job is
   `failed` with its error kept; cancel works on queued and running jobs (a running job's worker
   notices at its next heartbeat).
@@ -115,7 +117,8 @@ def enqueue_for_sae(session: Session, sae_name: str, indices: list[int] | None =
         pick = pick.limit(limit)
     stmt = insert(Job).from_select(["kind", "sae_id", "feature_id", "status", "priority", "attempts", "max_attempts",
                                     "params", "run_after", "created_at", "requested_by"], pick)
-    created = session.execute(stmt).rowcount or 0
+    # Without preserve_rowcount, psycopg reports -1 for INSERT ... SELECT.
+    created = session.execute(stmt, execution_options={"preserve_rowcount": True}).rowcount or 0
     wanted = min(matching, limit) if limit is not None else matching
     return created, max(0, wanted - created)
 
@@ -154,7 +157,8 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
         now = utcnow()
         try:
             requeue_expired(session, now)
-            ready = (select(Job.id).where(Job.status == JobStatus.queued.value, Job.run_after <= now, Job.kind.in_(kinds))
+            ready = (select(Job.id)
+                     .where(Job.status == JobStatus.queued.value, Job.run_after <= now, Job.kind.in_(kinds))
                      .order_by(Job.priority.desc(), Job.id).limit(limit))
             if session.get_bind().dialect.name == "postgresql":
                 ready = ready.with_for_update(skip_locked=True)

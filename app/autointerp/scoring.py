@@ -97,7 +97,9 @@ _YES = {"yes", "y", "true", "1", "active", "activates", "activated", "fires", "m
 _NO = {"no", "n", "false", "0", "inactive", "not", "none", "doesn't", "isn't", "incorrect"}
 _STRONG = {"yes", "no", "true", "false"}
 # "Example 3: yes", "Example 3 - no", "3. yes", "3) no"; the verdict is the first yes/no word after it.
-_LINE = re.compile(r"(?:\b(?:example|excerpt)\s*#?\s*(\d+)\s*[:.)\-=]*|^\s*#?(\d+)\s*[:.)\-=]+)((?:(?!\b(?:example|excerpt)\b)[^\n])*)", re.I | re.M)
+_LINE = re.compile(r"(?:\b(?:example|excerpt)\s*#?\s*(\d+)\s*[:.)\-=]*|^\s*#?(\d+)\s*[:.)\-=]+)"  # the number
+                   r"((?:(?!\b(?:example|excerpt)\b)[^\n])*)",  # the rest of the line, up to the next example
+                   re.IGNORECASE | re.MULTILINE)
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _WORD = re.compile(r"[a-z']+|\d+", re.I)
 
@@ -145,33 +147,41 @@ def parse_answers(answer: str, n: int) -> list[bool | None]:
     words = [w.lower() for w in _WORD.findall(text) if w.lower() in _STRONG]
     if len(words) == n:
         return [w in ("yes", "true") for w in words]
+    if n == 1:  # one question: the first verdict word answers it ("The feature is not active" -> no)
+        return [_line_verdict(" ".join(w for w in _WORD.findall(text) if not w.isdigit()))]
     return [None] * n
 
 
 # --- prompts ----------------------------------------------------------------------------------
 
 JUDGE_SYSTEM = ("You check descriptions of features of a language model against text examples. "
-                "Answer exactly in the format asked for, one line per example, nothing else.")
+                "Answer exactly in the format asked for, nothing else.")
+
+
+def _judge_messages(explanation: str, texts: list[str], task: str) -> list[Message]:
+    if len(texts) == 1:  # one example per prompt (small local judges): a plain yes/no question
+        user = (f"Feature description: \"{explanation}\"\n\n{task}\n\nExample 1: {texts[0]}\n\n"
+                "Answer with one word: yes or no.")
+    else:
+        body = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, 1))
+        user = (f"Feature description: \"{explanation}\"\n\n{task}\n\n{body}\n\n"
+                "Answer with one line per example: \"Example 1: yes\" or \"Example 1: no\", "
+                "then Example 2, and so on.")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+DETECTION_TASK = ("Decide whether the feature is active on some tokens of the example, i.e. whether the "
+                  "example contains what the description says.")
+FUZZING_TASK = ("Some tokens of the example are marked <<like this>>. Decide whether the marked tokens are "
+                "what the description is about (yes) or were marked at random (no).")
 
 
 def detection_messages(explanation: str, texts: list[str]) -> list[Message]:
-    body = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, 1))
-    user = (f"Feature description: \"{explanation}\"\n\n"
-            "For each example below, decide whether the feature is active on some of its tokens, "
-            "i.e. whether the example contains what the description says.\n\n"
-            f"{body}\n\n"
-            "Answer with one line per example: \"Example N: yes\" or \"Example N: no\".")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return _judge_messages(explanation, texts, DETECTION_TASK)
 
 
 def fuzzing_messages(explanation: str, texts: list[str]) -> list[Message]:
-    body = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, 1))
-    user = (f"Feature description: \"{explanation}\"\n\n"
-            "In each example below some tokens are marked <<like this>>. Decide whether the marked tokens "
-            "are what the description is about (yes) or are marked at random (no).\n\n"
-            f"{body}\n\n"
-            "Answer with one line per example: \"Example N: yes\" or \"Example N: no\".")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return _judge_messages(explanation, texts, FUZZING_TASK)
 
 
 # --- scorers ----------------------------------------------------------------------------------
@@ -195,7 +205,8 @@ async def _judge(backend: Backend, method: str, explanation: str, shown: list[Sh
                  build) -> Score:
     chunks = [shown[i:i + cfg.per_prompt] for i in range(0, len(shown), cfg.per_prompt)]
     prompts = [build(explanation, [s.text for s in chunk]) for chunk in chunks]
-    answers = await backend.complete_many(prompts, JUDGE_MAX_TOKENS_PER_EXAMPLE * cfg.per_prompt + 8, "judge")
+    max_tokens = JUDGE_MAX_TOKENS_PER_EXAMPLE * cfg.per_prompt + (8 if cfg.per_prompt > 1 else 0)
+    answers = await backend.complete_many(prompts, max_tokens, "judge")
     score = Score(method)
     for chunk, answer in zip(chunks, answers):
         verdicts = parse_answers(answer, len(chunk))

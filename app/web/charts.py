@@ -58,9 +58,9 @@ def histogram(counts: list[int], edges: list[float], *, width: int = 420, height
             cls += " hl"
         if signed and edges[i + 1] <= 0:
             cls += " neg"
-        parts.append(f'<rect class="{cls}" x="{x:.2f}" y="{pad_t + h - bh:.2f}" width="{max(bw - 0.8, 0.6):.2f}" '
-                     f'height="{bh:.2f}"><title>{escape(x_format(edges[i]))} to {escape(x_format(edges[i + 1]))}: '
-                     f'{c:,}</title></rect>')
+        # x_format returns numbers as text: nothing to escape
+        parts.append(f'<rect class="{cls}" x="{x:.1f}" y="{pad_t + h - bh:.1f}" width="{max(bw - 0.8, 0.6):.1f}" '
+                     f'height="{bh:.1f}"><title>{x_format(edges[i])} to {x_format(edges[i + 1])}: {c:,}</title></rect>')
     parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
     if ticks is None:
         ticks = [lo, hi] + ([0.0] if lo < 0 < hi else [])

@@ -10,18 +10,20 @@ both): colours are classes, charts are SVG with classes.
 from __future__ import annotations
 
 import math
+import operator
 from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from sqlalchemy.orm import Session
 
 from app import __version__, store
 from app.api.errors import ApiError
 from app.autointerp import queue
+from app.models import Job
 from app.deps import get_session, read_access
 from app.paths import resource_dir
 from app.responses import cache_headers, etag_matches, not_modified
@@ -105,28 +107,56 @@ _TOKEN_CLASSES = [f"t a{i}" for i in range(10)]
 
 
 def tokens_html(token_ids, acts, peak: int, vocab: store.Vocab, scale: float) -> Markup:
-    """One example: a span per token, coloured by its activation relative to the feature's max.
+    """One example: a span per token, coloured by its activation relative to the feature's max."""
+    return Markup(_examples_spans([(np.asarray(token_ids), np.asarray(acts, dtype=np.float32), peak)], vocab, scale)[0])
+
+
+def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> list[str]:
+    """The token spans of many examples [(ids, acts, peak)] in one vectorised pass.
 
     Active tokens carry their value in `title` (a native tooltip without JavaScript; atlas.js shows
-    a nicer one); inactive tokens are plain spans, which keeps a page of ~90 examples small."""
-    ids = np.asarray(token_ids)
-    a = np.asarray(acts, dtype=np.float32)
+    a nicer one) and a colour class a0..a9 (activation / scale in tenths); inactive tokens are
+    plain spans prebuilt once per vocabulary, which keeps a page of ~90 examples small and fast."""
+    if not examples:
+        return []
+    lengths = [len(e[0]) for e in examples]
+    ids = np.concatenate([e[0] for e in examples]).astype(np.int64, copy=False)
+    acts = np.concatenate([e[1] for e in examples]).astype(np.float32, copy=False)
+    html, spans = vocab.html, vocab.spans
+    n_vocab = len(html)
+    if len(ids) == 0:
+        return [""] * len(examples)
+    if int(ids.min()) >= 0 and int(ids.max()) < n_vocab:
+        out = list(operator.itemgetter(*ids.tolist())(spans)) if len(ids) > 1 else [spans[int(ids[0])]]
+    else:
+        out = [spans[t] if 0 <= t < n_vocab else f'<span class="t">&lt;{t}&gt;</span>' for t in ids.tolist()]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    peaks = {int(s0 + e[2]) for s0, e, n in zip(starts.tolist(), examples, lengths) if 0 <= e[2] < n}
     inv = 10.0 / scale if scale and scale > 0 else 10.0
-    levels = np.minimum(9, (a * inv).astype(np.int32)).tolist()
-    html = vocab.html
-    n = len(html)
-    out = []
-    append = out.append
-    for i, (t, v, lv) in enumerate(zip(ids.tolist(), a.tolist(), levels)):
-        label = html[t] if 0 <= t < n else f"&lt;{t}&gt;"
-        if v > 0:
-            cls = _TOKEN_CLASSES[lv] + " pk" if i == peak else _TOKEN_CLASSES[lv]
-            append(f'<span class="{cls}" title="{v:.3g}">{label}</span>')
-        elif i == peak:
-            append(f'<span class="t pk" title="0">{label}</span>')
-        else:
-            append(f'<span class="t">{label}</span>')
-    return Markup("".join(out))
+    active = np.flatnonzero(acts > 0)
+    levels = np.minimum(9, (acts[active] * inv).astype(np.int64))
+    for i, v, t, lv in zip(active.tolist(), acts[active].tolist(), ids[active].tolist(), levels.tolist()):
+        label = html[t] if 0 <= t < n_vocab else f"&lt;{t}&gt;"
+        cls = _TOKEN_CLASSES[lv] + " pk" if i in peaks else _TOKEN_CLASSES[lv]
+        out[i] = f'<span class="{cls}" title="{v:.3g}">{label}</span>'
+    for i in peaks:
+        if not acts[i] > 0:
+            t = int(ids[i])
+            out[i] = f'<span class="t pk" title="0">{html[t] if 0 <= t < n_vocab else t}</span>'
+    result = []
+    pos = 0
+    for n in lengths:
+        result.append("".join(out[pos:pos + n]))
+        pos += n
+    return result
+
+
+def examples_html(examples: list[dict], vocab: store.Vocab, scale: float) -> Markup:
+    """Rows of examples (activation at the peak, then the coloured tokens), built in one go."""
+    spans = _examples_spans([(ex["token_ids"], ex["acts"], ex["peak"]) for ex in examples], vocab, scale)
+    return Markup("\n".join(
+        f'<div class="ex"><span class="exval" title="activation at the bold token">{ex["activation"]:.3g}</span>'
+        f'<span class="extext">{html}</span></div>' for ex, html in zip(examples, spans)))
 
 
 def render_bytes(request: Request, name: str, context: dict) -> bytes:
@@ -141,7 +171,10 @@ def render(request: Request, name: str, context: dict, status: int = 200, header
 
 
 def html_error(request: Request, status: int, message: str) -> Response:
+    """The HTML error page; for an htmx request, just the message (htmx swaps it into the target)."""
     try:
+        if _is_htmx(request) and not request.headers.get("hx-history-restore-request"):
+            return HTMLResponse(f'<p class="notice err" role="alert">{escape(message)}</p>', status_code=status)
         ctx = {"status": status, "message": message, "title": {401: "API key needed", 403: "Not allowed",
                                                                   404: "Not found", 422: "Bad request",
                                                                   503: "Unavailable"}.get(status, "Error")}
@@ -255,10 +288,10 @@ async def feature_page(request: Request, name: str = Path(max_length=200),
     body = None if queued else store.RENDERED.get(key)
     if body is None:
         vocab = store.vocab_for(session, f.sae.lm_id)
-        payload = store.feature_payload(session, f.sae, f, vocab)
+        payload = store.feature_payload(session, f.sae, f, vocab, with_text=False)
         job = store.live_job_for(session, f.id) if f.live_job else None
         body = render_bytes(request, "feature.html", {
-            "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "tokens_html": tokens_html, "job": job,
+            "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "examples_html": examples_html, "job": job,
             "queued": queued,
             "top_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["top"]],
             "bottom_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["bottom"]],
@@ -271,11 +304,15 @@ async def feature_page(request: Request, name: str = Path(max_length=200),
 
 @pages.get("/saes/{name}/features/{index}/job", response_class=HTMLResponse)
 def job_status(request: Request, name: str = Path(max_length=200), index: int = Path(ge=0, le=store.MAX_LATENT_INDEX),
-               session: Session = Depends(get_session)):
+               job: int | None = Query(None, ge=1, le=2**62), session: Session = Depends(get_session)):
+    """The explanation-job note of a feature page (htmx polls it while the job is live): the job
+    named by `job` (a primary-key read, so a finished job still shows as done), else the live one."""
     sae = store.sae_by_name(session, name)
     f = store.feature_by_index(session, sae, index)
-    return render(request, "_job_status.html", {"sae": sae, "f": f, "job": store.latest_job_for(session, f.id)},
-                  headers={"Cache-Control": "no-store"})
+    found = session.get(Job, job) if job else None
+    if found is None or found.feature_id != f.id:
+        found = store.live_job_for(session, f.id)
+    return render(request, "_job_status.html", {"sae": sae, "f": f, "job": found}, headers={"Cache-Control": "no-store"})
 
 
 @pages.post("/saes/{name}/features/{index}/explain", response_class=HTMLResponse)

@@ -59,7 +59,9 @@ def main() -> int:
     sae_cfg = TopKTrainingSAEConfig(
         d_in=job["d_in"], d_sae=job["width"], k=job["k"], dtype="float32", device="cpu",
         aux_loss_coefficient=job["aux_alpha"], normalize_activations="expected_average_only_in",
-        use_sparse_activations=bool(job.get("saelens_sparse", False)),
+        # use_sparse_activations stays False (the default): with the default
+        # rescale_acts_by_decoder_norm=True its backward fails on CPU in sae-lens 6.54.12
+        # ("aten::view ... SparseCPU"), so the dense path is SAELens's only working TopK path here.
     )
     sae = TopKTrainingSAE(sae_cfg)
     trainer_cfg = SAETrainerConfig(

@@ -174,7 +174,7 @@ class SparseAutoencoder(nn.Module):
         directions = torch.randn(d_sae, d_in)
         directions /= directions.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(directions * self.initial_decoder_norm())
-        import os; self.W_enc = nn.Parameter(directions.clone() * float(os.environ.get('HA_ENC_SCALE', 1)))
+        self.W_enc = nn.Parameter(directions.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -281,8 +281,42 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def initialise_from(self, sample: torch.Tensor) -> None:
-        """Data-dependent initialisation: b_dec at the geometric median of a first batch."""
-        self.b_dec.copy_(geometric_median(sample[:4096].float()).to(self.b_dec))
+        """Data-dependent initialisation from a first batch of (normalised) inputs: b_dec at their
+        geometric median, then (TopK family) the encoder scale fitted to them, see fit_encoder_scale."""
+        sample = sample[:4096].float()
+        self.b_dec.copy_(geometric_median(sample).to(self.b_dec))
+        if self.sparse_training:
+            self.fit_encoder_scale(sample)
+
+    def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of x - b_dec by the latents the training rule selects (TopK family)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fit_encoder_scale(self, sample: torch.Tensor) -> float:
+        """Scale W_enc (= W_dec^T at init) by the s that minimises ||(x - b_dec) - s * y||^2 over the
+        sample, where y is the initial reconstruction with unit encoder rows. Returns s.
+
+        With b_enc = 0 the TopK and BatchTopK selections do not depend on s, so s is the exact least
+        squares optimum. Why: with W_enc = W_dec^T the first reconstructions overshoot (FVU > 1,
+        worst for BatchTopK, where high-norm tokens take many latents), the first steps then shrink
+        every selected encoder row and push b_enc down, and the latents that lose that race stay
+        quiet. This is our choice of the initial encoder scale; the references fix it instead
+        (W_enc = W_dec^T in Gao et al. and SAELens, nn.Linear's init in sparsify, about 0.58 x).
+        On the synthetic benchmark it raises the recovered-feature cosine of TopK and BatchTopK at
+        a given token budget (see benchmarks/synthetic_recovery.py).
+        """
+        y = self.initial_selection(sample)
+        x_c = sample - self.b_dec
+        denom = float(y.pow(2).sum())
+        if not math.isfinite(denom) or denom <= 0:
+            return 1.0
+        s = float((x_c * y).sum()) / denom
+        if not 0 < s < float("inf"):
+            return 1.0
+        s = min(max(s, 0.05), 2.0)
+        self.W_enc.mul_(s)
+        return s
 
 
 def dense_to_codes(f: torch.Tensor) -> Codes:

@@ -92,6 +92,10 @@ class BatchTopKSAE(SparseAutoencoder):
         pre = SelectedPreacts.apply(x_c, self.W_enc, self.b_enc, indices, values, offsets)
         return torch.relu(pre), indices, offsets, z, x_c
 
+    def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices, offsets, _ = batch_topk_flat(self.preacts(x), self.cfg.k)
+        return self.decode_sparse(values, indices, bias=False, offsets=offsets)
+
     def reconstruction(self, x, x_hat, acts, indices, offsets, ctx: StepContext):
         recon = self.recon_loss(x, x_hat, ctx)
         return recon, {"recon": float(recon.detach())}

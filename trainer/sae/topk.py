@@ -25,6 +25,10 @@ class TopKSAE(SparseAutoencoder):
     def encode(self, x: torch.Tensor) -> Codes:
         return self.encode_from_preacts(self.preacts(x))
 
+    def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.encode(x)
+        return self.decode_sparse(codes.values, codes.indices, bias=False)
+
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         acts, indices, z, x_c = self.select_train(x, self._select)
         x_hat = self.decode_sparse(acts, indices)
