@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export SAE_ATLAS_DATA_DIR ?= $(CURDIR)/data
+# where the browser tests find the htmx.org npm package (installed by the test-deps target)
+export SAE_ATLAS_TEST_DEPS ?= $(CURDIR)/.test-deps
 # pytest workers: the suite is CPU-bound, one per core.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 

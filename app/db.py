@@ -45,7 +45,9 @@ def make_engine(url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
+        # No pre-ping (it costs a round trip per request): a connection that died with a server
+        # restart is invalidated on its first error (a 503 for that request) and replaced.
+        return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800,
                              connect_args={"connect_timeout": 10})
     raise AtlasError(f"unsupported database {parsed.get_backend_name()!r}", "use SQLite or PostgreSQL")
 

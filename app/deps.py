@@ -17,7 +17,6 @@ from app.models import APIKey
 from app.security import presented_key, verify_key
 from app.settings import Settings
 
-
 _READ_METHODS = frozenset(("GET", "HEAD"))
 
 

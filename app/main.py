@@ -17,7 +17,8 @@ from app.api.errors import install_error_handlers
 from app.db import check_schema, make_engine, session_factory
 from app.paths import resource_dir
 from app.settings import Settings, get_settings
-from app.web.pages import html_error, router as pages_router
+from app.web.pages import html_error
+from app.web.pages import router as pages_router
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SecurityHeaders:
 
         try:
             await self.app(scope, receive, send_with_headers)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
+        except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
             if started:
                 return  # the response is half sent; the server closes the connection

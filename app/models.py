@@ -156,6 +156,7 @@ class Feature(Base):
         UniqueConstraint("sae_id", "index", name="uq_features_sae_id_index"),
         Index("ix_features_sae_density", "sae_id", "density"),
         Index("ix_features_sae_max_act", "sae_id", "max_act"),
+        Index("ix_features_sae_mean_act", "sae_id", "mean_act"),
         Index("ix_features_sae_score", "sae_id", "best_score"),
         Index("ix_features_sae_peak_token", "sae_id", "peak_token_id"),
     )

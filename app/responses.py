@@ -28,7 +28,7 @@ class RawJSON(Response):
 
 def _opaque(tag: str) -> str:
     tag = tag.strip()
-    return tag[2:] if tag.startswith("W/") else tag
+    return tag.removeprefix("W/")
 
 
 def etag_matches(request: Request, etag: str) -> bool:

@@ -171,15 +171,19 @@ def _decode_vocab(lm_id: int, blob: bytes) -> Vocab:
     return make_vocab(json.loads(zlib.decompress(blob)))
 
 
-_vocab_by_lm: dict[int, Vocab] = {}
+_vocab_by_lm: dict[tuple[int, int], Vocab] = {}
 
 
 def vocab_for(session: Session, lm_id: int) -> Vocab:
-    v = _vocab_by_lm.get(lm_id)
+    """The LM's vocabulary, decoded once per process (and per database: ids are per database)."""
+    key = (id(session.get_bind().pool), lm_id)
+    v = _vocab_by_lm.get(key)
     if v is None:
         blob = session.scalar(select(LM.vocab).where(LM.id == lm_id))
+        if blob is None:
+            raise NotFound(f"language model {lm_id} has gone")
         v = _decode_vocab(lm_id, blob)
-        _vocab_by_lm[lm_id] = v
+        _vocab_by_lm[key] = v
     return v
 
 
@@ -187,6 +191,7 @@ def forget_caches() -> None:
     _vocab_by_lm.clear()
     _decode_vocab.cache_clear()
     _sae_info.clear()
+    _explained.clear()
     RENDERED.clear()
 
 
@@ -201,6 +206,8 @@ def list_saes(session: Session) -> list[SAE]:
 
 
 def sae_by_name(session: Session, name: str) -> SAE:
+    if "\x00" in name or len(name) > 200:  # PostgreSQL rejects NUL in text; no SAE can have such a name
+        raise NotFound(f"no SAE named {name[:200]!r}")
     sae = session.scalar(select(SAE).where(SAE.name == name, SAE.status == SAEStatus.ready.value))
     if sae is None:
         raise NotFound(f"no SAE named {name!r}")
@@ -351,7 +358,7 @@ class FeatureRow:
 def load_feature(session: Session, name: str, index: int, with_job: bool = False) -> FeatureRow:
     """The feature `index` of the published SAE `name` in one query; NotFound names what is missing."""
     row = None
-    if 0 <= index <= MAX_LATENT_INDEX:
+    if 0 <= index <= MAX_LATENT_INDEX and "\x00" not in name:
         row = session.execute(FEATURE_QUERY_WITH_JOB if with_job else FEATURE_QUERY,
                               {"name": name, "index": index}).first()
     if row is None:
@@ -432,11 +439,42 @@ def _raw_rows(session: Session, sql: str, params: tuple) -> list[tuple] | None:
         cur.close()
 
 
-def neighbor_explanations(session: Session, sae_id: int, indices: list[int]) -> dict[int, str]:
+_EXPLAINED_CACHE_MAX = 100_000
+_explained: dict[str, tuple[int, dict[int, str] | None]] = {}
+_explained_lock = threading.Lock()
+
+
+def explained_latents(session: Session, sae_id: int, watermark: int, version: str = "") -> dict[int, str] | None:
+    """{latent index: best explanation} of every explained latent of an SAE, cached per process
+    until the explanation watermark (newest explanation id) moves; None when the SAE has more
+    than _EXPLAINED_CACHE_MAX explained latents (then callers query just the ones they need)."""
+    key = f"{id(session.get_bind().pool)}:{sae_id}:{version}"
+    hit = _explained.get(key)
+    if hit is not None and hit[0] == watermark:
+        return hit[1]
+    rows = _raw_rows(session, 'SELECT "index", explanation FROM features WHERE sae_id = ? AND explanation IS NOT NULL '
+                              f"LIMIT {_EXPLAINED_CACHE_MAX + 1}", (sae_id,))
+    if rows is None:
+        rows = session.execute(select(Feature.index, Feature.explanation).where(
+            Feature.sae_id == sae_id, Feature.explanation.is_not(None)).limit(_EXPLAINED_CACHE_MAX + 1)).all()
+    table = {int(i): e for i, e in rows} if len(rows) <= _EXPLAINED_CACHE_MAX else None
+    with _explained_lock:
+        if len(_explained) > 64:
+            _explained.clear()
+        _explained[key] = (watermark, table)
+    return table
+
+
+def neighbor_explanations(session: Session, sae_id: int, indices: list[int], watermark: int | None = None,
+                          version: str = "") -> dict[int, str]:
     """{latent index: best explanation} for those of `indices` that have one."""
     indices = [int(i) for i in indices][:1000]
     if not indices:
         return {}
+    if watermark is not None:
+        table = explained_latents(session, sae_id, watermark, version)
+        if table is not None:
+            return {i: table[i] for i in indices if i in table}
     sql = (f'SELECT "index", explanation FROM features WHERE sae_id = ? AND "index" IN ({", ".join("?" * len(indices))}) '
            "AND explanation IS NOT NULL")
     rows = _raw_rows(session, sql, (sae_id, *indices))
@@ -508,7 +546,8 @@ def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | N
         intervals.append({"interval": i, "range": [round(lo, 4), round(hi, 4)],
                           "share": shares[i] if i < len(shares) else 0.0, "examples": groups.get(i, [])})
     neighbors = [(int(j), c) for j, c in (f.neighbors or [])]
-    neighbor_expl = neighbor_explanations(session, info.id, [j for j, _ in neighbors]) \
+    neighbor_expl = neighbor_explanations(session, info.id, [j for j, _ in neighbors], f.explanation_watermark,
+                                          info.version) \
         if neighbors and f.explanation_watermark else {}
     explanations = []
     if f.n_explanations:
@@ -652,8 +691,13 @@ def _fts_query(q: str) -> str:
     return " ".join(f'"{w}"' for w in words[:-1]) + (" " if len(words) > 1 else "") + f'"{words[-1]}"*'
 
 
+def _clean_query(q: str) -> str:
+    """Search text without NUL and other control characters (PostgreSQL refuses NUL in text)."""
+    return "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in q).strip() if not q.isprintable() else q.strip()
+
+
 def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str | None = None) -> list[dict]:
-    q = q.strip()
+    q = _clean_query(q)
     if not q:
         return []
     dialect = session.get_bind().dialect.name
@@ -680,6 +724,7 @@ def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str
 def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str | None = None) -> list[dict]:
     """Features whose top examples mostly peak on a token whose text matches `token`."""
     out = []
+    token = token.replace("\x00", "")
     for sae in list_saes(session):
         if sae_name and sae.name != sae_name:
             continue

@@ -31,7 +31,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,8 +198,8 @@ class BenchPostgres:
 # --- 2. the server --------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, url: str, workers: int, port: int | None = None):
-        self.url, self.workers = url, workers
+    def __init__(self, url: str, workers: int, port: int | None = None, extra: list[str] | None = None):
+        self.url, self.workers, self.extra = url, workers, extra or []
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -208,7 +207,7 @@ class Server:
         env = {**os.environ, "SAE_ATLAS_DATABASE_URL": self.url, "SAE_ATLAS_LOG_LEVEL": "WARNING"}
         cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
-               "--backlog", "2048"]
+               "--backlog", "2048", "--no-server-header", *self.extra]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
         deadline = time.time() + 60
         import httpx
@@ -368,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=400_000, help="tokens to analyse when building the SAE")
     ap.add_argument("--backends", default="sqlite,postgres")
     ap.add_argument("--endpoints", default=",".join(ENDPOINTS))
+    ap.add_argument("--uvicorn-args", default="", help="extra uvicorn options, e.g. '--loop asyncio --http h11'")
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args(argv)
 
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             facts = db_facts(url)
             log(f"{backend}: {facts['features']:,} features, {facts['examples']:,} examples "
                 f"({facts['examples_per_feature']} per feature)")
-            with Server(url, args.workers) as server:
+            with Server(url, args.workers, extra=args.uvicorn_args.split()) as server:
                 for name in [e.strip() for e in args.endpoints.split(",") if e.strip()]:
                     prefix, suffix = ENDPOINTS[name]
                     if args.warmup > 0:
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "concurrency": args.concurrency, "duration_s": args.duration,
-            "workers": args.workers, "sae": {"name": SAE_NAME, "model": MODEL, "site": SITE, "width": WIDTH, "k": K},
-            "load_average_before": os.getloadavg()}
+            "workers": args.workers, "uvicorn_args": args.uvicorn_args, "sae": {"name": SAE_NAME, "model": MODEL, "site": SITE, "width": WIDTH, "k": K},
+            "load_average_at_end": os.getloadavg()}
     (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     log(f"wrote {RESULTS / 'serve.json'}")
     return 0

@@ -208,6 +208,12 @@ def run_ours(job: dict) -> None:
                       k=[job["k"]], tokens=job["steps"] * job["batch_size"], batch_size=job["batch_size"],
                       eval_fraction=job["eval_fraction"], seed=job["seed"], device="cpu", overwrite=True,
                       dead_after_tokens=job["dead_tokens"], eval_tokens=job.get("eval_tokens", 65_536))
+    import hashlib
+
+    # The trainer is under active development: record exactly which code was measured.
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "trainer").rglob("*.py")):
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     trainer = TimedTrainer(cfg)
     [folder] = trainer.fit()
     run = trainer.runs[0]
@@ -222,7 +228,7 @@ def run_ours(job: dict) -> None:
         "loop_s": trainer.t1 - trainer.t0, "cpu_s": trainer.c1 - trainer.c0, "fetch_s": trainer.fetch_s,
         "own_dead_frac": float((run.tokens_since_fired >= run.sae.cfg.dead_after_tokens).float().mean()),
         "norm_scale": run.norm_scale, "lr": run.base_lr, "dead_after_tokens": run.sae.cfg.dead_after_tokens,
-        "threads": torch.get_num_threads(), **memory_report(),
+        "threads": torch.get_num_threads(), "trainer_sha256": digest.hexdigest()[:16], **memory_report(),
     }
     Path(job["result"]).write_text(json.dumps(result, indent=1))
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Explanation, Feature, Job, SAE
+from app.models import SAE, Explanation, Feature, Job
 
 N = 128  # latents of the tiny SAE the `published` fixture publishes
 
@@ -212,6 +212,22 @@ def test_feature_etag_and_revalidation(published):
         changed = c.get(f"/api/v1/saes/{name}/features/5", headers={"If-None-Match": etag})
         assert changed.status_code == 200 and changed.headers["etag"] != etag
         assert changed.json()["explanation"] == "something new"  # not a stale cached body
+
+
+def test_neighbour_explanations_stay_fresh(published):
+    engine, name = published
+    with make_client(engine) as c:
+        url = f"/api/v1/saes/{name}/features/3"
+        first = c.get(url)
+        n = first.json()["neighbors"][0]["index"]
+        assert first.json()["neighbors"][0]["explanation"] is None
+        add_explanations(engine, items={n: ("a neighbour's explanation", 0.6)})
+        again = c.get(url, headers={"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 200  # a neighbour's new explanation changes this page too
+        assert again.json()["neighbors"][0]["explanation"] == "a neighbour's explanation"
+        near = c.get(url + "/neighbors", params={"k": 1}).json()["items"]
+        assert near[0]["index"] == n and near[0]["explanation"] == "a neighbour's explanation"
+        assert "a neighbour&#39;s explanation" in c.get(f"/saes/{name}/features/3").text
 
 
 FEATURE_ERRORS = [
@@ -423,6 +439,18 @@ def test_private_reads_need_a_key(published):
 
 
 # --- the error shape everywhere -------------------------------------------------------------------
+
+def test_nul_bytes_and_control_characters_are_not_500(client):
+    for path, ok in (("/api/v1/saes/%00", 404), ("/api/v1/saes/a%00b/features/1", 404),
+                     ("/api/v1/saes/tiny/features?sort=%00", 422), ("/api/v1/search/explanations?q=%00", 200),
+                     ("/api/v1/search/explanations?q=a%00b%01c", 200), ("/api/v1/search/tokens?q=%00", 200),
+                     ("/api/v1/search/explanations?q=x&sae=%00", 404), ("/api/v1/jobs?sae=%00", 404),
+                     ("/saes/%00", 404), ("/search?q=%00&token=%00", 200), ("/search?sae=%00&q=x", 404)):
+        r = client.get(path)
+        assert r.status_code == ok, (path, r.status_code, r.text[:200])
+        if path.startswith("/api") and ok != 200:
+            assert_error(r, ok)
+
 
 def test_one_error_shape_for_routing_errors(client):
     assert_error(client.get("/api/v1/nothing-here"), 404, "not_found")

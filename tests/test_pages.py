@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Explanation, Feature, Job, SAE
+from app.models import SAE, Explanation, Feature, Job
 
 N = 128
 

@@ -11,7 +11,8 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -111,6 +112,13 @@ def install_error_handlers(app: FastAPI, html_error) -> None:
                   str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
         return respond(request, 503, "unavailable", "the database is unavailable; try again shortly",
                        headers={"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _bad_data(request: Request, exc: DataError):
+        # the database refused a value that came from the request (e.g. a NUL byte in text)
+        log.info("database refused a value on %s %s: %s", request.method, request.url.path,
+                 str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200])
+        return respond(request, 422, "invalid_parameters", "a parameter holds a value the database cannot store or compare")
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError):

@@ -84,8 +84,8 @@ async def get_neighbors(request: Request, sae: str = SaeName, index: int = Index
     if etag_matches(request, etag):
         return not_modified(etag)
     near = [(int(j), c) for j, c in (f.neighbors or [])[:k]]
-    expl = dict(session.execute(store.NEIGHBOR_EXPL_QUERY, {"sid": f.sae.id, "idx": [j for j, _ in near]}).all()) \
-        if near else {}
+    expl = store.neighbor_explanations(session, f.sae.id, [j for j, _ in near], f.explanation_watermark, f.sae.version) \
+        if near and f.explanation_watermark else {}
     items = [{"index": j, "cosine": c, "explanation": expl.get(j),
               "links": {"self": f"/api/v1/saes/{sae}/features/{j}", "page": f"/saes/{sae}/features/{j}"}}
              for j, c in near]

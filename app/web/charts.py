@@ -44,6 +44,7 @@ def histogram(counts: list[int], edges: list[float], *, width: int = 420, height
     def xpos(v: float) -> float:
         return pad_l + (v - lo) / span * w
 
+    labels = [x_format(e) for e in edges]  # numbers as text: nothing to escape
     parts = [f'<svg class="chart {css}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)} histogram">']
     for frac in (0.5, 1.0):
         y = pad_t + h - h * frac
@@ -58,9 +59,8 @@ def histogram(counts: list[int], edges: list[float], *, width: int = 420, height
             cls += " hl"
         if signed and edges[i + 1] <= 0:
             cls += " neg"
-        # x_format returns numbers as text: nothing to escape
         parts.append(f'<rect class="{cls}" x="{x:.1f}" y="{pad_t + h - bh:.1f}" width="{max(bw - 0.8, 0.6):.1f}" '
-                     f'height="{bh:.1f}"><title>{x_format(edges[i])} to {x_format(edges[i + 1])}: {c:,}</title></rect>')
+                     f'height="{bh:.1f}"><title>{labels[i]} to {labels[i + 1]}: {c:,}</title></rect>')
     parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
     if ticks is None:
         ticks = [lo, hi] + ([0.0] if lo < 0 < hi else [])

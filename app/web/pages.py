@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 from app import __version__, store
 from app.api.errors import ApiError
 from app.autointerp import queue
-from app.models import Job
 from app.deps import get_session, read_access
+from app.models import Job
 from app.paths import resource_dir
 from app.responses import cache_headers, etag_matches, not_modified
 from app.security import KEY_COOKIE, verify_key
@@ -149,6 +149,24 @@ def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> 
         result.append("".join(out[pos:pos + n]))
         pos += n
     return result
+
+
+def _example_row(ex: dict, spans: str) -> str:
+    return (f'<div class="ex"><span class="exval" title="activation at the bold token">{ex["activation"]:.3g}</span>'
+            f'<span class="extext">{spans}</span></div>')
+
+
+def render_example_groups(payload: dict, vocab: store.Vocab, scale: float) -> None:
+    """Every example of a feature page as HTML in one vectorised pass: sets examples.top_html,
+    examples.random_html and each interval's `html`."""
+    ex = payload["examples"]
+    groups = [ex["top"], *[g["examples"] for g in ex["intervals"]], ex["random"]]
+    flat = [e for g in groups for e in g]
+    spans = iter(_examples_spans([(e["token_ids"], e["acts"], e["peak"]) for e in flat], vocab, scale))
+    htmls = [Markup("\n".join(_example_row(e, next(spans)) for e in g)) for g in groups]
+    ex["top_html"], ex["random_html"] = htmls[0], htmls[-1]
+    for g, h in zip(ex["intervals"], htmls[1:-1]):
+        g["html"] = h
 
 
 def examples_html(examples: list[dict], vocab: store.Vocab, scale: float) -> Markup:
@@ -289,9 +307,10 @@ async def feature_page(request: Request, name: str = Path(max_length=200),
     if body is None:
         vocab = store.vocab_for(session, f.sae.lm_id)
         payload = store.feature_payload(session, f.sae, f, vocab, with_text=False)
+        render_example_groups(payload, vocab, f.max_act)
         job = store.live_job_for(session, f.id) if f.live_job else None
         body = render_bytes(request, "feature.html", {
-            "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "examples_html": examples_html, "job": job,
+            "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "job": job,
             "queued": queued,
             "top_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["top"]],
             "bottom_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["bottom"]],

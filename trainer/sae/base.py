@@ -8,6 +8,11 @@ The TopK family trains through sparse kernels: the encoder is computed densely w
 to *select* latents, then only the selected pre-activations carry gradients (SelectedPreacts),
 and decoding is an embedding bag over the selected rows. Backward therefore touches k rows per
 token instead of d_sae, which is what makes CPU training several times faster than dense autograd.
+BatchTopK keeps a varying number of latents per token and passes the selection flat, with offsets.
+
+Initialisation: W_dec rows are random unit directions, W_enc = W_dec (the transpose in the SAELens
+layout), b_enc = 0; initialise_from then puts b_dec at the geometric median of the first batch and,
+for the TopK family (and JumpReLU), fits one scale for W_enc to that batch (fit_encoder_scale).
 """
 
 from __future__ import annotations
@@ -40,16 +45,24 @@ class SAEConfig:
     """AuxK: weight alpha of the auxiliary loss."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (trainer scales it to the run)."""
-    l1_coefficient: float = 2.0
-    """ReLU: lambda of the decoder-norm-weighted L1 penalty (in units of fraction of variance)."""
+    l1_coefficient: float = 0.2
+    """ReLU: lambda of the decoder-norm-weighted L1 penalty, lambda * sum_i f_i ||W_dec,i|| / sqrt(variance)
+    next to the squared error / variance: a latent is worth using only where its contribution exceeds
+    about lambda/2 of the RMS input norm. 0.2 matches Anthropic's lambda = 5 at d_model ~ 600 and gives
+    L0 in the tens; 2.0 switched every latent off (FVU 1)."""
     l1_warmup_frac: float = 0.05
     """ReLU: lambda rises linearly from 0 over this fraction of the steps."""
-    l0_coefficient: float = 2e-3
-    """JumpReLU: lambda of the L0 penalty (fraction of variance one active latent must explain)."""
+    l0_coefficient: float = 3e-3
+    """JumpReLU: lambda of the L0 penalty: the fraction of the input variance one active latent must
+    explain to be worth its cost (L0 in the tens on LM activations and on the synthetic benchmark)."""
     jumprelu_bandwidth: float = 0.05
     """JumpReLU: epsilon, the width of the rectangle kernel of the straight-through estimator."""
     jumprelu_init_threshold: float = 0.01
-    """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly)."""
+    """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly); replaced by a
+    data-dependent value when jumprelu_init_l0 is not 0."""
+    jumprelu_init_l0: int | None = None
+    """JumpReLU: start the thresholds (and the encoder scale) where a BatchTopK with this k would start
+    on the first batch, so the initial L0 is about this; None means k, 0 keeps jumprelu_init_threshold."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/32, /16, ... d_sae."""
     threshold_momentum: float = 0.99
@@ -254,7 +267,7 @@ class SparseAutoencoder(nn.Module):
         e = (x - x_hat).detach()
         aux = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         scale = min(n_dead / self.cfg.aux_k, 1.0)
-        return self.cfg.aux_coefficient * scale * aux, {"aux": float(aux)}
+        return self.cfg.aux_coefficient * scale * aux, {"aux": float(aux.detach())}
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:

@@ -34,4 +34,4 @@ class ReLUSAE(SparseAutoencoder):
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean() / ctx.variance ** 0.5
         lam = self.l1_lambda(ctx)
         return StepOutput(recon + lam * l1, x_hat, dense_to_codes(f.detach()),
-                          {"recon": float(recon), "l1": float(l1), "l1_lambda": lam})
+                          {"recon": float(recon.detach()), "l1": float(l1.detach()), "l1_lambda": lam})
