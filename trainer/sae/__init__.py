@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from trainer.sae.base import Codes, SAEConfig, SparseAutoencoder, StepContext, StepOutput, lr_for_width
+from trainer.sae.base import (
+    Codes,
+    SAEConfig,
+    SparseAutoencoder,
+    StepContext,
+    StepOutput,
+    lr_for_width,
+)
 
 
 def _registry() -> dict[str, type]:

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from trainer.sae.base import Codes, SAEConfig, SelectedPreacts, SparseAutoencoder, StepContext, StepOutput
+from trainer.sae.base import (
+    Codes,
+    SAEConfig,
+    SelectedPreacts,
+    SparseAutoencoder,
+    StepContext,
+    StepOutput,
+)
 
 
 def batch_topk_flat(z: torch.Tensor, k: int, per_row: int = 4):
