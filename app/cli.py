@@ -187,12 +187,91 @@ def cmd_train(args, extra: dict) -> int:
         data = _load_toml(args.config)
         values.update(data.get("train", data))
     values.update(extra)
+    if args.submit:
+        return submit_run(args, values)
+    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+        if getattr(args, flag) is not None:
+            raise AtlasError(f"--{flag.replace('_', '-')} only applies with --submit")
     cfg = build_config(TrainConfig, values)
     folders = train(cfg)
     if folders:
         print_metrics_table(folders)
         for f in folders:
             print(f"saved {f}")
+    return 0
+
+
+# TrainConfig fields a submitted run carries over (as RunSpec fields); the rest are set by the worker.
+SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "width", "k": "k", "tokens": "tokens",
+                 "batch_size": "batch_size", "lr": "lr", "corpus": "corpus", "text_field": "text_field",
+                 "ctx_len": "ctx_len", "eval_fraction": "eval_fraction", "seed": "seed",
+                 "l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient", "device": "device",
+                 "lm_dtype": "lm_dtype"}
+
+
+def submit_run(args, values: dict) -> int:
+    """`sae-atlas train --submit ...`: validate and queue the run for a trainer worker."""
+    from pydantic import ValidationError
+
+    from app.db import check_schema, session_scope
+    from app.runs.service import submit
+    from app.runs.spec import RunSpec
+    from trainer.train import TrainConfig
+
+    cfg = build_config(TrainConfig, values)  # parses and type-checks the flags as for a local run
+    unsupported = sorted(k.replace("_", "-") for k in values if k.replace("-", "_") not in SUBMIT_FIELDS)
+    if unsupported:
+        raise AtlasError(f"--{', --'.join(unsupported)} cannot be used with --submit",
+                         "a trainer worker sets its own output folder, checkpoints and logging")
+    data = {SUBMIT_FIELDS[k]: getattr(cfg, k) for k in (k.replace("-", "_") for k in values)}
+    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+        if getattr(args, flag) is not None:
+            data[flag] = getattr(args, flag)
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'run'}: {e['msg'].removeprefix('Value error, ')}"
+                            for e in exc.errors())
+        raise AtlasError(f"invalid run: {reasons}") from None
+    check_schema()
+    with session_scope() as session:
+        run = submit(session, spec, requested_by="cli")
+        run_id, name = run.id, run.name
+    print(f"queued run {run_id} ({name}); a trainer worker (`sae-atlas trainer-worker`) will pick it up. "
+          f"Follow it with `sae-atlas runs show {run_id}` or at /runs/{run_id}.")
+    return 0
+
+
+def cmd_trainer_worker(args) -> int:
+    from app.db import check_schema, get_engine
+    from app.runs.worker import TrainerWorker
+
+    for flag, value in (("--gpus", args.gpus), ("--max-runs", args.max_runs)):
+        if value is not None and value < 1:
+            raise AtlasError(f"{flag} must be at least 1")
+    check_schema()
+    return TrainerWorker(get_engine(), gpus=args.gpus, once=args.once, max_runs=args.max_runs).serve()
+
+
+def cmd_runs(args) -> int:
+    from app.db import check_schema, session_scope
+    from app.runs import service
+
+    check_schema()
+    with session_scope() as session:
+        if args.runs_command == "cancel":
+            service.cancel(session, args.id)
+            print(f"run {args.id} cancelled")
+            return 0
+        if args.runs_command == "show":
+            run = service.get(session, args.id)
+            d = service.run_dict(run, service.published_saes(session, run.id))
+            print(json.dumps(d, indent=1, default=str))
+            return 0
+        runs, total = service.recent(session, args.limit, 0, args.status)
+        print("  ".join(f"{k}: {v}" for k, v in sorted(service.counts(session).items())) or "no runs")
+        for r in runs:
+            print(f"{r.id:>6} {r.status:9} {r.progress:6.1%} {r.name:32} attempts={r.attempts} {(r.error or '')[:80]}")
     return 0
 
 
@@ -406,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an SAE (or a sweep) on a model's activations or a .npy matrix")
     train.add_argument("--config", help="TOML file with the same keys as the flags")
+    train.add_argument("--submit", action="store_true",
+                       help="queue the run for a trainer worker instead of training here (it is analysed and published too)")
+    train.add_argument("--name", help="with --submit: name of the published SAE (a sweep's prefix)")
+    train.add_argument("--analyze-tokens", dest="analyze_tokens", type=int, help="with --submit: tokens for the dashboards")
+    train.add_argument("--gpus", type=int, help="with --submit: devices for the run (torchrun when more than one)")
+    train.add_argument("--priority", type=int, help="with --submit: higher runs first")
+    train.add_argument("--description", help="with --submit: shown on the SAE page")
     add_dataclass_flags(train, TrainConfig)
 
     an = sub.add_parser("analyze", help="compute every latent's dashboard in one pass of the LM")
@@ -454,6 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, default=30.0,
                         help="seconds running jobs get to finish on SIGTERM before they are released")
 
+    tw = sub.add_parser("trainer-worker", help="run training runs from the store's queue (train, analyze, publish)")
+    tw.add_argument("--gpus", type=int, default=None,
+                    help="largest run (in devices) this worker takes; default: the CUDA devices present, or 1")
+    tw.add_argument("--once", action="store_true", help="exit when the queue has nothing for this worker")
+    tw.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+
+    runs = sub.add_parser("runs", help="list training runs, show one, or cancel one")
+    runs.add_argument("runs_command", choices=["list", "show", "cancel"], nargs="?", default="list")
+    runs.add_argument("id", nargs="?", type=int)
+    runs.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    runs.add_argument("--limit", type=int, default=20)
+
     ex = sub.add_parser("explain", help="queue explanation jobs for an SAE's latents")
     ex.add_argument("--sae", required=True)
     ex.add_argument("--feature", help="comma-separated latent indices (default: all, within the density range)")
@@ -496,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             raise AtlasError(f"keys {args.keys_command} needs a NAME")
         if args.command == "jobs" and args.jobs_command == "cancel" and args.id is None:
             raise AtlasError("jobs cancel needs a job id")
+        if args.command == "runs" and args.runs_command in ("show", "cancel") and args.id is None:
+            raise AtlasError(f"runs {args.runs_command} needs a run id")
         if args.command in ("train", "analyze"):
             from trainer.analyze import AnalyzeConfig
             from trainer.train import TrainConfig
@@ -504,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             names = {f.name for f in dataclasses.fields(cls)}
             extra = {k: v for k, v in vars(args).items() if k in names}
             return (cmd_train if args.command == "train" else cmd_analyze)(args, extra)
-        handler = globals()[f"cmd_{args.command}"]
+        handler = globals()[f"cmd_{args.command.replace('-', '_')}"]
         return handler(args)
     except AtlasError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)

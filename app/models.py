@@ -144,8 +144,11 @@ class SAE(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), index=True,
+                                               doc="the training run that made it, if any")
 
     lm: Mapped[LM] = relationship(back_populates="saes")
+    run: Mapped[TrainingRun | None] = relationship(back_populates="saes")
 
 
 class Feature(Base):
@@ -295,6 +298,74 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class TrainingRun(Base):
+    """A training run: config, status, progress and the SAEs it published.
+
+    The row is its own queue entry: trainer workers claim it with a lease exactly as auto-interp
+    workers claim jobs (same columns, same claim code in app.autointerp.queue), so a run whose
+    worker dies goes back to the queue and the next worker resumes it from its checkpoint.
+    """
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_claim", "status", "priority", "run_after", "id"),
+        Index("ix_runs_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, doc="the published SAE's name (a sweep's prefix)")
+    spec: Mapped[dict] = mapped_column(JSON, doc="the validated RunSpec: model, sites, architecture, widths, ...")
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued.value)
+    gpus: Mapped[int] = mapped_column(SmallInteger, default=1, doc="devices the run asks for (torchrun when > 1)")
+    priority: Mapped[int] = mapped_column(Integer, default=0, doc="higher runs first")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    phase: Mapped[str | None] = mapped_column(String(20), doc="train, evaluate, analyze or publish while running")
+    progress: Mapped[float] = mapped_column(Float, default=0.0, doc="0..1 over the whole pipeline")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer, doc="checkpoint step the latest attempt resumed from")
+    latest: Mapped[dict] = mapped_column(JSON, default=dict, doc="the newest metrics record of each SAE")
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    log_offsets: Mapped[dict] = mapped_column(JSON, default=dict, doc="bytes of each metrics log already stored")
+    workdir: Mapped[str | None] = mapped_column(String(2000))
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    saes: Mapped[list[SAE]] = relationship(back_populates="run", order_by="SAE.id")
+    metrics: Mapped[list[RunMetric]] = relationship(back_populates="run", order_by="RunMetric.id",
+                                                    passive_deletes=True)
+
+
+class RunMetric(Base):
+    """One training-log record of one SAE of a run (the curves on the run page)."""
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (Index("ix_run_metrics_run_sae_step", "run_id", "sae", "step"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    sae: Mapped[str] = mapped_column(String(200), doc="the SAE within the run (one name per sweep member)")
+    attempt: Mapped[int] = mapped_column(SmallInteger, default=1)
+    step: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    loss: Mapped[float | None] = mapped_column(Float)
+    fvu: Mapped[float | None] = mapped_column(Float)
+    l0: Mapped[float | None] = mapped_column(Float)
+    dead_frac: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    elapsed_s: Mapped[float | None] = mapped_column(Float)
+
+    run: Mapped[TrainingRun] = relationship(back_populates="metrics")
 
 
 class APIKey(Base):

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=300.0, gt=0, description="Seconds a worker holds a job without a heartbeat before it returns to the queue.")
     job_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before a job is marked failed.")
     worker_poll_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for new jobs.")
+    run_lease_s: float = Field(default=60.0, gt=0, description="Seconds a trainer worker holds a training run without a heartbeat before another worker may resume it.")
+    run_heartbeat_s: float = Field(default=2.0, gt=0, description="How often a trainer worker writes a run's progress, metrics and log tail to the store (and notices a cancel).")
+    run_checkpoint_s: float = Field(default=120.0, ge=0, description="A training run checkpoints at least this often (seconds; 0: only every 500 steps), bounding the work a dead worker loses.")
+    run_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts (worker deaths, crashes) before a training run is marked failed.")
     log_level: str = Field(default="INFO", description="Python logging level.")
 
     @field_validator("data_dir")
@@ -108,6 +112,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "models").expanduser().resolve()
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where training runs keep their checkpoints and logs; shared by every trainer worker."""
+        return self.data_dir / "runs"
 
     @property
     def judge(self) -> str:

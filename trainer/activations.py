@@ -38,8 +38,12 @@ def valid_token_mask(acts: torch.Tensor, sink_norm_ratio: float | None, exclude_
         mask[:, 0] = False
     if sink_norm_ratio:
         norms = acts.float().norm(dim=-1)
-        median = norms[mask].median() if mask.any() else norms.median()
-        mask &= norms <= sink_norm_ratio * median
+        finite = torch.isfinite(norms)
+        ref = norms[mask & finite]
+        median = ref.median() if ref.numel() else norms.new_tensor(float("inf"))
+        # Non-finite tokens are kept, not filtered: the trainer must see them and stop with a clear
+        # message instead of silently training on nothing.
+        mask &= (norms <= sink_norm_ratio * median) | ~finite
     return mask
 
 

@@ -35,6 +35,7 @@ import torch
 from app.errors import AtlasError
 from trainer.activations import valid_token_mask
 from trainer.formats import LoadedSAE, load_sae
+from trainer.progress import report as progress_report
 from trainer.selection import TopPerGroup, uniform_key
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,7 @@ class Analyzer:
             buf["act"].append(val.cpu().numpy().astype(np.float32))
             buffered += n_ctx
             bar.update(n_ctx * (T - 1))
+            progress_report("analyze", seen * (T - 1), max_contexts * (T - 1), "tok")
             if buffered >= c.shard_contexts:
                 flush()
         flush()
@@ -498,6 +500,7 @@ class Analyzer:
         c = self.cfg
         t0 = time.time()
         stats = self.stream(progress)
+        progress_report("select", 0, 1, force=True)
         t1 = time.time()
         sel = self.select(stats)
         examples = self.windows(sel)

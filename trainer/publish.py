@@ -19,6 +19,7 @@ import sqlite3
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,56 +173,38 @@ def _insert_examples_sqlite(session: Session, rows, batch: int = 50_000) -> int:
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
             description: str = "", progress: bool = True) -> int:
     """Write an analysed SAE into the store; returns the new SAE's id."""
-    sae_dir = Path(sae_dir)
-    _check_name(name)
+    return publish_many([(sae_dir, name)], replace, engine, description, progress)[0]
+
+
+def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, engine: Engine | None = None,
+                 description: str = "", progress: bool = True, run_id: int | None = None,
+                 before_commit: Callable[[Session], None] | None = None) -> list[int]:
+    """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
+
+    before_commit(session) runs last inside the transaction; raising there rolls everything back
+    (the trainer worker uses it to mark its run done only if the run is still its own).
+    """
+    for _, name in items:
+        _check_name(name)
     engine = engine or get_engine()
     check_schema(engine)
-    a = Analysis.load(sae_dir)
     started = time.time()
-    s = a.summary
+    ids, n_rows, n_examples = [], 0, 0
     try:
         with Session(engine) as session, session.begin():
-            old = session.scalar(select(SAE).where(SAE.name == name))
-            if old is not None:
-                if not replace:
-                    raise AtlasError(f"an SAE named {name!r} is already published", "pass --replace to replace it, or choose another --name")
-                session.execute(delete(SAE).where(SAE.id == old.id))
-                session.flush()
-            lm = _get_or_create_lm(session, a)
-            sae_info = s["sae"]
-            site = sae_info["site"]
-            sae = SAE(
-                name=name, lm_id=lm.id, site=site, layer=int(site.split(".")[1]), architecture=sae_info["architecture"],
-                d_in=sae_info["d_in"], d_sae=sae_info["d_sae"], k=sae_info.get("k"),
-                config={"sae": sae_info.get("config", {}), "training": sae_info.get("training", {}),
-                        "analysis": s["analysis"], "source_format": sae_info.get("source_format")},
-                norm_scale=float(sae_info.get("norm_scale", 1.0)),
-                metrics=s.get("metrics", {}),
-                charts={"log_density_hist": s["log_density_hist"], "dead": s["dead"], "dense": s["dense"]},
-                weights_path=str(sae_dir.resolve()), n_tokens_analyzed=int(s["analysis"]["n_tokens"]),
-                status=SAEStatus.publishing.value, version=uuid.uuid4().hex, description=description,
-            )
-            session.add(sae)
-            session.flush()
-            rows = feature_rows(a, sae.id)
-            result = session.execute(insert(Feature).returning(Feature.id, Feature.index, sort_by_parameter_order=True), rows)
-            ids = np.zeros(len(rows), dtype=np.int64)
-            for fid, idx in result:
-                ids[idx] = fid
-            examples = example_tuples(a, ids)
-            if engine.dialect.name == "postgresql":
-                n_examples = _copy_examples_postgres(session, examples)
-            else:
-                n_examples = _insert_examples_sqlite(session, examples)
-            sae.status = SAEStatus.ready.value
-            sae.published_at = utcnow()
-            session.flush()
-            sae_id = sae.id
+            for sae_dir, name in items:
+                sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id)
+                ids.append(sae_id)
+                n_rows += rows
+                n_examples += examples
+            if before_commit is not None:
+                before_commit(session)
     except (OperationalError, DBAPIError, sqlite3.Error, psycopg.Error) as exc:
         # COPY and executemany run on the raw driver connection, so driver errors arrive unwrapped.
         detail = str(getattr(exc, "orig", exc)).strip().splitlines()
+        names = ", ".join(repr(n) for _, n in items)
         raise AtlasError(
-            f"publishing {name!r} failed because the database at {describe(engine)} went away or refused the write "
+            f"publishing {names} failed because the database at {describe(engine)} went away or refused the write "
             f"({detail[0][:200] if detail else type(exc).__name__}); nothing was written",
             "check the database and run the same command again",
         ) from None
@@ -230,8 +213,51 @@ def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engin
             conn.exec_driver_sql("ANALYZE features")
             conn.exec_driver_sql("ANALYZE examples")
             conn.commit()
-    log.info("published %s: %d features, %d examples in %.1f s", name, len(rows), n_examples, time.time() - started)
-    return sae_id
+    log.info("published %s: %d features, %d examples in %.1f s", ", ".join(n for _, n in items), n_rows, n_examples,
+             time.time() - started)
+    return ids
+
+
+def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, replace: bool, description: str,
+               run_id: int | None) -> tuple[int, int, int]:
+    a = Analysis.load(sae_dir)
+    s = a.summary
+    old = session.scalar(select(SAE).where(SAE.name == name))
+    if old is not None:
+        if not replace:
+            raise AtlasError(f"an SAE named {name!r} is already published", "pass --replace to replace it, or choose another --name")
+        session.execute(delete(SAE).where(SAE.id == old.id))
+        session.flush()
+    lm = _get_or_create_lm(session, a)
+    sae_info = s["sae"]
+    site = sae_info["site"]
+    sae = SAE(
+        name=name, lm_id=lm.id, site=site, layer=int(site.split(".")[1]), architecture=sae_info["architecture"],
+        d_in=sae_info["d_in"], d_sae=sae_info["d_sae"], k=sae_info.get("k"),
+        config={"sae": sae_info.get("config", {}), "training": sae_info.get("training", {}),
+                "analysis": s["analysis"], "source_format": sae_info.get("source_format")},
+        norm_scale=float(sae_info.get("norm_scale", 1.0)),
+        metrics=s.get("metrics", {}),
+        charts={"log_density_hist": s["log_density_hist"], "dead": s["dead"], "dense": s["dense"]},
+        weights_path=str(sae_dir.resolve()), n_tokens_analyzed=int(s["analysis"]["n_tokens"]),
+        status=SAEStatus.publishing.value, version=uuid.uuid4().hex, description=description, run_id=run_id,
+    )
+    session.add(sae)
+    session.flush()
+    rows = feature_rows(a, sae.id)
+    result = session.execute(insert(Feature).returning(Feature.id, Feature.index, sort_by_parameter_order=True), rows)
+    ids = np.zeros(len(rows), dtype=np.int64)
+    for fid, idx in result:
+        ids[idx] = fid
+    examples = example_tuples(a, ids)
+    if engine.dialect.name == "postgresql":
+        n_examples = _copy_examples_postgres(session, examples)
+    else:
+        n_examples = _insert_examples_sqlite(session, examples)
+    sae.status = SAEStatus.ready.value
+    sae.published_at = utcnow()
+    session.flush()
+    return sae.id, len(rows), n_examples
 
 
 def check_can_publish(name: str, replace: bool, engine: Engine | None = None) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from app.errors import AtlasError
 from app.settings import get_settings
+from trainer import progress
 from trainer.activations import (
     ActivationCache,
     ArrayActivations,
@@ -128,6 +129,8 @@ class TrainConfig:
     """Steps between JSON-lines log records."""
     checkpoint_every: int = 500
     """Steps between checkpoints (0: only at the end and on Ctrl-C)."""
+    checkpoint_every_s: float = 0.0
+    """Also checkpoint when this many seconds have passed since the last one (0: off)."""
     resume: bool = False
     """Continue from the checkpoint in `out`."""
     overwrite: bool = False
@@ -547,7 +550,10 @@ class Trainer:
             batches = self.training_batches(skip_chunks=self.chunks_consumed)
         else:
             batches = self.training_batches()
-            first = next(batches)
+            first = next(batches, None)
+            if first is None:
+                raise AtlasError("the training stream produced no tokens",
+                                 "check the corpus and the split (--eval-fraction), or the activation file")
             self.initialise(first)
             batches = itertools.chain([first], batches)
         self.wrap_ddp()
@@ -556,15 +562,21 @@ class Trainer:
                 r.folder.mkdir(parents=True, exist_ok=True)
         logs = {r.name: open(r.folder / "metrics.jsonl", "a") for r in self.runs} if self.is_main else {}
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self.is_main else None
-        start = time.time()
+        start = last_checkpoint = time.time()
+        batches_this_pass = 1 if c.resume else 0
+        progress.report("train", self.step, total_steps, force=True) if self.is_main else None
         bar = tqdm(total=total_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True, mininterval=1.0,
                    disable=not self.is_main)
         try:
             while self.step < total_steps:
                 try:
                     batch = next(batches)
+                    batches_this_pass += 1
                 except StopIteration:  # a finite source ran out: start it again
-                    batches = self.training_batches()
+                    if batches_this_pass == 0:
+                        raise AtlasError("the training stream produced no tokens",
+                                         "check the corpus and the split (--eval-fraction), or the activation file") from None
+                    batches, batches_this_pass = self.training_batches(), 0
                     continue
                 for run in self.runs:
                     out = self.train_step(run, batch[run.site], total_steps)
@@ -578,8 +590,16 @@ class Trainer:
                 if self.runs[0].last_terms:
                     t = self.runs[0].last_terms
                     bar.set_postfix(fvu=f"{t['fvu']:.3f}", l0=f"{t['l0']:.1f}", dead=f"{t['dead_frac']:.1%}")
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                if self.is_main:
+                    progress.report("train", self.step, total_steps)
+                due = c.checkpoint_every_s > 0 and time.time() - last_checkpoint >= c.checkpoint_every_s
+                if self.world > 1 and c.checkpoint_every_s > 0:  # every rank must agree on the step
+                    flag = torch.tensor(int(due), device=self.device)
+                    dist.broadcast(flag, 0)
+                    due = bool(flag)
+                if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or due:
                     self.save_checkpoint()
+                    last_checkpoint = time.time()
                 if self._stop_requested:
                     self.save_checkpoint()
                     raise Interrupted(f"training stopped at step {self.step}; checkpoint saved in {c.out}",
@@ -593,6 +613,7 @@ class Trainer:
         self.save_checkpoint()
         if not self.is_main:
             return []
+        progress.report("evaluate", 0, 1, force=True)
         metrics = self.evaluate()
         for run in self.runs:
             save_sae(run.folder, run.sae, run.norm_scale, run.site, c.model if self.array is None else "activations",

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api import features, jobs, models, saes, search
+from app.api import features, jobs, models, runs, saes, search
 
 api_router = APIRouter(prefix="/api/v1")
-for module in (models, saes, features, search, jobs):
+for module in (models, saes, features, search, jobs, runs):
     api_router.include_router(module.router)

@@ -9,6 +9,8 @@
   whose lease expires (its worker died) goes back to the queue. Every later state change is
   conditional on (status = running, lease_owner = me), and `finish` marks a job done inside the
   caller's transaction, so results commit together with the completion or not at all.
+- the same claim, lease, heartbeat, fail and release code serves training runs (app.models.
+  TrainingRun has the same queue columns): pass `model=TrainingRun`.
 - failures retry with exponential backoff and jitter up to max_attempts, then the job is
   `failed` with its error kept; cancel works on queued and running jobs (a running job's worker
   notices at its next heartbeat).
@@ -125,48 +127,54 @@ def enqueue_for_sae(session: Session, sae_name: str, indices: list[int] | None =
 
 # --- claiming and leases ----------------------------------------------------------------------
 
-def requeue_expired(session: Session, now: datetime | None = None) -> int:
+def requeue_expired(session: Session, now: datetime | None = None, model=Job) -> int:
     """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
 
     On PostgreSQL the rows are picked with SKIP LOCKED, so workers sweeping at the same moment
     never wait on (or deadlock over) each other's rows; whoever locks a row first requeues it.
     """
     now = now or utcnow()
-    expired = and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
+    M = model
+    expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
 
     def pick(cond):
-        ids = select(Job.id).where(cond)
+        ids = select(M.id).where(cond)
         if session.get_bind().dialect.name == "postgresql":
             ids = ids.with_for_update(skip_locked=True)
-        return Job.id.in_(ids.scalar_subquery())
+        return M.id.in_(ids.scalar_subquery())
 
-    failed = session.execute(update(Job).where(pick(and_(expired, Job.attempts >= Job.max_attempts))).values(
+    failed = session.execute(update(M).where(pick(and_(expired, M.attempts >= M.max_attempts))).values(
         status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
-        error=func.coalesce(Job.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
-    back = session.execute(update(Job).where(pick(expired)).values(
+        error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
+    back = session.execute(update(M).where(pick(expired)).values(
         status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)).rowcount
     return (failed or 0) + (back or 0)
 
 
 def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | None = None,
-          kinds: tuple[str, ...] = (KIND_EXPLAIN,)) -> list[Job]:
-    """Take up to `limit` runnable jobs for this worker, highest priority first. Commits."""
-    lease_s = lease_s or get_settings().job_lease_s
+          kinds: tuple[str, ...] = (KIND_EXPLAIN,), model=Job, where=()) -> list:
+    """Take up to `limit` runnable rows for this worker, highest priority first. Commits.
 
-    def attempt() -> list[Job]:
+    model: Job (filtered by `kinds`) or TrainingRun; where: extra conditions on the rows."""
+    lease_s = lease_s or get_settings().job_lease_s
+    M = model
+    conds = [M.status == JobStatus.queued.value, *where]
+    if M is Job:
+        conds.append(Job.kind.in_(kinds))
+
+    def attempt() -> list:
         now = utcnow()
         try:
-            requeue_expired(session, now)
-            ready = (select(Job.id)
-                     .where(Job.status == JobStatus.queued.value, Job.run_after <= now, Job.kind.in_(kinds))
-                     .order_by(Job.priority.desc(), Job.id).limit(limit))
+            requeue_expired(session, now, M)
+            ready = (select(M.id).where(M.run_after <= now, *conds)
+                     .order_by(M.priority.desc(), M.id).limit(limit))
             if session.get_bind().dialect.name == "postgresql":
                 ready = ready.with_for_update(skip_locked=True)
-            stmt = (update(Job).where(Job.id.in_(ready.scalar_subquery()))
+            stmt = (update(M).where(M.id.in_(ready.scalar_subquery()))
                     .values(status=JobStatus.running.value, lease_owner=worker_id,
                             lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
-                            attempts=Job.attempts + 1, started_at=now)
-                    .returning(Job.id))
+                            attempts=M.attempts + 1, started_at=now)
+                    .returning(M.id))
             ids = [row[0] for row in session.execute(stmt)]
             session.commit()
         except BaseException:
@@ -174,14 +182,14 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
             raise
         if not ids:
             return []
-        return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.priority.desc(), Job.id)
+        return list(session.scalars(select(M).where(M.id.in_(ids)).order_by(M.priority.desc(), M.id)
                                     .execution_options(populate_existing=True)))
 
     return _retry_busy(attempt)
 
 
-def _owned(job_id: int, worker_id: str):
-    return and_(Job.id == job_id, Job.status == JobStatus.running.value, Job.lease_owner == worker_id)
+def _owned(job_id: int, worker_id: str, model=Job):
+    return and_(model.id == job_id, model.status == JobStatus.running.value, model.lease_owner == worker_id)
 
 
 def _write(session: Session, stmt) -> bool:
@@ -196,12 +204,14 @@ def _write(session: Session, stmt) -> bool:
     return _retry_busy(attempt)
 
 
-def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float | None = None) -> bool:
-    """Extend the lease; False means the job is no longer ours (expired, cancelled or re-leased)."""
+def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float | None = None, model=Job,
+              values: dict | None = None) -> bool:
+    """Extend the lease (and write `values` with it); False means the row is no longer ours
+    (expired, cancelled or re-leased)."""
     lease_s = lease_s or get_settings().job_lease_s
     now = utcnow()
-    return _write(session, update(Job).where(_owned(job_id, worker_id)).values(
-        heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s)))
+    return _write(session, update(model).where(_owned(job_id, worker_id, model)).values(
+        heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s), **(values or {})))
 
 
 def complete(session: Session, job_id: int, worker_id: str, result: dict | None = None) -> bool:
@@ -225,25 +235,27 @@ def backoff_s(attempts: int) -> float:
     return random.uniform(0.5, 1.0) * min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
 
 
-def fail(session: Session, job: Job, worker_id: str, error: str, retryable: bool = True) -> str:
-    """Record a failure: back to the queue after a backoff, or `failed` when out of attempts."""
+def fail(session: Session, job, worker_id: str, error: str, retryable: bool = True) -> str:
+    """Record a failure: back to the queue after a backoff, or `failed` when out of attempts.
+    `job` is a Job or a TrainingRun."""
     now = utcnow()
     error = error[:4000]
+    M = type(job)
     if retryable and job.attempts < job.max_attempts:
-        ok = _write(session, update(Job).where(_owned(job.id, worker_id)).values(
+        ok = _write(session, update(M).where(_owned(job.id, worker_id, M)).values(
             status=JobStatus.queued.value, error=error, lease_owner=None, lease_expires_at=None,
             run_after=now + timedelta(seconds=backoff_s(job.attempts))))
         return JobStatus.queued.value if ok else "lost"
-    ok = _write(session, update(Job).where(_owned(job.id, worker_id)).values(
+    ok = _write(session, update(M).where(_owned(job.id, worker_id, M)).values(
         status=JobStatus.failed.value, error=error, finished_at=now, lease_owner=None, lease_expires_at=None))
     return JobStatus.failed.value if ok else "lost"
 
 
-def release(session: Session, job_id: int, worker_id: str) -> bool:
-    """Give a job back untouched (worker shutting down): the attempt does not count."""
-    return _write(session, update(Job).where(_owned(job_id, worker_id)).values(
+def release(session: Session, job_id: int, worker_id: str, model=Job) -> bool:
+    """Give a row back untouched (worker shutting down): the attempt does not count."""
+    return _write(session, update(model).where(_owned(job_id, worker_id, model)).values(
         status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=utcnow(),
-        attempts=Job.attempts - 1))
+        attempts=model.attempts - 1))
 
 
 def cancel_job(session: Session, job_id: int) -> Job:

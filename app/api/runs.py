@@ -1,0 +1,73 @@
+"""Training runs: submit (API key), list, read with metric history, cancel (API key)."""
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from sqlalchemy.orm import Session
+
+from app.api.errors import ApiError
+from app.deps import get_session, read_access, write_access
+from app.errors import AtlasError, NotFound
+from app.models import APIKey
+from app.responses import JSON
+from app.runs import service
+from app.runs.spec import RunSpec
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+RunId = Path(ge=1, le=2**31 - 1)
+Status = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+def _run(session: Session, run_id: int):
+    try:
+        return service.get(session, run_id)
+    except NotFound as exc:
+        raise ApiError(404, "not_found", exc.one_line()) from None
+
+
+@router.post("", status_code=201, summary="Queue a training run (needs an API key)")
+def create_run(spec: RunSpec, key: APIKey = Depends(write_access), session: Session = Depends(get_session)):
+    """The config is validated before it is queued: field ranges, the sweep (k < width, tokens >=
+    one batch), the model (alias, local path or Hub id), its sites against its depth, the corpus."""
+    try:
+        run = service.submit(session, spec, requested_by=key.name)
+    except service.NameTaken as exc:
+        raise ApiError(409, "conflict", exc.one_line()) from None
+    except AtlasError as exc:
+        raise ApiError(422, "invalid_parameters", exc.one_line()) from None
+    session.commit()
+    return JSON(service.run_dict(run, []), status_code=201, headers={"Location": f"/api/v1/runs/{run.id}"})
+
+
+@router.get("", summary="List training runs, newest first", dependencies=[Depends(read_access)])
+def list_runs(status: Status | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10**9),
+              session: Session = Depends(get_session)):
+    runs, total = service.recent(session, limit, offset, status)
+    return JSON({"counts": service.counts(session), "total": total,
+                 "items": [service.run_dict(r, full=False) for r in runs]})
+
+
+@router.get("/{run_id}", summary="One run: config, status, progress, log tail, published SAEs",
+            dependencies=[Depends(read_access)])
+def get_run(run_id: int = RunId, session: Session = Depends(get_session)):
+    run = _run(session, run_id)
+    return JSON(service.run_dict(run, service.published_saes(session, run.id)))
+
+
+@router.get("/{run_id}/metrics", summary="The run's training metrics by SAE and step",
+            dependencies=[Depends(read_access)])
+def get_metrics(run_id: int = RunId, sae: str | None = Query(None, max_length=200),
+                max_points: int = Query(2000, ge=2, le=100_000), session: Session = Depends(get_session)):
+    _run(session, run_id)
+    return JSON({"run_id": run_id, "saes": service.history(session, run_id, sae, max_points)})
+
+
+@router.post("/{run_id}/cancel", summary="Cancel a queued or running run (needs an API key)")
+def cancel_run(run_id: int = RunId, key: APIKey = Depends(write_access), session: Session = Depends(get_session)):
+    run = _run(session, run_id)
+    if run.status not in service.LIVE:
+        raise ApiError(409, "conflict", f"run {run_id} is already {run.status}")
+    run = service.cancel(session, run_id)
+    session.commit()
+    return JSON(service.run_dict(run, service.published_saes(session, run.id)))

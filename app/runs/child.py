@@ -1,0 +1,103 @@
+"""The processes a trainer worker starts for one run: `train`, `analyze`, or `exec` (torchrun).
+
+    python -m app.runs.child train WORKDIR       # resumes from WORKDIR/sae/checkpoint.pt if present
+    python -m app.runs.child analyze WORKDIR     # every SAE of the run; resumes a partial analysis
+    python -m app.runs.child exec -- CMD ...     # torchrun for multi-GPU runs, tied to the worker
+
+They read WORKDIR/spec.json, report progress through SAE_ATLAS_PROGRESS_FILE (trainer.progress)
+and die with the worker (Linux PDEATHSIG), so a run never has two writers. Exit codes: 0 done,
+3 diverged (NaN/inf), 2 another user-fixable error (message in WORKDIR/error.txt), 130 stopped
+by SIGINT after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from app.errors import AtlasError
+from app.runs.spec import RunSpec
+from app.settings import get_settings
+from trainer import progress
+
+SAE_DIR = "sae"
+SPEC_FILE = "spec.json"
+ERROR_FILE = "error.txt"
+PARENT_ENV = "SAE_ATLAS_PARENT_PID"
+
+
+def load_spec(workdir: Path) -> RunSpec:
+    return RunSpec.model_validate(json.loads((workdir / SPEC_FILE).read_text()))
+
+
+def log_every(total_steps: int) -> int:
+    """About a thousand records per SAE, whatever the length of the run."""
+    return max(1, min(100, total_steps // 1000))
+
+
+def train(workdir: Path) -> None:
+    from trainer.train import CHECKPOINT
+    from trainer.train import train as run_training
+
+    spec = load_spec(workdir)
+    out = workdir / SAE_DIR
+    resume = (out / CHECKPOINT).is_file()
+    if not resume and out.exists() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(out)  # a previous attempt died before its first checkpoint: start clean
+    cfg = spec.train_config(out, resume=resume, checkpoint_every_s=get_settings().run_checkpoint_s,
+                            log_every=log_every(spec.tokens // spec.batch_size))
+    run_training(cfg)
+
+
+def analyze(workdir: Path) -> None:
+    from trainer.analyze import AnalyzeConfig
+    from trainer.analyze import analyze as run_analysis
+    from trainer.lm import load_lm
+
+    spec = load_spec(workdir)
+    outputs = spec.outputs("x")
+    lm = load_lm(spec.model, spec.device if spec.device != "auto" else None,
+                 None if spec.lm_dtype == "auto" else spec.lm_dtype)
+    for i, (folder, _) in enumerate(outputs):
+        os.environ["SAE_ATLAS_PROGRESS_ITEM"] = f"{i + 1}/{len(outputs)}"
+        run_analysis(AnalyzeConfig(sae_dir=workdir / SAE_DIR / folder, tokens=spec.analyze_tokens,
+                                   split=spec.analyze_split, device=spec.device, lm_dtype=spec.lm_dtype), lm=lm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parent = os.environ.get(PARENT_ENV)
+    if argv and argv[0] == "exec":  # tie torchrun (and through it the ranks) to the worker's life
+        progress.die_with_parent(int(parent) if parent else None)
+        cmd = argv[2:] if len(argv) > 1 and argv[1] == "--" else argv[1:]
+        os.environ.pop(PARENT_ENV, None)
+        os.environ["SAE_ATLAS_DIE_WITH_PARENT"] = "1"
+        os.execvp(cmd[0], cmd)
+    if parent:
+        progress.die_with_parent(int(parent))
+    elif os.environ.get("SAE_ATLAS_DIE_WITH_PARENT"):  # a torchrun rank: its parent is torchrun
+        progress.die_with_parent(None)
+    if len(argv) != 2 or argv[0] not in ("train", "analyze"):
+        print("usage: python -m app.runs.child {train|analyze} WORKDIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = Path(argv[1])
+    try:
+        (train if argv[0] == "train" else analyze)(workdir)
+    except AtlasError as exc:
+        message = exc.one_line()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (workdir / ERROR_FILE).write_text(message + "\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

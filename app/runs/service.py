@@ -1,0 +1,132 @@
+"""Training runs in the store: submit, cancel, read, and their metric history.
+
+Shared by the REST API, the pages and the CLI, so every way in validates the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import AtlasError, NotFound
+from app.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
+from app.runs.spec import RunSpec, validate_spec
+from app.settings import get_settings
+
+LIVE = (JobStatus.queued.value, JobStatus.running.value)
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+METRIC_FIELDS = ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr", "elapsed_s")
+
+
+class NameTaken(AtlasError):
+    pass
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt else None
+
+
+def submit(session: Session, spec: RunSpec, requested_by: str | None = None) -> TrainingRun:
+    """Validate and queue a run (flushes; the caller commits). AtlasError says what is wrong."""
+    validate_spec(spec)
+    name = spec.name
+    if name is not None:
+        taken_run = session.scalar(select(TrainingRun.id).where(TrainingRun.name == name))
+        published = [n for _, n in spec.outputs(name)]
+        taken_sae = session.scalar(select(SAE.id).where(SAE.name.in_(published)).limit(1))
+        if taken_run is not None or taken_sae is not None:
+            raise NameTaken(f"the name {name!r} is already used by another run or SAE", "choose another name")
+    run = TrainingRun(name=name or f"pending-{utcnow().timestamp():.6f}", spec=spec.model_dump(mode="json"),
+                      status=JobStatus.queued.value, gpus=spec.gpus, priority=spec.priority,
+                      max_attempts=get_settings().run_max_attempts, requested_by=requested_by,
+                      total_steps=spec.tokens // spec.batch_size)
+    try:
+        with session.begin_nested():
+            session.add(run)
+            session.flush()
+            if name is None:
+                run.name = f"run-{run.id}"
+                session.flush()
+    except IntegrityError:
+        raise NameTaken(f"the name {name!r} is already used by another run", "choose another name") from None
+    return run
+
+
+def cancel(session: Session, run_id: int) -> TrainingRun:
+    """Cancel a queued or running run (the caller commits). A running run's worker notices at its
+    next heartbeat (every SAE_ATLAS_RUN_HEARTBEAT_S seconds), stops its trainer and publishes nothing."""
+    run = get(session, run_id)
+    if run.status not in LIVE:
+        raise AtlasError(f"run {run_id} is already {run.status}", "only queued or running runs can be cancelled")
+    session.execute(update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.in_(LIVE)).values(
+        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, phase=None))
+    session.flush()
+    session.refresh(run)
+    return run
+
+
+def get(session: Session, run_id: int) -> TrainingRun:
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise NotFound(f"no training run {run_id}")
+    return run
+
+
+def recent(session: Session, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[TrainingRun], int]:
+    q = select(TrainingRun)
+    count = select(func.count()).select_from(TrainingRun)
+    if status:
+        q = q.where(TrainingRun.status == status)
+        count = count.where(TrainingRun.status == status)
+    rows = list(session.scalars(q.order_by(TrainingRun.id.desc()).limit(limit).offset(offset)))
+    return rows, int(session.scalar(count) or 0)
+
+
+def counts(session: Session) -> dict[str, int]:
+    return {k: int(v) for k, v in session.execute(select(TrainingRun.status, func.count()).group_by(TrainingRun.status))}
+
+
+def published_saes(session: Session, run_id: int) -> list[SAE]:
+    return list(session.scalars(select(SAE).where(SAE.run_id == run_id).order_by(SAE.id)))
+
+
+def history(session: Session, run_id: int, sae: str | None = None, max_points: int = 2000) -> dict[str, list[dict]]:
+    """Each SAE's metric records by step. A step logged twice (the steps between a checkpoint and a
+    worker's death are trained again after the resume) keeps its newest record. Long histories are
+    thinned evenly to at most max_points per SAE, always keeping the last record."""
+    q = select(RunMetric).where(RunMetric.run_id == run_id)
+    if sae:
+        q = q.where(RunMetric.sae == sae)
+    by_sae: dict[str, dict[int, dict]] = {}
+    for m in session.scalars(q.order_by(RunMetric.id)):
+        by_sae.setdefault(m.sae, {})[m.step] = {**{f: getattr(m, f) for f in METRIC_FIELDS}, "attempt": m.attempt}
+    out = {}
+    for name, steps in by_sae.items():
+        rows = [steps[s] for s in sorted(steps)]
+        if len(rows) > max_points:
+            stride = len(rows) / max_points
+            rows = [rows[int(i * stride)] for i in range(max_points - 1)] + [rows[-1]]
+        out[name] = rows
+    return out
+
+
+def run_dict(run: TrainingRun, saes: list[SAE] | None = None, full: bool = True) -> dict:
+    d = {
+        "id": run.id, "name": run.name, "status": run.status, "phase": run.phase, "progress": round(run.progress, 4),
+        "step": run.step, "total_steps": run.total_steps, "gpus": run.gpus, "priority": run.priority,
+        "attempts": run.attempts, "max_attempts": run.max_attempts, "resumed_from_step": run.resumed_from_step,
+        "error": run.error, "requested_by": run.requested_by, "lease_owner": run.lease_owner,
+        "created_at": _iso(run.created_at), "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
+        "heartbeat_at": _iso(run.heartbeat_at), "latest": run.latest or {},
+        "spec": run.spec,
+    }
+    if saes is not None:
+        d["saes"] = [{"id": s.id, "name": s.name, "site": s.site, "architecture": s.architecture, "d_sae": s.d_sae,
+                      "k": s.k, "metrics": s.metrics, "url": f"/saes/{s.name}"} for s in saes]
+    if full:
+        d["log_tail"] = run.log_tail
+        d["workdir"] = run.workdir
+    return d

@@ -1,0 +1,177 @@
+"""What a training run is asked to do, validated before it is queued.
+
+A RunSpec is what the browser form, `POST /api/v1/runs` and `sae-atlas train --submit` all send.
+Validation happens at submission so that a bad config is refused with its reason instead of
+failing later on a GPU box: field ranges (pydantic), the sweep itself (TrainConfig.validate:
+architectures, k < width, tokens >= one batch), the model (an alias, a local folder or .gguf, or a
+Hub id) and its sites (checked against the model's depth whenever the depth can be read without
+loading weights), and the corpus spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from app.errors import AtlasError
+
+Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
+MAX_SWEEP = 32
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+
+
+class RunSpec(BaseModel):
+    """One training run: a single SAE or a sweep over sites, architectures, widths and k values."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str | None = Field(None, pattern=f"^{NAME_RE}$",
+                             description="name of the published SAE (a sweep's prefix); default run-<id>")
+    description: str = Field("", max_length=2000)
+    model: str = Field("smollm2-135m", min_length=1, max_length=500,
+                       description="alias, local folder, .gguf file or Hugging Face id")
+    sites: list[str] = Field(default_factory=lambda: ["resid_post.15"], min_length=1, max_length=8)
+    arch: list[Architecture] = Field(default_factory=lambda: ["topk"], min_length=1, max_length=5)
+    width: list[int] = Field(default_factory=lambda: [4608], min_length=1, max_length=8)
+    k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)
+    l1_coefficient: float | None = Field(None, gt=0, le=1000, description="ReLU SAEs: L1 lambda")
+    l0_coefficient: float | None = Field(None, gt=0, le=1000, description="JumpReLU SAEs: L0 lambda")
+    tokens: int = Field(2_000_000, ge=1, le=10**11, description="training tokens per SAE")
+    batch_size: int = Field(4096, ge=16, le=1 << 20)
+    lr: float | None = Field(None, gt=0, lt=1)
+    corpus: str = Field("pydoc", min_length=1, max_length=500)
+    text_field: str = Field("text", min_length=1, max_length=100)
+    ctx_len: int = Field(128, ge=4, le=32_768)
+    eval_fraction: float = Field(0.1, ge=0.01, lt=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    analyze_tokens: int = Field(1_000_000, ge=1_000, le=10**10, description="tokens for the dashboards")
+    analyze_split: Literal["eval", "train", "all"] = "eval"
+    gpus: int = Field(1, ge=1, le=64, description="devices; more than one trains data-parallel under torchrun")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    priority: int = Field(0, ge=-1000, le=1000)
+
+    @field_validator("width", "k")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x <= 0 or x > 1 << 24 for x in v):
+            raise ValueError("values must be in 1..16777216")
+        return sorted(set(v))
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: list[str]) -> list[str]:
+        from trainer.lm import parse_site
+
+        out = []
+        for s in v:
+            try:
+                out.append(parse_site(s).name)
+            except AtlasError as exc:
+                raise ValueError(exc.one_line()) from None
+        return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _sweep(self):
+        from trainer.train import TOPK_FAMILY
+
+        n = 0
+        for arch in dict.fromkeys(self.arch):
+            n += len(self.sites) * len(self.width) * (len(self.k) if arch in TOPK_FAMILY else 1)
+        if n > MAX_SWEEP:
+            raise ValueError(f"the sweep has {n} SAEs; at most {MAX_SWEEP} per run")
+        try:
+            self.train_config(Path("unused")).validate()
+        except AtlasError as exc:
+            raise ValueError(exc.one_line()) from None
+        if self.gpus > 1 and self.device == "cpu":
+            raise ValueError("gpus > 1 needs CUDA devices; use device auto or cuda")
+        return self
+
+    def train_config(self, out: Path, **overrides):
+        from trainer.train import TrainConfig
+
+        kw = {"out": out, "model": self.model, "site": list(self.sites), "arch": list(self.arch),
+              "width": list(self.width), "k": list(self.k), "tokens": self.tokens, "batch_size": self.batch_size,
+              "lr": self.lr, "corpus": self.corpus, "text_field": self.text_field, "ctx_len": self.ctx_len,
+              "eval_fraction": self.eval_fraction, "seed": self.seed, "device": self.device,
+              "lm_dtype": self.lm_dtype}
+        if self.l1_coefficient is not None:
+            kw["l1_coefficient"] = self.l1_coefficient
+        if self.l0_coefficient is not None:
+            kw["l0_coefficient"] = self.l0_coefficient
+        return TrainConfig(**{**kw, **overrides})
+
+    def outputs(self, prefix: str) -> list[tuple[str, str]]:
+        """(folder under the run's output, published SAE name) for every SAE of the run: a single
+        SAE is published as `prefix`, a sweep's members as `prefix-<site>-<arch>-w<width>[-k<k>]`."""
+        from trainer.train import sae_name
+
+        configs = self.train_config(Path("unused")).sae_configs(1)
+        if len(configs) == 1:
+            return [("", prefix)]
+        return [(sae_name(site, cfg), f"{prefix}-{sae_name(site, cfg)}") for site, cfg in configs]
+
+
+def model_depth(model: str) -> int | None:
+    """The model's number of blocks when it can be read without loading weights (alias, local
+    folder, a cached Hub config); None when it cannot (an uncached Hub id: the worker checks)."""
+    from trainer.lm import ALIASES, resolve_source
+
+    kind, path = resolve_source(model)  # AtlasError for unknown aliases and missing files
+    if kind == "alias":
+        return ALIASES[model].n_layers
+    config = None
+    if kind == "folder":
+        config = path / "config.json"
+    elif kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+            config = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # an unusual cache layout: leave the check to the worker
+            config = None
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        raise AtlasError(f"{config} is not valid JSON", "check the model folder") from None
+    data = data.get("text_config", data)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return None
+
+
+def check_corpus(spec: str) -> None:
+    if spec == "pydoc":
+        return
+    if spec.startswith("hf:"):
+        if not re.fullmatch(r"hf:[\w.\-/]+(:[\w.\-]+)?(@[\w.\-\[\]:%]+)?", spec):
+            raise AtlasError(f"bad corpus spec {spec!r}", "use hf:NAME[:CONFIG][@SPLIT], e.g. hf:allenai/c4:en@train")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise AtlasError(f"corpus {spec!r} does not exist",
+                         "use pydoc, a .txt/.jsonl/.parquet file or folder on the worker, or hf:NAME")
+    if path.is_file() and path.suffix not in (".txt", ".jsonl", ".parquet"):
+        raise AtlasError(f"cannot read corpus {spec!r}: unsupported file type {path.suffix!r}",
+                         "use .txt, .jsonl or .parquet")
+
+
+def validate_spec(spec: RunSpec) -> RunSpec:
+    """The checks that look outside the spec itself: the model, its depth and the corpus."""
+    from trainer.lm import parse_site
+
+    depth = model_depth(spec.model)
+    if depth is not None:
+        for s in spec.sites:
+            parse_site(s, depth)
+    check_corpus(spec.corpus)
+    return spec
