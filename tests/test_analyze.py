@@ -186,6 +186,16 @@ def test_interrupted_analysis_resumes_from_its_last_shard(tiny_lm, tiny_sae_dir,
     with np.load(whole / "features.npz") as a, np.load(tmp_path / "resumed" / "features.npz") as b:
         assert np.array_equal(a["count"], b["count"]) and np.allclose(a["max"], b["max"])
 
+    # Run again once complete (a worker that died between analysis and publishing): nothing to do,
+    # and in particular no need for the shards it deleted when it finished.
+    calls["n"] = -10_000
+    before = (tmp_path / "resumed" / "features.npz").stat().st_mtime_ns
+    analyze(AnalyzeConfig(out=tmp_path / "resumed", **cfg), lm=tiny_lm, progress=False)
+    assert calls["n"] == -10_000 and (tmp_path / "resumed" / "features.npz").stat().st_mtime_ns == before
+    # other settings redo it
+    analyze(AnalyzeConfig(out=tmp_path / "resumed", **{**cfg, "tokens": 2000}), lm=tiny_lm, progress=False)
+    assert calls["n"] > -10_000
+
 
 def test_sae_width_that_does_not_match_the_site(tiny_lm, tmp_path):
     sae = build_sae(SAEConfig(d_in=32, d_sae=16, architecture="topk", k=2))

@@ -55,9 +55,15 @@ def to_numpy_storage(t: torch.Tensor) -> np.ndarray:
 
 
 def from_numpy_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+    """A tensor over the array without copying. Cache shards are read-only memory maps; the
+    tensors made from them are only read, so torch's warning about non-writable arrays is moot."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if dtype == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 @dataclass

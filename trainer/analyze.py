@@ -498,6 +498,16 @@ class Analyzer:
 
     def run(self, progress: bool = True) -> Path:
         c = self.cfg
+        state = self._state()
+        if not c.restart and (self.out / "DONE").is_file() and state.get("identity") == c.identity():
+            log.info("the analysis in %s is already complete", self.out)
+            return self.out
+        if state.get("pass1_complete") and not (self.out / "DONE").is_file() and not all(
+                (self.shards / sh["file"]).is_file() for sh in state.get("shards", [])):
+            log.warning("the analysis in %s lost its shards; starting again", self.out)
+            shutil.rmtree(self.out, ignore_errors=True)
+        elif (self.out / "DONE").is_file() and state.get("identity") != c.identity():
+            shutil.rmtree(self.out, ignore_errors=True)  # complete, but with other settings: redo it
         t0 = time.time()
         stats = self.stream(progress)
         progress_report("select", 0, 1, force=True)

@@ -589,7 +589,7 @@ class Trainer:
                 bar.update(1)
                 if self.runs[0].last_terms:
                     t = self.runs[0].last_terms
-                    bar.set_postfix(fvu=f"{t['fvu']:.3f}", l0=f"{t['l0']:.1f}", dead=f"{t['dead_frac']:.1%}")
+                    bar.set_postfix(fvu=f"{t['fvu']:.3f}", l0=f"{t['l0']:.1f}", dead=f"{t['dead_frac']:.1%}", refresh=False)
                 if self.is_main:
                     progress.report("train", self.step, total_steps)
                 due = c.checkpoint_every_s > 0 and time.time() - last_checkpoint >= c.checkpoint_every_s
