@@ -19,6 +19,7 @@ from app.paths import resource_dir
 from app.settings import Settings, get_settings
 from app.web.pages import html_error
 from app.web.pages import router as pages_router
+from app.web.run_pages import router as run_pages_router
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     install_error_handlers(app, html_error)
     app.include_router(api_router)
     app.include_router(pages_router)
+    app.include_router(run_pages_router)
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
     app.add_middleware(SecurityHeaders, csp=content_security_policy(settings))
     return app

@@ -51,18 +51,14 @@ def htmx_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def atlas(tmp_path_factory, tiny_sae_dir):
-    """(base URL, API key, settings): the tiny SAE published to SQLite and served by uvicorn."""
-    import uvicorn
+def atlas_db(tmp_path_factory, tiny_sae_dir):
+    """(engine, API key): the tiny SAE published to SQLite, with two explanations."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from app.db import make_engine, upgrade
-    from app.main import create_app
     from app.models import SAE, Explanation, Feature
     from app.security import create_key
-    from app.settings import get_settings
-    from tests.helpers import free_port
     from trainer.publish import publish
 
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('browser') / 'atlas.db'}")
@@ -75,6 +71,20 @@ def atlas(tmp_path_factory, tiny_sae_dir):
             s.add(Explanation(feature_id=f.id, text=text, method="explain-v1", explainer="test", detection_score=0.8))
             f.explanation, f.best_score = text, 0.8
         key = create_key(s, "browser")
+    yield engine, key
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def atlas(atlas_db):
+    """(base URL, API key, settings): the store of atlas_db served by uvicorn."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import get_settings
+    from tests.helpers import free_port
+
+    engine, key = atlas_db
     settings = get_settings()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine=engine, settings=settings), host="127.0.0.1", port=port,
@@ -89,7 +99,6 @@ def atlas(tmp_path_factory, tiny_sae_dir):
     yield f"http://127.0.0.1:{port}", key, settings
     server.should_exit = True
     thread.join(10)
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +277,95 @@ def test_pages_work_without_javascript(browser, atlas):
         pg.screenshot(path=str(ARTIFACTS / "feature-no-js.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_training_run_page_updates_live_and_new_run_form(page, atlas, atlas_db):
+    """A running run's curves and progress refresh by htmx polling (no reload) as the worker
+    writes, polling stops when it is done, and the new-run form lands on the new run's page."""
+    import re
+
+    from sqlalchemy.orm import Session
+
+    from app.models import RunMetric, TrainingRun, utcnow
+
+    base, key, _ = atlas
+    engine, _ = atlas_db
+
+    def records(run_id, steps):
+        return [RunMetric(run_id=run_id, sae=sae, attempt=1, step=s, tokens=s * 1024, loss=5.0 / (1 + s),
+                          fvu=f0 / (1 + 0.1 * s), l0=16.0, dead_frac=0.2 / (1 + s), lr=1e-3)
+                for sae, f0 in (("resid_post.3-topk-w256-k16", 0.9), ("resid_post.3-topk-w512-k16", 0.7))
+                for s in steps]
+
+    spec = {"name": "live-sweep", "model": "smollm2-135m", "sites": ["resid_post.3"], "arch": ["topk"],
+            "width": [256, 512], "k": [16], "tokens": 40960, "batch_size": 1024, "corpus": "pydoc"}
+    with Session(engine) as s, s.begin():
+        run = TrainingRun(name="live-sweep", spec=spec, status="running", phase="train", progress=0.2, step=10,
+                          total_steps=40, attempts=1, started_at=utcnow(), heartbeat_at=utcnow(), log_tail="step 10")
+        s.add(run)
+        s.flush()
+        run_id = run.id
+        s.add_all(records(run_id, range(0, 11, 2)))
+
+    page.goto(f"{base}/runs")
+    wait_for_htmx(page)
+    page.click(f"a[href='/runs/{run_id}']")
+    page.wait_for_url(f"{base}/runs/{run_id}")
+    wait_for_htmx(page)
+    assert page.locator("#run-curves svg.chart").count() == 4
+    assert page.locator("#run-curves path.line").count() == 8  # 4 metrics x 2 SAEs
+    assert page.locator(".runstep").inner_text() == "10 / 40"
+    first_line = page.locator("#run-curves figure.curve-fvu path.line.s0").get_attribute("d")
+    page.evaluate("() => { window.__still_here = true; }")
+
+    with Session(engine) as s, s.begin():  # the worker's next heartbeats
+        s.add_all(records(run_id, range(12, 31, 2)))
+        r = s.get(TrainingRun, run_id)
+        r.step, r.progress, r.log_tail = 30, 0.6, "step 30 fvu 0.2"
+    page.wait_for_function("() => document.querySelector('.runstep').textContent.trim() === '30 / 40'", timeout=10_000)
+    assert page.evaluate("() => window.__still_here === true")  # swapped in place, no reload
+    assert page.locator("#run-curves figure.curve-fvu path.line.s0").get_attribute("d") != first_line
+    assert "step 30 fvu 0.2" in page.locator("pre.logtail").inner_text()
+    assert page.locator("#run-live[hx-trigger]").count() == 1 and page.locator("form[action$='/cancel']").count() == 1
+
+    with Session(engine) as s, s.begin():
+        r = s.get(TrainingRun, run_id)
+        r.status, r.phase, r.progress, r.step, r.finished_at = "done", None, 1.0, 40, utcnow()
+    page.wait_for_selector("#run-live[data-status=done]", timeout=10_000)
+    assert page.locator("#run-live[hx-trigger]").count() == 0  # polling stopped
+    assert page.locator("form[action$='/cancel']").count() == 0  # replaced out of band
+    assert "nothing to cancel" in page.locator("#run-cancel").inner_text()
+    assert page.evaluate("() => window.__still_here === true")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "run-page.png"), full_page=True)
+
+    # the new-run form: a wrong key is refused with the values kept, a valid one lands on the run
+    page.click("header nav a[href='/runs']")
+    page.wait_for_url(f"{base}/runs")
+    assert page.locator(f"table.runs a[href='/runs/{run_id}']").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "runs-list.png"))
+    page.click("a[href='/runs/new']")
+    page.wait_for_url(f"{base}/runs/new")
+    page.fill("input[name=name]", "browser-run")
+    page.fill("input[name=sites]", "resid_post.3, resid_post.5")
+    page.fill("input[name=width]", "256")
+    page.fill("input[name=k]", "16")
+    page.fill("input[name=tokens]", "40k")
+    page.fill("input[name=batch_size]", "1024")
+    page.fill("input[name=analyze_tokens]", "10k")
+    page.check("input[name=arch][value=batchtopk]")
+    page.fill("input[name=api_key]", "atlas_not_a_key")
+    page.click("form.runspec button[type=submit]")
+    page.wait_for_selector("#form-errors")
+    assert "not valid" in page.locator("#form-errors").inner_text()
+    assert page.input_value("input[name=sites]") == "resid_post.3, resid_post.5"
+    assert page.is_checked("input[name=arch][value=batchtopk]")
+    page.screenshot(path=str(ARTIFACTS / "run-form-refused.png"), full_page=True)
+    page.fill("input[name=api_key]", key)
+    page.click("form.runspec button[type=submit]")
+    page.wait_for_url(re.compile(rf"{re.escape(base)}/runs/\d+$"))
+    assert "browser-run" in page.locator("h1").first.inner_text()
+    assert page.locator("#run-live .pill").inner_text() == "queued"
+    assert page.locator("#run-live[hx-trigger]").count() == 1
+    # the browser logs the deliberate 403 itself; nothing else may have gone wrong
+    assert [e for e in page.errors if "403" not in e] == [], page.errors

@@ -287,3 +287,18 @@ def test_a_diverging_run_fails_with_its_message_and_the_worker_moves_on(atlas, t
     page = client.get(f"/runs/{bad['id']}").text
     assert "NaN" in page and "failed" in page
     assert client.get(f"/api/v1/runs/{good['id']}").json()["status"] == "done"
+
+
+def test_device_slots_give_each_worker_its_own_gpus(tmp_path):
+    """Scaled trainer workers on one host see every GPU; the flock'd slots keep them apart."""
+    from app.runs.worker import DeviceSlots
+
+    keys = ["gpu-a", "gpu-b", "gpu-c"]
+    first, second = DeviceSlots(tmp_path, keys), DeviceSlots(tmp_path, keys)
+    assert first.free() == [0, 1, 2]
+    first.keep([0, 1])  # a two-GPU run
+    assert second.free() == [2]
+    second.keep([2])
+    first.release()
+    assert sorted(DeviceSlots(tmp_path, keys).free()) == [0, 1]
+    second.release()

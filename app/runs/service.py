@@ -96,19 +96,25 @@ def published_saes(session: Session, run_id: int) -> list[SAE]:
 def history(session: Session, run_id: int, sae: str | None = None, max_points: int = 2000) -> dict[str, list[dict]]:
     """Each SAE's metric records by step. A step logged twice (the steps between a checkpoint and a
     worker's death are trained again after the resume) keeps its newest record. Long histories are
-    thinned evenly to at most max_points per SAE, always keeping the last record."""
-    q = select(RunMetric).where(RunMetric.run_id == run_id)
+    thinned in SQL to about max_points per SAE (every n-th step), always keeping the last record."""
+    conds = [RunMetric.run_id == run_id]
     if sae:
-        q = q.where(RunMetric.sae == sae)
+        conds.append(RunMetric.sae == sae)
+    n, last = session.execute(select(func.count(), func.max(RunMetric.step)).where(*conds)).one()
+    n_saes = max(1, int(session.scalar(select(func.count(func.distinct(RunMetric.sae))).where(*conds)) or 1))
+    q = select(RunMetric).where(*conds)
+    if n and n / n_saes > max_points and last:
+        stride = -(-int(last) // max_points)  # ceil
+        q = q.where((RunMetric.step % stride == 0) | (RunMetric.step == last))
     by_sae: dict[str, dict[int, dict]] = {}
     for m in session.scalars(q.order_by(RunMetric.id)):
         by_sae.setdefault(m.sae, {})[m.step] = {**{f: getattr(m, f) for f in METRIC_FIELDS}, "attempt": m.attempt}
     out = {}
     for name, steps in by_sae.items():
         rows = [steps[s] for s in sorted(steps)]
-        if len(rows) > max_points:
-            stride = len(rows) / max_points
-            rows = [rows[int(i * stride)] for i in range(max_points - 1)] + [rows[-1]]
+        if len(rows) > max_points:  # logged steps that share no multiple of the stride
+            stride_f = len(rows) / max_points
+            rows = [rows[int(i * stride_f)] for i in range(max_points - 1)] + [rows[-1]]
         out[name] = rows
     return out
 

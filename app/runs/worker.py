@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +54,73 @@ LOG_TAIL_LINES = 60
 KILL_GRACE_S = 5.0
 
 
+def _finite(v):
+    """NaN and inf become None: JSON (and PostgreSQL's json type) has no spelling for them."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 class RunLost(Exception):
     """The run stopped being ours: cancelled, or re-leased by another worker."""
 
 
-def default_gpus() -> int:
+def cuda_device_keys() -> list[str]:
+    """A stable name per visible CUDA device (its UUID where torch exposes it), [] without CUDA."""
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        if not torch.cuda.is_available():
+            return []
+        keys = []
+        for i in range(torch.cuda.device_count()):
+            uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
+            keys.append(f"gpu-{uuid}" if uuid else f"{socket.gethostname()}-cuda{i}")
+        return keys
     except Exception:  # torch without a usable CUDA runtime
-        return 1
+        return []
+
+
+class DeviceSlots:
+    """Which GPUs this worker may use for its next run, shared fairly between trainer workers.
+
+    Scaled trainer containers on one host all see every GPU. Before a run, a worker takes an
+    exclusive lock (flock, released by the kernel if the worker dies) on a file per device under
+    DATA_DIR/runs/.devices, keyed by the device's UUID, so two workers never train on one GPU;
+    the run's children get CUDA_VISIBLE_DEVICES for exactly the devices locked."""
+
+    def __init__(self, folder: Path, keys: list[str]):
+        self.folder = folder
+        self.keys = keys
+        self.held: dict[int, int] = {}  # device index -> open file descriptor
+
+    def free(self) -> list[int]:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for i, key in enumerate(self.keys):
+            if i in self.held:
+                out.append(i)
+                continue
+            fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self.held[i] = fd
+            out.append(i)
+        return out
+
+    def keep(self, indices: list[int]) -> None:
+        """Hold these devices, release the others."""
+        for i in list(self.held):
+            if i not in indices:
+                os.close(self.held.pop(i))
+
+    def release(self) -> None:
+        self.keep([])
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -116,8 +173,9 @@ class MetricsReader:
 class Execution:
     """One attempt at one run, by one worker."""
 
-    def __init__(self, worker: TrainerWorker, run: TrainingRun):
+    def __init__(self, worker: TrainerWorker, run: TrainingRun, devices: list[int] | None = None):
         s = get_settings()
+        self.devices = devices
         self.worker = worker
         self.run_id = run.id
         self.attempt = run.attempts
@@ -162,9 +220,9 @@ class Execution:
             for sae, recs in records.items():
                 for r in recs:
                     rows.append({"run_id": self.run_id, "sae": sae, "attempt": attempt or self.attempt,
-                                 **{f: r.get(f) for f in METRIC_FIELDS if f != "tokens"},
+                                 **{f: _finite(r.get(f)) for f in METRIC_FIELDS if f != "tokens"},
                                  "tokens": int(r.get("tokens", 0))})
-                self.latest[sae] = {f: recs[-1].get(f) for f in METRIC_FIELDS}
+                self.latest[sae] = {f: _finite(recs[-1].get(f)) for f in METRIC_FIELDS}
             values = {"phase": phase, "progress": frac, "step": step, "latest": self.latest,
                       "log_tail": log_tail(self.log_path), "log_offsets": offsets, **(extra or {})}
             now = utcnow()
@@ -217,6 +275,10 @@ class Execution:
         self.phase = what
         env = {**os.environ, child.PARENT_ENV: str(os.getpid()), progress_file.ENV: str(self.progress_path),
                "PYTHONUNBUFFERED": "1"}
+        if self.devices is not None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            names = visible.split(",") if visible else [str(i) for i in range(max(self.devices) + 1)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(names[i] for i in self.devices)
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n=== {what} · attempt {self.attempt} · worker {self.worker.id} · {utcnow():%Y-%m-%d %H:%M:%S} UTC ===\n"
                        .encode())
@@ -376,7 +438,9 @@ class TrainerWorker:
         s = get_settings()
         self.engine = engine
         self.id = worker_id or new_worker_id()
-        self.gpus = gpus or default_gpus()
+        keys = cuda_device_keys()
+        self.slots = DeviceSlots(s.runs_dir / ".devices", keys) if keys else None
+        self.gpus = gpus or max(1, len(keys))
         self.once = once
         self.max_runs = max_runs
         self.poll_s = poll_s or s.worker_poll_s
@@ -391,11 +455,27 @@ class TrainerWorker:
         log.info("stopping: the current run checkpoints and goes back to the queue (signal again to kill it now)")
         self.stopping.set()
 
-    def claim(self) -> TrainingRun | None:
+    def claim(self) -> tuple[TrainingRun | None, list[int] | None]:
+        """A run that fits the GPUs free right now (all of ours without CUDA), and those GPUs."""
+        free = None
+        capacity = self.gpus
+        if self.slots is not None:
+            free = self.slots.free()[: self.gpus]
+            capacity = len(free)
+            if not capacity:
+                return None, None
         with Session(self.engine, expire_on_commit=False) as session:
             runs = queue.claim(session, self.id, limit=1, lease_s=get_settings().run_lease_s, model=TrainingRun,
-                               where=(TrainingRun.gpus <= self.gpus,))
-            return runs[0] if runs else None
+                               where=(TrainingRun.gpus <= capacity,))
+        if not runs:
+            if self.slots is not None:
+                self.slots.release()
+            return None, None
+        devices = None
+        if self.slots is not None:
+            devices = free[: runs[0].gpus]
+            self.slots.keep(devices)
+        return runs[0], devices
 
     def serve(self) -> int:
         """Run until stopped (or, with once, until the queue has nothing for us); returns an exit code."""
@@ -406,7 +486,7 @@ class TrainerWorker:
         while not self.stopping.is_set():
             if self.max_runs is not None and len(self.outcomes) >= self.max_runs:
                 break
-            run = self.claim()
+            run, devices = self.claim()
             if run is None:
                 if self.once:
                     break
@@ -414,7 +494,7 @@ class TrainerWorker:
                 continue
             log.info("run %d (%s): claimed, attempt %d of %d", run.id, run.name, run.attempts, run.max_attempts)
             try:
-                outcome = Execution(self, run).execute()
+                outcome = Execution(self, run, devices).execute()
             except RunLost:
                 outcome = "lost"
             except Exception as exc:  # a bug or the database going away: give the run back to the queue
@@ -425,6 +505,9 @@ class TrainerWorker:
                 except Exception:
                     log.exception("run %d: could not record the failure; its lease will expire", run.id)
                 outcome = "error"
+            finally:
+                if self.slots is not None:
+                    self.slots.release()
             self.outcomes.append((run.id, outcome))
             print(f"run {run.id} ({run.name}): {outcome}", flush=True)
         return 0

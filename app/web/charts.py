@@ -114,3 +114,119 @@ def density_bar(density: float | None, *, lo: float = -7.0) -> Markup:
     cls = "fill dense" if density > 0.1 else "fill"
     return Markup(f'<svg class="dbar" viewBox="0 0 60 6" aria-hidden="true"><rect class="track" width="60" height="6"/>'
                   f'<rect class="{cls}" width="{60 * frac:.1f}" height="6"/></svg>')
+
+
+N_COLOURS = 10
+
+
+def series_class(i: int) -> str:
+    """The colour class of the i-th series (s0..s9), with a dash pattern once the colours repeat."""
+    cls = f"s{i % N_COLOURS}"
+    dash = (i // N_COLOURS) % 3
+    return f"{cls} d{dash}" if dash else cls
+
+
+def _finite(v, log: bool) -> bool:
+    if v is None or isinstance(v, bool):
+        return False
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(f) and (f > 0 if log else True)
+
+
+def line_chart(series: dict[str, list[tuple[float, float | None]]], *, width: int = 560, height: int = 190,
+               label: str = "", x_label: str = "step", y_format=_fmt, log_y: bool | None = False,
+               css: str = "lines") -> Markup:
+    """Line chart of one metric over steps: one line per series (an SAE of a sweep), in a colour
+    class by the series' position so that every chart of a page shares one legend.
+
+    Points whose value is None, NaN or infinite (or not positive on a log axis) are left out and
+    break the line; a lone point is drawn as a dot. log_y=None picks a log axis when every value is
+    positive and they span more than two decades (a loss that starts far above where it ends)."""
+    clean: list[tuple[int, str, list[tuple[float, float] | None]]] = []
+    values: list[float] = []
+    if log_y is None:
+        ys = [float(y) for pts in series.values() for _, y in pts if _finite(y, False)]
+        log_y = bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 100
+    for i, (name, pts) in enumerate(series.items()):
+        out: list[tuple[float, float] | None] = []
+        for x, y in sorted(((x, y) for x, y in pts if _finite(x, False)), key=lambda p: float(p[0])):
+            if _finite(y, log_y):
+                v = math.log10(float(y)) if log_y else float(y)
+                out.append((float(x), v))
+                values.append(v)
+            elif out and out[-1] is not None:
+                out.append(None)  # a gap
+        clean.append((i, name, out))
+    xs = [p[0] for _, _, pts in clean for p in pts if p is not None]
+    if not xs:
+        return Markup(f'<p class="muted small nodata">{escape(label) + ": " if label else ""}no data yet</p>')
+    pad_l, pad_r, pad_b, pad_t = 46, 10, 28, 10
+    w, h = width - pad_l - pad_r, height - pad_b - pad_t
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    y0, y1 = min(values), max(values)
+    spread = (0.5 if log_y else (abs(y0) * 0.1 or 1.0)) if y1 == y0 else (y1 - y0) * 0.04
+    nonneg = not log_y and y0 >= 0  # a margin must not invent negative losses or fractions
+    y0, y1 = (max(0.0, y0 - spread) if nonneg else y0 - spread), y1 + spread
+
+    def px(x: float) -> float:
+        return pad_l + (x - x0) / (x1 - x0) * w
+
+    def py(y: float) -> float:
+        return pad_t + h - (y - y0) / (y1 - y0) * h
+
+    def shown(y: float) -> str:
+        return y_format(10 ** y if log_y else y)
+
+    parts = [(f'<svg class="chart {css}" viewBox="0 0 {width} {height}" role="img" '
+              f'aria-label="{escape(label)} by {escape(x_label)}">')]
+    for frac in (0.0, 0.5, 1.0):
+        y = pad_t + h - h * frac
+        parts.append(f'<line class="grid" x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick end" x="{pad_l - 4}" y="{y + 3:.1f}">{escape(shown(y0 + (y1 - y0) * frac))}</text>')
+    for i, name, pts in clean:
+        cls = series_class(i)
+        title = f"<title>{escape(name)}</title>"
+        segments: list[list[tuple[float, float]]] = [[]]
+        for p in pts:
+            if p is None:
+                segments.append([])
+            else:
+                segments[-1].append(p)
+        d = []
+        for seg in segments:
+            if len(seg) >= 2:
+                d.append("M" + " L".join(f"{px(x):.1f},{py(y):.1f}" for x, y in seg))
+            elif len(seg) == 1:
+                x, y = seg[0]
+                parts.append(f'<circle class="dot {cls}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5">{title}</circle>')
+        if d:
+            parts.append(f'<path class="line {cls}" d="{" ".join(d)}">{title}</path>')
+        last = next((p for p in reversed(pts) if p is not None), None)
+        if last is not None:
+            x, y = last
+            parts.append(f'<circle class="last {cls}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3">'
+                         f'<title>{escape(name)} · {escape(x_label)} {_count(int(x))}: {escape(shown(y))}</title></circle>')
+    parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
+    lo, hi = min(xs), max(xs)
+    ticks = [lo] if hi == lo else [lo, (lo + hi) / 2, hi]
+    for t in ticks:
+        x = px(t)
+        anchor = "start" if x - pad_l < 12 else "end" if pad_l + w - x < 12 else "middle"
+        parts.append(f'<line class="tickmark" x1="{x:.1f}" y1="{pad_t + h}" x2="{x:.1f}" y2="{pad_t + h + 3}"/>')
+        parts.append(f'<text class="tick {anchor}" x="{x:.1f}" y="{pad_t + h + 13}">{_count(round(t))}</text>')
+    caption = f"{label} by {x_label}" + (" (log scale)" if log_y else "")
+    parts.append(f'<text class="axislabel" x="{pad_l + w / 2:.1f}" y="{height - 2}">{escape(caption)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def legend(names: list[str]) -> Markup:
+    """The key to line_chart's series classes, shared by every chart of a page."""
+    items = [f'<li><svg class="swatch" viewBox="0 0 22 6" aria-hidden="true"><line class="line {series_class(i)}" '
+             f'x1="1" y1="3" x2="21" y2="3"/></svg>{escape(name)}</li>' for i, name in enumerate(names)]
+    return Markup(f'<ul class="chartlegend">{"".join(items)}</ul>')
