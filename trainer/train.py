@@ -518,7 +518,7 @@ class Trainer:
             loss, x_hat, values, indices, terms = run.step_module(xs, ctx)
         if not torch.isfinite(loss):
             raise Diverged(
-                f"{run.name}: the loss became {float(loss)} at step {self.step}; the last good checkpoint is "
+                f"{run.name}: the loss became {float(loss.detach())} at step {self.step}; the last good checkpoint is "
                 f"{self.cfg.out / CHECKPOINT}",
                 "lower --lr, check the activations for NaN/inf, or resume with --resume",
             )

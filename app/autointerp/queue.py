@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import AtlasError, NotFound
-from app.models import LIVE_JOB_STATUSES, SAE, Feature, Job, JobStatus, SAEStatus, UTCDateTime, utcnow
+from app.models import LIVE_JOB_STATUSES, SAE, Feature, Job, JobStatus, SAEStatus, TrainingRun, UTCDateTime, utcnow
 from app.settings import get_settings
 
 KIND_EXPLAIN = "explain"
@@ -237,10 +237,10 @@ def backoff_s(attempts: int) -> float:
 
 def fail(session: Session, job, worker_id: str, error: str, retryable: bool = True) -> str:
     """Record a failure: back to the queue after a backoff, or `failed` when out of attempts.
-    `job` is a Job or a TrainingRun."""
+    `job` is a Job (or any object with its id, attempts and max_attempts) or a TrainingRun."""
     now = utcnow()
     error = error[:4000]
-    M = type(job)
+    M = TrainingRun if isinstance(job, TrainingRun) else Job
     if retryable and job.attempts < job.max_attempts:
         ok = _write(session, update(M).where(_owned(job.id, worker_id, M)).values(
             status=JobStatus.queued.value, error=error, lease_owner=None, lease_expires_at=None,
