@@ -133,11 +133,12 @@ def publish_to(url: str, sae_dir: Path) -> None:
     from app.db import make_engine, upgrade
     from trainer.publish import publish
 
+    engine = make_engine(url)
+    upgrade(engine)  # a store kept from an older version gets the new migrations first
     if published_in(url):
         log(f"reusing the published SAE at {url.split('@')[-1]}")
+        engine.dispose()
         return
-    engine = make_engine(url)
-    upgrade(engine)
     t = time.time()
     publish(sae_dir, SAE_NAME, replace=True, engine=engine, progress=False)
     engine.dispose()

@@ -164,6 +164,7 @@ def test_api_run_is_trained_analysed_and_published_by_a_worker(atlas, tiny_model
     for metric in ("fvu", "l0", "ce_recovered", "dead_frac"):
         assert isinstance(sae["metrics"][metric], float), metric
     assert "training:" in r["log_tail"] and "analysing:" in r["log_tail"]
+    assert not (Path(r["workdir"]) / "sae" / "checkpoint.pt").exists()  # optimiser state dropped once published
 
     history = client.get(f"/api/v1/runs/{run['id']}/metrics").json()["saes"]["tiny-run"]
     assert [h["step"] for h in history] == list(range(32))  # every step logged once, in order
@@ -302,3 +303,24 @@ def test_device_slots_give_each_worker_its_own_gpus(tmp_path):
     first.release()
     assert sorted(DeviceSlots(tmp_path, keys).free()) == [0, 1]
     second.release()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_two_device_run_is_launched_with_torchrun(atlas, tiny_model_dir, tmp_path):
+    """gpus=2 goes through `torchrun --nproc_per_node 2` (gloo on this CPU machine, NCCL on GPUs)."""
+    engine, client, key, env = atlas
+    run = submit(client, key, spec(tiny_model_dir, name="ddp-run", gpus=2, device="auto"))
+    worker = start_worker(env, "--once", "--gpus", "2", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=400) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    r = client.get(f"/api/v1/runs/{run['id']}").json()
+    assert r["status"] == "done", r
+    assert r["saes"][0]["name"] == "ddp-run"
+    cfg = json.loads((Path(r["workdir"]) / "sae" / "cfg.json").read_text())
+    assert cfg["sae_atlas"]["training"]["world_size"] == 2  # trained data-parallel by two ranks
+    steps = [h["step"] for h in client.get(f"/api/v1/runs/{run['id']}/metrics").json()["saes"]["ddp-run"]]
+    assert steps == list(range(32))
+    # a worker that can only take one device leaves such a run queued
+    run2 = submit(client, key, spec(tiny_model_dir, name="ddp-run-2", gpus=2, device="auto"))
+    single = start_worker(env, "--once", log=tmp_path / "single.log")
+    assert single.wait(timeout=120) == 0
+    assert client.get(f"/api/v1/runs/{run2['id']}").json()["status"] == "queued"

@@ -623,7 +623,8 @@ class Trainer:
         metrics = self.evaluate()
         for run in self.runs:
             save_sae(run.folder, run.sae, run.norm_scale, run.site, c.model if self.array is None else "activations",
-                     training={**c.to_json(), "steps": self.step, "elapsed_s": time.time() - start},
+                     training={**c.to_json(), "steps": self.step, "elapsed_s": time.time() - start,
+                                         "world_size": self.world},
                      metrics=metrics[run.name], context_size=c.ctx_len, corpus=c.corpus if self.array is None else str(c.activations))
             (run.folder / "metrics.json").write_text(json.dumps(metrics[run.name], indent=2))
         return [r.folder for r in self.runs]

@@ -396,6 +396,9 @@ class Execution:
             return self._lost()
         except AtlasError as exc:
             return self._fail(exc.one_line(), retryable=False)
+        from trainer.train import CHECKPOINT
+
+        (self.out / CHECKPOINT).unlink(missing_ok=True)  # optimiser state: not needed once published
         log.info("run %d (%s): done, published %s", self.run_id, self.name, ", ".join(n for _, n in self.outputs))
         return JobStatus.done.value
 
