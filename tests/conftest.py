@@ -27,6 +27,18 @@ def pytest_configure(config):
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For files of tiny matrices: one thread is faster, and on a busy machine several OpenMP
+    threads spinning against each other made such files many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.helpers import make_tiny_model

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from trainer.formats import load_sae
 from trainer.synthetic import max_cosines, superposition_data
@@ -59,14 +58,7 @@ SETTINGS = {"lr": 3e-3, "dead_after_tokens": 10_000, "aux_coefficient": 1 / 8, "
             "l1_coefficient": 0.3, "jumprelu_init_threshold": 0.01, "jumprelu_bandwidth": 0.05}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: one thread is faster, and on a busy machine several OpenMP threads
-    spinning against each other made the file many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

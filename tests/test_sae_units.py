@@ -16,14 +16,7 @@ from trainer.sae.jumprelu import JumpReLUFn, StepFn
 from trainer.synthetic import superposition_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: one thread is faster, and on a busy machine several OpenMP threads
-    spinning against each other made the file many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0, **kw):

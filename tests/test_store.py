@@ -74,17 +74,22 @@ def test_round_trip_of_every_table(engine):
         assert s.scalar(select(APIKey)).prefix == "atlas_abc"
 
 
+def _sae_with_one_feature(s: Session) -> tuple[SAE, Feature]:
+    lm = LM(name="m", source="s", architecture="a", n_layers=1, d_model=2, vocab_size=1, vocab=b"x")
+    s.add(lm)
+    s.flush()
+    sae = SAE(name="s", lm_id=lm.id, site="resid_post.0", architecture="topk", d_in=2, d_sae=2, version="v")
+    s.add(sae)
+    s.flush()
+    f = Feature(sae_id=sae.id, index=0)
+    s.add(f)
+    s.flush()
+    return sae, f
+
+
 def test_one_live_job_per_feature_is_enforced_by_the_database(engine):
     with Session(engine) as s, s.begin():
-        lm = LM(name="m", source="s", architecture="a", n_layers=1, d_model=2, vocab_size=1, vocab=b"x")
-        s.add(lm)
-        s.flush()
-        sae = SAE(name="s", lm_id=lm.id, site="resid_post.0", architecture="topk", d_in=2, d_sae=2, version="v")
-        s.add(sae)
-        s.flush()
-        f = Feature(sae_id=sae.id, index=0)
-        s.add(f)
-        s.flush()
+        sae, f = _sae_with_one_feature(s)
         s.add(Job(sae_id=sae.id, feature_id=f.id, status="done"))
         s.add(Job(sae_id=sae.id, feature_id=f.id, status="queued"))
         ids = (sae.id, f.id)
@@ -95,15 +100,7 @@ def test_one_live_job_per_feature_is_enforced_by_the_database(engine):
 
 def test_deleting_an_sae_cascades(engine):
     with Session(engine) as s, s.begin():
-        lm = LM(name="m", source="s", architecture="a", n_layers=1, d_model=2, vocab_size=1, vocab=b"x")
-        s.add(lm)
-        s.flush()
-        sae = SAE(name="s", lm_id=lm.id, site="resid_post.0", architecture="topk", d_in=2, d_sae=2, version="v")
-        s.add(sae)
-        s.flush()
-        f = Feature(sae_id=sae.id, index=0)
-        s.add(f)
-        s.flush()
+        sae, f = _sae_with_one_feature(s)
         s.add(Example(feature_id=f.id, kind=0, rank=0, activation=1, peak=0, doc_id=0, doc_offset=0, token_ids=b"", acts=b""))
     with Session(engine) as s, s.begin():
         s.delete(s.scalar(select(SAE)))

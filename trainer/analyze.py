@@ -508,8 +508,6 @@ class Analyzer:
                 (self.shards / sh["file"]).is_file() for sh in state.get("shards", [])):
             log.warning("the analysis in %s lost its shards; starting again", self.out)
             shutil.rmtree(self.out, ignore_errors=True)
-        elif (self.out / "DONE").is_file() and state.get("identity") != c.identity():
-            shutil.rmtree(self.out, ignore_errors=True)  # complete, but with other settings: redo it
         t0 = time.time()
         stats = self.stream(progress)
         progress_report("select", 0, 1, force=True)

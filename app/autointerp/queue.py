@@ -9,8 +9,9 @@
   whose lease expires (its worker died) goes back to the queue. Every later state change is
   conditional on (status = running, lease_owner = me), and `finish` marks a job done inside the
   caller's transaction, so results commit together with the completion or not at all.
-- the same claim, lease, heartbeat, fail and release code serves training runs (app.models.
-  TrainingRun has the same queue columns): pass `model=TrainingRun`.
+- the same claim, lease expiry, fail and release code serves training runs (app.models.
+  TrainingRun has the same queue columns): pass `model=TrainingRun`. A run's heartbeat carries its
+  progress and metrics in the same conditional UPDATE (app.runs.worker).
 - failures retry with exponential backoff and jitter up to max_attempts, then the job is
   `failed` with its error kept; cancel works on queued and running jobs (a running job's worker
   notices at its next heartbeat).
@@ -204,14 +205,12 @@ def _write(session: Session, stmt) -> bool:
     return _retry_busy(attempt)
 
 
-def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float | None = None, model=Job,
-              values: dict | None = None) -> bool:
-    """Extend the lease (and write `values` with it); False means the row is no longer ours
-    (expired, cancelled or re-leased)."""
+def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float | None = None) -> bool:
+    """Extend the lease; False means the job is no longer ours (expired, cancelled or re-leased)."""
     lease_s = lease_s or get_settings().job_lease_s
     now = utcnow()
-    return _write(session, update(model).where(_owned(job_id, worker_id, model)).values(
-        heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s), **(values or {})))
+    return _write(session, update(Job).where(_owned(job_id, worker_id)).values(
+        heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s)))
 
 
 def complete(session: Session, job_id: int, worker_id: str, result: dict | None = None) -> bool:

@@ -59,11 +59,10 @@ def analyze(workdir: Path) -> None:
     from trainer.lm import load_lm
 
     spec = load_spec(workdir)
-    outputs = spec.outputs("x")
-    lm = load_lm(spec.model, spec.device if spec.device != "auto" else None,
-                 None if spec.lm_dtype == "auto" else spec.lm_dtype)
-    for i, (folder, _) in enumerate(outputs):
-        os.environ["SAE_ATLAS_PROGRESS_ITEM"] = f"{i + 1}/{len(outputs)}"
+    folders = [folder for folder, _ in spec.outputs(prefix="")]
+    lm = load_lm(spec.model, spec.device, spec.lm_dtype)
+    for i, folder in enumerate(folders):
+        os.environ["SAE_ATLAS_PROGRESS_ITEM"] = f"{i + 1}/{len(folders)}"
         run_analysis(AnalyzeConfig(sae_dir=workdir / SAE_DIR / folder, tokens=spec.analyze_tokens,
                                    split=spec.analyze_split, device=spec.device, lm_dtype=spec.lm_dtype), lm=lm)
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine, insert, update
@@ -227,8 +228,6 @@ class Execution:
                       "log_tail": log_tail(self.log_path), "log_offsets": offsets, **(extra or {})}
             now = utcnow()
             lease = get_settings().run_lease_s
-            from datetime import timedelta
-
             def attempt_write():
                 with Session(self.worker.engine) as session:
                     try:
