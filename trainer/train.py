@@ -19,10 +19,10 @@ import json
 import logging
 import math
 import os
-import signal
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,173 +39,14 @@ from trainer.activations import (
     LMStreamSpec,
     ShuffleBuffer,
 )
+from trainer.config import TOPK_FAMILY, TrainConfig, sae_name  # noqa: F401  (re-exported)
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
 from trainer.formats import save_sae
-from trainer.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, StepContext, build_sae, lr_for_width
+from trainer.sae import SparseAutoencoder, StepContext, build_sae, lr_for_width
 
 log = logging.getLogger(__name__)
 
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """One training run (a single SAE or a sweep). CLI flags and TOML keys have the same names."""
-
-    out: Path = Path("runs/sae")
-    """Output folder: the SAE itself, or one sub-folder per SAE of a sweep."""
-    model: str = "smollm2-135m"
-    """LM: alias, local folder, .gguf file or Hugging Face id."""
-    site: list[str] = field(default_factory=lambda: ["resid_post.15"])
-    """Activation sites; several give a sweep over sites from one LM pass."""
-    arch: list[str] = field(default_factory=lambda: ["topk"])
-    """Architectures: topk, batchtopk, jumprelu, relu, matryoshka."""
-    width: list[int] = field(default_factory=lambda: [4608])
-    """Numbers of latents (d_sae)."""
-    k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token for the TopK family."""
-    tokens: int = 2_000_000
-    """Training tokens per SAE (the stream repeats the corpus if it is shorter)."""
-    activations: Path | None = None
-    """Train on a saved float32 [N, D] .npy matrix instead of running an LM."""
-    corpus: str = "pydoc"
-    """pydoc, a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][@SPLIT]."""
-    text_field: str = "text"
-    """Field/column holding the text in .jsonl, .parquet and HF corpora."""
-    ctx_len: int = 128
-    """Tokens per context, BOS included."""
-    eval_fraction: float = 0.1
-    """Share of documents held out for evaluation and analysis."""
-    seed: int = 0
-    """Seed for initialisation, document order and shuffling."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
-    lr: float | None = None
-    """Adam learning rate; None means 2e-4 / sqrt(width / 2^14)."""
-    warmup_steps: int = 1000
-    """Linear warm-up steps (at most a tenth of the run)."""
-    decay_frac: float = 0.2
-    """The learning rate decays linearly to 0 over this last fraction of the steps."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping per SAE; 0 disables it."""
-    aux_k: int | None = None
-    """AuxK latents; None means d_in / 2."""
-    aux_coefficient: float = 1 / 32
-    """AuxK loss weight alpha."""
-    dead_after_tokens: int | None = None
-    """Tokens without firing after which a latent is dead; None: 5% of the run within [10k, 10M]
-    (BatchTopK and Matryoshka: 5 batches, at least 20k)."""
-    l1_coefficient: float = 2.0
-    """ReLU SAEs: L1 lambda."""
-    l0_coefficient: float = 2e-3
-    """JumpReLU SAEs: L0 lambda."""
-    jumprelu_bandwidth: float = 0.05
-    """JumpReLU SAEs: STE bandwidth epsilon."""
-    jumprelu_init_threshold: float = 0.01
-    """JumpReLU SAEs: initial threshold theta_0."""
-    matryoshka_prefixes: list[int] = field(default_factory=list)
-    """Matryoshka SAEs: nested dictionary sizes (default: width/32, /16, ..., width)."""
-    exclude_bos: bool = True
-    """Leave the BOS position out of training data and evaluation."""
-    sink_norm_ratio: float | None = 10.0
-    """Leave out tokens whose activation norm exceeds this multiple of the median (attention sinks)."""
-    shuffle_buffer: int = 1 << 18
-    """Tokens mixed together by the shuffle buffer."""
-    cache_activations: bool = False
-    """Store one pass of LM activations on disk (DATA_DIR/activations) and train from it."""
-    lm_batch_size: int = 32
-    """Contexts per LM forward pass."""
-    lm_dtype: str = "auto"
-    """LM precision: auto, float32, bfloat16, float16."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N."""
-    autocast: str = "auto"
-    """SAE encoder matmul precision: auto (bfloat16 on CUDA), bfloat16, float32."""
-    eval_tokens: int = 65_536
-    """Held-out tokens for the reconstruction metrics."""
-    ce_contexts: int = 32
-    """Held-out contexts for the spliced-in LM loss (0 skips it)."""
-    log_every: int = 25
-    """Steps between JSON-lines log records."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (0: only at the end and on Ctrl-C)."""
-    checkpoint_every_s: float = 0.0
-    """Also checkpoint when this many seconds have passed since the last one (0: off)."""
-    resume: bool = False
-    """Continue from the checkpoint in `out`."""
-    overwrite: bool = False
-    """Replace whatever is in `out`."""
-
-    def validate(self) -> None:
-        def bad(msg, hint=None):
-            raise AtlasError(msg, hint)
-
-        for a in self.arch:
-            if a not in ARCHITECTURES:
-                bad(f"unknown architecture {a!r}", f"use one of {', '.join(ARCHITECTURES)}")
-        if any(w <= 0 for w in self.width):
-            bad(f"width must be positive, got {self.width}")
-        if any(k <= 0 for k in self.k):
-            bad(f"k must be positive, got {self.k}")
-        if any(a in TOPK_FAMILY for a in self.arch):
-            for w, k in itertools.product(self.width, self.k):
-                if k >= w:
-                    bad(f"k={k} must be smaller than width={w}", "lower --k or raise --width")
-        if self.tokens < self.batch_size:
-            bad(f"--tokens {self.tokens} is less than one batch of {self.batch_size}", "raise --tokens or lower --batch-size")
-        if self.batch_size <= 0 or self.ctx_len < 4 or self.lm_batch_size <= 0:
-            bad("batch sizes must be positive and ctx_len at least 4")
-        if not 0 <= self.eval_fraction < 1:
-            bad(f"eval_fraction {self.eval_fraction} must be in [0, 1)")
-        if self.lr is not None and not (0 < self.lr < 1):
-            bad(f"learning rate {self.lr} is out of range", "use a value like 3e-4")
-        if not 0 <= self.decay_frac <= 1:
-            bad(f"decay_frac {self.decay_frac} must be in [0, 1]")
-        if self.autocast not in ("auto", "bfloat16", "float32"):
-            bad(f"unknown autocast {self.autocast!r}", "use auto, bfloat16 or float32")
-        if self.resume and self.overwrite:
-            bad("--resume and --overwrite contradict each other", "choose one")
-        if self.activations is not None and len(self.site) > 1:
-            bad("--activations trains on one matrix, so it takes at most one --site")
-
-    def sae_configs(self, d_in: int) -> list[tuple[str, SAEConfig]]:
-        """(site, SAEConfig) for every SAE of the sweep."""
-        out, seen = [], set()
-        for site, arch, width, k in itertools.product(self.site, self.arch, self.width, self.k):
-            key = (site, arch, width, k if arch in TOPK_FAMILY else None)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append((site, SAEConfig(
-                d_in=d_in, d_sae=width, architecture=arch, k=k, aux_k=self.aux_k, aux_coefficient=self.aux_coefficient,
-                dead_after_tokens=self.dead_tokens(arch), l1_coefficient=self.l1_coefficient,
-                l0_coefficient=self.l0_coefficient, jumprelu_bandwidth=self.jumprelu_bandwidth,
-                jumprelu_init_threshold=self.jumprelu_init_threshold, matryoshka_prefixes=list(self.matryoshka_prefixes),
-            )))
-        return out
-
-    def dead_tokens(self, arch: str = "topk") -> int:
-        if self.dead_after_tokens is not None:
-            return self.dead_after_tokens
-        if arch in ("batchtopk", "matryoshka"):
-            # Latents that lose the batch-wide competition early must be revived early, or they
-            # never fire again (Bussmann et al. count a latent dead after 5 batches). On the
-            # synthetic benchmark this lifts BatchTopK's recovered-feature cosine from 0.93 to 0.99.
-            return int(max(20_000, 5 * self.batch_size))
-        return int(min(10_000_000, max(10_000, self.tokens // 20)))
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-
-def sae_name(site: str, cfg: SAEConfig) -> str:
-    name = f"{site}-{cfg.architecture}-w{cfg.d_sae}"
-    return name + (f"-k{cfg.k}" if cfg.architecture in TOPK_FAMILY else "")
 
 
 class _Step(nn.Module):

@@ -210,7 +210,7 @@ def store_result(engine: Engine, job: JobRef, worker_id: str, text: str, explain
                     raise LeaseLost(f"job {job.id} is no longer leased to {worker_id}")
                 return expl.id
 
-    return queue._retry_busy(attempt)
+    return queue.retry_busy(attempt)
 
 
 # --- the job ----------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class RunSpec(BaseModel):
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
-        from trainer.lm import parse_site
+        from trainer.sources import parse_site
 
         out = []
         for s in v:
@@ -77,7 +77,7 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sweep(self):
-        from trainer.train import TOPK_FAMILY
+        from trainer.config import TOPK_FAMILY
 
         n = 0
         for arch in dict.fromkeys(self.arch):
@@ -93,7 +93,7 @@ class RunSpec(BaseModel):
         return self
 
     def train_config(self, out: Path, **overrides):
-        from trainer.train import TrainConfig
+        from trainer.config import TrainConfig
 
         kw = {"out": out, "model": self.model, "site": list(self.sites), "arch": list(self.arch),
               "width": list(self.width), "k": list(self.k), "tokens": self.tokens, "batch_size": self.batch_size,
@@ -109,7 +109,7 @@ class RunSpec(BaseModel):
     def outputs(self, prefix: str) -> list[tuple[str, str]]:
         """(folder under the run's output, published SAE name) for every SAE of the run: a single
         SAE is published as `prefix`, a sweep's members as `prefix-<site>-<arch>-w<width>[-k<k>]`."""
-        from trainer.train import sae_name
+        from trainer.config import sae_name
 
         configs = self.train_config(Path("unused")).sae_configs(1)
         if len(configs) == 1:
@@ -120,7 +120,7 @@ class RunSpec(BaseModel):
 def model_depth(model: str) -> int | None:
     """The model's number of blocks when it can be read without loading weights (alias, local
     folder, a cached Hub config); None when it cannot (an uncached Hub id: the worker checks)."""
-    from trainer.lm import ALIASES, resolve_source
+    from trainer.sources import ALIASES, resolve_source
 
     kind, path = resolve_source(model)  # AtlasError for unknown aliases and missing files
     if kind == "alias":
@@ -167,7 +167,7 @@ def check_corpus(spec: str) -> None:
 
 def validate_spec(spec: RunSpec) -> RunSpec:
     """The checks that look outside the spec itself: the model, its depth and the corpus."""
-    from trainer.lm import parse_site
+    from trainer.sources import parse_site
 
     depth = model_depth(spec.model)
     if depth is not None:

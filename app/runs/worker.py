@@ -36,7 +36,7 @@ from pathlib import Path
 from sqlalchemy import Engine, insert, update
 from sqlalchemy.orm import Session
 
-from app.autointerp import queue
+from app import leases
 from app.autointerp.worker import new_worker_id
 from app.errors import AtlasError
 from app.models import JobStatus, RunMetric, TrainingRun, utcnow
@@ -231,7 +231,7 @@ class Execution:
             def attempt_write():
                 with Session(self.worker.engine) as session:
                     try:
-                        n = session.execute(update(TrainingRun).where(queue._owned(self.run_id, self.worker.id, TrainingRun))
+                        n = session.execute(update(TrainingRun).where(leases.owned(self.run_id, self.worker.id, TrainingRun))
                                             .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease),
                                                     **values)).rowcount
                         if not n:
@@ -245,7 +245,7 @@ class Execution:
                         session.rollback()
                         raise
 
-            if not queue._retry_busy(attempt_write):
+            if not leases.retry_busy(attempt_write):
                 self.lost.set()
                 raise RunLost(f"run {self.run_id} is no longer ours")
             self.reader.offsets = offsets
@@ -382,7 +382,7 @@ class Execution:
         items = [(self.out / folder, name) for folder, name in self.outputs]
 
         def mark_done(session: Session) -> None:
-            n = session.execute(update(TrainingRun).where(queue._owned(self.run_id, self.worker.id, TrainingRun)).values(
+            n = session.execute(update(TrainingRun).where(leases.owned(self.run_id, self.worker.id, TrainingRun)).values(
                 status=JobStatus.done.value, phase=None, progress=1.0, step=self.total_steps, finished_at=utcnow(),
                 lease_owner=None, lease_expires_at=None, error=None)).rowcount
             if not n:
@@ -419,7 +419,7 @@ class Execution:
     def _child_failed(self, what: str, rc: int) -> str:
         if self.worker.stopping.is_set() and rc in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
             with Session(self.worker.engine) as session:
-                queue.release(session, self.run_id, self.worker.id, TrainingRun)
+                leases.release(session, self.run_id, self.worker.id, TrainingRun)
             log.info("run %d: stopped for shutdown at its checkpoint; released for another worker", self.run_id)
             return "released"
         message = self.child_error(what, rc)
@@ -429,7 +429,7 @@ class Execution:
     def _fail(self, message: str, retryable: bool) -> str:
         with Session(self.worker.engine) as session:
             run = session.get(TrainingRun, self.run_id)
-            outcome = queue.fail(session, run, self.worker.id, message, retryable=retryable)
+            outcome = leases.fail(session, run, self.worker.id, message, retryable=retryable)
         log.warning("run %d: %s -> %s", self.run_id, message, outcome)
         return outcome
 
@@ -467,7 +467,7 @@ class TrainerWorker:
             if not capacity:
                 return None, None
         with Session(self.engine, expire_on_commit=False) as session:
-            runs = queue.claim(session, self.id, limit=1, lease_s=get_settings().run_lease_s, model=TrainingRun,
+            runs = leases.claim(session, self.id, limit=1, lease_s=get_settings().run_lease_s, model=TrainingRun,
                                where=(TrainingRun.gpus <= capacity,))
         if not runs:
             if self.slots is not None:
@@ -503,7 +503,7 @@ class TrainerWorker:
                 log.exception("run %d: the worker failed", run.id)
                 try:
                     with Session(self.engine) as session:
-                        queue.fail(session, run, self.id, f"trainer worker error: {type(exc).__name__}: {exc}")
+                        leases.fail(session, run, self.id, f"trainer worker error: {type(exc).__name__}: {exc}")
                 except Exception:
                     log.exception("run %d: could not record the failure; its lease will expire", run.id)
                 outcome = "error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.config import ARCHITECTURES
 from trainer.sae.base import (
     Codes,
     SAEConfig,
@@ -24,7 +25,6 @@ def _registry() -> dict[str, type]:
     return {cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, MatryoshkaSAE)}
 
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 
 
 def build_sae(cfg: SAEConfig, compute_dtype: torch.dtype = torch.float32) -> SparseAutoencoder:

@@ -1,0 +1,68 @@
+"""`analyze`, `publish`, `import` and `add`: from an SAE folder to browsable dashboards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.cli.flags import build_config, load_toml
+from app.errors import AtlasError
+
+
+def cmd_analyze(args, extra: dict) -> int:
+    from trainer.analyze import AnalyzeConfig, analyze
+
+    values = {}
+    if args.config:
+        data = load_toml(args.config)
+        values.update(data.get("analyze", data))
+    values.update(extra)
+    cfg = build_config(AnalyzeConfig, values, {"sae_dir": Path(args.sae_dir)})
+    if args.publish and not args.name:
+        raise AtlasError("--publish needs --name", "e.g. --name my-sae")
+    if args.publish:  # fail before the long analysis, not after it
+        from trainer.publish import check_can_publish
+
+        check_can_publish(args.name, args.replace)
+    out = analyze(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["timings"]
+    print(f"analysed {summary['analysis']['n_tokens']:,} tokens for {summary['sae']['d_sae']:,} latents in "
+          f"{t['total_s']:.1f} s ({len(summary['dead'])} never fired, {len(summary['dense'])} dense); results in {out}")
+    if args.publish:
+        return publish_folder(Path(args.sae_dir), args.name, args.replace, "")
+    return 0
+
+
+def publish_folder(sae_dir: Path, name: str, replace: bool, description: str) -> int:
+    import time
+
+    from trainer.publish import publish
+
+    start = time.time()
+    sae_id = publish(sae_dir, name, replace=replace, description=description)
+    print(f"published {name} (id {sae_id}) in {time.time() - start:.1f} s")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    return publish_folder(Path(args.sae_dir), args.name, args.replace, args.description or "")
+
+
+def cmd_import(args) -> int:
+    from trainer.importer import import_sae
+
+    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=args.overwrite)
+    print(f"imported into {folder}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    from trainer.analyze import AnalyzeConfig, analyze
+    from trainer.importer import import_sae
+    from trainer.publish import check_can_publish
+
+    check_can_publish(args.name, args.replace)
+    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=True)
+    analyze(AnalyzeConfig(sae_dir=folder, tokens=args.tokens, corpus=args.corpus, restart=True))
+    return publish_folder(folder, args.name, args.replace, args.description or "")

@@ -1,0 +1,121 @@
+"""`serve`, `worker`, `explain`, `jobs`, `keys` and `demo`: the running service and its queue."""
+
+from __future__ import annotations
+
+import sys
+
+from app.errors import AtlasError
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from app.db import check_schema
+    from app.settings import get_settings
+
+    check_schema()
+    s = get_settings()
+    host, port = args.host or s.host, args.port or s.port
+    print(f"SAE Atlas is serving at http://{host}:{port}", flush=True)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
+                log_level=s.log_level.lower(), access_log=False)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from app.autointerp.worker import run_worker
+    from app.db import check_schema
+
+    for flag, value in (("--concurrency", args.concurrency), ("--max-jobs", args.max_jobs)):
+        if value is not None and value < 1:
+            raise AtlasError(f"{flag} must be at least 1")
+    if args.grace < 0:
+        raise AtlasError("--grace must not be negative")
+    check_schema()
+    return run_worker(concurrency=args.concurrency, once=args.once, max_jobs=args.max_jobs, backend=args.backend,
+                      grace_s=args.grace)
+
+
+def cmd_explain(args) -> int:
+    from app.autointerp.queue import enqueue_for_sae
+    from app.db import check_schema, session_scope
+
+    check_schema()
+    try:
+        indices = [int(i) for i in args.feature.split(",")] if args.feature else None
+    except ValueError:
+        raise AtlasError(f"--feature {args.feature!r} must be comma-separated latent indices, e.g. 3,17,42") from None
+    for flag, v in (("--density-min", args.density_min), ("--density-max", args.density_max)):
+        if v is not None and not 0 <= v <= 1:
+            raise AtlasError(f"{flag} must be between 0 and 1")
+    with session_scope() as session:
+        created, skipped = enqueue_for_sae(session, args.sae, indices=indices, density_min=args.density_min,
+                                           density_max=args.density_max, priority=args.priority, limit=args.limit,
+                                           requested_by="cli")
+    print(f"queued {created} explanation jobs for {args.sae} ({skipped} already had a live job)")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from sqlalchemy import func, select
+
+    from app.autointerp.queue import cancel_job
+    from app.db import check_schema, session_scope
+    from app.models import Job
+
+    check_schema()
+    with session_scope() as session:
+        if args.jobs_command == "cancel":
+            cancel_job(session, args.id)
+            print(f"job {args.id} cancelled")
+            return 0
+        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no jobs")
+        q = select(Job).order_by(Job.id.desc()).limit(args.limit)
+        if args.status:
+            q = q.where(Job.status == args.status)
+        for job in session.scalars(q):
+            print(f"{job.id:>8} {job.status:9} sae={job.sae_id} feature={job.feature_id} attempts={job.attempts} "
+                  f"{(job.error or '')[:80]}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from app.db import check_schema, session_scope
+    from app.security import create_key, list_keys, revoke_key
+
+    check_schema()
+    with session_scope() as session:
+        if args.keys_command == "create":
+            key = create_key(session, args.name)
+            print(key)
+            print(f"# API key {args.name!r} created; it is shown once. Send it as 'Authorization: Bearer <key>'.", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            revoke_key(session, args.name)
+            print(f"revoked {args.name}")
+        else:
+            for k in list_keys(session):
+                print(f"{k.name:24} {k.prefix}…  created {k.created_at:%Y-%m-%d}  "
+                      f"{'revoked' if k.revoked_at else 'active'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import subprocess
+
+    from app.demo import build_demo
+
+    build_demo(rebuild=args.rebuild, tokens=args.tokens)
+    if args.no_serve:
+        return 0
+    # An auto-interp worker beside the server, so that "Request an explanation" does something.
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdin=subprocess.DEVNULL)
+    try:
+        args.host, args.port, args.workers = None, None, 1
+        return cmd_serve(args)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()

@@ -1,0 +1,156 @@
+"""Leases on queue rows: the machinery shared by every durable queue in the store.
+
+Auto-interp jobs (app.models.Job) and training runs (app.models.TrainingRun) are rows with the same
+queue columns (status, priority, run_after, attempts, max_attempts, lease_owner, lease_expires_at,
+heartbeat_at); workers claim them with the functions here, passing `model=`.
+
+- claim: PostgreSQL uses `SELECT ... FOR UPDATE SKIP LOCKED` inside an UPDATE ... RETURNING, so
+  many workers on many machines never take the same row; SQLite runs one atomic
+  `UPDATE ... WHERE id IN (SELECT ...) RETURNING` (SQLite serialises writers).
+- leases: a claimed row carries lease_owner and lease_expires_at; heartbeats extend it; a row
+  whose lease expires (its worker died) goes back to the queue. Every later state change is
+  conditional on (status = running, lease_owner = me): `owned()`.
+- failures retry with exponential backoff and jitter up to max_attempts, then the row is
+  `failed` with its error kept; `release` gives a row back without counting the attempt.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app.models import Job, JobStatus, TrainingRun, utcnow
+from app.settings import get_settings
+
+KIND_EXPLAIN = "explain"
+BACKOFF_BASE_S = 15.0
+BACKOFF_MAX_S = 600.0
+
+
+def retry_busy(fn, attempts: int = 20):
+    """SQLite answers 'database is locked' when two writers race; retrying is correct there."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except OperationalError as exc:
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.02 * (i + 1) + random.random() * 0.02)
+
+
+def requeue_expired(session: Session, now: datetime | None = None, model=Job) -> int:
+    """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
+
+    On PostgreSQL the rows are picked with SKIP LOCKED, so workers sweeping at the same moment
+    never wait on (or deadlock over) each other's rows; whoever locks a row first requeues it.
+    """
+    now = now or utcnow()
+    M = model
+    expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
+
+    def pick(cond):
+        ids = select(M.id).where(cond)
+        if session.get_bind().dialect.name == "postgresql":
+            ids = ids.with_for_update(skip_locked=True)
+        return M.id.in_(ids.scalar_subquery())
+
+    failed = session.execute(update(M).where(pick(and_(expired, M.attempts >= M.max_attempts))).values(
+        status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
+        error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
+    back = session.execute(update(M).where(pick(expired)).values(
+        status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)).rowcount
+    return (failed or 0) + (back or 0)
+
+
+def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | None = None,
+          kinds: tuple[str, ...] = (KIND_EXPLAIN,), model=Job, where=()) -> list:
+    """Take up to `limit` runnable rows for this worker, highest priority first. Commits.
+
+    model: Job (filtered by `kinds`) or TrainingRun; where: extra conditions on the rows."""
+    lease_s = lease_s or get_settings().job_lease_s
+    M = model
+    conds = [M.status == JobStatus.queued.value, *where]
+    if M is Job:
+        conds.append(Job.kind.in_(kinds))
+
+    def attempt() -> list:
+        now = utcnow()
+        try:
+            requeue_expired(session, now, M)
+            ready = (select(M.id).where(M.run_after <= now, *conds)
+                     .order_by(M.priority.desc(), M.id).limit(limit))
+            if session.get_bind().dialect.name == "postgresql":
+                ready = ready.with_for_update(skip_locked=True)
+            stmt = (update(M).where(M.id.in_(ready.scalar_subquery()))
+                    .values(status=JobStatus.running.value, lease_owner=worker_id,
+                            lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
+                            attempts=M.attempts + 1, started_at=now)
+                    .returning(M.id))
+            ids = [row[0] for row in session.execute(stmt)]
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        if not ids:
+            return []
+        return list(session.scalars(select(M).where(M.id.in_(ids)).order_by(M.priority.desc(), M.id)
+                                    .execution_options(populate_existing=True)))
+
+    return retry_busy(attempt)
+
+
+def owned(job_id: int, worker_id: str, model=Job):
+    return and_(model.id == job_id, model.status == JobStatus.running.value, model.lease_owner == worker_id)
+
+
+def write(session: Session, stmt) -> bool:
+    def attempt():
+        try:
+            n = session.execute(stmt).rowcount
+            session.commit()
+            return bool(n)
+        except BaseException:
+            session.rollback()
+            raise
+    return retry_busy(attempt)
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float | None = None, model=Job) -> bool:
+    """Extend the lease; False means the row is no longer ours (expired, cancelled or re-leased)."""
+    lease_s = lease_s or get_settings().job_lease_s
+    now = utcnow()
+    return write(session, update(model).where(owned(job_id, worker_id, model)).values(
+        heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s)))
+
+
+def backoff_s(attempts: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0.5, 1.0) * min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
+
+
+def fail(session: Session, job, worker_id: str, error: str, retryable: bool = True) -> str:
+    """Record a failure: back to the queue after a backoff, or `failed` when out of attempts.
+    `job` is a Job (or any object with its id, attempts and max_attempts) or a TrainingRun."""
+    now = utcnow()
+    error = error[:4000]
+    M = TrainingRun if isinstance(job, TrainingRun) else Job
+    if retryable and job.attempts < job.max_attempts:
+        ok = write(session, update(M).where(owned(job.id, worker_id, M)).values(
+            status=JobStatus.queued.value, error=error, lease_owner=None, lease_expires_at=None,
+            run_after=now + timedelta(seconds=backoff_s(job.attempts))))
+        return JobStatus.queued.value if ok else "lost"
+    ok = write(session, update(M).where(owned(job.id, worker_id, M)).values(
+        status=JobStatus.failed.value, error=error, finished_at=now, lease_owner=None, lease_expires_at=None))
+    return JobStatus.failed.value if ok else "lost"
+
+
+def release(session: Session, job_id: int, worker_id: str, model=Job) -> bool:
+    """Give a row back untouched (worker shutting down): the attempt does not count."""
+    return write(session, update(model).where(owned(job_id, worker_id, model)).values(
+        status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=utcnow(),
+        attempts=model.attempts - 1))
