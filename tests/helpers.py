@@ -20,6 +20,15 @@ FAMILY_CONFIGS = {
                                        max_position_embeddings=256)),
     "gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                   num_key_value_heads=1, head_dim=16, max_position_embeddings=256)),
+    # Gemma 2/3 and OLMo 2 normalise the attention and MLP outputs before adding them to the residual stream.
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                                    query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                                        query_pre_attn_scalar=16)),
+    "olmo2": ("Olmo2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256)),
 }
 
 

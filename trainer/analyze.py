@@ -34,7 +34,7 @@ import torch
 
 from app.errors import AtlasError
 from trainer.activations import valid_token_mask
-from trainer.formats import LoadedSAE, load_sae
+from trainer.formats import LoadedSAE, check_native_hook, load_sae
 from trainer.progress import report as progress_report
 from trainer.selection import TopPerGroup, uniform_key
 
@@ -216,6 +216,11 @@ class Analyzer:
         self.device = pick_device(cfg.device)
         self.lm = lm or load_lm(cfg.model, self.device, cfg.lm_dtype)
         self.site = self.lm.site(cfg.site)
+        # A transcoder is analysed on what it reads (its input site); its decoder directions, hence
+        # the direct logit effects, live at its output site.
+        loaded = self.loaded
+        check_native_hook(loaded.native_hook, self.lm, loaded.output_site if loaded.transcoder else cfg.site,
+                          cfg.site if loaded.transcoder else None)
         d_in = self.loaded.sae.cfg.d_in
         if d_in != self.lm.d_model:
             raise AtlasError(f"the SAE reads {d_in}-dimensional activations but {cfg.model} site {cfg.site} has {self.lm.d_model}",
@@ -449,7 +454,7 @@ class Analyzer:
     @torch.no_grad()
     def logit_effects(self, block: int = 512) -> dict[str, np.ndarray]:
         c = self.cfg
-        w_u = self.lm.unembed_with_norm().to(self.device)  # [V, D]
+        w_u = self.lm.direct_logit_weights().to(self.device)  # [V, D]
         directions = self.sae.W_dec.detach().float()
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         F = directions.shape[0]
@@ -552,7 +557,8 @@ class Analyzer:
         return {
             "sae": {"architecture": self.loaded.architecture, "d_in": self.sae.cfg.d_in, "d_sae": self.d_sae,
                     "k": self.sae.cfg.k if self.loaded.architecture in ("topk", "batchtopk", "matryoshka") else None,
-                    "site": c.site, "source_format": self.loaded.source_format,
+                    "site": c.site, "kind": self.loaded.kind, "output_site": self.loaded.output_site,
+                    "source_format": self.loaded.source_format,
                     "norm_scale": float(self.loaded.meta.get("norm_scale_folded", 1.0)), "config": self.loaded.meta.get("sae", {}),
                     "training": self.loaded.meta.get("training", {})},
             "metrics": self.loaded.metrics,

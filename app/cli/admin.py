@@ -43,5 +43,5 @@ def cmd_sites(args) -> int:
     from trainer.lm import load_lm
 
     lm = load_lm(args.model, "cpu", "float32")
-    print(f"{lm.name}: {lm.n_layers} blocks, d_model {lm.d_model}; sites: resid_post.L, mlp_out.L, attn_out.L for L in 0..{lm.n_layers - 1}")
+    print(f"{lm.name}: {lm.n_layers} blocks, d_model {lm.d_model}; sites: resid_post.L, mlp_out.L, attn_out.L, mlp_in.L for L in 0..{lm.n_layers - 1}")
     return 0

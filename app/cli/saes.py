@@ -1,4 +1,4 @@
-"""`analyze`, `publish`, `import` and `add`: from an SAE folder to browsable dashboards."""
+"""`analyze`, `publish`, `import`, `add` and `export`: from an SAE folder to browsable dashboards, and back out."""
 
 from __future__ import annotations
 
@@ -52,8 +52,18 @@ def cmd_publish(args) -> int:
 def cmd_import(args) -> int:
     from trainer.importer import import_sae
 
-    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=args.overwrite)
+    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=args.overwrite,
+                        output_site=args.output_site)
     print(f"imported into {folder}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from trainer.formats import export_folder
+
+    out = export_folder(Path(args.sae_dir), args.format, Path(args.out), model=args.model)
+    loader = {"saelens": "sae_lens.SAE.load_from_disk", "sparsify": "sparsify.SparseCoder.load_from_disk"}[args.format]
+    print(f"exported to {out} (load it with {loader})")
     return 0
 
 
@@ -63,6 +73,7 @@ def cmd_add(args) -> int:
     from trainer.publish import check_can_publish
 
     check_can_publish(args.name, args.replace)
-    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=True)
+    folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=True,
+                        output_site=args.output_site)
     analyze(AnalyzeConfig(sae_dir=folder, tokens=args.tokens, corpus=args.corpus, restart=True))
     return publish_folder(folder, args.name, args.replace, args.description or "")

@@ -190,6 +190,10 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(directions.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Set only by trainer.formats on SAEs read from other tools (never in training): what they
+        # do around encode/decode, e.g. SAELens's run-time input normalisation or a skip-transcoder's
+        # W_skip x. Duck-typed: normalise(x) before the encoder, finish(x_hat, x) after the decoder.
+        self.io: nn.Module | None = None
 
     def initial_decoder_norm(self) -> float:
         return 1.0
@@ -198,6 +202,8 @@ class SparseAutoencoder(nn.Module):
 
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
         """z = W_enc (x - b_dec) + b_enc, the dense matmul done in compute_dtype."""
+        if self.io is not None:
+            x = self.io.normalise(x)
         x_c = x.to(self.W_enc.dtype) - self.b_dec
         if self.compute_dtype != self.W_enc.dtype:
             z = x_c.to(self.compute_dtype) @ self.W_enc.to(self.compute_dtype).T
@@ -219,8 +225,14 @@ class SparseAutoencoder(nn.Module):
         return F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values.to(self.W_dec.dtype),
                                mode="sum") + self.b_dec
 
+    def output(self, codes: Codes, x: torch.Tensor) -> torch.Tensor:
+        """What the SAE predicts for input x, given codes = encode(x): decode(codes), plus what an
+        imported SAE adds after its decoder (see `io`)."""
+        x_hat = self.decode(codes)
+        return x_hat if self.io is None else self.io.finish(x_hat, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.output(self.encode(x), x)
 
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
