@@ -14,7 +14,14 @@ from safetensors.torch import save_file
 from app.errors import AtlasError
 from trainer.activations import valid_token_mask
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
-from trainer.formats import SiteIO, check_native_hook, hook_name_for, load_sae, save_sae, site_from_hook
+from trainer.formats import (
+    SiteIO,
+    check_native_hook,
+    hook_name_for,
+    load_sae,
+    save_sae,
+    site_from_hook,
+)
 from trainer.sae import SAEConfig, build_sae
 
 

@@ -8,7 +8,6 @@ import torch
 from app.errors import AtlasError
 from trainer.lm import load_lm, parse_site
 
-
 FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma", "gemma2", "gemma3", "olmo2"]
 
 

@@ -69,13 +69,31 @@ def _randomise(module, seed: int, threshold_range=(0.0, 0.8)) -> None:
 def saelens_cases() -> list[tuple[str, object, str]]:
     """(case name, an SAELens SAE with random parameters, how it is saved)."""
     import torch
-    from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes import (
-        BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig,
-        JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder, JumpReLUTranscoderConfig,
-        MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig, SkipTranscoder, SkipTranscoderConfig,
-        StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, Transcoder,
-        TranscoderConfig)
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        GatedSAE,
+        GatedSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
 
     meta = lambda: SAEMetadata(model_name="gpt2", hook_name=SAELENS_HOOK)  # noqa: E731
     tmeta = lambda: SAEMetadata(model_name="gpt2", hook_name=TC_IN, hook_name_out=TC_OUT)  # noqa: E731
@@ -106,7 +124,7 @@ def saelens_cases() -> list[tuple[str, object, str]]:
                                (JumpReLUTranscoder, JumpReLUTranscoderConfig, "jumprelu_transcoder"),
                                (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, "jumprelu_skip_transcoder")):
         out.append((name, cls(cfg_cls(D, F, d_out=D, apply_b_dec_to_input=False, metadata=tmeta())), "save_model"))
-    for i, (name, sae, _) in enumerate(out):
+    for i, (_, sae, _) in enumerate(out):
         _randomise(sae, seed=100 + i)
         if hasattr(sae, "topk_threshold"):
             sae.topk_threshold = torch.tensor(0.35, dtype=torch.double)

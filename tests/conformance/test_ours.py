@@ -12,9 +12,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from app.errors import AtlasError
+from tests.conformance.layouts import saelens_cfg, saelens_weights, sparsify_folder, write_saelens
 from tests.conformance.references import saelens_forward, sparsify_forward
 from trainer.formats import export_folder, load_sae, save_sae
 from trainer.sae import SAEConfig, build_sae
@@ -75,23 +76,9 @@ def test_saved_sae_means_the_same_under_saelens_semantics(tmp_path, arch):
     torch.testing.assert_close(out_back, out_ref, rtol=1e-4, atol=1e-4)
 
 
-def _sparsify_transcoder(folder, skip: bool, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    t = {"encoder.weight": torch.randn(F, D, generator=g) * 0.4, "encoder.bias": torch.randn(F, generator=g) * 0.5,
-         "W_dec": torch.randn(F, D, generator=g) * 0.3, "b_dec": torch.randn(D, generator=g)}
-    if skip:
-        t["W_skip"] = torch.randn(D, D, generator=g) * 0.2
-    cfg = {"activation": "topk", "expansion_factor": 4, "normalize_decoder": False, "num_latents": F, "k": K,
-           "multi_topk": False, "skip_connection": skip, "transcode": True, "d_in": D}
-    folder.mkdir(parents=True)
-    save_file(t, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return t, cfg
-
-
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_transcoder_round_trips_with_its_sites_and_skip_term(tmp_path, skip):
-    t, scfg = _sparsify_transcoder(tmp_path / "layers.2.mlp", skip)
+    t, scfg = sparsify_folder(tmp_path / "layers.2.mlp", transcode=True, skip=skip, seed=3, d=D, f=F, k=K)
     loaded = load_sae(tmp_path / "layers.2.mlp")
     save_sae(tmp_path / "ours", loaded.sae, 1.0, loaded.site, "gpt2", output_site=loaded.output_site)
     cfg, w = read_folder(tmp_path / "ours")
@@ -117,11 +104,9 @@ def test_a_transcoder_round_trips_with_its_sites_and_skip_term(tmp_path, skip):
 
 @pytest.mark.parametrize("arch", ["jumprelu_skip_transcoder", "transcoder"])
 def test_saelens_transcoders_are_saved_as_saelens_transcoders(tmp_path, arch):
-    from tests.conformance.test_saelens import saelens_cfg, weights, write
-
-    t = weights(arch, seed=8)
+    t = saelens_weights(arch, seed=8)
     src = saelens_cfg(arch, apply_b_dec=False, hook="blocks.3.ln2.hook_normalized", hook_out="blocks.3.hook_mlp_out")
-    loaded = load_sae(write(tmp_path / "src", src, t))
+    loaded = load_sae(write_saelens(tmp_path / "src", src, t))
     save_sae(tmp_path / "ours", loaded.sae, 1.0, loaded.site, "gpt2", output_site=loaded.output_site)
     cfg, w = read_folder(tmp_path / "ours")
     assert cfg["architecture"] == arch and set(w) == set(t)
@@ -134,11 +119,9 @@ def test_saelens_transcoders_are_saved_as_saelens_transcoders(tmp_path, arch):
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
 def test_run_time_normalisation_is_written_back(tmp_path, norm):
-    from tests.conformance.test_saelens import saelens_cfg, weights, write
-
-    t = weights("jumprelu", seed=9)
+    t = saelens_weights("jumprelu", seed=9)
     src = saelens_cfg("jumprelu", apply_b_dec=False, norm=norm)
-    loaded = load_sae(write(tmp_path / "src", src, t))
+    loaded = load_sae(write_saelens(tmp_path / "src", src, t))
     save_sae(tmp_path / "ours", loaded.sae, 1.0, loaded.site, "gpt2")
     cfg, w = read_folder(tmp_path / "ours")
     assert cfg["normalize_activations"] == norm
@@ -168,7 +151,7 @@ def test_export_to_sparsify_writes_what_sparsify_reads(tmp_path, capsys):
 
 
 def test_export_of_a_skip_transcoder_to_sparsify(tmp_path):
-    t, scfg = _sparsify_transcoder(tmp_path / "layers.1.mlp", skip=True)
+    t, scfg = sparsify_folder(tmp_path / "layers.1.mlp", transcode=True, skip=True, seed=3, d=D, f=F, k=K)
     export_folder(tmp_path / "layers.1.mlp", "sparsify", tmp_path / "out" / "layers.1.mlp")
     cfg = json.loads((tmp_path / "out" / "layers.1.mlp" / "cfg.json").read_text())
     t2 = load_file(str(tmp_path / "out" / "layers.1.mlp" / "sae.safetensors"))
@@ -181,7 +164,7 @@ def test_exports_that_the_tool_could_not_read_are_refused(tmp_path):
     save_sae(tmp_path / "jr", trained_like("jumprelu"), 1.0, "resid_post.1", "gpt2")
     with pytest.raises(AtlasError, match="sparsify has no jumprelu SAEs"):
         export_folder(tmp_path / "jr", "sparsify", tmp_path / "x")
-    _sparsify_transcoder(tmp_path / "layers.1.mlp", skip=True)
+    sparsify_folder(tmp_path / "layers.1.mlp", transcode=True, skip=True, seed=3, d=D, f=F, k=K)
     with pytest.raises(AtlasError, match="SAELens has no class for TopK skip-transcoders"):
         export_folder(tmp_path / "layers.1.mlp", "saelens", tmp_path / "y")
     (tmp_path / "full").mkdir()

@@ -28,53 +28,13 @@ import torch
 from safetensors.torch import save_file
 
 from app.errors import AtlasError
-from tests.conformance.references import JUMPRELU, TRANSCODERS, saelens_forward
+from tests.conformance.layouts import D, F, K, saelens_cfg, write_saelens
+from tests.conformance.layouts import saelens_weights as weights
+from tests.conformance.references import TRANSCODERS, saelens_forward
 from trainer.formats import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-D, F, K = 16, 48, 6
-VERSION = "6.54.12"
-
-
-def weights(arch: str, seed: int) -> dict[str, torch.Tensor]:
-    """A state_dict with the keys and shapes of SAELens's class for `arch`."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s  # noqa: E731
-    t = {"W_dec": r(F, D, s=0.4), "b_dec": r(D, s=0.7), "W_enc": r(D, F, s=0.4)}
-    if arch == "gated":
-        t.update(b_gate=r(F, s=0.5), b_mag=r(F, s=0.5), r_mag=r(F, s=0.3))
-    else:
-        t["b_enc"] = r(F, s=0.5)
-    if arch in JUMPRELU:
-        t["threshold"] = torch.rand(F, generator=g) * 1.2 - 0.2
-    if "skip" in arch:
-        t["W_skip"] = r(D, D, s=0.2)
-    return t
-
-
-def saelens_cfg(arch: str, apply_b_dec: bool = True, norm: str = "none", hook: str = "blocks.3.hook_resid_post",
-                rescale: bool = False, hook_out: str | None = None) -> dict:
-    """cfg.to_dict() of SAELens 6.54's inference config for `arch`."""
-    cfg = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": apply_b_dec,
-           "normalize_activations": norm, "reshape_activations": "none",
-           "metadata": {"sae_lens_version": VERSION, "sae_lens_training_version": VERSION, "model_name": "gpt2",
-                        "hook_name": hook, "hook_head_index": None, "context_size": 128, "prepend_bos": True,
-                        "dataset_path": "monology/pile-uncopyrighted", "model_from_pretrained_kwargs": {}}}
-    if arch == "topk":
-        cfg.update(k=K, rescale_acts_by_decoder_norm=rescale)
-    if arch in TRANSCODERS:
-        cfg["d_out"] = D
-        cfg["metadata"]["hook_name_out"] = hook_out
-    cfg["architecture"] = arch
-    return cfg
-
-
-def write(folder, cfg: dict, tensors: dict, dtype=torch.float32):
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
 
 
 def inputs(seed: int = 100, n: int = 96) -> torch.Tensor:
@@ -101,7 +61,7 @@ def assert_conforms(loaded, f_ref, out_ref, x):
 def test_sae_encodes_and_decodes_as_saelens(tmp_path, arch, rescale, apply_b_dec, norm):
     t = weights(arch, seed=zlib.crc32(f"{arch}{rescale}{apply_b_dec}{norm}".encode()))
     cfg = saelens_cfg(arch, apply_b_dec, norm, rescale=rescale)
-    loaded = load_sae(write(tmp_path / "sae", cfg, t))
+    loaded = load_sae(write_saelens(tmp_path / "sae", cfg, t))
     assert (loaded.site, loaded.model, loaded.transcoder) == ("resid_post.3", "gpt2", False)
     x = inputs()
     assert_conforms(loaded, *saelens_forward(arch, t, cfg, x), x)
@@ -113,7 +73,7 @@ def test_transcoders_read_one_site_and_predict_another(tmp_path, arch, norm):
     t = weights(arch, seed=7)
     cfg = saelens_cfg(arch, apply_b_dec=False, norm=norm, hook="blocks.3.ln2.hook_normalized",
                       hook_out="blocks.3.hook_mlp_out")
-    loaded = load_sae(write(tmp_path / "tc", cfg, t))
+    loaded = load_sae(write_saelens(tmp_path / "tc", cfg, t))
     assert loaded.transcoder and (loaded.site, loaded.output_site) == ("mlp_in.3", "mlp_out.3")
     assert loaded.kind == ("skip_transcoder" if "skip" in arch else "transcoder")
     x = inputs(seed=3)
@@ -140,7 +100,7 @@ def test_training_checkpoint_normalisation_is_applied(tmp_path, norm, arch, appl
     trainer folds them at the end; the SAE must encode raw x as scale(x) and decode to unscale(.)."""
     t = weights(arch, seed=11)
     cfg = saelens_cfg(arch, apply_b_dec, norm)
-    folder = write(tmp_path / "checkpoint", cfg, t)
+    folder = write_saelens(tmp_path / "checkpoint", cfg, t)
     x = inputs(seed=5) * 7.0
     if norm == "expected_average_only_in":
         s = 0.37
@@ -158,7 +118,7 @@ def test_training_checkpoint_normalisation_is_applied(tmp_path, norm, arch, appl
 
 @pytest.mark.parametrize("norm", ["expected_average_only_in", "covariance_whitening"])
 def test_normalisation_without_its_statistics_is_refused(tmp_path, norm):
-    folder = write(tmp_path / "sae", saelens_cfg("standard", norm=norm), weights("standard", 0))
+    folder = write_saelens(tmp_path / "sae", saelens_cfg("standard", norm=norm), weights("standard", 0))
     with pytest.raises(AtlasError, match="activation_scaler.json"):
         load_sae(folder)
 
@@ -172,7 +132,7 @@ def test_batchtopk_saved_for_inference_is_a_jumprelu(tmp_path):
                            training_architecture_details={"k": 6.0, "topk_threshold_lr": 0.01, "aux_loss_coefficient": 1.0,
                                                           "rescale_acts_by_decoder_norm": True, "use_sparse_activations": False,
                                                           "decoder_init_norm": 0.1})
-    loaded = load_sae(write(tmp_path / "bt", cfg, t))
+    loaded = load_sae(write_saelens(tmp_path / "bt", cfg, t))
     assert loaded.architecture == "jumprelu"
     x = inputs(seed=9)
     assert_conforms(loaded, *saelens_forward("jumprelu", t, cfg, x), x)
@@ -187,12 +147,12 @@ def test_saelens_5_config_with_flat_names(tmp_path):
            "hook_head_index": None, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
            "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "context_size": 128,
            "normalize_activations": False, "prepend_bos": True, "sae_lens_training_version": "3.13.0"}
-    loaded = load_sae(write(tmp_path / "old", cfg, {**t, "scaling_factor": torch.ones(F)}))
+    loaded = load_sae(write_saelens(tmp_path / "old", cfg, {**t, "scaling_factor": torch.ones(F)}))
     assert (loaded.architecture, loaded.site, loaded.model) == ("topk", "resid_post.3", "pythia-70m-deduped")
     x = inputs(seed=10)
     ref_cfg = {"normalize_activations": "none", "apply_b_dec_to_input": True, "k": K, "rescale_acts_by_decoder_norm": False}
     assert_conforms(loaded, *saelens_forward("topk", t, ref_cfg, x), x)
-    write(tmp_path / "scaled", cfg, {**t, "scaling_factor": torch.full((F,), 1.5)})
+    write_saelens(tmp_path / "scaled", cfg, {**t, "scaling_factor": torch.full((F,), 1.5)})
     with pytest.raises(AtlasError, match="scaling_factor"):
         load_sae(tmp_path / "scaled")
 
@@ -200,7 +160,7 @@ def test_saelens_5_config_with_flat_names(tmp_path):
 def test_weights_saved_in_bfloat16(tmp_path):
     t = weights("jumprelu", seed=12)
     cfg = {**saelens_cfg("jumprelu", apply_b_dec=False), "dtype": "bfloat16"}
-    loaded = load_sae(write(tmp_path / "bf16", cfg, t, dtype=torch.bfloat16))
+    loaded = load_sae(write_saelens(tmp_path / "bf16", cfg, t, dtype=torch.bfloat16))
     as_read = {k: v.to(torch.bfloat16).float() for k, v in t.items()}
     x = inputs(seed=13)
     assert_conforms(loaded, *saelens_forward("jumprelu", as_read, cfg, x), x)
@@ -221,4 +181,4 @@ def test_what_cannot_be_read_exactly_is_refused(tmp_path, change, message):
     cfg, t = saelens_cfg("standard"), weights("standard", 1)
     change(cfg, t)
     with pytest.raises(AtlasError, match=message):
-        load_sae(write(tmp_path / "sae", cfg, t))
+        load_sae(write_saelens(tmp_path / "sae", cfg, t))

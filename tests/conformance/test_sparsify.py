@@ -21,26 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 from app.errors import AtlasError
+from tests.conformance.layouts import sparsify_folder
 from tests.conformance.references import sparsify_forward
 from trainer.formats import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-D, F, K = 16, 64, 5
-
-
-def sparsify_folder(folder, transcode=False, skip=False, activation="topk", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = {"encoder.weight": torch.randn(F, D, generator=g) * 0.4, "encoder.bias": torch.randn(F, generator=g) * 0.5,
-         "W_dec": torch.randn(F, D, generator=g) * 0.3, "b_dec": torch.randn(D, generator=g)}
-    if skip:
-        t["W_skip"] = torch.randn(D, D, generator=g) * 0.2
-    cfg = {"activation": activation, "expansion_factor": 4, "normalize_decoder": not transcode, "num_latents": F,
-           "k": K, "multi_topk": False, "skip_connection": skip, "transcode": transcode, "d_in": D}
-    folder.mkdir(parents=True)
-    save_file(t, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return t, cfg
+D, K = 16, 5
 
 
 def inputs(seed=1, n=80):

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from app.errors import AtlasError
-from trainer.formats.common import LoadedSAE, assemble, check_shape, fold_b_dec, jumprelu_threshold, require
+from trainer.formats.common import (
+    LoadedSAE,
+    assemble,
+    check_shape,
+    fold_b_dec,
+    jumprelu_threshold,
+    require,
+)
 from trainer.formats.sites import site_from_hook
 from trainer.sae import SAEConfig
 
