@@ -40,11 +40,11 @@ def test_describe_names_punctuation_lists_runners_up_and_skips_dead_latents():
     tokens[7:, 2] = 10
     (st, dead) = token_pattern.stats_from_windows(np.zeros(10), tokens, np.full(10, 2), 2)
     text = token_pattern.describe(st, vt)
-    assert text.startswith("‹)› closing parenthesis (70 % of top examples), ‹(› opening parenthesis (30 %)")
+    assert text.startswith("‹)› right parenthesis (70 % of top examples), ‹(› left parenthesis (30 %)")
     assert ", after ‹ x›" in text  # every peak follows " x"
     assert token_pattern.describe(dead, vt) is None  # never fired: nothing to say
     assert token_pattern.token_name("\n") == "newline" and token_pattern.token_name(" just") is None
-    assert token_pattern.token_name("),") == "closing parenthesis + comma"
+    assert token_pattern.token_name("),") == "right parenthesis + comma"
     assert token_pattern.chip("a\nb\t") == "‹a↵b⇥›"
 
 

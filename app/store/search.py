@@ -35,7 +35,7 @@ from app.store.vocab import vocab_for
 MODES = ("merged", "keyword", "semantic")
 RRF_K = 60
 MAX_RESULTS = 500  # most results one search ranks; pages are cut from these
-DEFAULT_MIN_SIMILARITY = 0.25  # cosine; all-MiniLM-L6-v2 puts unrelated short texts below ~0.15
+DEFAULT_MIN_SIMILARITY = 0.2  # cosine; all-MiniLM-L6-v2 puts unrelated short texts below ~0.15
 
 
 def _fts_query(q: str) -> str:
@@ -185,6 +185,7 @@ def semantic_ids(session: Session, q: str, embedder, limit: int = MAX_RESULTS, s
     q = _clean_query(q)
     if not q:
         return []
+    embedder.check()  # a missing model is an error even where nothing was embedded with it yet
     marks = _watermarks(session, embedder.name, sae_name)
     if not marks:
         return []  # nothing embedded with this model: no need to load it

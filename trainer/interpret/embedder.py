@@ -62,6 +62,10 @@ class EmbeddingModelMissing(EmbeddingUnavailable):
 class Embedder(Protocol):
     name: str
 
+    def check(self) -> None:
+        """Raise EmbeddingModelMissing when the model cannot be had (without loading it)."""
+        ...
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 rows, one per text, in order."""
         ...
@@ -146,6 +150,11 @@ class TransformersEmbedder:
 
     def __post_init__(self):
         self.name = self.name or self.model
+
+    def check(self) -> None:
+        """EmbeddingModelMissing now when the model cannot be found (cheap: nothing is loaded)."""
+        if self._loaded is None:
+            resolve_model(self.model)
 
     def load(self):
         with self._lock:
@@ -268,6 +277,9 @@ class HTTPEmbedder:
                 self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout_s))
             return self._client
 
+    def check(self) -> None:
+        """Nothing to check before a request: the server answers for the model."""
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -355,6 +367,5 @@ def get_embedder() -> Embedder:
 def check_embedder() -> Embedder:
     """The configured embedder, or EmbeddingModelMissing now (before long work) when it cannot load."""
     emb = get_embedder()
-    if isinstance(emb, TransformersEmbedder):
-        resolve_model(emb.model)
+    emb.check()
     return emb

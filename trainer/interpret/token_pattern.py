@@ -6,7 +6,7 @@ Written for every latent from its dashboard statistics alone, with no LM:
 - the tokens its decoder direction promotes most (direct logit effect).
 
 For example `‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹accred›, ‹ited›`.
-Punctuation and whitespace tokens also get their name in words (`‹)› closing parenthesis`), so that
+Punctuation and whitespace tokens also get their name in words (`‹)› right parenthesis`), so that
 semantic search for "closing bracket" finds them. The same statistics go into the LM explainer's
 prompt (app/autointerp/prompts.py).
 """
@@ -30,8 +30,8 @@ MAX_PROMOTED = 3
 
 # Names in words for punctuation and whitespace, so an explanation of `)` reads as a closing bracket.
 CHAR_NAMES = {
-    "(": "opening parenthesis", ")": "closing parenthesis", "[": "opening square bracket",
-    "]": "closing square bracket", "{": "opening curly brace", "}": "closing curly brace", "<": "less-than sign",
+    "(": "left parenthesis", ")": "right parenthesis", "[": "left square bracket",
+    "]": "right square bracket", "{": "left curly brace", "}": "right curly brace", "<": "less-than sign",
     ">": "greater-than sign", ",": "comma", ".": "full stop", ":": "colon", ";": "semicolon", "!": "exclamation mark",
     "?": "question mark", "'": "single quote", '"': "double quote", "`": "backtick", "=": "equals sign",
     "+": "plus sign", "-": "hyphen or minus", "*": "asterisk", "/": "slash", "\\": "backslash", "|": "vertical bar",
