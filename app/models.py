@@ -234,12 +234,39 @@ class Explanation(Base):
     detection_f1: Mapped[float | None] = mapped_column(Float)
     fuzzing_score: Mapped[float | None] = mapped_column(Float, doc="balanced accuracy")
     fuzzing_f1: Mapped[float | None] = mapped_column(Float)
+    embedding_score: Mapped[float | None] = mapped_column(
+        Float, doc="AUROC of the cosine similarity of explanation and held-out windows, activating vs not")
+    detection_uninformative: Mapped[bool | None] = mapped_column(
+        Boolean, doc="the detection judge gave every example the same answer: its score says nothing")
+    fuzzing_uninformative: Mapped[bool | None] = mapped_column(
+        Boolean, doc="the fuzzing judge gave every example the same answer: its score says nothing")
+    scores: Mapped[dict | None] = mapped_column(
+        JSON, doc="per scorer: counts, confidence interval, embedding model, the SAE's shuffled baseline")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     feature: Mapped[Feature] = relationship(back_populates="explanations")
     judgements: Mapped[list[Judgement]] = relationship(
         back_populates="explanation", order_by="Judgement.id", passive_deletes=True
     )
+
+
+class ExplanationEmbedding(Base):
+    """An explanation's sentence embedding (unit length), for semantic search.
+
+    `model` names the vector space (trainer.interpret.embedder): search compares only vectors of the
+    configured model. On PostgreSQL servers with pgvector, migration 0005 adds an `embedding vector`
+    column beside `vector` (kept in step by trainer.interpret.vectors) and search runs in the database.
+    """
+
+    __tablename__ = "explanation_embeddings"
+    __table_args__ = (Index("ix_explanation_embeddings_model_sae", "model", "sae_id", "explanation_id"),)
+
+    explanation_id: Mapped[int] = mapped_column(BigId, ForeignKey("explanations.id", ondelete="CASCADE"),
+                                                primary_key=True, autoincrement=False)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    dim: Mapped[int] = mapped_column(SmallInteger)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, doc="float32 little-endian, L2-normalised")
 
 
 class Judgement(Base):

@@ -76,6 +76,25 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one HTTP request to the explainer server.")
     llm_max_retries: int = Field(default=5, ge=0, le=20, description="Retries on 429/5xx/timeouts, with exponential backoff and jitter.")
     llm_concurrency: int = Field(default=4, ge=1, le=256, description="Most requests in flight to the explainer server per worker.")
+    embedding_backend: Literal["local", "openai"] = Field(
+        default="local",
+        description="Who embeds explanations and example windows (semantic search, embedding scorer): local (a transformers sentence-embedding model) or openai (an OpenAI-compatible /embeddings endpoint).",
+    )
+    embedding_model: str = Field(
+        default="all-minilm-l6-v2",
+        description="Sentence-embedding model: the bundled all-minilm-l6-v2, a Hugging Face id or a local folder (local backend), or the model name sent to the /embeddings endpoint (openai backend).",
+    )
+    embedding_base_url: str | None = Field(
+        default=None, description="Base URL of the OpenAI-compatible /embeddings endpoint; unset means SAE_ATLAS_OPENAI_BASE_URL."
+    )
+    embedding_api_key: str | None = Field(
+        default=None, description="Bearer key sent to the embeddings endpoint; unset means SAE_ATLAS_OPENAI_API_KEY."
+    )
+    embedding_batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass or per /embeddings request.")
+    publish_explanations: bool = Field(
+        default=True,
+        description="At publish, write a token-pattern explanation for every latent and score it with the embedding scorer (needs the embedding model).",
+    )
     job_lease_s: float = Field(default=300.0, gt=0, description="Seconds a worker holds a job without a heartbeat before it returns to the queue.")
     job_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts before a job is marked failed.")
     worker_poll_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for new jobs.")

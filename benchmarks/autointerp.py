@@ -12,6 +12,14 @@
 2. Local model: a small SAE on the bundled SmolLM2-135M (trained once and cached under
    data/bench), `--local-jobs` features explained and scored by one worker with the local backend
    (the same model explains and judges): explanations per minute, plus LM requests and tokens.
+3. --embedding-demo: the embedding scorer on every latent of the demo SAE (built by `make demo`,
+   or --demo-sae FOLDER): token-pattern explanations vs the same explanations permuted across
+   latents, mean AUROC of each, the paired difference and its Wilcoxon signed-rank p-value.
+4. --judge-latents N: the local LM explains N demo-SAE latents, with and without the token
+   statistics in its prompt; detection, fuzzing and embedding scores of each explanation and of a
+   shuffled one (the next latent's explanation on this latent's held-out windows), paired.
+   Wilcoxon signed-rank, not a paired t-test: balanced accuracies from 12 judgements move in steps
+   of 1/12 and pile up at 0.5, far from normal.
 Results go to benchmarks/results/autointerp.json.
 """
 
@@ -32,6 +40,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
 os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
 
+import numpy as np  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
@@ -160,6 +169,111 @@ def local_throughput(args) -> dict:
             "lm_seconds": round(st.seconds, 1), "examples": texts}
 
 
+# --- explanations vs shuffled explanations, per scorer (the demo SAE) ----------------------------
+
+def demo_sae_dir() -> Path:
+    from app.demo import DEMO_NAME
+
+    return REPO / "data" / "demo" / DEMO_NAME  # where `make demo` builds it
+
+
+def embedding_vs_shuffled(folder: Path) -> dict:
+    """The publish-time embedding scorer on every latent of an analysed SAE: token-pattern
+    explanations vs the same explanations permuted across latents (paired Wilcoxon)."""
+    from trainer.interpret import at_publish
+    from trainer.interpret.embedder import get_embedder
+    from trainer.publish import Analysis
+
+    a = Analysis.load(folder)
+    t = time.perf_counter()
+    interp = at_publish.prepare(a.examples, a.features, a.vocab, get_embedder(), progress=True)
+    out = dict(interp.summary)
+    out["wall_s"] = round(time.perf_counter() - t, 1)
+    out["latents_per_s"] = round(out["latents"] / out["wall_s"], 1)
+    return out
+
+
+async def _judge_latent(backend, engine, feature_id: int, sae_id: int, cfg, other_text: str | None):
+    from app.autointerp.explain import JobRef, embedding_score, load_feature_data
+    from app.autointerp.prompts import clean_explanation, explain_messages
+    from app.autointerp.scoring import detection, fuzzing
+
+    data = await asyncio.to_thread(load_feature_data, engine, JobRef(0, feature_id, sae_id, 1, 1), cfg)
+    raw = await backend.complete(explain_messages(data.split.explain, cfg, data.max_act, data.statistics),
+                                 cfg.explain_max_tokens, "explain")
+    try:
+        text = clean_explanation(raw, cfg)
+    except Exception:  # an unusable answer: scored as the raw text, which is what a user would see fail
+        text = (raw or "").strip()[:200] or "nothing"
+    seed = cfg.seed * 1_000_003 + feature_id
+    pos, neg = data.split.held_out, data.negatives
+    out = {"feature_id": feature_id, "text": text}
+    for label, expl in (("true", text), ("shuffled", other_text)):
+        if expl is None:
+            continue
+        det = await detection(backend, expl, pos, neg, cfg, seed)
+        fuzz = await fuzzing(backend, expl, pos, neg, cfg, seed)
+        emb = await asyncio.to_thread(embedding_score, expl, pos, neg, None)
+        out[label] = {"detection": det.balanced_accuracy, "fuzzing": fuzz.balanced_accuracy,
+                      "embedding": emb.auroc if emb else None, "detection_uninformative": det.uninformative,
+                      "fuzzing_uninformative": fuzz.uninformative}
+    return out
+
+
+def lm_scorers_vs_shuffled(folder: Path, n: int, seed: int = 0) -> dict:
+    """The local LM explains n latents of the demo SAE (with and without the token statistics in
+    its prompt); detection, fuzzing and embedding scores of each explanation and of a shuffled one
+    (another latent's explanation on this latent's windows), paired tests per scorer."""
+    import tempfile
+    from dataclasses import replace
+
+    from app import store
+    from app.autointerp.backends import LocalBackend
+    from app.autointerp.prompts import PromptConfig
+    from app.db import make_engine, upgrade
+    from app.models import SAE, Feature
+    from trainer.interpret.embedding_scorer import paired_comparison
+    from trainer.publish import publish
+
+    backend = LocalBackend()
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/atlas.db")
+        upgrade(engine)
+        store.forget_caches()
+        publish(folder, "demo", engine=engine, progress=False, explain=False)
+        with Session(engine) as s:
+            sae = s.scalar(select(SAE).where(SAE.name == "demo"))
+            # latents with enough examples, spread over the density range, seeded
+            cands = list(s.scalars(select(Feature.id).where(Feature.sae_id == sae.id, Feature.firing_count >= 40,
+                                                            Feature.density < 0.05).order_by(Feature.index)))
+            import random
+
+            picks = random.Random(seed).sample(cands, min(n, len(cands)))
+            sae_id = sae.id
+        base = PromptConfig.for_backend("local")
+        for variant, cfg in (("with_statistics", base), ("without_statistics", replace(base, show_statistics=False))):
+            first = [asyncio.run(_judge_latent(backend, engine, f, sae_id, cfg, None)) for f in picks]
+            texts = [r["text"] for r in first]
+            perm = list(range(1, len(picks))) + [0]  # each latent judged with the next one's explanation
+            judged = [asyncio.run(_judge_latent(backend, engine, f, sae_id, cfg, texts[perm[k]]))
+                      for k, f in enumerate(picks)]
+            per_scorer = {}
+            for scorer in ("detection", "fuzzing", "embedding"):
+                t = [r["true"][scorer] for r in judged]
+                sh = [r["shuffled"][scorer] for r in judged]
+                per_scorer[scorer] = paired_comparison(np.array(t, float), np.array(sh, float))
+            per_scorer["uninformative_share"] = {
+                k: float(np.mean([r["true"][f"{k}_uninformative"] for r in judged])) for k in ("detection", "fuzzing")}
+            rows[variant] = {"latents": len(picks), "scorers": per_scorer,
+                             "examples": [(r["feature_id"], r["text"]) for r in judged[:8]]}
+        engine.dispose()
+    w, wo = rows["with_statistics"]["scorers"], rows["without_statistics"]["scorers"]
+    rows["statistics_effect"] = {k: {"with": w[k]["true_mean"], "without": wo[k]["true_mean"]}
+                                 for k in ("detection", "fuzzing", "embedding")}
+    return rows
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -171,14 +285,28 @@ def main() -> None:
     ap.add_argument("--pg-workers", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=4, help="jobs in flight per worker process")
     ap.add_argument("--local-jobs", type=int, default=5, help="features explained with the local model (0 skips)")
+    ap.add_argument("--embedding-demo", action="store_true",
+                    help="embedding scorer: token-pattern vs shuffled explanations on every latent of the demo SAE")
+    ap.add_argument("--judge-latents", type=int, default=0,
+                    help="demo-SAE latents explained by the local LM and scored (detection, fuzzing, embedding) "
+                         "against shuffled explanations, with and without token statistics in the prompt")
+    ap.add_argument("--demo-sae", type=Path, default=None, help="the demo SAE folder (default: DATA_DIR/demo/...)")
     args = ap.parse_args()
     command = "python benchmarks/autointerp.py " + shlex.join(sys.argv[1:])
     import torch
 
     results = {"command": command.strip(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "queue": queue_overhead(args)}
+               "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+               "queue": queue_overhead(args) if args.jobs else []}
     if args.local_jobs:
         results["local"] = local_throughput(args)
+    folder = args.demo_sae or demo_sae_dir()
+    if args.embedding_demo:
+        results["embedding_vs_shuffled"] = embedding_vs_shuffled(folder)
+        print(json.dumps(results["embedding_vs_shuffled"], indent=2))
+    if args.judge_latents:
+        results["lm_scorers_vs_shuffled"] = lm_scorers_vs_shuffled(folder, args.judge_latents)
+        print(json.dumps(results["lm_scorers_vs_shuffled"], indent=2, default=str))
 
     print()
     print(f"$ {results['command']}")

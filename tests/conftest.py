@@ -20,6 +20,9 @@ def pytest_configure(config):
     data = Path(tempfile.mkdtemp(prefix="atlas-test-"))
     os.environ["SAE_ATLAS_DATA_DIR"] = str(data)
     os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
+    # Publishing explains every latent with the embedding model; tests that want it ask for it
+    # (publish(..., explain=True)), the rest keep the tiny SAEs unexplained as their checks expect.
+    os.environ.setdefault("SAE_ATLAS_PUBLISH_EXPLANATIONS", "false")
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("SAE_ATLAS_DATABASE_URL", None)
     from app.settings import get_settings

@@ -171,29 +171,35 @@ def _insert_examples_sqlite(session: Session, rows, batch: int = 50_000) -> int:
 
 
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
-            description: str = "", progress: bool = True) -> int:
+            description: str = "", progress: bool = True, explain: bool | None = None) -> int:
     """Write an analysed SAE into the store; returns the new SAE's id."""
-    return publish_many([(sae_dir, name)], replace, engine, description, progress)[0]
+    return publish_many([(sae_dir, name)], replace, engine, description, progress, explain=explain)[0]
 
 
 def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, engine: Engine | None = None,
                  description: str = "", progress: bool = True, run_id: int | None = None,
-                 before_commit: Callable[[Session], None] | None = None) -> list[int]:
+                 before_commit: Callable[[Session], None] | None = None, explain: bool | None = None) -> list[int]:
     """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
 
     before_commit(session) runs last inside the transaction; raising there rolls everything back
     (the trainer worker uses it to mark its run done only if the run is still its own).
+    explain (default: the publish_explanations setting) writes a token-pattern explanation for
+    every latent with its embedding score (trainer.interpret.at_publish), computed before the
+    transaction opens.
     """
     for _, name in items:
         _check_name(name)
     engine = engine or get_engine()
     check_schema(engine)
     started = time.time()
+    analyses = [Analysis.load(Path(sae_dir)) for sae_dir, _ in items]
+    interpretations = _interpret(analyses, explain, progress)
     ids, n_rows, n_examples = [], 0, 0
     try:
         with Session(engine) as session, session.begin():
-            for sae_dir, name in items:
-                sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id)
+            for (sae_dir, name), a, interp in zip(items, analyses, interpretations):
+                sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id,
+                                                    a, interp)
                 ids.append(sae_id)
                 n_rows += rows
                 n_examples += examples
@@ -218,9 +224,25 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     return ids
 
 
+def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -> list:
+    """The interpretation step (token-pattern explanations, embedding scores) of each analysis, or Nones."""
+    from app.settings import get_settings
+
+    if not (get_settings().publish_explanations if explain is None else explain):
+        return [None] * len(analyses)
+    from trainer.interpret import at_publish
+    from trainer.interpret.embedder import EmbeddingModelMissing, check_embedder
+
+    try:
+        embedder = check_embedder()
+        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress) for a in analyses]
+    except EmbeddingModelMissing as exc:
+        raise AtlasError(f"cannot explain the latents at publish: {exc.message}",
+                         f"{exc.hint}; or publish without explanations (SAE_ATLAS_PUBLISH_EXPLANATIONS=false)") from None
+
+
 def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, replace: bool, description: str,
-               run_id: int | None) -> tuple[int, int, int]:
-    a = Analysis.load(sae_dir)
+               run_id: int | None, a: Analysis, interp=None) -> tuple[int, int, int]:
     s = a.summary
     old = session.scalar(select(SAE).where(SAE.name == name))
     if old is not None:
@@ -254,6 +276,10 @@ def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, repla
         n_examples = _copy_examples_postgres(session, examples)
     else:
         n_examples = _insert_examples_sqlite(session, examples)
+    if interp is not None:
+        from trainer.interpret import at_publish
+
+        at_publish.write(session, sae, ids, interp)
     sae.status = SAEStatus.ready.value
     sae.published_at = utcnow()
     session.flush()

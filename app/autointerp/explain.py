@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, case, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.autointerp import queue
@@ -23,7 +23,6 @@ from app.autointerp.backends import Backend
 from app.autointerp.prompts import (
     KIND_RANDOM,
     KIND_TOP,
-    PROMPT_VERSION,
     ExampleSplit,
     PromptConfig,
     StoredExample,
@@ -32,6 +31,7 @@ from app.autointerp.prompts import (
     clean_explanation,
     explain_messages,
     messages_text,
+    method_name,
     split_examples,
     to_window,
     zero_runs,
@@ -39,6 +39,7 @@ from app.autointerp.prompts import (
 from app.autointerp.scoring import Score, detection, fuzzing
 from app.models import SAE, Example, Explanation, Feature, Judgement
 from app.store import vocab_for
+from trainer.interpret import embedding_scorer, token_pattern
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class FeatureData:
     split: ExampleSplit
     negatives: list[Window]
     negative_sources: dict[str, int]
+    statistics: list[str] = field(default_factory=list)  # token_pattern.prompt_lines
+    baseline: dict | None = None  # the SAE's shuffled-explanation baseline (metrics["autointerp"])
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -106,8 +109,28 @@ def load_feature_data(engine: Engine, job: JobRef, cfg: PromptConfig) -> Feature
                                             max(1, len(split.held_out)), random.Random(seed))
         if not negatives:
             raise TooFewExamples(f"latent {feature.index} of {sae.name!r}: no non-activating contexts to score against")
+        auto = (sae.metrics or {}).get("autointerp") or {}
+        baseline = {k: auto.get(k) for k in ("shuffled_mean", "shuffled_std", "true_mean", "n", "explainer")} \
+            if auto else None
         return FeatureData(sae_name=sae.name, index=feature.index, feature_id=feature.id, max_act=feature.max_act,
-                           density=feature.density, split=split, negatives=negatives, negative_sources=sources)
+                           density=feature.density, split=split, negatives=negatives, negative_sources=sources,
+                           statistics=feature_statistics(feature, own, vocab.text), baseline=baseline)
+
+
+def feature_statistics(feature: Feature, own: list[StoredExample], vocab_text) -> list[str]:
+    """The token statistics of the feature's top examples, as lines for the explainer's prompt."""
+    tops = [e for e in own if e.kind == KIND_TOP and len(e.token_ids)]
+    promotes = np.asarray([[int(t) for t, _ in (feature.logits or {}).get("top", [])][:token_pattern.MAX_PROMOTED]
+                           or [-1]], np.int64)
+    if not tops:
+        return []
+    width = max(len(e.token_ids) for e in tops)
+    tokens = np.full((len(tops), width), -1, np.int64)
+    for r, e in enumerate(tops):
+        tokens[r, :len(e.token_ids)] = e.token_ids
+    (stats,) = token_pattern.stats_from_windows(np.zeros(len(tops), np.int64), tokens,
+                                                np.asarray([e.peak for e in tops]), 1, promotes)
+    return token_pattern.prompt_lines(stats, vocab_text)
 
 
 def pick_negatives(session: Session, sae: SAE, feature: Feature, own: list[StoredExample], vocab_text,
@@ -179,27 +202,43 @@ def pick_negatives(session: Session, sae: SAE, feature: Feature, own: list[Store
 # --- storing ----------------------------------------------------------------------------------
 
 def update_feature_best(session: Session, feature_id: int) -> None:
-    """Feature.explanation / best_score := the explanation with the best detection score (newest on ties)."""
-    best = session.execute(select(Explanation.text, Explanation.detection_score)
+    """Feature.explanation / best_score := the explanation with the best informative detection score;
+    without one, the best embedding score (every explanation has one); newest on ties. An
+    uninformative detection score (the judge answered everything alike) never counts."""
+    informative = case((Explanation.detection_uninformative.is_(True), None), else_=Explanation.detection_score)
+    best = session.execute(select(Explanation.text, informative.label("detection"))
                            .where(Explanation.feature_id == feature_id)
-                           .order_by(Explanation.detection_score.desc().nulls_last(), Explanation.id.desc())
+                           .order_by(informative.desc().nulls_last(), Explanation.embedding_score.desc().nulls_last(),
+                                     Explanation.id.desc())
                            .limit(1)).first()
     session.execute(update(Feature).where(Feature.id == feature_id).values(
-        explanation=best.text if best else None, best_score=best.detection_score if best else None))
+        explanation=best.text if best else None, best_score=best.detection if best else None))
 
 
 def store_result(engine: Engine, job: JobRef, worker_id: str, text: str, explainer: str, prompt: str, raw: str,
-                 det: Score, fuzz: Score, result: dict) -> int:
-    """Explanation + judgements + feature update + job done, in one transaction. Returns the explanation id."""
+                 det: Score, fuzz: Score, result: dict, method: str = "explain-v1",
+                 embedding: EmbeddingResult | None = None) -> int:
+    """Explanation + judgements + embedding + feature update + job done, in one transaction.
+    Returns the explanation id."""
+    from trainer.interpret.vectors import write_embeddings
+
+    scores = {"detection": det.summary(), "fuzzing": fuzz.summary()}
+    if embedding is not None:
+        scores["embedding"] = embedding.summary
 
     def attempt() -> int:
         with Session(engine) as session:
             with session.begin():
-                expl = Explanation(feature_id=job.feature_id, text=text, method=PROMPT_VERSION, explainer=explainer,
+                expl = Explanation(feature_id=job.feature_id, text=text, method=method, explainer=explainer,
                                    prompt=prompt, raw_response=raw, detection_score=det.balanced_accuracy,
-                                   detection_f1=det.f1, fuzzing_score=fuzz.balanced_accuracy, fuzzing_f1=fuzz.f1)
+                                   detection_f1=det.f1, fuzzing_score=fuzz.balanced_accuracy, fuzzing_f1=fuzz.f1,
+                                   detection_uninformative=det.uninformative,
+                                   fuzzing_uninformative=fuzz.uninformative,
+                                   embedding_score=embedding.auroc if embedding else None, scores=scores)
                 session.add(expl)
                 session.flush()
+                if embedding is not None:
+                    write_embeddings(session, [expl.id], [job.sae_id], embedding.vector[None, :], embedding.model)
                 rows = [{"explanation_id": expl.id, "method": j.method, "example_id": j.example_id, "text": j.text,
                          "truth": j.truth, "prediction": j.prediction, "correct": j.correct, "raw": j.raw}
                         for j in det.items + fuzz.items]
@@ -221,7 +260,7 @@ async def run_explain_job(job: JobRef, backend: Backend, engine: Engine, worker_
     cfg = PromptConfig.for_backend(backend.kind, job.params)
     data = await asyncio.to_thread(load_feature_data, engine, job, cfg)
     split = data.split
-    messages = explain_messages(split.explain, cfg, scale=data.max_act)
+    messages = explain_messages(split.explain, cfg, scale=data.max_act, statistics=data.statistics)
     temperature = 0.0 if job.attempts <= 1 else RETRY_TEMPERATURE
     raw = await backend.complete(messages, cfg.explain_max_tokens, "explain", temperature)
     text = clean_explanation(raw, cfg)
@@ -230,9 +269,11 @@ async def run_explain_job(job: JobRef, backend: Backend, engine: Engine, worker_
     # Both scorers at once: an HTTP backend overlaps their requests (up to llm_concurrency).
     det, fuzz = await asyncio.gather(detection(backend, text, positives, data.negatives, cfg, seed),
                                      fuzzing(backend, text, positives, data.negatives, cfg, seed))
+    embedding = await asyncio.to_thread(embedding_score, text, positives, data.negatives, data.baseline)
     result = {
         "text": text,
         "detection": det.summary(), "fuzzing": fuzz.summary(),
+        "embedding": embedding.summary if embedding else None,
         "n_explain": len(split.explain), "n_held_out": len(positives), "n_negatives": len(data.negatives),
         "negatives_from": data.negative_sources,
         "explainer": f"{backend.kind}:{backend.model_name('explain')}", "judge": backend.model_name("judge"),
@@ -240,11 +281,45 @@ async def run_explain_job(job: JobRef, backend: Backend, engine: Engine, worker_
     }
     explanation_id = await asyncio.to_thread(
         store_result, engine, job, worker_id, text, result["explainer"], messages_text(messages), raw, det, fuzz,
-        result)
+        result, method_name(cfg), embedding)
     result["explanation_id"] = explanation_id
-    log.info("job %d: latent %d of %s -> %r (detection %s, fuzzing %s) in %.1f s", job.id, data.index,
-             data.sae_name, text, _fmt(det.balanced_accuracy), _fmt(fuzz.balanced_accuracy), result["seconds"])
+    log.info("job %d: latent %d of %s -> %r (detection %s, fuzzing %s, embedding %s) in %.1f s", job.id, data.index,
+             data.sae_name, text, _fmt(det.balanced_accuracy), _fmt(fuzz.balanced_accuracy),
+             _fmt(embedding.auroc if embedding else None), result["seconds"])
     return result
+
+
+@dataclass
+class EmbeddingResult:
+    auroc: float | None
+    vector: np.ndarray  # the explanation's embedding (for semantic search)
+    model: str
+    summary: dict
+
+
+def window_plain_text(w: Window) -> str:
+    """A window as delphi's embedding scorer sees it: its tokens joined, no marks."""
+    return "".join(w.tokens).replace("\\n", "\n").replace("\\t", "\t")
+
+
+def embedding_score(text: str, positives: list[Window], negatives: list[Window],
+                    baseline: dict | None) -> EmbeddingResult | None:
+    """The embedding scorer on the job's held-out windows; None (logged) when no embedding model is available."""
+    from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
+
+    embedder = get_embedder()
+    try:
+        vecs = embedder.embed([embedding_scorer.query_text(text), text]
+                              + [window_plain_text(w) for w in positives + negatives])
+    except EmbeddingUnavailable as exc:
+        log.warning("no embedding score or search vector for this explanation: %s", exc.one_line())
+        return None
+    query, doc, windows = vecs[0], vecs[1], vecs[2:]
+    sims = windows @ query
+    auroc = embedding_scorer.auroc(sims[:len(positives)], sims[len(positives):])
+    return EmbeddingResult(auroc=auroc, vector=doc, model=embedder.name, summary={
+        "auroc": auroc, "n_pos": len(positives), "n_neg": len(negatives), "model": embedder.name,
+        "baseline": baseline})
 
 
 def _fmt(x: float | None) -> str:

@@ -22,6 +22,7 @@ from app.autointerp.backends import Message
 from app.errors import AtlasError
 
 PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
+PROMPT_VERSION_STATS = "explain-v2"  # explain-v1 plus the token statistics (show_statistics)
 
 KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2  # app.models.ExampleKind
 SOURCE_NAMES = {KIND_TOP: "top", KIND_INTERVAL: "interval", KIND_RANDOM: "random"}
@@ -43,6 +44,8 @@ class PromptConfig:
     """Interval examples shown to the explainer, spread over the interval groups."""
     show_activations: bool = True
     """Append (token, activation 0-10) lists to the explainer's examples."""
+    show_statistics: bool = True
+    """Tell the explainer the token statistics (peak tokens, tokens before the peak, promoted tokens)."""
     n_score: int = 20
     """Held-out activating examples judged per scorer (and as many non-activating ones)."""
     per_prompt: int = 5
@@ -320,7 +323,14 @@ ONE_SHOT_USER = (
 ONE_SHOT_ANSWER = "words that introduce a reason, like \"because\" and \"since\""
 
 
-def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float) -> list[Message]:
+def method_name(cfg: PromptConfig) -> str:
+    """Explanation.method for explanations written with this config."""
+    return PROMPT_VERSION_STATS if cfg.show_statistics else PROMPT_VERSION
+
+
+def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float,
+                     statistics: list[str] | None = None) -> list[Message]:
+    """The explainer's chat; `statistics` (token_pattern.prompt_lines) is shown when cfg.show_statistics."""
     lines = []
     for n, w in enumerate(windows, 1):
         lines.append(f"Example {n}: {render(w, w.active_positions(cfg.mark_threshold))}")
@@ -328,8 +338,11 @@ def explain_messages(windows: list[Window], cfg: PromptConfig, scale: float) -> 
             acts = activation_list(w, scale, cfg.mark_threshold)
             if acts:
                 lines.append(f"Activations {n}: {acts}")
+    stats = ""
+    if cfg.show_statistics and statistics:
+        stats = ("\n\nStatistics over the feature's top examples:\n" + "\n".join(f"- {ln}" for ln in statistics))
     user = ("Excerpts where the feature activates (marked tokens <<like this>>):\n\n" + "\n".join(lines)
-            + "\n\nWhat does this feature detect? Answer with one short phrase.")
+            + stats + "\n\nWhat does this feature detect? Answer with one short phrase.")
     shot = [{"role": "user", "content": ONE_SHOT_USER}, {"role": "assistant", "content": ONE_SHOT_ANSWER}]
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, *(shot if cfg.one_shot else []),
             {"role": "user", "content": user}]

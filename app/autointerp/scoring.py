@@ -8,10 +8,22 @@
 Both report balanced accuracy (TPR + TNR) / 2 and F1. An answer that cannot be parsed counts as
 wrong (a missed positive or a false alarm) and is recorded with prediction = None: never dropped,
 so a judge that rambles scores badly instead of silently scoring on fewer examples.
+
+Scores you can trust:
+- A 95 % Wilson score interval comes with every balanced accuracy (`wilson_interval`). With as
+  many negatives as positives (what the scorers build) balanced accuracy is plain accuracy, a
+  binomial proportion of correct answers out of n. Wilson is used rather than the Wald interval
+  (which collapses to zero width at 0 or n correct and undercovers at the n = 12 of a small local
+  judge) and rather than the exact Clopper-Pearson interval (guaranteed coverage, but wider than
+  it needs to be). With unequal classes, n is the effective sample size 4 / (1/P + 1/N), which
+  gives balanced accuracy's binomial variance.
+- A judge that gives every example the same answer (all yes, all no, or nothing readable) scores
+  exactly 0.5 whatever the explanation: such a score is flagged `uninformative` and stored so.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -85,10 +97,48 @@ class Score:
         denom = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / denom if denom else None
 
+    @property
+    def uninformative(self) -> bool:
+        """The judge gave every example the same answer: the score is 0.5 whatever the explanation."""
+        return bool(self.items) and len({j.prediction for j in self.items}) == 1
+
+    @property
+    def constant_answer(self) -> str | None:
+        if not self.uninformative:
+            return None
+        p = self.items[0].prediction
+        return "unreadable" if p is None else ("yes" if p else "no")
+
+    @property
+    def ci(self) -> tuple[float, float] | None:
+        """95 % Wilson interval of the balanced accuracy (see the module docstring)."""
+        ba = self.balanced_accuracy
+        if ba is None:
+            return None
+        n_eff = 4.0 / (1.0 / self.positives + 1.0 / self.negatives)
+        return wilson_interval(ba * n_eff, n_eff)
+
     def summary(self) -> dict:
+        ci = self.ci
         return {"balanced_accuracy": self.balanced_accuracy, "f1": self.f1, "n": len(self.items),
                 "positives": self.positives, "negatives": self.negatives, "tp": self.tp, "tn": self.tn,
-                "fp": self.fp, "fn": self.fn, "unparsed": self.unparsed}
+                "fp": self.fp, "fn": self.fn, "unparsed": self.unparsed,
+                "ci": [round(ci[0], 4), round(ci[1], 4)] if ci else None, "ci_method": "wilson 95%",
+                "uninformative": self.uninformative, "constant_answer": self.constant_answer}
+
+
+def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (successes may be fractional: an effective count)."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        raise ValueError("n must be positive")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --- parsing the judge's answers --------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from app.store import feature as _feature
 from app.store import saes as _saes
+from app.store import search as _search
 from app.store import vocab as _vocab
 from app.store.cache import RENDERED, RenderCache
 from app.store.feature import (
@@ -57,6 +58,7 @@ def forget_caches() -> None:
     _saes._sae_info.clear()
     _feature._explained.clear()
     RENDERED.clear()
+    _search.forget_matrices()
 
 
 __all__ = [

@@ -276,6 +276,8 @@ def explanation_dict(e: Explanation) -> dict:
     return {"id": e.id, "text": e.text, "method": e.method, "explainer": e.explainer,
             "detection_score": e.detection_score, "detection_f1": e.detection_f1,
             "fuzzing_score": e.fuzzing_score, "fuzzing_f1": e.fuzzing_f1,
+            "embedding_score": e.embedding_score, "detection_uninformative": e.detection_uninformative,
+            "fuzzing_uninformative": e.fuzzing_uninformative, "scores": e.scores,
             "created_at": e.created_at.isoformat() if e.created_at else None}
 
 

@@ -356,11 +356,14 @@ def request_explanation(request: Request, name: str = Path(max_length=200),
 
 @pages.get("/search", response_class=HTMLResponse)
 def search(request: Request, q: str = Query("", max_length=200), token: str = Query("", max_length=100),
-           sae: str = Query("", max_length=200), session: Session = Depends(get_session)):
+           sae: str = Query("", max_length=200), mode: str = Query("merged", max_length=20),
+           session: Session = Depends(get_session)):
+    from app.web.search_page import explanation_results
+
     sae_name = sae or None
     if sae_name:
         store.sae_by_name(session, sae_name)
-    explanations = store.search_explanations(session, q, 100, sae_name) if q.strip() else []
+    explanations, search_info = explanation_results(session, q, mode, sae_name)
     tokens = store.search_by_token(session, token, 100, sae_name) if token.strip() else []
     vocabs: dict[str, store.Vocab] = {}
     if tokens:
@@ -370,7 +373,7 @@ def search(request: Request, q: str = Query("", max_length=200), token: str = Qu
             v = vocabs.get(r["sae"])
             r["peak_html"] = Markup(v.chip_html(r["peak_token_id"])) if v and r["peak_token_id"] is not None else ""
     ctx = {"q": q, "token": token, "sae_name": sae or "", "explanations": explanations, "tokens": tokens,
-           "saes": store.list_saes(session)}
+           "saes": store.list_saes(session), "search": search_info}
     if _is_htmx(request) and request.headers.get("hx-target") == "results":
         return render(request, "_search_results.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
     return render(request, "search.html", ctx, headers={"Vary": "HX-Request, HX-Target"})

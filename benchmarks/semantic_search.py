@@ -1,0 +1,145 @@
+"""Benchmark: semantic and merged explanation search at 100k explanations (goal: p50 <= 50 ms on 2 cores).
+
+    python benchmarks/semantic_search.py [--n 100000] [--queries 200] [--no-postgres]
+
+A synthetic SAE (app.autointerp.synthetic) gets `--n` explanations (random phrases from a word
+list) with stored embeddings, in a SQLite file and in a throwaway PostgreSQL server. The stored
+vectors are random unit vectors of the bundled model's width (384): the cost of exact search does
+not depend on their values, and embedding 100k texts would take the benchmark an hour on 2 cores.
+The query IS embedded with the real bundled model on every search (distinct queries, so the
+query cache never hits). Measured through app.store.search.search, the function behind
+GET /api/v1/search/explanations: the first search (cold: loads the SAE's matrix), then the
+steady state (median and p95 over `--queries` searches) for semantic, keyword and merged modes.
+Results go to benchmarks/results/semantic_search.json with the load average and CPU model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
+
+import numpy as np  # noqa: E402
+from sqlalchemy import insert, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+WORDS = ("token bracket closing opening quote string number digit function call return value list dict key "
+         "error file path name variable class method module import keyword comment newline space indent "
+         "plural verb noun adjective after before start end python code documentation example argument").split()
+
+
+def fill(engine, n: int, dim: int = 384, seed: int = 0) -> None:
+    from app.autointerp.synthetic import make_synthetic_sae
+    from app.models import SAE, Explanation, Feature
+    from trainer.interpret.vectors import write_embeddings
+
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    make_synthetic_sae(engine, name="bench", n_features=n, examples_per_feature=1)
+    with Session(engine) as s, s.begin():
+        sae = s.scalar(select(SAE).where(SAE.name == "bench"))
+        fids = list(s.scalars(select(Feature.id).where(Feature.sae_id == sae.id).order_by(Feature.index)))
+        for k in range(0, n, 10_000):
+            chunk = fids[k:k + 10_000]
+            rows = [{"feature_id": f, "text": " ".join(rng.choices(WORDS, k=6)), "method": "bench", "explainer": "bench",
+                     "embedding_score": rng.random()} for f in chunk]
+            ids = [i for (i,) in s.execute(insert(Explanation).returning(Explanation.id, sort_by_parameter_order=True),
+                                           rows)]
+            v = nrng.standard_normal((len(ids), dim)).astype(np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            write_embeddings(s, ids, [sae.id] * len(ids), v, "all-minilm-l6-v2")
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as c:
+            c.exec_driver_sql("VACUUM ANALYZE explanation_embeddings")
+            c.exec_driver_sql("ANALYZE explanations")
+
+
+def measure(engine, queries: list[str]) -> dict:
+    from app import store
+    from app.store import search as search_store
+    from trainer.interpret.embedder import get_embedder
+
+    store.forget_caches()
+    embedder = get_embedder()
+    embedder.embed(["warm up the model"])
+    out = {}
+    with Session(engine) as s:
+        t = time.perf_counter()
+        search_store.search(s, "cold start query", "semantic", embedder=embedder)
+        out["cold_first_search_ms"] = round(1000 * (time.perf_counter() - t), 1)
+    for mode in ("semantic", "keyword", "merged"):
+        times = []
+        for i, q in enumerate(queries):
+            with Session(engine) as s:
+                t = time.perf_counter()
+                r = search_store.search(s, f"{q} {mode} {i}", mode, embedder=embedder)
+                times.append(1000 * (time.perf_counter() - t))
+        times = times[len(times) // 10:]  # steady state: drop the first 10 %
+        out[mode] = {"p50_ms": round(statistics.median(times), 2),
+                     "p95_ms": round(float(np.percentile(times, 95)), 2), "searches": len(times), "last_total": r.total}
+    t = time.perf_counter()
+    embedder.embed(["closing bracket"] * 1)
+    out["query_embedding_ms"] = round(1000 * (time.perf_counter() - t), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--no-postgres", action="store_true")
+    args = ap.parse_args()
+    from app.db import make_engine, upgrade
+    from tests.helpers import PostgresServer, find_pg_bindir
+
+    rng = random.Random(1)
+    queries = [" ".join(rng.choices(WORDS, k=3)) for _ in range(args.queries)]
+    import torch
+
+    result = {"command": "python benchmarks/semantic_search.py " + " ".join(sys.argv[1:]), "n": args.n,
+              "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+              "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name")), "?"), "cpu_count": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "stores": {}}
+    with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/atlas.db")
+        upgrade(engine)
+        t = time.perf_counter()
+        fill(engine, args.n)
+        result["stores"]["SQLite"] = {"fill_s": round(time.perf_counter() - t, 1), **measure(engine, queries)}
+        engine.dispose()
+    if not args.no_postgres and find_pg_bindir() is not None:
+        server = PostgresServer().start()
+        try:
+            engine = make_engine(server.create_database("bench"))
+            upgrade(engine)
+            t = time.perf_counter()
+            fill(engine, args.n)
+            from trainer.interpret.vectors import has_pgvector
+
+            with Session(engine) as s:
+                pgv = has_pgvector(s)
+            result["stores"]["PostgreSQL"] = {"fill_s": round(time.perf_counter() - t, 1), "pgvector": pgv,
+                                              **measure(engine, queries)}
+            engine.dispose()
+        finally:
+            server.stop()
+    result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    print(json.dumps(result, indent=2))
+    out = REPO / "benchmarks" / "results" / "semantic_search.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results written to {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The publish step that interprets every latent: a token-pattern explanation, its embedding score,
+its vector for semantic search, and the SAE's shuffled-explanation baseline.
+
+`prepare` does the slow part (embedding the windows) from the analysis files BEFORE publishing
+opens its transaction, so the store is not locked meanwhile; `write` adds the rows inside the
+publish transaction, so an SAE appears with its explanations or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy.orm import Session
+
+from app.models import SAE, Explanation, Feature
+from trainer.interpret import embedding_scorer, token_pattern, windows
+from trainer.interpret.embedder import Embedder
+from trainer.interpret.vectors import write_embeddings
+
+log = logging.getLogger(__name__)
+
+N_POS = 8  # held-out activating windows per latent
+N_NEG = 8  # non-activating windows per latent
+EMBED_CHUNK = 1024
+
+
+@dataclass
+class Interpretation:
+    """Everything `write` stores, computed from the analysis alone."""
+
+    texts: list[str | None]  # per latent; None: it never fired
+    aurocs: np.ndarray  # per latent; NaN where unscored
+    n_pos: list[int]
+    n_neg: list[int]
+    neg_source: list[str]
+    vectors: np.ndarray  # [latents with a text, d]: the explanation embeddings (documents)
+    summary: dict  # the SAE's true vs shuffled comparison
+
+
+def embed_all(embedder: Embedder, texts: list[str], progress: bool, what: str) -> np.ndarray:
+    """Embed in chunks, with a progress bar for long lists."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    bar = tqdm(total=len(texts), desc=what, unit="text", disable=not progress or len(texts) < 2 * EMBED_CHUNK,
+               mininterval=2.0)
+    for k in range(0, len(texts), EMBED_CHUNK):
+        parts.append(embedder.embed(texts[k:k + EMBED_CHUNK]))
+        bar.update(min(EMBED_CHUNK, len(texts) - k))
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder, progress: bool = True,
+            seed: int = 0, n_pos: int = N_POS, n_neg: int = N_NEG) -> Interpretation:
+    started = time.perf_counter()
+    n = len(features["count"])
+
+    def text(t: int) -> str:
+        return vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
+
+    stats = token_pattern.stats_from_analysis(examples, features)
+    texts = [token_pattern.describe(st, text) for st in stats]
+    t_explain = time.perf_counter() - started
+    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed)
+    t_windows = time.perf_counter() - started - t_explain
+    explained = [i for i, t in enumerate(texts) if t]
+    window_vecs = embed_all(embedder, wins.texts, progress, "embedding example windows")
+    docs = embed_all(embedder, [texts[i] for i in explained], progress, "embedding explanations")
+    queries = embed_all(embedder, [embedding_scorer.query_text(texts[i]) for i in explained], progress,
+                        "embedding explanation queries")
+    t_embed = time.perf_counter() - started - t_explain - t_windows
+    aurocs = np.full(n, np.nan)
+    if explained and len(window_vecs):
+        q = np.zeros((n, queries.shape[1]), np.float32)
+        q[explained] = queries
+        aurocs[explained] = embedding_scorer.score_latents(q, window_vecs, wins.pos, wins.neg, explained)
+        scored = [i for i in explained if np.isfinite(aurocs[i])]
+        if len(scored) >= 2:
+            shuffled = embedding_scorer.shuffled_scores(q, window_vecs, wins.pos, wins.neg, scored, seed)
+            summary = embedding_scorer.paired_comparison(aurocs[scored], shuffled)
+        else:
+            summary = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
+    else:
+        summary = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
+    summary.update({
+        "scorer": embedding_scorer.SCORER, "explainer": token_pattern.EXPLAINER, "method": token_pattern.METHOD,
+        "model": embedder.name, "explained": len(explained), "latents": n, "n_pos": n_pos, "n_neg": n_neg,
+        "windows_embedded": len(wins.texts),
+        "negatives_from": {s: wins.neg_source.count(s) for s in ("other_latents", "own_zero_runs", "none")},
+        "seconds": {"explain": round(t_explain, 2), "windows": round(t_windows, 2), "embed": round(t_embed, 2),
+                    "total": round(time.perf_counter() - started, 2)},
+    })
+    log.info("token-pattern explanations for %d of %d latents; embedding AUROC %s vs shuffled %s (p=%s) in %.1f s",
+             len(explained), n, summary["true_mean"], summary["shuffled_mean"], summary["p_value"],
+             summary["seconds"]["total"])
+    return Interpretation(texts=texts, aurocs=aurocs, n_pos=[len(p) for p in wins.pos],
+                          n_neg=[len(x) for x in wins.neg], neg_source=wins.neg_source, vectors=docs,
+                          summary=summary)
+
+
+def write(session: Session, sae: SAE, feature_ids: np.ndarray, interp: Interpretation) -> int:
+    """Explanations, their vectors, the features' explanation column and the SAE's baseline."""
+    s = interp.summary
+    baseline = {k: s.get(k) for k in ("shuffled_mean", "shuffled_std", "true_mean", "diff_mean", "p_value", "n")}
+    rows, latents = [], []
+    for i, text in enumerate(interp.texts):
+        if not text:
+            continue
+        a = interp.aurocs[i]
+        latents.append(i)
+        rows.append({
+            "feature_id": int(feature_ids[i]), "text": text, "method": token_pattern.METHOD,
+            "explainer": token_pattern.EXPLAINER, "prompt": None, "raw_response": None,
+            "embedding_score": float(a) if np.isfinite(a) else None,
+            "scores": {"embedding": {"auroc": float(a) if np.isfinite(a) else None, "n_pos": interp.n_pos[i],
+                                     "n_neg": interp.n_neg[i], "negatives_from": interp.neg_source[i],
+                                     "model": s["model"], "baseline": baseline}},
+        })
+    if not rows:
+        return 0
+    ids = [eid for (eid,) in session.execute(
+        insert(Explanation).returning(Explanation.id, sort_by_parameter_order=True), rows)]
+    write_embeddings(session, ids, [sae.id] * len(ids), interp.vectors, s["model"])
+    table = Feature.__table__
+    session.connection().execute(
+        update(table).where(table.c.id == bindparam("b_id")).values(explanation=bindparam("b_text")),
+        [{"b_id": int(feature_ids[i]), "b_text": interp.texts[i]} for i in latents])
+    sae.metrics = {**(sae.metrics or {}), "autointerp": s}
+    return len(rows)
