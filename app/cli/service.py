@@ -36,12 +36,14 @@ def start_inference_beside(settings, disabled: bool = False):
 
     if settings.inference != "on" or not settings.inference_spawn or disabled:
         return None
+    from app.api.errors import ApiError
+
     probe = InferenceClient(settings.inference_url, 5)
     try:
         probe.status()
         print(f"Using the inference service already running at {settings.inference_url}", flush=True)
         return None
-    except Exception:
+    except ApiError:  # nothing answers there: start our own
         pass
     finally:
         probe.close()

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from app.api.errors import ApiError
 from app.errors import AtlasError
 
 
@@ -32,7 +31,13 @@ def parse_url(url: str) -> tuple[str, object]:
     return "tcp", (parts.hostname, parts.port or 80)
 
 
-def _unavailable(message: str, retry: int = 10) -> ApiError:
+def ApiError(*args, **kwargs):
+    from app.api.errors import ApiError as _ApiError
+
+    return _ApiError(*args, **kwargs)
+
+
+def _unavailable(message: str, retry: int = 10):
     return ApiError(503, "unavailable", message, headers={"Retry-After": str(retry)})
 
 
@@ -52,7 +57,7 @@ class InferenceClient:
     def close(self) -> None:
         self._http.close()
 
-    def _down(self, exc: Exception) -> ApiError:
+    def _down(self, exc: Exception):
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
             return _unavailable("the inference service did not answer in time; try again shortly", 10)
         return _unavailable(f"the inference service is not running at {self.url} (start it with `sae-atlas inference`, "

@@ -10,8 +10,8 @@ import zlib
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
-from app.models import ContrastQuery
 from app.inference.schemas import MAX_TEXT_CHARS, ServiceError
+from app.models import ContrastQuery
 
 
 def save_query(session: Session, body, answer: dict, requested_by: str | None) -> ContrastQuery:

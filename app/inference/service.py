@@ -94,7 +94,7 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
         request.app.state.engine.submit(job)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancelled = True
             raise timeout_error() from None
         finally:
@@ -166,7 +166,7 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
         request.app.state.engine.submit(job)
         try:  # the first event says whether the job started; errors before that get their own status
             first = await asyncio.wait_for(events.get(), timeout=timeout + 5)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             job.cancelled = True
             raise timeout_error() from None
         if first is None or first.get("type") == "error":
@@ -185,7 +185,7 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
                     if event["type"] in ("done", "error"):
                         return
                     event = await asyncio.wait_for(events.get(), timeout=timeout + 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield orjson.dumps({"type": "error", **timeout_error().body()}) + b"\n"
             finally:
                 job.cancelled = True  # a client that went away stops its rows; a finished job ignores it
