@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     inference_batch_wait_ms: float = Field(
         default=2.0, ge=0, le=1000, description="How long an idle inference service waits for more requests to share a forward pass."
     )
+    inference_threads: int = Field(
+        default=0, ge=0, le=1024,
+        description="CPU threads of the inference service's torch ops; 0 keeps torch's default (one per core).",
+    )
     inference_rate_per_minute: int = Field(
         default=60, ge=0,
         description="Live requests per minute per anonymous client (by IP address); 0 turns the limit off. Requests with an API key are not limited.",

@@ -143,14 +143,15 @@ def build_stand_in() -> None:
 class Stack:
     """`sae-atlas inference` on a Unix socket and `sae-atlas serve --no-inference` on a port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, threads: int):
         from tests.helpers import free_port
 
         self.sock = workdir / "inference.sock"
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_ATLAS_INFERENCE_URL": f"unix:{self.sock}",
                "SAE_ATLAS_INFERENCE_RATE_PER_MINUTE": "0", "SAE_ATLAS_INFERENCE_QUEUE_SIZE": "256",
-               "SAE_ATLAS_LOG_LEVEL": "WARNING"}
+               "SAE_ATLAS_LOG_LEVEL": "WARNING", "SAE_ATLAS_INFERENCE_TIMEOUT_S": "900",
+               "SAE_ATLAS_INFERENCE_THREADS": str(threads)}
         self.logs = [open(workdir / "inference.log", "wb"), open(workdir / "api.log", "wb")]
         self.procs = [
             subprocess.Popen([sys.executable, "-m", "app.cli", "inference"], env=env, stdout=self.logs[0],
@@ -338,6 +339,9 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     ap.add_argument("--quick", action="store_true", help="2 requests each, clients 1,2: proves the script works")
     ap.add_argument("--stand-in", action="store_true", help="build a demo-shaped SAE when there is no demo atlas")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the service and of the naive baseline (0: torch's default, one per core); "
+                         "1 avoids OpenMP spinning on a heavily loaded machine")
     ap.add_argument("--out", default=str(RESULTS / "inference.json"))
     args = ap.parse_args()
     if args.quick:
@@ -355,6 +359,8 @@ def main() -> None:
     from app.models import SAE, Feature
     from trainer.lm import load_lm
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = loadavg()
     sae_name = find_sae(args.stand_in)
     with Session(get_engine()) as s:
@@ -371,7 +377,7 @@ def main() -> None:
     inp = Inputs(lm, sae_name, latent)
     results = {"service": {}, "naive": {}}
     with tempfile.TemporaryDirectory(prefix="inference-bench-") as tmp:
-        stack = Stack(Path(tmp))
+        stack = Stack(Path(tmp), args.threads)
         try:
             local = threading.local()
 

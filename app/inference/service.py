@@ -54,6 +54,10 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
     async def lifespan(app: FastAPI):
         from app.db import make_engine
 
+        if settings.inference_threads:
+            import torch
+
+            torch.set_num_threads(settings.inference_threads)
         db = db_engine or make_engine(settings.sqlalchemy_url)
         registry = Registry(db, settings.device, settings.inference_memory_mb)
         app.state.db = db
