@@ -285,7 +285,9 @@ class Naive:
             delta = strength * float(self.max_act[latent]) * d / d.norm()
 
             def hook(_m, _i, out):
-                return (out[0] + delta.to(out[0].dtype),) + tuple(out[1:]) if isinstance(out, tuple) else out + delta
+                if isinstance(out, tuple):
+                    return (out[0] + delta.to(out[0].dtype),) + tuple(out[1:])
+                return out + delta.to(out.dtype)
             handle = lm.site_module(self.site).register_forward_hook(hook)
         g = torch.Generator().manual_seed(seed)
         try:
@@ -337,6 +339,8 @@ def main() -> None:
                     help="measured requests per client at 1 client for a,b,c,d (at N clients: max(1, n*2//N))")
     ap.add_argument("--workloads", default="a,b,c,d")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    ap.add_argument("--contrast-clients", type=int, default=None,
+                    help="run (d) only up to this many clients (it is the slowest workload on a CPU)")
     ap.add_argument("--quick", action="store_true", help="2 requests each, clients 1,2: proves the script works")
     ap.add_argument("--stand-in", action="store_true", help="build a demo-shaped SAE when there is no demo atlas")
     ap.add_argument("--threads", type=int, default=0,
@@ -361,6 +365,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    def clients_for(w: str) -> list[int]:
+        if w == "d" and args.contrast_clients:
+            return [c for c in clients if c <= args.contrast_clients]
+        return clients
     load_before = loadavg()
     sae_name = find_sae(args.stand_in)
     with Session(get_engine()) as s:
@@ -388,7 +397,7 @@ def main() -> None:
                 service_call(http, w, inp, i)
 
             for w in workloads:
-                for c in clients:
+                for c in clients_for(w):
                     n = counts[w] if c == 1 else max(1, counts[w] * 2 // c)
                     log(f"service ({w}) {NAMES[w]}: {c} client(s) x {n}")
                     results["service"][f"{w}/{c}"] = measure(lambda st, i, w=w: call_service(st, i, w), c, n,
@@ -399,7 +408,7 @@ def main() -> None:
     if not args.no_naive:
         naive = Naive(lm, weights, site, max_act)
         for w in workloads:
-            for c in clients:
+            for c in clients_for(w):
                 n = counts[w] if c == 1 else max(1, counts[w] * 2 // c)
                 log(f"naive ({w}) {NAMES[w]}: {c} client(s) x {n}")
                 results["naive"][f"{w}/{c}"] = measure(lambda st, i, w=w: naive.call(w, inp, i), c, n,
