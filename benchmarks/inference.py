@@ -131,7 +131,7 @@ def build_stand_in() -> None:
     sae = build_sae(SAEConfig(d_in=lm.d_model, d_sae=4608, architecture="topk", k=32))
     with torch.no_grad():
         sae.W_dec.copy_(rows)
-        sae.W_enc.copy_(rows / x.norm(dim=1).mean())
+        sae.W_enc.copy_(rows)  # f_i = the projection on d_i: activations in the units of the residual stream
         sae.b_dec.copy_(x.mean(0))
     save_sae(folder, sae, 1.0, "resid_post.15", "smollm2-135m", training={"corpus": "pydoc", "ctx_len": 128})
     analyze(AnalyzeConfig(sae_dir=folder, tokens=40_000, split="all"), lm=lm)

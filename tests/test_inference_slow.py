@@ -34,7 +34,7 @@ def bundled(tmp_path_factory):
     sae = build_sae(SAEConfig(d_in=lm.d_model, d_sae=256, architecture="topk", k=8))
     with torch.no_grad():
         sae.W_dec.copy_(rows)
-        sae.W_enc.copy_(rows / x.norm(dim=1).mean())
+        sae.W_enc.copy_(rows)  # f_i = the projection on d_i: activations in the units of the residual stream
         sae.b_dec.copy_(x.mean(0))
     folder = tmp / "sae"
     save_sae(folder, sae, 1.0, site.name, "smollm2-135m", training={"corpus": "pydoc", "ctx_len": 64})

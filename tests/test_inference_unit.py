@@ -277,3 +277,40 @@ def test_registry_loads_on_first_use_and_evicts_the_least_recently_used(tmp_path
         Registry(engine, "cpu", 0.0001).model(one)
     assert err.value.status == 503 and "SAE_ATLAS_INFERENCE_MEMORY_MB" in err.value.message
     engine.dispose()
+
+
+def test_cli_inference_command_and_serve_spawning(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from app.cli import main
+    from app.cli.service import _clear_stale_socket, start_inference_beside
+    from app.errors import AtlasError
+    from app.settings import Settings, get_settings
+
+    monkeypatch.setenv("SAE_ATLAS_INFERENCE", "off")
+    get_settings.cache_clear()
+    try:
+        assert main(["inference"]) != 0
+        assert "SAE_ATLAS_INFERENCE=off" in capsys.readouterr().err
+    finally:
+        monkeypatch.delenv("SAE_ATLAS_INFERENCE")
+        get_settings.cache_clear()
+    # serve starts no service when inference is off, when told not to, or when it runs elsewhere
+    assert start_inference_beside(Settings(inference="off")) is None
+    assert start_inference_beside(Settings(inference_spawn=False)) is None
+    assert start_inference_beside(Settings(), disabled=True) is None
+    # a socket file left by a dead service is removed; a live one is refused
+    path = str(tmp_path / "s.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    _clear_stale_socket(path)
+    assert not (tmp_path / "s.sock").exists()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen(1)
+    try:
+        with pytest.raises(AtlasError, match="already listening"):
+            _clear_stale_socket(path)
+    finally:
+        live.close()
