@@ -1,6 +1,9 @@
 """Steering calibration on the bundled SmolLM2-135M: turning up a latent whose direct logit effect
-(the logit table the analysis stores) promotes token t raises t's probability, through every block
-after the site; strength 0 changes nothing."""
+(the logit table the analysis stores: W_U times the decoder direction, with the final norm's scale)
+promotes token t raises t's probability, and turning it down lowers it; strength 0 changes nothing.
+The SAE reads the last block's output, where the logit table is the whole effect (through the
+final RMSNorm): at earlier sites the blocks in between may undo a direct effect, which is a
+property of the model, not of the steering."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    """A small SAE at resid_post.24 of the bundled model, analysed and published: its decoder rows
+    """A small SAE at resid_post.29 (the last block) of the bundled model, analysed and published: its decoder rows
     are centred, normalised activations of corpus tokens (a realistic dictionary without training)."""
     import torch
 
@@ -25,7 +28,7 @@ def bundled(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bundled-steer")
     lm = load_lm("smollm2-135m", "cpu", "float32")
-    site = lm.site("resid_post.24")
+    site = lm.site("resid_post.29")
     packer = Packer(lm.tokenizer, 64, lm.bos_token_id, lm.separator_token_id)
     (batch,) = list(packer.batches(split_documents(open_corpus("pydoc"), "train", 0.1, 3), 8, max_contexts=8))
     x = lm.read(batch.tokens, [site])[site.name][:, 1:].reshape(-1, lm.d_model).float()
@@ -42,7 +45,7 @@ def bundled(tmp_path_factory):
                           lm_batch_size=16), lm=lm, progress=False)
     engine = make_engine(f"sqlite:///{tmp / 'atlas.db'}")
     upgrade(engine)
-    publish(folder, "smol-l24", engine=engine, progress=False)
+    publish(folder, "smol-l29", engine=engine, progress=False)
     yield engine
     engine.dispose()
 
@@ -56,7 +59,7 @@ def test_steering_a_latent_raises_the_probability_of_the_token_it_promotes(bundl
     from app.inference.steering import next_token_logits
     from app.models import Feature
 
-    (meta,) = lookup_saes(bundled, ["smol-l24"])
+    (meta,) = lookup_saes(bundled, ["smol-l29"])
     reg = Registry(bundled, "cpu", 4096)
     model = reg.model(meta)
     handle = reg.sae(meta, model.lm)
