@@ -407,3 +407,25 @@ class APIKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ContrastQuery(Base):
+    """A stored contrastive search (two sets of texts and its ranked latents), for its permalink.
+
+    The texts are kept (zlib-compressed JSON) so the query can be re-run after the SAEs change;
+    the result is the answer as computed, with the SAE versions it was computed on."""
+
+    __tablename__ = "contrast_queries"
+    __table_args__ = (Index("ix_contrast_queries_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, doc="random hex: the permalink")
+    lm_name: Mapped[str] = mapped_column(String(200))
+    label_a: Mapped[str] = mapped_column(String(100))
+    label_b: Mapped[str] = mapped_column(String(100))
+    n_a: Mapped[int] = mapped_column(Integer)
+    n_b: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict] = mapped_column(JSON, default=dict, doc="direction, density filter, limit, SAEs")
+    texts: Mapped[bytes] = mapped_column(LargeBinary, doc='zlib-compressed JSON {"a": [...], "b": [...]}')
+    result: Mapped[dict] = mapped_column(JSON, doc="the ranked latents and the summary, as computed")
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

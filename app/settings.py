@@ -102,6 +102,53 @@ class Settings(BaseSettings):
     run_heartbeat_s: float = Field(default=2.0, gt=0, description="How often a trainer worker writes a run's progress, metrics and log tail to the store (and notices a cancel).")
     run_checkpoint_s: float = Field(default=120.0, ge=0, description="A training run checkpoints at least this often (seconds; 0: only every 500 steps), bounding the work a dead worker loses.")
     run_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts (worker deaths, crashes) before a training run is marked failed.")
+    inference: Literal["on", "off"] = Field(
+        default="on",
+        description="Live model features (try your own text, search by text, steering, contrastive search); "
+        "off for read-only mirrors (the pages then say so and the live endpoints answer 503).",
+    )
+    inference_url: str = Field(
+        default="http://127.0.0.1:8765",
+        description="Where the inference service listens and API processes reach it: http://HOST:PORT or unix:/path/to.sock.",
+    )
+    inference_spawn: bool = Field(
+        default=True,
+        description="`sae-atlas serve` starts the inference service beside the web server; false when it runs elsewhere (its own container).",
+    )
+    inference_memory_mb: int = Field(
+        default=6144, ge=64,
+        description="Memory budget (MiB) of the models and SAEs the inference service keeps loaded; beyond it the least recently used are unloaded.",
+    )
+    inference_max_tokens: int = Field(
+        default=512, ge=8, le=8192, description="Longest text, in tokens, that one live request may send (contrastive texts are cut to it)."
+    )
+    inference_queue_size: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Live requests the inference service holds at once; more are answered 503 with Retry-After.",
+    )
+    inference_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="A live request that has not finished after this many seconds is dropped with a 503."
+    )
+    inference_batch_tokens: int = Field(
+        default=8192, ge=256, le=1_048_576, description="Most (padded) tokens in one micro-batched forward pass of the inference service."
+    )
+    inference_batch_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="How long an idle inference service waits for more requests to share a forward pass."
+    )
+    inference_threads: int = Field(
+        default=0, ge=0, le=1024,
+        description="CPU threads of the inference service's torch ops; 0 keeps torch's default (one per core).",
+    )
+    inference_rate_per_minute: int = Field(
+        default=60, ge=0,
+        description="Live requests per minute per anonymous client (by IP address); 0 turns the limit off. Requests with an API key are not limited.",
+    )
+    inference_contrast_max_texts: int = Field(
+        default=500, ge=2, le=100_000, description="Most texts in each set of a contrastive query."
+    )
+    inference_contrast_max_bytes: int = Field(
+        default=2_000_000, ge=1000, description="Largest set of texts (bytes of UTF-8, pasted or uploaded) of a contrastive query."
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")
 
     @field_validator("data_dir")

@@ -37,10 +37,10 @@ DOCS = REPO / "docs" / "docker.md"
 README = REPO / "README.md"
 README_SECTION = "## Docker Compose"  # the README section about Compose / the GPU box
 
-CORE = ("postgres", "migrate", "api", "worker", "trainer")  # what a plain `docker compose up` starts
+CORE = ("postgres", "migrate", "api", "worker", "trainer", "inference")  # what a plain `docker compose up` starts
 PROFILED = {"vllm": "vllm"}  # service -> the profile that enables it
-GPU = ("trainer", "vllm")  # services that reserve NVIDIA GPUs
-APP = ("migrate", "api", "worker", "trainer")  # the services that run our image
+GPU = ("trainer", "vllm", "inference")  # services that reserve NVIDIA GPUs
+APP = ("migrate", "api", "worker", "trainer", "inference")  # the services that run our image
 DATA = "/data"
 
 

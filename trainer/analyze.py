@@ -564,7 +564,9 @@ class Analyzer:
             "metrics": self.loaded.metrics,
             "lm": {"name": c.model, "source": lm.source, "architecture": getattr(lm.config, "model_type", ""),
                    "n_layers": lm.n_layers, "d_model": lm.d_model, "vocab_size": lm.vocab_size, "bos_token_id": lm.bos_token_id},
-            "analysis": {**{k: v for k, v in asdict(c).items()}, "n_tokens": n_tokens},
+            # lm_dtype_used: the precision "auto" resolved to, so live inference can reproduce these values
+            "analysis": {**{k: v for k, v in asdict(c).items()}, "n_tokens": n_tokens,
+                         "lm_dtype_used": str(lm.dtype).removeprefix("torch.")},
             "log_density_hist": {"edges": edges.tolist(), "counts": counts.tolist(), "dead": int((~alive).sum())},
             "dead": np.nonzero(~alive)[0].tolist(),
             "dense": np.nonzero(density > c.dense_threshold)[0].tolist(),

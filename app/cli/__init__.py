@@ -3,7 +3,7 @@
 - flags: config dataclasses as flags and TOML keys;
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add, export;
-- service: serve, worker, explain, jobs, keys, demo;
+- service: serve, inference, worker, explain, jobs, keys, demo;
 - admin: db, settings, models, sites.
 
 Every user mistake ends in one line on stderr (`error: what is wrong (what to do)`) and a non-zero
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--no-inference", action="store_true",
+                       help="do not start the inference service beside the web server (see SAE_ATLAS_INFERENCE_SPAWN)")
+
+    inf = sub.add_parser("inference", help="run the inference service (live model: try text, search, steer, contrast)")
+    inf.add_argument("--listen", help="http://HOST:PORT or unix:/path.sock (default: SAE_ATLAS_INFERENCE_URL)")
 
     worker = sub.add_parser("worker", help="run an auto-interp worker")
     worker.add_argument("--concurrency", type=int, default=None)

@@ -1,4 +1,4 @@
-"""`serve`, `worker`, `explain`, `jobs`, `keys` and `demo`: the running service and its queue."""
+"""`serve`, `inference`, `worker`, `explain`, `jobs`, `keys` and `demo`: the running service and its queue."""
 
 from __future__ import annotations
 
@@ -16,10 +16,92 @@ def cmd_serve(args) -> int:
     check_schema()
     s = get_settings()
     host, port = args.host or s.host, args.port or s.port
+    inference = start_inference_beside(s, getattr(args, "no_inference", False))
     print(f"SAE Atlas is serving at http://{host}:{port}", flush=True)
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
-                log_level=s.log_level.lower(), access_log=False)
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
+                    log_level=s.log_level.lower(), access_log=False)
+    finally:
+        stop_child(inference)
     return 0
+
+
+def start_inference_beside(settings, disabled: bool = False):
+    """`serve` starts the inference service as its own process, unless inference is off, the
+    service runs elsewhere (SAE_ATLAS_INFERENCE_SPAWN=false, --no-inference), or one already
+    answers at SAE_ATLAS_INFERENCE_URL. Returns the child process, or None."""
+    import subprocess
+
+    from app.inference.client import InferenceClient
+
+    if settings.inference != "on" or not settings.inference_spawn or disabled:
+        return None
+    from app.api.errors import ApiError
+
+    probe = InferenceClient(settings.inference_url, 5)
+    try:
+        probe.status()
+        print(f"Using the inference service already running at {settings.inference_url}", flush=True)
+        return None
+    except ApiError:  # nothing answers there: start our own
+        pass
+    finally:
+        probe.close()
+    print(f"Starting the inference service at {settings.inference_url} (models load on first use)", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "inference"], stdin=subprocess.DEVNULL)
+
+
+def stop_child(proc, grace: float = 15) -> None:
+    import subprocess
+
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cmd_inference(args) -> int:
+    from app.db import check_schema
+    from app.inference.client import parse_url
+    from app.inference.service import serve_inference
+    from app.settings import get_settings
+
+    s = get_settings()
+    if s.inference != "on":
+        raise AtlasError("live inference is turned off (SAE_ATLAS_INFERENCE=off)", "set SAE_ATLAS_INFERENCE=on to run the service")
+    target = args.listen or s.inference_url
+    kind, where = parse_url(target)
+    check_schema()
+    if kind == "unix":
+        _clear_stale_socket(where)
+    print(f"SAE Atlas inference service listening at {target} (device {s.device})", flush=True)
+    serve_inference(target)
+    return 0
+
+
+def _clear_stale_socket(path: str) -> None:
+    """A socket file left by a service that died would make the bind fail; one that answers is live."""
+    import os
+    import socket
+    from pathlib import Path
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise AtlasError(f"an inference service is already listening on {path}", "stop it first, or use another SAE_ATLAS_INFERENCE_URL")
 
 
 def cmd_worker(args) -> int:
