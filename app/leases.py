@@ -67,6 +67,23 @@ def requeue_expired(session: Session, now: datetime | None = None, model=Job) ->
     return (failed or 0) + (back or 0)
 
 
+def claim_statement(session: Session, worker_id: str, now: datetime, limit: int, lease_s: float, model=Job,
+                    conds=()):
+    """The claim as one UPDATE ... RETURNING over the first `limit` runnable rows in claim order
+    (priority DESC, id). The subquery's order is the order of the ix_jobs_claim / ix_runs_claim
+    index, so the database reads the first rows of the index instead of sorting the queue."""
+    M = model
+    ready = (select(M.id).where(M.status == JobStatus.queued.value, M.run_after <= now, *conds)
+             .order_by(M.priority.desc(), M.id).limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        ready = ready.with_for_update(skip_locked=True)
+    return (update(M).where(M.id.in_(ready.scalar_subquery()))
+            .values(status=JobStatus.running.value, lease_owner=worker_id,
+                    lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
+                    attempts=M.attempts + 1, started_at=now)
+            .returning(M.id))
+
+
 def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | None = None,
           kinds: tuple[str, ...] = (KIND_EXPLAIN,), model=Job, where=()) -> list:
     """Take up to `limit` runnable rows for this worker, highest priority first. Commits.
@@ -74,7 +91,7 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
     model: Job (filtered by `kinds`) or TrainingRun; where: extra conditions on the rows."""
     lease_s = lease_s or get_settings().job_lease_s
     M = model
-    conds = [M.status == JobStatus.queued.value, *where]
+    conds = list(where)
     if M is Job:
         conds.append(Job.kind.in_(kinds))
 
@@ -82,16 +99,7 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
         now = utcnow()
         try:
             requeue_expired(session, now, M)
-            ready = (select(M.id).where(M.run_after <= now, *conds)
-                     .order_by(M.priority.desc(), M.id).limit(limit))
-            if session.get_bind().dialect.name == "postgresql":
-                ready = ready.with_for_update(skip_locked=True)
-            stmt = (update(M).where(M.id.in_(ready.scalar_subquery()))
-                    .values(status=JobStatus.running.value, lease_owner=worker_id,
-                            lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
-                            attempts=M.attempts + 1, started_at=now)
-                    .returning(M.id))
-            ids = [row[0] for row in session.execute(stmt)]
+            ids = [row[0] for row in session.execute(claim_statement(session, worker_id, now, limit, lease_s, M, conds))]
             session.commit()
         except BaseException:
             session.rollback()

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError, NotFound
+from app.errors import AtlasError, Conflict, NotFound
 from app.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs.spec import RunSpec, validate_spec
 from app.settings import get_settings
@@ -21,7 +21,7 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 METRIC_FIELDS = ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr", "elapsed_s")
 
 
-class NameTaken(AtlasError):
+class NameTaken(Conflict):
     pass
 
 
@@ -59,12 +59,13 @@ def cancel(session: Session, run_id: int) -> TrainingRun:
     """Cancel a queued or running run (the caller commits). A running run's worker notices at its
     next heartbeat (every SAE_ATLAS_RUN_HEARTBEAT_S seconds), stops its trainer and publishes nothing."""
     run = get(session, run_id)
-    if run.status not in LIVE:
-        raise AtlasError(f"run {run_id} is already {run.status}", "only queued or running runs can be cancelled")
-    session.execute(update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.in_(LIVE)).values(
-        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, phase=None))
+    n = session.execute(update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.in_(LIVE)).values(
+        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+        phase=None)).rowcount
     session.flush()
     session.refresh(run)
+    if not n:  # it had ended, or ended between our read and the conditional update
+        raise Conflict(f"run {run_id} is already {run.status}", "only queued or running runs can be cancelled")
     return run
 
 
