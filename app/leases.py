@@ -59,11 +59,16 @@ def requeue_expired(session: Session, now: datetime | None = None, model=Job) ->
             ids = ids.with_for_update(skip_locked=True)
         return M.id.in_(ids.scalar_subquery())
 
+    # synchronize_session=False: nothing in the session needs these rows refreshed (claim reloads
+    # what it returns), and skipping the ORM's bookkeeping halves a claim's Python time.
+    plain = {"synchronize_session": False}
     failed = session.execute(update(M).where(pick(and_(expired, M.attempts >= M.max_attempts))).values(
         status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
-        error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
+        error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding"),
+        execution_options=plain).rowcount
     back = session.execute(update(M).where(pick(expired)).values(
-        status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)).rowcount
+        status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now),
+        execution_options=plain).rowcount
     return (failed or 0) + (back or 0)
 
 
@@ -99,7 +104,8 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
         now = utcnow()
         try:
             requeue_expired(session, now, M)
-            ids = [row[0] for row in session.execute(claim_statement(session, worker_id, now, limit, lease_s, M, conds))]
+            ids = [row[0] for row in session.execute(claim_statement(session, worker_id, now, limit, lease_s, M, conds),
+                                                     execution_options={"synchronize_session": False})]
             session.commit()
         except BaseException:
             session.rollback()

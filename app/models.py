@@ -274,6 +274,8 @@ class Job(Base):
         Index("ix_jobs_sae_status", "sae_id", "status"),
         # Deleting or replacing an SAE deletes its features, and each feature's jobs by feature_id.
         Index("ix_jobs_feature_id", "feature_id"),
+        # Every claim first looks for expired leases; only running jobs have one (NULL otherwise).
+        Index("ix_jobs_lease_expires_at", "lease_expires_at"),
         # At most one live job per (feature, kind): a partial unique index on both databases.
         Index(
             "uq_jobs_live_feature_kind",

@@ -76,10 +76,13 @@ def test_the_claim_reads_the_claim_index_in_order(engine, model):
         assert f"Index Scan using {index}" in plan and "Sort" not in plan, plan
 
 
-def test_deleting_features_finds_their_jobs_by_index(engine):
+def test_deleting_features_and_expiring_leases_use_their_indexes(engine):
     _queue_of(engine, 500, name="del")
     plan = _plan(engine, select(Job.id).where(Job.feature_id == 17))
     assert "ix_jobs_feature_id" in plan, plan
+    # the subquery of leases.requeue_expired, which every claim runs first
+    plan = _plan(engine, select(Job.id).where(Job.status == "running", Job.lease_expires_at < utcnow()))
+    assert "ix_jobs_lease_expires_at" in plan, plan
 
 
 @pytest.mark.parametrize("engine", ["postgres"], indirect=True)

@@ -7,6 +7,7 @@ Create Date: 2026-11-29
 - ix_jobs_claim / ix_runs_claim become (status, priority DESC, id): the claim's own order, so a
   claim reads the first runnable rows of the index instead of sorting the whole queue.
 - ix_jobs_feature_id: a plain index, so deleting a feature (an SAE being replaced) finds its jobs.
+- ix_jobs_lease_expires_at: every claim first requeues expired leases (only running jobs have one).
 - runs.step / total_steps / resumed_from_step and run_metrics.step become BIGINT on PostgreSQL
   (SQLite's INTEGER is 64-bit already; no table copy is made there).
 - api_keys.scope ('read' or 'write'; existing keys keep writing) and the web_sessions table.
@@ -25,6 +26,7 @@ def upgrade() -> None:
     op.drop_index('ix_jobs_claim', table_name='jobs')
     op.create_index('ix_jobs_claim', 'jobs', ['status', sa.text('priority DESC'), 'id'], unique=False)
     op.create_index('ix_jobs_feature_id', 'jobs', ['feature_id'], unique=False)
+    op.create_index('ix_jobs_lease_expires_at', 'jobs', ['lease_expires_at'], unique=False)
     op.drop_index('ix_runs_claim', table_name='runs')
     op.create_index('ix_runs_claim', 'runs', ['status', sa.text('priority DESC'), 'id'], unique=False)
 
@@ -64,6 +66,7 @@ def downgrade() -> None:
                             existing_nullable=nullable)
     op.drop_index('ix_runs_claim', table_name='runs')
     op.create_index('ix_runs_claim', 'runs', ['status', 'priority', 'run_after', 'id'], unique=False)
+    op.drop_index('ix_jobs_lease_expires_at', table_name='jobs')
     op.drop_index('ix_jobs_feature_id', table_name='jobs')
     op.drop_index('ix_jobs_claim', table_name='jobs')
     op.create_index('ix_jobs_claim', 'jobs', ['status', 'priority', 'run_after', 'id'], unique=False)
