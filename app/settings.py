@@ -49,12 +49,16 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the web server binds to.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port the web server listens on.")
+    web_workers: int = Field(
+        default=0, ge=0, le=64,
+        description="Web server processes for `serve` and `demo`; 0 means one per CPU core, at most 4.",
+    )
     public_reads: bool = Field(
         default=True, description="Serve pages and GET endpoints without an API key; false requires a key for reads too."
     )
     htmx_url: str = Field(
         default="https://unpkg.com/htmx.org@2.0.4/dist/htmx.min.js",
-        description="Where pages load htmx from (pinned version); the Content-Security-Policy allows this origin only.",
+        description="Where pages load htmx from (pinned version); the Content-Security-Policy allows this exact URL only.",
     )
     htmx_integrity: str = Field(
         default="sha384-HGfztofotfshcF7+8n44JQL2oJmowVChPTg48S+jvZoztPfvwD79OC/LTtG6dMp+",
@@ -175,6 +179,10 @@ class Settings(BaseSettings):
     def model_root_dirs(self) -> list[Path]:
         """Where submitted runs may load local models from (resolved, symlinks followed)."""
         return [p.expanduser().resolve() for p in (self.model_roots or [self.data_dir / "models"])]
+
+    @property
+    def server_processes(self) -> int:
+        return self.web_workers or max(1, min(4, os.cpu_count() or 1))
 
     @property
     def judge(self) -> str:

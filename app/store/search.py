@@ -25,10 +25,17 @@ def _clean_query(q: str) -> str:
     return "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in q).strip() if not q.isprintable() else q.strip()
 
 
-def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str | None = None) -> list[dict]:
+def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str | None = None,
+                        offset: int = 0) -> list[dict]:
+    return search_explanations_page(session, q, limit, sae_name, offset)[0]
+
+
+def search_explanations_page(session: Session, q: str, limit: int = 50, sae_name: str | None = None,
+                             offset: int = 0) -> tuple[list[dict], int]:
+    """(explanations matching q, best scored first, from `offset`; how many match in all)."""
     q = _clean_query(q)
     if not q:
-        return []
+        return [], 0
     dialect = session.get_bind().dialect.name
     base = (select(Explanation, Feature.index, SAE.name).join(Feature, Explanation.feature_id == Feature.id)
             .join(SAE, Feature.sae_id == SAE.id).where(SAE.status == SAEStatus.ready.value))
@@ -37,7 +44,7 @@ def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str
     if dialect == "sqlite":
         fts = _fts_query(q)
         if not fts:
-            return []
+            return [], 0
         ids = select(text("rowid")).select_from(text("explanations_fts")).where(text("explanations_fts MATCH :q"))
         stmt = base.where(Explanation.id.in_(ids)).params(q=fts)
     elif dialect == "postgresql":
@@ -46,13 +53,22 @@ def search_explanations(session: Session, q: str, limit: int = 50, sae_name: str
             func.ts_rank(func.to_tsvector("english", Explanation.text), ts).desc())
     else:
         stmt = base.where(Explanation.text.ilike(f"%{q}%"))
-    stmt = stmt.order_by(Explanation.detection_score.desc().nulls_last(), Explanation.id).limit(limit)
-    return [{"sae": name, "index": index, **explanation_dict(e)} for e, index, name in session.execute(stmt)]
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    stmt = stmt.order_by(Explanation.detection_score.desc().nulls_last(), Explanation.id).limit(limit).offset(offset)
+    return [{"sae": name, "index": index, **explanation_dict(e)} for e, index, name in session.execute(stmt)], total
 
 
-def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str | None = None) -> list[dict]:
-    """Features whose top examples mostly peak on a token whose text matches `token`."""
+def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str | None = None,
+                    offset: int = 0) -> list[dict]:
+    return search_by_token_page(session, token, limit, sae_name, offset)[0]
+
+
+def search_by_token_page(session: Session, token: str, limit: int = 50, sae_name: str | None = None,
+                         offset: int = 0) -> tuple[list[dict], int]:
+    """(features whose top examples mostly peak on a token whose text matches `token`, SAE by SAE,
+    from `offset`; how many match in all)."""
     out = []
+    total = 0
     token = token.replace("\x00", "")
     for sae in list_saes(session):
         if sae_name and sae.name != sae_name:
@@ -61,7 +77,15 @@ def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str
         ids = vocab.find(token)
         if not ids:
             continue
-        rows = session.scalars(select(Feature).where(Feature.sae_id == sae.id, Feature.peak_token_id.in_(ids))
-                               .order_by(Feature.peak_token_share.desc(), Feature.max_act.desc()).limit(limit))
+        where = (Feature.sae_id == sae.id, Feature.peak_token_id.in_(ids))
+        n = session.scalar(select(func.count()).select_from(Feature).where(*where)) or 0
+        skip = max(0, offset - total)  # how much of this SAE's matches the earlier pages cover
+        total += n
+        want = limit - len(out)
+        if want <= 0 or skip >= n:
+            continue
+        rows = session.scalars(select(Feature).where(*where)
+                               .order_by(Feature.peak_token_share.desc(), Feature.max_act.desc(), Feature.index)
+                               .offset(skip).limit(want))
         out += [{"sae": sae.name, **feature_summary(f, vocab)} for f in rows]
-    return out[:limit]
+    return out, total
