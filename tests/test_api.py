@@ -438,7 +438,8 @@ def test_private_reads_need_a_key(published):
         assert c.get("/api/v1/saes").status_code == 401
         c.cookies.clear()
         c.get("/login")
-        assert c.post("/login", data={"api_key": key, "csrf_token": c.cookies["atlas_csrf"]}).status_code == 303
+        assert c.post("/login", data={"api_key": key, "csrf_token": c.cookies["atlas_csrf"]},
+                      follow_redirects=False).status_code == 303
         assert c.get("/api/v1/saes").status_code == 200
         assert_error(c.post("/api/v1/jobs", json={"sae": name, "index": 1}), 401)
     with make_client(engine) as c:  # public by default
