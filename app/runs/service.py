@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError, Conflict, NotFound
+from app.errors import Conflict, NotFound
 from app.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs.spec import RunSpec, public_spec, validate_spec
 from app.settings import get_settings

@@ -14,7 +14,6 @@ Callers use `from app import store` and `store.name`; the names below are the pu
 
 from __future__ import annotations
 
-from app.store import feature as _feature
 from app.store import saes as _saes
 from app.store import vocab as _vocab
 from app.store.cache import RENDERED, RenderCache
