@@ -61,7 +61,7 @@ __all__ = [
     "EXAMPLES_QUERY", "FEATURE_QUERY", "FEATURE_QUERY_WITH_JOB", "MAX_LATENT_INDEX", "MAX_PAGE_SIZE", "RENDERED",
     "SORTS", "ExampleRow", "FeatureRow", "RenderCache", "SAEInfo", "TableQuery", "Vocab", "chip", "example_dict",
     "example_dicts", "examples_for", "explanation_dict", "feature_by_index", "feature_etag",
-    "feature_payload", "feature_summary", "feature_table", "forget_caches", "hist_edges", "job_counts",
+    "feature_payload", "feature_summary", "feature_table", "forget_caches", "hist_edges", "count_jobs", "job_counts",
     "list_lms", "list_saes", "live_job_for", "load_feature", "make_vocab", "neighbor_explanations", "recent_jobs",
     "sae_by_name", "sae_info", "search_by_token", "search_by_token_page", "search_explanations_page", "search_explanations", "shown_neighbor_explanations", "token_html", "visible", "vocab_for",
 ]
