@@ -385,3 +385,28 @@ def test_static_files_cannot_be_left_over_a_raw_socket(live_server):
         status, body = raw_get(live_server, target)
         assert status in (400, 404), (target, status)
         assert secret not in body and b"root:" not in body, target
+
+
+def test_an_explanation_of_an_unrelated_latent_keeps_a_features_etag(published):
+    """ETags are keyed on what a response shows: the feature, its neighbours' explanations, its
+    job. A new explanation anywhere else (here: a latent that is neither it nor a neighbour) must
+    not invalidate it; one of its neighbours must."""
+    engine, _ = published
+    with make_client(engine) as c:
+        api = c.get("/api/v1/saes/tiny/features/3")
+        page = c.get("/saes/tiny/features/3")
+        shown = {3} | {n["index"] for n in api.json()["neighbors"]}
+        other = next(i for i in range(128) if i not in shown)
+        explain(engine, other, "an unrelated latent's explanation", 0.7)
+        assert c.get("/api/v1/saes/tiny/features/3", headers={"If-None-Match": api.headers["etag"]}).status_code == 304
+        assert c.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]}).status_code == 304
+        neighbour = api.json()["neighbors"][-1]["index"]
+        explain(engine, neighbour, "a neighbour's explanation", 0.7)
+        fresh = c.get("/api/v1/saes/tiny/features/3", headers={"If-None-Match": api.headers["etag"]})
+        assert fresh.status_code == 200 and "a neighbour's explanation" in fresh.text
+        assert c.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]}).status_code == 200
+        # the page's ETag is per browser (its form carries the browser's CSRF token)
+        other_browser = make_client(engine)
+        with other_browser:
+            r = other_browser.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]})
+            assert r.status_code == 200 and csrf_of(r.text) != csrf_of(page.text)
