@@ -107,10 +107,12 @@ def test_invalid_configs_are_refused_at_submission_with_the_reason(atlas, tiny_m
         ({"sites": ["resid_post.9"]}, "unknown site 'resid_post.9': the model has blocks 0..3"),
         ({"sites": ["residual.1"]}, "unknown site 'residual.1'"),
         ({"model": "no-such-alias"}, "unknown model alias 'no-such-alias'"),
-        ({"model": "/nowhere/model.gguf"}, "does not exist"),
+        ({"model": "/nowhere/model.gguf"}, "is not under the folders training runs may read"),
+        ({"model": "./nowhere.gguf"}, "does not exist"),
         ({"arch": ["sparsest"]}, "arch"),
         ({"tokens": 100}, "less than one batch"),
-        ({"corpus": "/nowhere/corpus.txt"}, "corpus '/nowhere/corpus.txt' does not exist"),
+        ({"corpus": "/nowhere/corpus.txt"}, "corpus '/nowhere/corpus.txt' is not under the folders"),
+        ({"corpus": "./nowhere.txt"}, "does not exist"),
         ({"corpus": "hf:bad name"}, "bad corpus spec"),
         ({"gpus": 0}, "gpus"),
         ({"unknown_field": 1}, "unknown_field"),
@@ -167,7 +169,9 @@ def test_api_run_is_trained_analysed_and_published_by_a_worker(atlas, tiny_model
     for metric in ("fvu", "l0", "ce_recovered", "dead_frac"):
         assert isinstance(sae["metrics"][metric], float), metric
     assert "training:" in r["log_tail"] and "analysing:" in r["log_tail"]
-    assert not (Path(r["workdir"]) / "sae" / "checkpoint.pt").exists()  # optimiser state dropped once published
+    assert "workdir" not in r and "lease_owner" not in r  # not shown publicly
+    workdir = Path(run_row(engine, run["id"]).workdir)
+    assert not (workdir / "sae" / "checkpoint.pt").exists()  # optimiser state dropped once published
 
     history = client.get(f"/api/v1/runs/{run['id']}/metrics").json()["saes"]["tiny-run"]
     assert [h["step"] for h in history] == list(range(32))  # every step logged once, in order
@@ -350,7 +354,7 @@ def test_a_two_device_run_is_launched_with_torchrun(atlas, tiny_model_dir, tmp_p
     r = client.get(f"/api/v1/runs/{run['id']}").json()
     assert r["status"] == "done", r
     assert r["saes"][0]["name"] == "ddp-run"
-    cfg = json.loads((Path(r["workdir"]) / "sae" / "cfg.json").read_text())
+    cfg = json.loads((Path(run_row(engine, run["id"]).workdir) / "sae" / "cfg.json").read_text())
     assert cfg["sae_atlas"]["training"]["world_size"] == 2  # trained data-parallel by two ranks
     steps = [h["step"] for h in client.get(f"/api/v1/runs/{run['id']}/metrics").json()["saes"]["ddp-run"]]
     assert steps == list(range(32))
