@@ -86,14 +86,25 @@ def test_deleting_features_and_expiring_leases_use_their_indexes(engine):
 
 
 @pytest.mark.parametrize("engine", ["postgres"], indirect=True)
-def test_bulk_enqueue_of_70k_indices_stays_under_the_bind_parameter_limit(engine):
-    n = 70_000  # more than PostgreSQL's 65,535 bind parameters in one statement
+def test_bulk_enqueue_of_100k_indices_through_the_api(engine):
+    """100,000 indices (the most a request may name) in one POST: more than PostgreSQL's 65,535
+    bind parameters in one statement, so the enqueue must be chunked."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.security import create_key
+
+    n = 100_000
     _wide_sae(engine, "wide", n)
     with Session(engine) as s, s.begin():
-        assert queue.enqueue_for_sae(s, "wide", indices=list(range(n))[::-1]) == (n, 0)
-    _analyze(engine)
-    with Session(engine) as s, s.begin():
-        assert queue.enqueue_for_sae(s, "wide", indices=list(range(n))) == (0, n)
+        key = create_key(s, "bulk")
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(engine=engine)) as c:
+        r = c.post("/api/v1/jobs", json={"sae": "wide", "indices": list(range(n))[::-1]}, headers=auth)
+        assert r.status_code == 201 and r.json() == {"created": n, "skipped": 0}, r.text[:300]
+        _analyze(engine)
+        r = c.post("/api/v1/jobs", json={"sae": "wide", "indices": list(range(n))}, headers=auth)
+        assert r.status_code == 200 and r.json() == {"created": 0, "skipped": n}
     with Session(engine) as s:
         assert s.scalar(select(func.count(func.distinct(Job.feature_id)))) == n
 
