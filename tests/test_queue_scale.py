@@ -82,7 +82,10 @@ def test_deleting_features_and_expiring_leases_use_their_indexes(engine):
     assert "ix_jobs_feature_id" in plan, plan
     # the subquery of leases.requeue_expired, which every claim runs first
     plan = _plan(engine, select(Job.id).where(Job.status == "running", Job.lease_expires_at < utcnow()))
-    assert "ix_jobs_lease_expires_at" in plan, plan
+    if engine.dialect.name == "sqlite":  # its statistics see one status value: the lease index it is
+        assert "ix_jobs_lease_expires_at" in plan, plan
+    else:  # PostgreSQL knows how few jobs run; either index reads only those
+        assert "Seq Scan" not in plan and ("ix_jobs_lease_expires_at" in plan or "'running'" in plan), plan
 
 
 @pytest.mark.parametrize("engine", ["postgres"], indirect=True)

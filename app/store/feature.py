@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import orjson
-from sqlalchemy import Text, bindparam, cast, func, select
+from sqlalchemy import Text, bindparam, cast, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
@@ -43,7 +43,10 @@ _expl_last = (select(func.max(_E.id)).where(_E.feature_id == _F.id).correlate(Fe
               .scalar_subquery().label("last_expl"))
 # The newest live job of the feature as "id:status" (the page shows it; it is part of the page's ETag).
 _live_job = (select(cast(_J.id, Text).concat(":").concat(_J.status))
-             .where(_J.feature_id == _F.id, _J.status.in_(("queued", "running")))
+             .where(_J.feature_id == _F.id,
+                    # written into the SQL (not an expanding parameter): the query is compiled once
+                    # and run through the DBAPI cursor, and the partial index on live jobs applies
+                    _J.status.in_([literal_column("'queued'"), literal_column("'running'")]))
              .order_by(_J.id.desc()).limit(1).correlate(Feature.__table__).scalar_subquery().label("live_job"))
 
 
@@ -129,6 +132,7 @@ def _feature_row(session: Session, name: str, index: int, with_job: bool):
     if compiled is None:
         stmt = FEATURE_QUERY_WITH_JOB if with_job else FEATURE_QUERY
         c = stmt.compile(dialect=dialect)
+        assert "POSTCOMPILE" not in str(c), "the feature query must not need per-execution expansion"
         compiled = _COMPILED[key] = (str(c), tuple(c.positiontup) if c.positional else None,
                                      tuple(col.key for col in stmt.selected_columns), dict(c.params))
     sql, order, names, constants = compiled
