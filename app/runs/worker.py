@@ -14,7 +14,11 @@
   (the run folder lives under DATA_DIR/runs, which all trainer workers share).
 - SIGTERM/SIGINT: the trainer checkpoints, and the run is released untouched for another worker.
 - Publishing writes every SAE of the run and marks the run done in one transaction, only if the
-  run is still ours: a cancelled run never has half its SAEs published.
+  run is still ours: a cancelled run never has half its SAEs published. The monitor keeps
+  heartbeating through analysis and publishing, so a publish longer than the lease is not taken
+  over by another trainer.
+- The run's local model and corpus paths are checked against the configured roots again before
+  anything runs (app.runs.spec.confine_spec), and the children run in the run's folder.
 """
 
 from __future__ import annotations
