@@ -195,3 +195,21 @@ def test_train_with_an_unknown_site_fails_before_the_model_is_converted(tmp_path
     assert "unknown site 'resid_post.99': the model has blocks 0..29" in done.stderr
     assert not cache.exists() or not any(cache.iterdir())
     assert "torch" not in done.stderr  # no traceback, and nothing got as far as torch
+
+
+def test_a_folder_corpus_reads_nothing_that_links_out_of_it(tmp_path):
+    from trainer.corpus import LocalCorpus
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private notes\n")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "more.txt").write_text("more private notes\n")
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("public text\n")
+    (folder / "sub" / "b.txt").write_text("more public text\n")
+    (folder / "sub" / "inside.txt").symlink_to(folder / "a.txt")  # a link within the folder: fine
+    (folder / "leak.txt").symlink_to(secret)
+    (folder / "dir").symlink_to(tmp_path / "private")
+    files = [p.relative_to(folder).as_posix() for p in LocalCorpus(folder).files()]
+    assert files == ["a.txt", "sub/b.txt", "sub/inside.txt"]
