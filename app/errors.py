@@ -21,3 +21,7 @@ class NotFound(AtlasError):
 
 class SchemaOutOfDate(AtlasError):
     """The database exists but its schema is older (or newer) than this code."""
+
+
+class Conflict(AtlasError):
+    """The request contradicts the current state (a name in use, cancelling what has ended): 409."""

@@ -20,11 +20,11 @@ import random
 import time
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.models import Job, JobStatus, TrainingRun, utcnow
+from app.models import Job, JobStatus, TrainingRun, UTCDateTime, utcnow
 from app.settings import get_settings
 
 KIND_EXPLAIN = "explain"
@@ -43,28 +43,80 @@ def retry_busy(fn, attempts: int = 20):
             time.sleep(0.02 * (i + 1) + random.random() * 0.02)
 
 
+# Statements built once per (dialect, model, ...) with bound parameters: building SQLAlchemy
+# expressions anew on every claim cost more Python time than the database spends on the claim.
+_STATEMENTS: dict[tuple, tuple] = {}
+_PLAIN = {"synchronize_session": False}  # nothing in the session needs these rows refreshed
+
+
+def _now_param(name: str = "p_now"):
+    return bindparam(name, type_=UTCDateTime())
+
+
+def _pick(dialect: str, M, cond):
+    ids = select(M.id).where(cond)
+    if dialect == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)
+    return M.id.in_(ids.scalar_subquery())
+
+
+def _requeue_statements(dialect: str, M) -> tuple:
+    key = ("requeue", dialect, M)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        now = _now_param()
+        expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
+        fail = update(M).where(_pick(dialect, M, and_(expired, M.attempts >= M.max_attempts))).values(
+            status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
+            error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")
+        back = update(M).where(_pick(dialect, M, expired)).values(
+            status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)
+        found = _STATEMENTS[key] = (fail, back)
+    return found
+
+
 def requeue_expired(session: Session, now: datetime | None = None, model=Job) -> int:
     """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
 
     On PostgreSQL the rows are picked with SKIP LOCKED, so workers sweeping at the same moment
     never wait on (or deadlock over) each other's rows; whoever locks a row first requeues it.
     """
-    now = now or utcnow()
+    fail, back = _requeue_statements(session.get_bind().dialect.name, model)
+    params = {"p_now": now or utcnow()}
+    failed = session.execute(fail, params, execution_options=_PLAIN).rowcount
+    requeued = session.execute(back, params, execution_options=_PLAIN).rowcount
+    return (failed or 0) + (requeued or 0)
+
+
+def claim_template(dialect: str, limit: int, model=Job, conds=(), values: dict | None = None):
+    """The claim as one UPDATE ... RETURNING over the first `limit` runnable rows in claim order
+    (priority DESC, id), with parameters p_now, p_expires and p_worker (or, given `values`, with
+    those values written in). The subquery's order is the order of the ix_jobs_claim /
+    ix_runs_claim index, so the database reads the first rows of the index instead of sorting the
+    queue."""
     M = model
-    expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
+    now = values["p_now"] if values else _now_param()
+    expires = values["p_expires"] if values else _now_param("p_expires")
+    worker = values["p_worker"] if values else bindparam("p_worker")
+    ready = (select(M.id).where(M.status == JobStatus.queued.value, M.run_after <= now, *conds)
+             .order_by(M.priority.desc(), M.id).limit(limit))
+    if dialect == "postgresql":
+        ready = ready.with_for_update(skip_locked=True)
+    return (update(M).where(M.id.in_(ready.scalar_subquery()))
+            .values(status=JobStatus.running.value, lease_owner=worker,
+                    lease_expires_at=expires, heartbeat_at=now,
+                    attempts=M.attempts + 1, started_at=now)
+            .returning(M.id))
 
-    def pick(cond):
-        ids = select(M.id).where(cond)
-        if session.get_bind().dialect.name == "postgresql":
-            ids = ids.with_for_update(skip_locked=True)
-        return M.id.in_(ids.scalar_subquery())
 
-    failed = session.execute(update(M).where(pick(and_(expired, M.attempts >= M.max_attempts))).values(
-        status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
-        error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")).rowcount
-    back = session.execute(update(M).where(pick(expired)).values(
-        status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)).rowcount
-    return (failed or 0) + (back or 0)
+def _claim_params(worker_id: str, now: datetime, lease_s: float) -> dict:
+    return {"p_now": now, "p_expires": now + timedelta(seconds=lease_s), "p_worker": worker_id}
+
+
+def claim_statement(session: Session, worker_id: str, now: datetime, limit: int, lease_s: float, model=Job,
+                    conds=()):
+    """What claim executes, with the values written in (tests EXPLAIN it)."""
+    return claim_template(session.get_bind().dialect.name, limit, model, conds, _claim_params(worker_id, now, lease_s))
 
 
 def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | None = None,
@@ -74,24 +126,22 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
     model: Job (filtered by `kinds`) or TrainingRun; where: extra conditions on the rows."""
     lease_s = lease_s or get_settings().job_lease_s
     M = model
-    conds = [M.status == JobStatus.queued.value, *where]
-    if M is Job:
-        conds.append(Job.kind.in_(kinds))
+    dialect = session.get_bind().dialect.name
+    if where:  # conditions with their own values (a trainer's free GPUs): built per call
+        conds = [*where, *((Job.kind.in_(kinds),) if M is Job else ())]
+        stmt = claim_template(dialect, limit, M, conds)
+    else:
+        key = ("claim", dialect, M, tuple(kinds) if M is Job else (), limit)
+        stmt = _STATEMENTS.get(key)
+        if stmt is None:
+            stmt = _STATEMENTS[key] = claim_template(dialect, limit, M, (Job.kind.in_(kinds),) if M is Job else ())
 
     def attempt() -> list:
         now = utcnow()
         try:
             requeue_expired(session, now, M)
-            ready = (select(M.id).where(M.run_after <= now, *conds)
-                     .order_by(M.priority.desc(), M.id).limit(limit))
-            if session.get_bind().dialect.name == "postgresql":
-                ready = ready.with_for_update(skip_locked=True)
-            stmt = (update(M).where(M.id.in_(ready.scalar_subquery()))
-                    .values(status=JobStatus.running.value, lease_owner=worker_id,
-                            lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now,
-                            attempts=M.attempts + 1, started_at=now)
-                    .returning(M.id))
-            ids = [row[0] for row in session.execute(stmt)]
+            ids = [row[0] for row in session.execute(stmt, _claim_params(worker_id, now, lease_s),
+                                                     execution_options=_PLAIN)]
             session.commit()
         except BaseException:
             session.rollback()

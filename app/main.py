@@ -15,6 +15,7 @@ from app import __version__
 from app.api import api_router
 from app.api.errors import install_error_handlers
 from app.db import check_schema, make_engine, session_factory
+from app.middleware import BodyLimit, WriteKeyGate
 from app.paths import resource_dir
 from app.settings import Settings, get_settings
 from app.web.live_pages import router as live_pages_router
@@ -26,10 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def content_security_policy(settings: Settings) -> str:
+    """Scripts from this server and the one pinned htmx file (its exact URL, not its CDN's whole
+    origin: anything else on unpkg would be allowed otherwise)."""
     parts = urlsplit(settings.htmx_url)
-    cdn = f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
+    script = settings.htmx_url if parts.scheme in ("http", "https") and parts.netloc else ""
+    for bad in (" ", ";", ",", "'"):
+        script = script.replace(bad, "")  # one source expression, whatever the setting holds
     return ("default-src 'self'; "
-            f"script-src 'self' {cdn}; "
+            f"script-src 'self' {script}; "
             "style-src 'self'; img-src 'self' data:; font-src 'self'; connect-src 'self'; "
             "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -152,5 +157,9 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.include_router(run_pages_router)
     app.include_router(live_pages_router)
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
+    # Outermost last: security headers on everything, then the body limit, then the write-key
+    # gate, both before any body is read.
+    app.add_middleware(WriteKeyGate)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(settings))
     return app

@@ -45,6 +45,8 @@ NAMING_CONVENTION = {
 
 # BIGINT on PostgreSQL, but INTEGER on SQLite so that the primary key stays the rowid alias.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# A 64-bit count: BIGINT on PostgreSQL; SQLite's INTEGER already holds 64 bits.
+BigInt64 = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
@@ -293,8 +295,14 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_claim", "status", "priority", "run_after", "id"),
+        # The claim walks this index in the claim's order (status = queued, priority DESC, id) and
+        # stops at the first runnable rows, instead of sorting every queued job.
+        Index("ix_jobs_claim", "status", text("priority DESC"), "id"),
         Index("ix_jobs_sae_status", "sae_id", "status"),
+        # Deleting or replacing an SAE deletes its features, and each feature's jobs by feature_id.
+        Index("ix_jobs_feature_id", "feature_id"),
+        # Every claim first looks for expired leases; only running jobs have one (NULL otherwise).
+        Index("ix_jobs_lease_expires_at", "lease_expires_at"),
         # At most one live job per (feature, kind): a partial unique index on both databases.
         Index(
             "uq_jobs_live_feature_kind",
@@ -337,7 +345,7 @@ class TrainingRun(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
-        Index("ix_runs_claim", "status", "priority", "run_after", "id"),
+        Index("ix_runs_claim", "status", text("priority DESC"), "id"),
         Index("ix_runs_created_at", "created_at"),
     )
 
@@ -355,9 +363,10 @@ class TrainingRun(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     phase: Mapped[str | None] = mapped_column(String(20), doc="train, evaluate, analyze or publish while running")
     progress: Mapped[float] = mapped_column(Float, default=0.0, doc="0..1 over the whole pipeline")
-    step: Mapped[int] = mapped_column(Integer, default=0)
-    total_steps: Mapped[int] = mapped_column(Integer, default=0)
-    resumed_from_step: Mapped[int | None] = mapped_column(Integer, doc="checkpoint step the latest attempt resumed from")
+    # int64: tokens / batch_size passes 2**31 for long runs with small batches.
+    step: Mapped[int] = mapped_column(BigInt64, default=0)
+    total_steps: Mapped[int] = mapped_column(BigInt64, default=0)
+    resumed_from_step: Mapped[int | None] = mapped_column(BigInt64, doc="checkpoint step the latest attempt resumed from")
     latest: Mapped[dict] = mapped_column(JSON, default=dict, doc="the newest metrics record of each SAE")
     log_tail: Mapped[str] = mapped_column(Text, default="")
     log_offsets: Mapped[dict] = mapped_column(JSON, default=dict, doc="bytes of each metrics log already stored")
@@ -383,7 +392,7 @@ class RunMetric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     sae: Mapped[str] = mapped_column(String(200), doc="the SAE within the run (one name per sweep member)")
     attempt: Mapped[int] = mapped_column(SmallInteger, default=1)
-    step: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInt64)
     tokens: Mapped[int] = mapped_column(BigInteger)
     loss: Mapped[float | None] = mapped_column(Float)
     fvu: Mapped[float | None] = mapped_column(Float)
@@ -395,8 +404,13 @@ class RunMetric(Base):
     run: Mapped[TrainingRun] = relationship(back_populates="metrics")
 
 
+class KeyScope(str, enum.Enum):
+    read = "read"  # reads, when public_reads is off
+    write = "write"  # reads and writes (jobs, runs, cancels)
+
+
 class APIKey(Base):
-    """A key for writes (and reads when public_reads is off); only its SHA-256 is stored."""
+    """A key for reads (scope read) or reads and writes (scope write); only its SHA-256 is stored."""
 
     __tablename__ = "api_keys"
 
@@ -404,6 +418,7 @@ class APIKey(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     prefix: Mapped[str] = mapped_column(String(16), doc="first characters, to tell keys apart")
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(10), default=KeyScope.write.value, server_default=KeyScope.write.value)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -429,3 +444,18 @@ class ContrastQuery(Base):
     result: Mapped[dict] = mapped_column(JSON, doc="the ranked latents and the summary, as computed")
     requested_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+class WebSession(Base):
+    """A browser's sign-in: the cookie holds a random token, the store only its SHA-256. Signing
+    out, revoking the key or the expiry ends it; the key itself never reaches the browser."""
+
+    __tablename__ = "web_sessions"
+    __table_args__ = (Index("ix_web_sessions_api_key_id", "api_key_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    api_key: Mapped[APIKey] = relationship()

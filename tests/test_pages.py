@@ -5,6 +5,7 @@ JavaScript, errors are pages (not tracebacks), and nothing breaks the Content-Se
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from html.parser import HTMLParser
 
 import pytest
@@ -13,6 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import SAE, Explanation, Feature, Job
+
+REPO = Path(__file__).resolve().parents[1]
 
 N = 128
 
@@ -208,30 +211,43 @@ def test_feature_page_etag_and_errors(client):
         assert f"<h1>{status}" in r.text
 
 
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert m, "the page has no CSRF token"
+    return m.group(1)
+
+
 def test_request_an_explanation_without_javascript(published):
     engine, _ = published
     key = make_key(engine)
     with make_client(engine) as c:
+        page = c.get("/saes/tiny/features/6")
+        token = csrf_of(page.text)
+        assert token == c.cookies["atlas_csrf"]  # before signing in: a double-submit cookie
         url = "/saes/tiny/features/6/explain"
-        r = c.post(url, data={"api_key": ""})
+        r = c.post(url, data={"api_key": key})  # no token: from another site, or a stale page
+        assert r.status_code == 403 and "expired or was sent from another site" in r.text
+        r = c.post(url, data={"api_key": key, "csrf_token": "x" * 43})
+        assert r.status_code == 403
+        r = c.post(url, data={"api_key": "", "csrf_token": token})
         assert r.status_code == 401 and "API key is needed" in r.text
         check_page(r)
-        r = c.post(url, data={"api_key": "wrong"})
+        r = c.post(url, data={"api_key": "wrong", "csrf_token": token})
         assert r.status_code == 403 and "not valid" in r.text
-        r = c.post(url, data={"api_key": key})
+        r = c.post(url, data={"api_key": key, "csrf_token": token})
         assert r.status_code == 303 and r.headers["location"].startswith("/saes/tiny/features/6?queued=1")
         page = c.get(r.headers["location"])
         assert "Explanation job" in page.text and "queued" in page.text and page.headers["cache-control"] == "no-store"
         plain = c.get("/saes/tiny/features/6")
         assert "Explanation job" in plain.text  # the live job is shown (and part of the page's ETag)
         # htmx: the same form answers with the status partial only
-        again = c.post(url, data={"api_key": key}, headers={"HX-Request": "true"})
+        again = c.post(url, data={"api_key": key, "csrf_token": token}, headers={"HX-Request": "true"})
         assert again.status_code == 200 and "<html" not in again.text and "already queued" in again.text
-        denied = c.post(url, data={"api_key": "nope"}, headers={"HX-Request": "true"})
+        denied = c.post(url, data={"api_key": "nope", "csrf_token": token}, headers={"HX-Request": "true"})
         assert denied.status_code == 403 and "<html" not in denied.text and "not valid" in denied.text
         status = c.get("/saes/tiny/features/6/job")
         assert status.status_code == 200 and "queued" in status.text and 'hx-trigger="every 5s"' in status.text
-        assert c.post("/saes/tiny/features/999/explain", data={"api_key": key}).status_code == 404
+        assert c.post("/saes/tiny/features/999/explain", data={"api_key": key, "csrf_token": token}).status_code == 404
     with Session(engine) as s:
         assert s.scalar(select(Job).where(Job.requested_by == "pages")).status == "queued"
 
@@ -282,17 +298,29 @@ def test_private_atlas_sign_in(published):
         check_page(r)
         form = c.get("/login", params={"next": "/saes/tiny"})
         assert form.status_code == 200 and 'name="next" value="/saes/tiny"' in form.text
-        bad = c.post("/login", data={"api_key": "wrong", "next": "/saes/tiny"})
+        token = csrf_of(form.text)
+        assert c.post("/login", data={"api_key": key, "next": "/saes/tiny"}).status_code == 403  # no CSRF token
+        bad = c.post("/login", data={"api_key": "wrong", "next": "/saes/tiny", "csrf_token": token})
         assert bad.status_code == 403 and "not valid" in bad.text
-        ok = c.post("/login", data={"api_key": key, "next": "/saes/tiny"})
+        ok = c.post("/login", data={"api_key": key, "next": "/saes/tiny", "csrf_token": token})
         assert ok.status_code == 303 and ok.headers["location"] == "/saes/tiny"
-        cookie = ok.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "samesite=strict" in cookie
+        cookie = next(h for h in ok.headers.get_list("set-cookie") if h.startswith("atlas_session="))
+        assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+        assert key not in cookie and "secure" not in cookie.lower()  # plain HTTP, no trusted proxy
         assert c.get("/saes/tiny").status_code == 200
+        signed_in = c.get("/login")
+        assert "signed in with the key <b>pages</b>" in signed_in.text
+        session_token = csrf_of(signed_in.text)
+        assert session_token != token  # after signing in, forms carry the session's own token
         for evil in ("//evil.example/x", "https://evil.example", "/\\evil.example", "javascript:alert(1)"):
-            assert c.post("/login", data={"api_key": key, "next": evil}).headers["location"] == "/"
-        assert c.post("/logout").status_code == 303
-        c.cookies.clear()
+            r = c.post("/login", data={"api_key": key, "next": evil, "csrf_token": session_token})
+            assert r.headers["location"] == "/", evil
+            session_token = csrf_of(c.get("/login").text)  # each sign-in is a new session
+        stolen = c.cookies["atlas_session"]
+        assert c.post("/logout").status_code == 403  # no CSRF token: a cross-site sign-out is refused
+        assert c.post("/logout", data={"csrf_token": session_token}).status_code == 303
+        assert c.get("/").status_code == 401
+        c.cookies.set("atlas_session", stolen)  # the session ended on the server, not only in this browser
         assert c.get("/").status_code == 401
 
 
@@ -301,4 +329,84 @@ def test_static_files(client):
                        ("/static/favicon.svg", "image/svg+xml")):
         r = client.get(path)
         assert r.status_code == 200 and kind in r.headers["content-type"], path
-    assert client.get("/static/../app/main.py").status_code == 404
+
+
+@pytest.fixture
+def live_server(published):
+    """The app under a real uvicorn on a loopback port (in a thread), for requests a test client
+    would normalise before sending."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from app.main import create_app
+    from tests.helpers import free_port
+
+    engine, _ = published
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port, log_level="error",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """GET `target` byte for byte as written (no client normalises ../ or %2e%2e away)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+TRAVERSALS = ["/static/../app/settings.py", "/static/%2e%2e/app/settings.py", "/static/%2E%2E/app/settings.py",
+              "/static/..%2fapp/settings.py", "/static/%2e%2e%2fapp%2fsettings.py", "/static/....//app/settings.py",
+              "/static/..\\app\\settings.py", "/static/%2e%2e%5capp%5csettings.py", "/static//etc/passwd",
+              "/static/%2fetc%2fpasswd", "/static/../../../../etc/passwd", "/static/.%2e/.%2e/.%2e/etc/passwd"]
+
+
+def test_static_files_cannot_be_left_over_a_raw_socket(live_server):
+    status, body = raw_get(live_server, "/static/atlas.css")
+    assert status == 200 and b"{" in body  # the server does serve its static folder
+    secret = (REPO / "app" / "settings.py").read_bytes()[:200]
+    for target in TRAVERSALS:
+        status, body = raw_get(live_server, target)
+        assert status in (400, 404), (target, status)
+        assert secret not in body and b"root:" not in body, target
+
+
+def test_an_explanation_of_an_unrelated_latent_keeps_a_features_etag(published):
+    """ETags are keyed on what a response shows: the feature, its neighbours' explanations, its
+    job. A new explanation anywhere else (here: a latent that is neither it nor a neighbour) must
+    not invalidate it; one of its neighbours must."""
+    engine, _ = published
+    with make_client(engine) as c:
+        api = c.get("/api/v1/saes/tiny/features/3")
+        page = c.get("/saes/tiny/features/3")
+        shown = {3} | {n["index"] for n in api.json()["neighbors"]}
+        other = next(i for i in range(128) if i not in shown)
+        explain(engine, other, "an unrelated latent's explanation", 0.7)
+        assert c.get("/api/v1/saes/tiny/features/3", headers={"If-None-Match": api.headers["etag"]}).status_code == 304
+        assert c.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]}).status_code == 304
+        neighbour = api.json()["neighbors"][-1]["index"]
+        explain(engine, neighbour, "a neighbour's explanation", 0.7)
+        fresh = c.get("/api/v1/saes/tiny/features/3", headers={"If-None-Match": api.headers["etag"]})
+        assert fresh.status_code == 200 and "a neighbour's explanation" in fresh.text
+        assert c.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]}).status_code == 200
+        # the page's ETag is per browser (its form carries the browser's CSRF token)
+        other_browser = make_client(engine)
+        with other_browser:
+            r = other_browser.get("/saes/tiny/features/3", headers={"If-None-Match": page.headers["etag"]})
+            assert r.status_code == 200 and csrf_of(r.text) != csrf_of(page.text)

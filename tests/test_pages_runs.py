@@ -59,8 +59,17 @@ def curve(steps, fvu0: float = 0.9) -> list[dict]:
              "lr": 1e-3} for s in steps]
 
 
+CSRF = "test-browser-csrf-token-0123456789"  # this test's browser: its CSRF cookie and forms agree
+
+
+def browser(c):
+    """The client as a browser that has loaded a page: it holds a CSRF cookie."""
+    c.cookies.set("atlas_csrf", CSRF)
+    return c
+
+
 def form(**over) -> dict:
-    data = {"name": "", "description": "", "model": "smollm2-135m", "sites": "resid_post.3", "arch": ["topk"],
+    data = {"csrf_token": CSRF, "name": "", "description": "", "model": "smollm2-135m", "sites": "resid_post.3", "arch": ["topk"],
             "width": "256", "k": "16", "tokens": "40k", "batch_size": "1024", "corpus": "pydoc",
             "analyze_tokens": "10_000", "gpus": "1", "priority": "0", "lr": "", "api_key": ""}
     data.update(over)
@@ -229,6 +238,7 @@ def test_queued_run_without_metrics(engine):
 def test_new_run_form_submits_a_run(engine):
     key = make_key(engine, "former")
     with make_client(engine) as c:
+        browser(c)
         r = c.get("/runs/new")
         assert r.status_code == 200
         check_page(r)
@@ -267,7 +277,11 @@ def test_new_run_form_submits_a_run(engine):
 def test_new_run_form_refusals(engine):
     key = make_key(engine, "former")
     with make_client(engine) as c:
+        browser(c)
         n = run_count(engine)
+        # without the CSRF token (another site's form): refused before anything else
+        r = c.post("/runs/new", data={**form(name="forged", api_key=key), "csrf_token": ""})
+        assert r.status_code == 403 and "another site" in r.text
         # no key / a wrong key: refused before anything else, the form comes back with its values
         r = c.post("/runs/new", data=form(name="keyless", width="32", k="64"))
         assert r.status_code == 401 and "An API key is needed" in r.text
@@ -293,7 +307,12 @@ def test_new_run_form_refusals(engine):
         assert r.text.count('class="fielderr err small"') >= 3
         r = c.post("/runs/new", data=form(name="bad name!", api_key=key))
         assert r.status_code == 422 and "name:" in r.text
-        r = c.post("/runs/new", data=form(corpus="/no/such/corpus.txt", api_key=key))
+        # corpora: only under the corpus roots, and the refusal never tells whether a path exists
+        outside = [c.post("/runs/new", data=form(corpus=path, api_key=key)) for path in ("/no/such/corpus.txt", "/etc/passwd")]
+        assert [r.status_code for r in outside] == [422, 422]
+        assert all("is not under the folders training runs may read" in r.text for r in outside)
+        assert outside[0].text.replace("/no/such/corpus.txt", "X") == outside[1].text.replace("/etc/passwd", "X")
+        r = c.post("/runs/new", data=form(corpus="./no-such-corpus.txt", api_key=key))  # inside the roots
         assert r.status_code == 422 and "does not exist" in r.text
         r = c.post("/runs/new", data=form(description=XSS, width="8", k="16", api_key=key))
         assert r.status_code == 422 and XSS not in r.text and "&lt;script&gt;" in r.text
@@ -312,27 +331,30 @@ def test_cancel_from_the_page(engine):
     key = make_key(engine, "canceller")
     run_id = add_run(engine, "stop-me", metrics={"": curve(range(3))})
     with make_client(engine) as c:
+        browser(c)
         url = f"/runs/{run_id}/cancel"
-        r = c.post(url, data={"api_key": ""})
+        assert c.post(url, data={"api_key": key}).status_code == 403  # no CSRF token
+        r = c.post(url, data={"api_key": "", "csrf_token": CSRF})
         assert r.status_code == 401 and "An API key is needed to cancel" in r.text
         check_page(r)
-        assert c.post(url, data={"api_key": "nope"}).status_code == 403
+        assert c.post(url, data={"api_key": "nope", "csrf_token": CSRF}).status_code == 403
         with Session(engine) as s:
             assert s.get(TrainingRun, run_id).status == "running"
-        r = c.post(url, data={"api_key": key})
+        r = c.post(url, data={"api_key": key, "csrf_token": CSRF})
         assert r.status_code == 303 and r.headers["location"] == f"/runs/{run_id}?cancelled=1"
         with Session(engine) as s:
             run = s.get(TrainingRun, run_id)
             assert run.status == "cancelled" and run.finished_at is not None
         page = c.get(r.headers["location"])
         assert "was cancelled" in page.text and POLL not in page.text and 'class="pill st-cancelled"' in page.text
-        again = c.post(url, data={"api_key": key})
+        again = c.post(url, data={"api_key": key, "csrf_token": CSRF})
         assert again.status_code == 409 and "already cancelled" in again.text
         check_page(again)
-        assert c.post("/runs/999999/cancel", data={"api_key": key}).status_code == 404
+        assert c.post("/runs/999999/cancel", data={"api_key": key, "csrf_token": CSRF}).status_code == 404
     done = add_run(engine, "finished", status="done")
     with make_client(engine) as c:
-        r = c.post(f"/runs/{done}/cancel", data={"api_key": key})
+        browser(c)
+        r = c.post(f"/runs/{done}/cancel", data={"api_key": key, "csrf_token": CSRF})
         assert r.status_code == 409 and "already done" in r.text
 
 

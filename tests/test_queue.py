@@ -257,9 +257,9 @@ def test_too_few_examples_is_skipped_without_retry(sqlite_engine):
 
 # --- worker processes -------------------------------------------------------------------------
 
-def spawn_worker(url: str, *args: str, lease_s: float = 30.0) -> subprocess.Popen:
+def spawn_worker(url: str, *args: str, lease_s: float = 30.0, **extra_env: str) -> subprocess.Popen:
     env = dict(os.environ, SAE_ATLAS_DATABASE_URL=url, SAE_ATLAS_JOB_LEASE_S=str(lease_s),
-               SAE_ATLAS_WORKER_POLL_S="0.2", SAE_ATLAS_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+               SAE_ATLAS_WORKER_POLL_S="0.2", SAE_ATLAS_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO), **extra_env)
     return subprocess.Popen([sys.executable, "-m", "app.autointerp.worker", *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -156,7 +156,12 @@ class LocalCorpus(ListedCorpus):
 
     def files(self) -> list[Path]:
         if self.path.is_dir():
-            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+            # Files only inside the folder itself: a link that leads out of it (to another
+            # folder, or to any file on the machine) is not followed; rglob does not descend
+            # into linked folders either.
+            root = self.path.resolve()
+            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES
+                           and p.resolve().is_relative_to(root))
             if not files:
                 raise AtlasError(f"folder {self.path} has no .txt, .jsonl or .parquet files", "point at a folder with text files")
             return files

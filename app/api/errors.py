@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.errors import AtlasError, NotFound
+from app.errors import AtlasError, Conflict, NotFound
 from app.responses import JSON
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,10 @@ def install_error_handlers(app: FastAPI, html_error) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):
         return respond(request, 404, "not_found", exc.one_line())
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict):
+        return respond(request, 409, "conflict", exc.one_line())
 
     @app.exception_handler(AtlasError)
     async def _atlas_error(request: Request, exc: AtlasError):

@@ -1,8 +1,7 @@
 """Features of an SAE: the filtered table, one feature's whole dashboard, neighbours, examples.
 
-The single-feature endpoints are `async def` and call the (fast, indexed) store directly: a thread
-hop per request would cost more than the queries. The table query, which can count many rows,
-stays a plain `def` and runs in the thread pool.
+Every handler is a plain `def`: FastAPI runs it in its thread pool, so no database read ever
+blocks the event loop (and with it every other request).
 """
 
 from typing import Literal
@@ -12,11 +11,12 @@ from sqlalchemy.orm import Session
 
 from app import store
 from app.api.errors import ApiError
+from app.api.schemas import READ_ERRORS, FeatureExamplesOut, FeatureOut, FeaturePage, NeighborsOut
 from app.deps import get_session, read_access
 from app.models import ExampleKind
 from app.responses import JSON, RawJSON, cache_headers, dumps, etag_matches, not_modified
 
-router = APIRouter(tags=["features"], dependencies=[Depends(read_access)])
+router = APIRouter(tags=["features"], dependencies=[Depends(read_access)], responses=READ_ERRORS)
 
 Index = Path(ge=0, le=store.MAX_LATENT_INDEX, description="latent index (0-based)")
 SaeName = Path(min_length=1, max_length=200, description="name of a published SAE")
@@ -29,7 +29,8 @@ def table_query(sort, order, density_min, density_max, has_explanation, score_mi
     return store.TableQuery(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
 
 
-@router.get("/saes/{sae}/features", summary="Features of an SAE, filtered, sorted and paginated")
+@router.get("/saes/{sae}/features", summary="Features of an SAE, filtered, sorted and paginated",
+            response_model=FeaturePage)
 def list_features(
     sae: str = SaeName,
     sort: Literal["index", "density", "max", "mean", "score"] = "index",
@@ -58,34 +59,36 @@ def _links(sae: str, index: int, d_sae: int) -> dict:
             "next": f"{base}/{index + 1}" if index + 1 < d_sae else None}
 
 
-@router.get("/saes/{sae}/features/{index}", summary="One feature with everything on its page")
-async def get_feature(request: Request, sae: str = SaeName, index: int = Index, session: Session = Depends(get_session)):
+@router.get("/saes/{sae}/features/{index}", summary="One feature with everything on its page",
+            response_model=FeatureOut, responses={304: {"description": "Not modified (If-None-Match)"}})
+def get_feature(request: Request, sae: str = SaeName, index: int = Index, session: Session = Depends(get_session)):
     f = store.load_feature(session, sae, index)
-    etag = f.etag()
+    neighbor_expl = store.shown_neighbor_explanations(session, f)
+    etag = f.etag(neighbors=neighbor_expl)
     if etag_matches(request, etag):
         return not_modified(etag)
     key = ("json", f.sae.id, index, etag)
     body = store.RENDERED.get(key)
     if body is None:
         vocab = store.vocab_for(session, f.sae.lm_id)
-        payload = store.feature_payload(session, f.sae, f, vocab)
+        payload = store.feature_payload(session, f.sae, f, vocab, neighbor_expl=neighbor_expl)
         payload["links"] = _links(f.sae.name, index, f.sae.d_sae)
         body = dumps(payload)
         store.RENDERED.put(key, body)
     return RawJSON(body, headers=cache_headers(etag))
 
 
-@router.get("/saes/{sae}/features/{index}/neighbors", summary="Nearest features by decoder cosine similarity")
-async def get_neighbors(request: Request, sae: str = SaeName, index: int = Index,
-                        k: int = Query(10, ge=1, le=100, description="how many neighbours (1-100)"),
-                        session: Session = Depends(get_session)):
+@router.get("/saes/{sae}/features/{index}/neighbors", summary="Nearest features by decoder cosine similarity",
+            response_model=NeighborsOut, responses={304: {"description": "Not modified (If-None-Match)"}})
+def get_neighbors(request: Request, sae: str = SaeName, index: int = Index,
+                  k: int = Query(10, ge=1, le=100, description="how many neighbours (1-100)"),
+                  session: Session = Depends(get_session)):
     f = store.load_feature(session, sae, index)
-    etag = f.etag()[:-1] + f'-k{k}"'
+    expl = store.shown_neighbor_explanations(session, f, k)
+    etag = f.etag(neighbors=expl, k=k)
     if etag_matches(request, etag):
         return not_modified(etag)
     near = [(int(j), c) for j, c in (f.neighbors or [])[:k]]
-    expl = store.neighbor_explanations(session, f.sae.id, [j for j, _ in near], f.explanation_watermark, f.sae.version) \
-        if near and f.explanation_watermark else {}
     items = [{"index": j, "cosine": c, "explanation": expl.get(j),
               "links": {"self": f"/api/v1/saes/{sae}/features/{j}", "page": f"/saes/{sae}/features/{j}"}}
              for j, c in near]
@@ -93,8 +96,9 @@ async def get_neighbors(request: Request, sae: str = SaeName, index: int = Index
                 headers=cache_headers(etag))
 
 
-@router.get("/saes/{sae}/features/{index}/examples", summary="A feature's examples with per-token activations")
-async def get_examples(request: Request, sae: str = SaeName, index: int = Index,
+@router.get("/saes/{sae}/features/{index}/examples", summary="A feature's examples with per-token activations",
+            response_model=FeatureExamplesOut, responses={304: {"description": "Not modified (If-None-Match)"}})
+def get_examples(request: Request, sae: str = SaeName, index: int = Index,
                        kind: Literal["top", "interval", "random", "all"] = "all",
                        session: Session = Depends(get_session)):
     f = store.load_feature(session, sae, index)

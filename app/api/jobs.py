@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from app import store
 from app.api.errors import ApiError
 from app.autointerp import queue
+from app.api.schemas import READ_ERRORS, WRITE_ERRORS, JobOut, JobPage, JobsCreated, PageParams
 from app.deps import get_session, read_access, write_access
 from app.models import APIKey, Job
 from app.responses import JSON
@@ -41,7 +42,9 @@ class JobRequest(BaseModel):
         return self
 
 
-@router.post("", status_code=201, summary="Queue explanation jobs (needs an API key)")
+@router.post("", status_code=201, summary="Queue explanation jobs (needs a write key)", response_model=JobsCreated,
+             responses={200: {"model": JobsCreated, "description": "Nothing new: every latent already had a live job"},
+                        **WRITE_ERRORS})
 def create_jobs(req: JobRequest, key: APIKey = Depends(write_access), session: Session = Depends(get_session)):
     sae = store.sae_by_name(session, req.sae)
     if req.index is not None:
@@ -60,17 +63,20 @@ def create_jobs(req: JobRequest, key: APIKey = Depends(write_access), session: S
     return JSON({"created": created, "skipped": skipped}, status_code=201 if created else 200)
 
 
-@router.get("", summary="List jobs", dependencies=[Depends(read_access)])
+@router.get("", summary="List jobs, newest first", dependencies=[Depends(read_access)], response_model=JobPage,
+            responses=READ_ERRORS)
 def list_jobs(status: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
-              sae: str | None = Query(None, max_length=200), limit: int = Query(50, ge=1, le=500),
+              sae: str | None = Query(None, max_length=200), pages: PageParams = Depends(),
               session: Session = Depends(get_session)):
     sae_id = store.sae_by_name(session, sae).id if sae else None
-    jobs = store.recent_jobs(session, limit, status, sae_id)
-    return JSON({"counts": store.job_counts(session),
-                 "items": [{**queue.job_dict(j), "sae": name, "index": index} for j, name, index in jobs]})
+    jobs = store.recent_jobs(session, pages.per_page, status, sae_id, pages.offset)
+    total = store.count_jobs(session, status, sae_id)
+    items = [{**queue.job_dict(j), "sae": name, "index": index} for j, name, index in jobs]
+    return JSON(pages.body(items, total, counts=store.job_counts(session)))
 
 
-@router.get("/{job_id}", summary="One job", dependencies=[Depends(read_access)])
+@router.get("/{job_id}", summary="One job", dependencies=[Depends(read_access)], response_model=JobOut,
+            responses=READ_ERRORS)
 def get_job(job_id: int = JobId, session: Session = Depends(get_session)):
     job = session.get(Job, job_id)
     if job is None:
@@ -78,13 +84,11 @@ def get_job(job_id: int = JobId, session: Session = Depends(get_session)):
     return JSON(queue.job_dict(job))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a queued or running job (needs an API key)")
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running job (needs a write key)", response_model=JobOut,
+             responses=WRITE_ERRORS)
 def cancel(job_id: int = JobId, key: APIKey = Depends(write_access), session: Session = Depends(get_session)):
-    job = session.get(Job, job_id)
-    if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id}")
-    if job.status not in ("queued", "running"):
-        raise ApiError(409, "conflict", f"job {job_id} is already {job.status}")
-    job = queue.cancel_job(session, job_id)
+    """409 when the job has already ended (done, failed or cancelled), also when it ends while
+    the cancel is under way."""
+    job = queue.cancel_job(session, job_id)  # NotFound -> 404, Conflict -> 409
     session.commit()
     return JSON(queue.job_dict(job))

@@ -4,11 +4,12 @@ from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from app import store
+from app.api.schemas import READ_ERRORS, Page, PageParams, SAEDetail, SAEOut
 from app.deps import get_session, read_access
 from app.models import SAE
 from app.responses import JSON, cache_headers, etag_matches, not_modified
 
-router = APIRouter(tags=["saes"], dependencies=[Depends(read_access)])
+router = APIRouter(tags=["saes"], dependencies=[Depends(read_access)], responses=READ_ERRORS)
 
 
 def sae_dict(sae: SAE, detail: bool = False) -> dict:
@@ -16,7 +17,7 @@ def sae_dict(sae: SAE, detail: bool = False) -> dict:
         "name": sae.name, "model": sae.lm.name, "site": sae.site, "layer": sae.layer, "architecture": sae.architecture,
         "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "metrics": sae.metrics,
         "tokens_analyzed": sae.n_tokens_analyzed, "description": sae.description,
-        "published_at": sae.published_at.isoformat() if sae.published_at else None,
+        "published_at": sae.published_at.isoformat() if sae.published_at else None, "run_id": sae.run_id,
         "links": {"self": f"/api/v1/saes/{sae.name}", "features": f"/api/v1/saes/{sae.name}/features",
                   "page": f"/saes/{sae.name}"},
     }
@@ -27,12 +28,14 @@ def sae_dict(sae: SAE, detail: bool = False) -> dict:
     return d
 
 
-@router.get("/saes", summary="List published SAEs")
-def list_saes(session: Session = Depends(get_session)):
-    return JSON({"items": [sae_dict(s) for s in store.list_saes(session)]})
+@router.get("/saes", summary="List published SAEs", response_model=Page[SAEOut])
+def list_saes(pages: PageParams = Depends(), session: Session = Depends(get_session)):
+    saes = store.list_saes(session)
+    return JSON(pages.body([sae_dict(s) for s in saes[pages.offset:pages.offset + pages.per_page]], len(saes)))
 
 
-@router.get("/saes/{sae}", summary="One SAE with its metrics, charts and configuration")
+@router.get("/saes/{sae}", summary="One SAE with its metrics, charts and configuration", response_model=SAEDetail,
+            responses={304: {"description": "Not modified (If-None-Match)"}})
 def get_sae(request: Request, sae: str = Path(min_length=1, max_length=200), session: Session = Depends(get_session)):
     s = store.sae_by_name(session, sae)
     etag = f'W/"{s.version[:16]}"'  # everything here is fixed when the SAE is published

@@ -11,10 +11,12 @@ from sqlalchemy.orm import Session
 
 from app import store
 from app.api.errors import ApiError
+from app.api.schemas import READ_ERRORS, PageParams, TokenHits
 from app.deps import get_session, read_access
+from app.responses import JSON
 from app.store import search as search_store
 
-router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(read_access)])
+router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(read_access)], responses=READ_ERRORS)
 
 MAX_QUERY = 200
 MAX_PER_PAGE = 200
@@ -63,11 +65,6 @@ class ExplanationSearchPage(BaseModel):
     semantic: SemanticInfo
 
 
-class TokenSearch(BaseModel):
-    q: str
-    items: list[dict]
-
-
 @router.get("/explanations", summary="Explanations matching a query, by words, by meaning or both",
             response_model=ExplanationSearchPage)
 def search_explanations(
@@ -80,7 +77,6 @@ def search_explanations(
                                       description="semantic hits below this cosine similarity are dropped"),
         page: int = Query(1, ge=1, le=10_000),
         per_page: int | None = Query(None, ge=1, le=MAX_PER_PAGE),
-        limit: int | None = Query(None, ge=1, le=MAX_PER_PAGE, description="deprecated alias of per_page"),
         session: Session = Depends(get_session)):
     from trainer.interpret.embedder import EmbeddingModelMissing, EmbeddingUnavailable, get_embedder
 
@@ -88,7 +84,7 @@ def search_explanations(
         raise ApiError(422, "invalid_parameters", "q is empty: type a word or a phrase to search for")
     if sae:
         store.sae_by_name(session, sae)
-    n = per_page or limit or 50
+    n = per_page or 50
     embedder = get_embedder()
     try:
         result = search_store.search(session, q, mode, sae, (page - 1) * n, n, min_similarity, embedder)
@@ -105,9 +101,10 @@ def search_explanations(
                                  pages=max(1, math.ceil(result.total / n)), semantic=semantic)
 
 
-@router.get("/tokens", summary="Features whose top examples peak on a token", response_model=TokenSearch)
+@router.get("/tokens", summary="Features whose top examples peak on a token", response_model=TokenHits)
 def search_tokens(q: str = Query(..., min_length=1, max_length=100), sae: str | None = Query(None, max_length=200),
-                  limit: int = Query(50, ge=1, le=200), session: Session = Depends(get_session)):
+                  pages: PageParams = Depends(), session: Session = Depends(get_session)):
     if sae:
         store.sae_by_name(session, sae)
-    return TokenSearch(q=q, items=store.search_by_token(session, q, limit, sae))
+    items, total = store.search_by_token_page(session, q, pages.per_page, sae, pages.offset)
+    return JSON(pages.body(items, total, q=q))

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the web explorer and REST API")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=int, default=None,
+                       help="server processes (default: the web_workers setting, one per CPU core up to 4)")
     serve.add_argument("--no-inference", action="store_true",
                        help="do not start the inference service beside the web server (see SAE_ATLAS_INFERENCE_SPAWN)")
 
@@ -144,10 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys: create NAME, list, revoke NAME")
     keys.add_argument("keys_command", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?")
+    keys.add_argument("--scope", choices=["read", "write"], default="write",
+                      help="read: reads of a private atlas (public_reads=false); write: also jobs, runs, cancels "
+                           "(default write)")
 
     demo = sub.add_parser("demo", help="build the demo atlas on the bundled model (first run) and serve it")
     demo.add_argument("--rebuild", action="store_true")
     demo.add_argument("--no-serve", action="store_true")
+    demo.add_argument("--workers", type=int, default=None, help="server processes (default: the web_workers setting)")
     demo.add_argument("--tokens", type=int, default=None, help="training tokens (default from app/demo.py)")
     return p
 

@@ -16,11 +16,16 @@ def cmd_serve(args) -> int:
     check_schema()
     s = get_settings()
     host, port = args.host or s.host, args.port or s.port
+    workers = args.workers or s.server_processes
+    if workers < 1:
+        raise AtlasError("--workers must be at least 1")
     inference = start_inference_beside(s, getattr(args, "no_inference", False))
-    print(f"SAE Atlas is serving at http://{host}:{port}", flush=True)
+    print(f"SAE Atlas is serving at http://{host}:{port} ({workers} server process{'es' if workers > 1 else ''})",
+          flush=True)
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
-                    log_level=s.log_level.lower(), access_log=False)
+        # proxy_headers off: X-Forwarded-* are believed only from SAE_ATLAS_TRUSTED_PROXIES (app.security).
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=s.log_level.lower(), access_log=False, proxy_headers=False)
     finally:
         stop_child(inference)
     return 0
@@ -169,35 +174,52 @@ def cmd_keys(args) -> int:
     check_schema()
     with session_scope() as session:
         if args.keys_command == "create":
-            key = create_key(session, args.name)
+            key = create_key(session, args.name, scope=getattr(args, "scope", "write"))
             print(key)
-            print(f"# API key {args.name!r} created; it is shown once. Send it as 'Authorization: Bearer <key>'.", file=sys.stderr)
+            print(f"# API key {args.name!r} ({getattr(args, 'scope', 'write')}) created; it is shown once. "
+                  "Send it as 'Authorization: Bearer <key>'.", file=sys.stderr)
         elif args.keys_command == "revoke":
             revoke_key(session, args.name)
             print(f"revoked {args.name}")
         else:
             for k in list_keys(session):
-                print(f"{k.name:24} {k.prefix}…  created {k.created_at:%Y-%m-%d}  "
+                print(f"{k.name:24} {k.prefix}…  {k.scope:5}  created {k.created_at:%Y-%m-%d}  "
                       f"{'revoked' if k.revoked_at else 'active'}")
     return 0
 
 
 def cmd_demo(args) -> int:
+    """Build the demo atlas here, then serve it from fresh processes: `sae-atlas serve` (with the
+    configured number of server processes) and an auto-interp worker. The building process has
+    torch, the LM and a heap full of training and analysis objects; a server forked from it (or
+    run in it) pays for that on every request and every garbage collection."""
+    import signal
     import subprocess
 
     from app.demo import build_demo
+    from app.settings import get_settings
 
     build_demo(rebuild=args.rebuild, tokens=args.tokens)
     if args.no_serve:
         return 0
+    workers = args.workers or get_settings().server_processes
     # An auto-interp worker beside the server, so that "Request an explanation" does something.
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdin=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", str(workers)],
+                              stdin=subprocess.DEVNULL)
+    forward = lambda signum, frame: server.send_signal(signum)  # noqa: E731  (the server shuts down cleanly)
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        args.host, args.port, args.workers = None, None, 1
-        return cmd_serve(args)
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group; let the server finish
+        return server.wait()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        signal.signal(signal.SIGTERM, previous)
+        for proc in (server, worker):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (server, worker):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

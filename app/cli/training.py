@@ -17,7 +17,8 @@ SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "wi
 
 
 def cmd_train(args, extra: dict) -> int:
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.sources import check_sites
 
     values = {}
     if args.config:
@@ -30,6 +31,10 @@ def cmd_train(args, extra: dict) -> int:
         if getattr(args, flag) is not None:
             raise AtlasError(f"--{flag.replace('_', '-')} only applies with --submit")
     cfg = build_config(TrainConfig, values)
+    if not getattr(cfg, "activations", None):
+        check_sites(cfg.model, cfg.site)  # before torch and the weights: a bad site fails at once
+    from trainer.train import train
+
     folders = train(cfg)
     if folders:
         print_metrics_table(folders)
@@ -45,7 +50,7 @@ def submit_run(args, values: dict) -> int:
     from app.db import check_schema, session_scope
     from app.runs.service import submit
     from app.runs.spec import RunSpec
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
 
     cfg = build_config(TrainConfig, values)  # parses and type-checks the flags as for a local run
     unsupported = sorted(k.replace("_", "-") for k in values if k.replace("-", "_") not in SUBMIT_FIELDS)
@@ -53,6 +58,10 @@ def submit_run(args, values: dict) -> int:
         raise AtlasError(f"--{', --'.join(unsupported)} cannot be used with --submit",
                          "a trainer worker sets its own output folder, checkpoints and logging")
     data = {SUBMIT_FIELDS[k]: getattr(cfg, k) for k in (k.replace("-", "_") for k in values)}
+    for key in ("model", "corpus"):  # a path typed here is relative to this shell's folder
+        value = data.get(key)
+        if isinstance(value, (str, Path)) and str(value).startswith(("./", "../")) and Path(value).exists():
+            data[key] = str(Path(value).resolve())
     for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
         if getattr(args, flag) is not None:
             data[flag] = getattr(args, flag)

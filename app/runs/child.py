@@ -28,6 +28,30 @@ SAE_DIR = "sae"
 SPEC_FILE = "spec.json"
 ERROR_FILE = "error.txt"
 PARENT_ENV = "SAE_ATLAS_PARENT_PID"
+# Tests of worker death: checkpoint exactly at this step, write WORKDIR/PAUSED_FILE, and wait there
+# to be killed, so a test kills mid-run at a step it chose instead of racing the trainer's speed.
+PAUSE_AT_STEP_ENV = "SAE_ATLAS_RUN_PAUSE_AT_STEP"
+PAUSED_FILE = "paused-at-checkpoint"
+
+
+def _pause_at_checkpoint(workdir: Path, step: int) -> dict:
+    """Make the trainer's checkpoint at `step` the last thing it does (see PAUSE_AT_STEP_ENV);
+    returns the TrainConfig overrides that put a checkpoint exactly there."""
+    import time
+
+    from trainer import train as training
+
+    save = training.Trainer.save_checkpoint
+
+    def save_then_pause(self) -> None:
+        save(self)
+        if self.is_main and self.step == step:
+            (workdir / PAUSED_FILE).write_text(str(step))
+            while True:  # until the test kills the worker (and this process with it)
+                time.sleep(60)
+
+    training.Trainer.save_checkpoint = save_then_pause
+    return {"checkpoint_every": step, "checkpoint_every_s": 0}
 
 
 def load_spec(workdir: Path) -> RunSpec:
@@ -48,8 +72,10 @@ def train(workdir: Path) -> None:
     resume = (out / CHECKPOINT).is_file()
     if not resume and out.exists() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out)  # a previous attempt died before its first checkpoint: start clean
-    cfg = spec.train_config(out, resume=resume, checkpoint_every_s=get_settings().run_checkpoint_s,
-                            log_every=log_every(spec.tokens // spec.batch_size))
+    overrides = {"checkpoint_every_s": get_settings().run_checkpoint_s}
+    if os.environ.get(PAUSE_AT_STEP_ENV) and not resume:
+        overrides.update(_pause_at_checkpoint(workdir, int(os.environ[PAUSE_AT_STEP_ENV])))
+    cfg = spec.train_config(out, resume=resume, log_every=log_every(spec.tokens // spec.batch_size), **overrides)
     run_training(cfg)
 
 

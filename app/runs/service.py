@@ -5,15 +5,17 @@ Shared by the REST API, the pages and the CLI, so every way in validates the sam
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError, NotFound
+from app.errors import Conflict, NotFound
 from app.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
-from app.runs.spec import RunSpec, validate_spec
+from app.runs.spec import RunSpec, public_spec, validate_spec
 from app.settings import get_settings
 
 LIVE = (JobStatus.queued.value, JobStatus.running.value)
@@ -21,7 +23,7 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 METRIC_FIELDS = ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr", "elapsed_s")
 
 
-class NameTaken(AtlasError):
+class NameTaken(Conflict):
     pass
 
 
@@ -31,7 +33,7 @@ def _iso(dt: datetime | None) -> str | None:
 
 def submit(session: Session, spec: RunSpec, requested_by: str | None = None) -> TrainingRun:
     """Validate and queue a run (flushes; the caller commits). AtlasError says what is wrong."""
-    validate_spec(spec)
+    spec = validate_spec(spec)  # local paths come back resolved: the worker reads exactly what was checked
     name = spec.name
     if name is not None:
         taken_run = session.scalar(select(TrainingRun.id).where(TrainingRun.name == name))
@@ -59,12 +61,13 @@ def cancel(session: Session, run_id: int) -> TrainingRun:
     """Cancel a queued or running run (the caller commits). A running run's worker notices at its
     next heartbeat (every SAE_ATLAS_RUN_HEARTBEAT_S seconds), stops its trainer and publishes nothing."""
     run = get(session, run_id)
-    if run.status not in LIVE:
-        raise AtlasError(f"run {run_id} is already {run.status}", "only queued or running runs can be cancelled")
-    session.execute(update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.in_(LIVE)).values(
-        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, phase=None))
+    n = session.execute(update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.in_(LIVE)).values(
+        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+        phase=None)).rowcount
     session.flush()
     session.refresh(run)
+    if not n:  # it had ended, or ended between our read and the conditional update
+        raise Conflict(f"run {run_id} is already {run.status}", "only queued or running runs can be cancelled")
     return run
 
 
@@ -120,19 +123,65 @@ def history(session: Session, run_id: int, sae: str | None = None, max_points: i
 
 
 def run_dict(run: TrainingRun, saes: list[SAE] | None = None, full: bool = True) -> dict:
+    """A run as the API and pages show it to anyone who may read: local paths relative to their
+    roots, no working directory, no worker host names or process ids (`leased` says whether a
+    worker holds it), and the log tail and error with host paths masked."""
     d = {
         "id": run.id, "name": run.name, "status": run.status, "phase": run.phase, "progress": round(run.progress, 4),
         "step": run.step, "total_steps": run.total_steps, "gpus": run.gpus, "priority": run.priority,
         "attempts": run.attempts, "max_attempts": run.max_attempts, "resumed_from_step": run.resumed_from_step,
-        "error": run.error, "requested_by": run.requested_by, "lease_owner": run.lease_owner,
+        "error": redact(run.error), "requested_by": run.requested_by, "leased": run.lease_owner is not None,
         "created_at": _iso(run.created_at), "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
         "heartbeat_at": _iso(run.heartbeat_at), "latest": run.latest or {},
-        "spec": run.spec,
+        "spec": public_spec(run.spec or {}),
     }
     if saes is not None:
         d["saes"] = [{"id": s.id, "name": s.name, "site": s.site, "architecture": s.architecture, "d_sae": s.d_sae,
                       "k": s.k, "metrics": s.metrics, "url": f"/saes/{s.name}"} for s in saes]
     if full:
-        d["log_tail"] = run.log_tail
-        d["workdir"] = run.workdir
+        d["log_tail"] = redact(run.log_tail) or ""
     return d
+
+
+_WORKER_ID = re.compile(r"\b[\w.-]+:\d+:[0-9a-f]{6}\b")  # host:pid:random (app.autointerp.worker.new_worker_id)
+
+
+def redact(text: str | None) -> str | None:
+    """Host paths and worker ids out of text the public sees (log tails, errors): the data folder,
+    the run roots, the home folder and the Python installation become short names."""
+    if not text:
+        return text
+    import sys
+
+    s = get_settings()
+    names = [(str(s.runs_dir), "$RUNS"), *((str(r), "$MODELS") for r in s.model_root_dirs),
+             *((str(r), "$CORPORA") for r in s.corpus_root_dirs), (str(s.models_dir), "$MODELS"),
+             (str(s.data_dir), "$DATA_DIR"), (sys.prefix, "$PYTHON"), (sys.base_prefix, "$PYTHON"),
+             (str(Path.home()), "~")]
+    for prefix, name in sorted(names, key=lambda p: -len(p[0])):  # longest first: nested folders
+        if len(prefix) > 1:
+            text = text.replace(prefix, name)
+    return _WORKER_ID.sub("(worker)", text)
+
+
+class PublicRun:
+    """A run as pages show it: the ORM row with its spec's local paths relative to their roots, its
+    error and log tail masked (redact), and no working directory or lease owner."""
+
+    _HIDDEN = frozenset(("workdir", "lease_owner", "log_offsets"))
+
+    def __init__(self, run: TrainingRun):
+        self._run = run
+        self.spec = public_spec(run.spec or {})
+        self.error = redact(run.error)
+        self.log_tail = redact(run.log_tail) or ""
+        self.leased = run.lease_owner is not None
+
+    def __getattr__(self, name: str):
+        if name in self._HIDDEN:
+            raise AttributeError(f"{name} is not shown publicly")
+        return getattr(self._run, name)
+
+
+def public_view(run: TrainingRun | PublicRun) -> PublicRun:
+    return run if isinstance(run, PublicRun) else PublicRun(run)

@@ -10,7 +10,7 @@ loading weights), and the corpus spec.
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -22,6 +22,10 @@ from app.errors import AtlasError
 Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+# The names trainer.publish accepts for an SAE (its _check_name): every name a run will publish
+# under is checked against it at submission, so a sweep never fails at its very end.
+PUBLISHED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+LONGEST_DEFAULT_NAME = f"run-{2**31 - 1}"  # runs without a name publish as run-<id>
 
 
 class RunSpec(BaseModel):
@@ -88,6 +92,10 @@ class RunSpec(BaseModel):
             self.train_config(Path("unused")).validate()
         except AtlasError as exc:
             raise ValueError(exc.one_line()) from None
+        for _, published in self.outputs(self.name or LONGEST_DEFAULT_NAME):
+            if not PUBLISHED_NAME_RE.fullmatch(published):
+                raise ValueError(f"the SAE name {published!r} is too long to publish (at most 128 characters); "
+                                 "choose a shorter name")
         if self.gpus > 1 and self.device == "cpu":
             raise ValueError("gpus > 1 needs CUDA devices; use device auto or cuda")
         return self
@@ -117,36 +125,97 @@ class RunSpec(BaseModel):
         return [(sae_name(site, cfg), f"{prefix}-{sae_name(site, cfg)}") for site, cfg in configs]
 
 
-def model_depth(model: str) -> int | None:
-    """The model's number of blocks when it can be read without loading weights (alias, local
-    folder, a cached Hub config); None when it cannot (an uncached Hub id: the worker checks)."""
-    from trainer.sources import ALIASES, resolve_source
+# --- local paths: confined to the configured roots ----------------------------------------------
 
-    kind, path = resolve_source(model)  # AtlasError for unknown aliases and missing files
-    if kind == "alias":
-        return ALIASES[model].n_layers
-    config = None
-    if kind == "folder":
-        config = path / "config.json"
-    elif kind == "hub":
-        try:
-            from huggingface_hub import try_to_load_from_cache
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-            cached = try_to_load_from_cache(model, "config.json")
-            config = Path(cached) if isinstance(cached, str) else None
-        except Exception:  # an unusual cache layout: leave the check to the worker
-            config = None
-    if config is None or not config.is_file():
-        return None
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        raise AtlasError(f"{config} is not valid JSON", "check the model folder") from None
-    data = data.get("text_config", data)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(data.get(key), int):
-            return data[key]
-    return None
+
+class OutsideRoots(AtlasError):
+    """A local path of a run that is not under the folders runs may read (422, whether or not it exists)."""
+
+
+def _is_local_model(value: str) -> bool:
+    """Local models are written as paths: absolute, ~/…, ./… or ../…, or a .gguf file name; anything
+    else is an alias or a Hub id (org/name), resolved without looking at the disk."""
+    return value.startswith(("/", "~", "./", "../")) or value.endswith(".gguf") or value in (".", "..")
+
+
+def confine(value: str, roots: list[Path], what: str, env: str) -> Path:
+    """The path `value` resolved (symlinks followed), if it lies under one of `roots`.
+
+    Absolute and ~ paths are taken as they are; relative ones are looked up under each root in
+    turn. The error for a path outside the roots is the same whether or not it exists, and nothing
+    outside the roots is ever stat'ed."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [root / path for root in roots]
+    inside = []
+    for candidate in candidates:
+        resolved = Path(os.path.realpath(candidate))  # follows symlinks without requiring existence
+        if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            inside.append(resolved)
+    if not inside:
+        raise OutsideRoots(f"{what} {value!r} is not under the folders training runs may read",
+                           f"put it under DATA_DIR/{'corpora' if what == 'corpus' else 'models'} or list its folder in {env}")
+    return next((p for p in inside if p.exists()), inside[0])
+
+
+def shown_path(value: str, roots: list[Path]) -> str:
+    """A confined path as the public sees it: relative to its root (`./wiki/part1.jsonl`), which
+    resolves back to the same file when submitted again; host paths outside the roots are hidden."""
+    if not value.startswith(("/", "~")):
+        return value
+    path = Path(os.path.realpath(Path(value).expanduser()))
+    for root in roots:
+        if path == root or path.is_relative_to(root):
+            return "./" + path.relative_to(root).as_posix() if path != root else "."
+    return "(a local path)"
+
+
+def confine_spec(spec: RunSpec) -> RunSpec:
+    """The spec with its local model and corpus paths resolved and checked against the roots
+    (OutsideRoots otherwise). Aliases, Hub ids, pydoc and hf: corpora pass unchanged."""
+    from app.settings import get_settings
+
+    s = get_settings()
+    update = {}
+    if _is_local_model(spec.model):
+        update["model"] = str(confine(spec.model, s.model_root_dirs, "model", "SAE_ATLAS_MODEL_ROOTS"))
+    if spec.corpus != "pydoc" and not spec.corpus.startswith("hf:"):
+        update["corpus"] = str(confine(spec.corpus, s.corpus_root_dirs, "corpus", "SAE_ATLAS_CORPUS_ROOTS"))
+    return spec.model_copy(update=update) if update else spec
+
+
+def public_spec(spec: dict) -> dict:
+    """A stored spec as API responses and pages show it: local paths relative to their roots."""
+    from app.settings import get_settings
+
+    s = get_settings()
+    out = dict(spec)
+    if isinstance(out.get("model"), str):
+        out["model"] = shown_path(out["model"], s.model_root_dirs)
+    if isinstance(out.get("corpus"), str) and out["corpus"] != "pydoc" and not out["corpus"].startswith("hf:"):
+        out["corpus"] = shown_path(out["corpus"], s.corpus_root_dirs)
+    return out
+
+
+def check_model(model: str) -> int | None:
+    """The model's depth when it can be read without weights; AtlasError for unknown aliases and
+    malformed names. Hub ids are never looked up on the local disk (only in the Hub cache)."""
+    from trainer.sources import ALIASES, hub_depth, model_depth
+
+    if model in ALIASES or _is_local_model(model):
+        return model_depth(model)
+    if HUB_ID.fullmatch(model) and ".." not in model.split("/"):
+        return hub_depth(model)
+    if re.fullmatch(r"[\w.-]+", model):
+        raise AtlasError(f"unknown model alias {model!r}",
+                         f"aliases: {', '.join(ALIASES)}; Hugging Face models are named org/name, e.g. openai-community/gpt2; "
+                         "local models are paths (./NAME under DATA_DIR/models, or absolute)")
+    raise AtlasError(f"unknown model {model!r}",
+                     f"use an alias ({', '.join(ALIASES)}), a local folder or .gguf file, or a Hugging Face id like org/name")
 
 
 def check_corpus(spec: str) -> None:
@@ -156,20 +225,24 @@ def check_corpus(spec: str) -> None:
         if not re.fullmatch(r"hf:[\w.\-/]+(:[\w.\-]+)?(@[\w.\-\[\]:%]+)?", spec):
             raise AtlasError(f"bad corpus spec {spec!r}", "use hf:NAME[:CONFIG][@SPLIT], e.g. hf:allenai/c4:en@train")
         return
-    path = Path(spec).expanduser()
+    path = Path(spec)
     if not path.exists():
         raise AtlasError(f"corpus {spec!r} does not exist",
-                         "use pydoc, a .txt/.jsonl/.parquet file or folder on the worker, or hf:NAME")
+                         "use pydoc, a .txt/.jsonl/.parquet file or folder under DATA_DIR/corpora, or hf:NAME")
     if path.is_file() and path.suffix not in (".txt", ".jsonl", ".parquet"):
         raise AtlasError(f"cannot read corpus {spec!r}: unsupported file type {path.suffix!r}",
                          "use .txt, .jsonl or .parquet")
 
 
 def validate_spec(spec: RunSpec) -> RunSpec:
-    """The checks that look outside the spec itself: the model, its depth and the corpus."""
+    """The checks that look outside the spec itself; returns the spec to store, with its local
+    paths resolved. Paths are confined to the roots first, so nothing else about a path outside
+    them is looked at or told; then the model (and its depth, read without weights: sites are
+    checked against it), the corpus."""
     from trainer.sources import parse_site
 
-    depth = model_depth(spec.model)
+    spec = confine_spec(spec)
+    depth = check_model(spec.model)
     if depth is not None:
         for s in spec.sites:
             parse_site(s, depth)

@@ -14,7 +14,11 @@
   (the run folder lives under DATA_DIR/runs, which all trainer workers share).
 - SIGTERM/SIGINT: the trainer checkpoints, and the run is released untouched for another worker.
 - Publishing writes every SAE of the run and marks the run done in one transaction, only if the
-  run is still ours: a cancelled run never has half its SAEs published.
+  run is still ours: a cancelled run never has half its SAEs published. The monitor keeps
+  heartbeating through analysis and publishing, so a publish longer than the lease is not taken
+  over by another trainer.
+- The run's local model and corpus paths are checked against the configured roots again before
+  anything runs (app.runs.spec.confine_spec), and the children run in the run's folder.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from app.errors import AtlasError
 from app.models import JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs import child
 from app.runs.service import METRIC_FIELDS
-from app.runs.spec import RunSpec
+from app.runs.spec import RunSpec, confine_spec
 from app.settings import get_settings
 from trainer import progress as progress_file
 
@@ -60,6 +64,22 @@ def _finite(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+# Tests of long publishes: with this set to a folder, the worker writes FOLDER/publishing once every
+# SAE is written, and commits only when FOLDER/release exists (the heartbeat goes on meanwhile).
+HOLD_PUBLISH_ENV = "SAE_ATLAS_RUN_HOLD_PUBLISH"
+
+
+def hold_before_commit(workdir: Path) -> None:
+    folder = os.environ.get(HOLD_PUBLISH_ENV)
+    if not folder:
+        return
+    import time
+
+    Path(folder, "publishing").write_text(str(workdir))
+    while not Path(folder, "release").exists():
+        time.sleep(0.05)
 
 
 class RunLost(Exception):
@@ -282,8 +302,9 @@ class Execution:
             logf.write(f"\n=== {what} · attempt {self.attempt} · worker {self.worker.id} · {utcnow():%Y-%m-%d %H:%M:%S} UTC ===\n"
                        .encode())
             logf.flush()
+            # cwd: the run's folder, so that no name in the spec resolves against the worker's folder
             self.proc = subprocess.Popen(self._child_cmd(what), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir)
         interrupted = False
         while True:
             try:
@@ -338,6 +359,10 @@ class Execution:
         from trainer.train import CHECKPOINT
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        try:  # checked again here: the roots may have changed since the run was queued
+            self.spec = confine_spec(self.spec)
+        except AtlasError as exc:
+            return self._fail(exc.one_line(), retryable=False)
         (self.workdir / child.SPEC_FILE).write_text(self.spec.model_dump_json(indent=1))
         (self.workdir / child.ERROR_FILE).unlink(missing_ok=True)
         resumed_from = None
@@ -363,8 +388,8 @@ class Execution:
                     return self._lost()
                 if rc != 0:
                     return self._child_failed(what, rc)
-            stop.set()
-            monitor.join()
+            # The monitor keeps heartbeating through the publish: a publish of a big sweep can
+            # outlast the lease, and another trainer must not take the run over meanwhile.
             self.phase = "publish"
             self.progress_path.write_text(json.dumps({"phase": "publish", "done": 0, "total": 1}))
             self.flush()
@@ -382,6 +407,7 @@ class Execution:
         items = [(self.out / folder, name) for folder, name in self.outputs]
 
         def mark_done(session: Session) -> None:
+            hold_before_commit(self.workdir)
             n = session.execute(update(TrainingRun).where(leases.owned(self.run_id, self.worker.id, TrainingRun)).values(
                 status=JobStatus.done.value, phase=None, progress=1.0, step=self.total_steps, finished_at=utcnow(),
                 lease_owner=None, lease_expires_at=None, error=None)).rowcount

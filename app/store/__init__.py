@@ -14,7 +14,6 @@ Callers use `from app import store` and `store.name`; the names below are the pu
 
 from __future__ import annotations
 
-from app.store import feature as _feature
 from app.store import saes as _saes
 from app.store import search as _search
 from app.store import vocab as _vocab
@@ -29,14 +28,14 @@ from app.store.feature import (
     example_dict,
     example_dicts,
     examples_for,
-    explained_latents,
     explanation_dict,
     feature_payload,
     hist_edges,
     load_feature,
     neighbor_explanations,
+    shown_neighbor_explanations,
 )
-from app.store.jobs import job_counts, live_job_for, recent_jobs
+from app.store.jobs import count_jobs, job_counts, live_job_for, recent_jobs
 from app.store.saes import (
     SAEInfo,
     feature_by_index,
@@ -46,7 +45,7 @@ from app.store.saes import (
     sae_by_name,
     sae_info,
 )
-from app.store.search import search_by_token, search_explanations
+from app.store.search import search_by_token, search_by_token_page, search_explanations
 from app.store.table import MAX_PAGE_SIZE, SORTS, TableQuery, feature_summary, feature_table
 from app.store.vocab import Vocab, chip, make_vocab, token_html, visible, vocab_for
 
@@ -56,7 +55,6 @@ def forget_caches() -> None:
     _vocab._vocab_by_lm.clear()
     _vocab._decode_vocab.cache_clear()
     _saes._sae_info.clear()
-    _feature._explained.clear()
     RENDERED.clear()
     _search.forget_matrices()
 
@@ -64,8 +62,8 @@ def forget_caches() -> None:
 __all__ = [
     "EXAMPLES_QUERY", "FEATURE_QUERY", "FEATURE_QUERY_WITH_JOB", "MAX_LATENT_INDEX", "MAX_PAGE_SIZE", "RENDERED",
     "SORTS", "ExampleRow", "FeatureRow", "RenderCache", "SAEInfo", "TableQuery", "Vocab", "chip", "example_dict",
-    "example_dicts", "examples_for", "explained_latents", "explanation_dict", "feature_by_index", "feature_etag",
-    "feature_payload", "feature_summary", "feature_table", "forget_caches", "hist_edges", "job_counts",
+    "example_dicts", "examples_for", "explanation_dict", "feature_by_index", "feature_etag",
+    "feature_payload", "feature_summary", "feature_table", "forget_caches", "hist_edges", "count_jobs", "job_counts",
     "list_lms", "list_saes", "live_job_for", "load_feature", "make_vocab", "neighbor_explanations", "recent_jobs",
-    "sae_by_name", "sae_info", "search_by_token", "search_explanations", "token_html", "visible", "vocab_for",
+    "sae_by_name", "sae_info", "search_by_token", "search_by_token_page", "search_explanations", "shown_neighbor_explanations", "token_html", "visible", "vocab_for",
 ]

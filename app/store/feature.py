@@ -14,13 +14,13 @@ and examples stay numpy arrays until orjson writes them.
 from __future__ import annotations
 
 import math
-import threading
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import orjson
-from sqlalchemy import Text, bindparam, cast, func, select
+from sqlalchemy import Text, bindparam, cast, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
@@ -43,13 +43,12 @@ _expl_last = (select(func.max(_E.id)).where(_E.feature_id == _F.id).correlate(Fe
               .scalar_subquery().label("last_expl"))
 # The newest live job of the feature as "id:status" (the page shows it; it is part of the page's ETag).
 _live_job = (select(cast(_J.id, Text).concat(":").concat(_J.status))
-             .where(_J.feature_id == _F.id, _J.status.in_(("queued", "running")))
+             .where(_J.feature_id == _F.id,
+                    # written into the SQL (not an expanding parameter): the query is compiled once
+                    # and run through the DBAPI cursor, and the partial index on live jobs applies
+                    _J.status.in_([literal_column("'queued'"), literal_column("'running'")]))
              .order_by(_J.id.desc()).limit(1).correlate(Feature.__table__).scalar_subquery().label("live_job"))
 
-# Newest explanation anywhere (an O(1) read of the primary key index). It is part of every feature
-# ETag, so a neighbour that gains an explanation refreshes the pages that list it; when it is 0 (no
-# explanations at all) the explanation queries are skipped.
-_expl_watermark = select(func.max(_E.id)).scalar_subquery().label("expl_watermark")
 
 _FEATURE_COLS = (
     _S.id.label("sae_id"), _S.version, _S.d_sae, _S.lm_id, _S.n_tokens_analyzed,
@@ -57,7 +56,7 @@ _FEATURE_COLS = (
     cast(_F.moments, Text).label("moments"), cast(_F.act_hist, Text).label("act_hist"),
     cast(_F.interval_shares, Text).label("interval_shares"), cast(_F.logits, Text).label("logits"),
     cast(_F.neighbors, Text).label("neighbors"), _F.peak_token_id, _F.peak_token_share, _F.best_score,
-    _F.explanation, _expl_count, _expl_last, _expl_watermark,
+    _F.explanation, _expl_count, _expl_last,
 )
 _FEATURE_FROM = Feature.__table__.join(SAE.__table__, _F.sae_id == _S.id)
 _FEATURE_WHERE = (_S.name == bindparam("name"), _S.status == SAEStatus.ready.value, _F.index == bindparam("index"))
@@ -102,31 +101,65 @@ class FeatureRow:
     explanation: str | None
     n_explanations: int
     last_explanation: int
-    explanation_watermark: int = 0
     live_job: str | None = None
 
-    def etag(self, page: bool = False) -> str:
-        """Changes when the SAE is republished or the feature gains an explanation (and, for the
-        page, when its explanation job changes state)."""
-        tag = (f"{self.sae.version[:16]}-{self.index}-{self.n_explanations}-{self.last_explanation}"
-               f"-{self.explanation_watermark}")
+    def etag(self, page: bool = False, neighbors: dict[int, str] | None = None, k: int | None = None) -> str:
+        """Keyed on what the response shows: the SAE's version (republishing), this feature's own
+        explanations, the explanations of the neighbours it lists (`neighbors`, from
+        shown_neighbor_explanations), and for the page its explanation job. An explanation of any
+        other latent changes nothing here."""
+        tag = f"{self.sae.version[:16]}-{self.index}-{self.n_explanations}-{self.last_explanation}"
+        if neighbors:
+            digest = zlib.crc32(orjson.dumps(sorted(neighbors.items())))
+            tag += f"-n{len(neighbors)}.{digest:08x}"
+        if k is not None:
+            tag += f"-k{k}"
         if page:
             tag += f"-{(self.live_job or '0').replace(':', '')}"
         return f'W/"{tag}"'
 
 
+_COMPILED: dict[tuple[str, bool], tuple[str, tuple[str, ...] | None, tuple[str, ...], dict]] = {}
+
+
+def _feature_row(session: Session, name: str, index: int, with_job: bool):
+    """The feature query through the DBAPI cursor, from SQL compiled once per dialect: SQLAlchemy's
+    statement execution (cache lookup, result processing) was the largest share of a request's time."""
+    conn = session.connection()
+    dialect = conn.dialect
+    key = (dialect.name, with_job)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        stmt = FEATURE_QUERY_WITH_JOB if with_job else FEATURE_QUERY
+        c = stmt.compile(dialect=dialect)
+        assert "POSTCOMPILE" not in str(c), "the feature query must not need per-execution expansion"
+        compiled = _COMPILED[key] = (str(c), tuple(c.positiontup) if c.positional else None,
+                                     tuple(col.key for col in stmt.selected_columns), dict(c.params))
+    sql, order, names, constants = compiled
+    if dialect.paramstyle not in ("qmark", "format", "pyformat", "named"):
+        row = session.execute(FEATURE_QUERY_WITH_JOB if with_job else FEATURE_QUERY, {"name": name, "index": index}).first()
+        return row._mapping if row is not None else None
+    values = {**constants, "name": name, "index": index}  # constants: the statuses written into the query
+    params = tuple(values[k] for k in order) if order is not None else values
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    return dict(zip(names, row)) if row is not None else None
+
+
 def load_feature(session: Session, name: str, index: int, with_job: bool = False) -> FeatureRow:
     """The feature `index` of the published SAE `name` in one query; NotFound names what is missing."""
-    row = None
+    m = None
     if 0 <= index <= MAX_LATENT_INDEX and "\x00" not in name:
-        row = session.execute(FEATURE_QUERY_WITH_JOB if with_job else FEATURE_QUERY,
-                              {"name": name, "index": index}).first()
-    if row is None:
+        m = _feature_row(session, name, index, with_job)
+    if m is None:
         sae = sae_by_name(session, name)  # raises NotFound for an unknown SAE
         if not 0 <= index < sae.d_sae:
             raise NotFound(f"SAE {name!r} has latents 0..{sae.d_sae - 1}; {index} is out of range")
         raise NotFound(f"latent {index} of {name!r} not found")
-    m = row._mapping
     info = sae_info(session, m["sae_id"], m["version"])
     return FeatureRow(
         sae=info, id=m["feature_id"], index=m["index"], firing_count=m["firing_count"] or 0,
@@ -136,7 +169,7 @@ def load_feature(session: Session, name: str, index: int, with_job: bool = False
         neighbors=_loads(m["neighbors"]) or [], peak_token_id=m["peak_token_id"],
         peak_token_share=m["peak_token_share"] or 0.0, best_score=m["best_score"], explanation=m["explanation"],
         n_explanations=int(m["n_expl"] or 0), last_explanation=int(m["last_expl"] or 0),
-        explanation_watermark=int(m["expl_watermark"] or 0), live_job=m["live_job"] if with_job else None,
+        live_job=m["live_job"] if with_job else None,
     )
 
 
@@ -199,48 +232,24 @@ def _raw_rows(session: Session, sql: str, params: tuple) -> list[tuple] | None:
         cur.close()
 
 
-_EXPLAINED_CACHE_MAX = 100_000
-_explained: dict[str, tuple[int, dict[int, str] | None]] = {}
-_explained_lock = threading.Lock()
-
-
-def explained_latents(session: Session, sae_id: int, watermark: int, version: str = "") -> dict[int, str] | None:
-    """{latent index: best explanation} of every explained latent of an SAE, cached per process
-    until the explanation watermark (newest explanation id) moves; None when the SAE has more
-    than _EXPLAINED_CACHE_MAX explained latents (then callers query just the ones they need)."""
-    key = f"{id(session.get_bind().pool)}:{sae_id}:{version}"
-    hit = _explained.get(key)
-    if hit is not None and hit[0] == watermark:
-        return hit[1]
-    rows = _raw_rows(session, 'SELECT "index", explanation FROM features WHERE sae_id = ? AND explanation IS NOT NULL '
-                              f"LIMIT {_EXPLAINED_CACHE_MAX + 1}", (sae_id,))
-    if rows is None:
-        rows = session.execute(select(Feature.index, Feature.explanation).where(
-            Feature.sae_id == sae_id, Feature.explanation.is_not(None)).limit(_EXPLAINED_CACHE_MAX + 1)).all()
-    table = {int(i): e for i, e in rows} if len(rows) <= _EXPLAINED_CACHE_MAX else None
-    with _explained_lock:
-        if len(_explained) > 64:
-            _explained.clear()
-        _explained[key] = (watermark, table)
-    return table
-
-
-def neighbor_explanations(session: Session, sae_id: int, indices: list[int], watermark: int | None = None,
-                          version: str = "") -> dict[int, str]:
-    """{latent index: best explanation} for those of `indices` that have one."""
+def neighbor_explanations(session: Session, sae_id: int, indices: list[int]) -> dict[int, str]:
+    """{latent index: best explanation} for those of `indices` that have one: one read of the
+    (sae_id, index) unique index, a few dozen rows at most."""
     indices = [int(i) for i in indices][:1000]
     if not indices:
         return {}
-    if watermark is not None:
-        table = explained_latents(session, sae_id, watermark, version)
-        if table is not None:
-            return {i: table[i] for i in indices if i in table}
     sql = (f'SELECT "index", explanation FROM features WHERE sae_id = ? AND "index" IN ({", ".join("?" * len(indices))}) '
            "AND explanation IS NOT NULL")
     rows = _raw_rows(session, sql, (sae_id, *indices))
     if rows is None:
         rows = session.execute(NEIGHBOR_EXPL_QUERY, {"sid": sae_id, "idx": indices}).all()
     return {int(i): e for i, e in rows}
+
+
+def shown_neighbor_explanations(session: Session, f: FeatureRow, k: int | None = None) -> dict[int, str]:
+    """The explanations of the neighbours a feature's page (or its first k) lists: part of its ETag."""
+    near = f.neighbors[:k] if k is not None else f.neighbors
+    return neighbor_explanations(session, f.sae.id, [j for j, _ in near or ()])
 
 
 class ExampleRow(NamedTuple):
@@ -282,11 +291,12 @@ def explanation_dict(e: Explanation) -> dict:
 
 
 def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | None = None,
-                    with_text: bool = True) -> dict:
+                    with_text: bool = True, neighbor_expl: dict[int, str] | None = None) -> dict:
     """Everything on a feature's page, as JSON-ready data.
 
     `f` is a FeatureRow (fast path) or an ORM Feature (then `sae` is its SAE); with_text=False
-    leaves out the examples' token strings (the HTML page renders tokens by id)."""
+    leaves out the examples' token strings (the HTML page renders tokens by id); neighbor_expl:
+    the neighbours' explanations when the caller has read them already (for the ETag)."""
     if not isinstance(f, FeatureRow):
         f = load_feature(session, sae.name, f.index)
     info = f.sae
@@ -308,9 +318,8 @@ def feature_payload(session: Session, sae, f, vocab: Vocab, n_intervals: int | N
         intervals.append({"interval": i, "range": [round(lo, 4), round(hi, 4)],
                           "share": shares[i] if i < len(shares) else 0.0, "examples": groups.get(i, [])})
     neighbors = [(int(j), c) for j, c in (f.neighbors or [])]
-    neighbor_expl = neighbor_explanations(session, info.id, [j for j, _ in neighbors], f.explanation_watermark,
-                                          info.version) \
-        if neighbors and f.explanation_watermark else {}
+    if neighbor_expl is None:
+        neighbor_expl = neighbor_explanations(session, info.id, [j for j, _ in neighbors])
     explanations = []
     if f.n_explanations:
         explanations = [explanation_dict(e) for e in session.scalars(

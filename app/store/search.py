@@ -280,9 +280,17 @@ def search(session: Session, q: str, mode: str = "merged", sae_name: str | None 
     return SearchResult(mode=used, items=items, total=len(ranked), semantic_error=error)
 
 
-def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str | None = None) -> list[dict]:
-    """Features whose top examples mostly peak on a token whose text matches `token`."""
+def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str | None = None,
+                    offset: int = 0) -> list[dict]:
+    return search_by_token_page(session, token, limit, sae_name, offset)[0]
+
+
+def search_by_token_page(session: Session, token: str, limit: int = 50, sae_name: str | None = None,
+                         offset: int = 0) -> tuple[list[dict], int]:
+    """(features whose top examples mostly peak on a token whose text matches `token`, SAE by SAE,
+    from `offset`; how many match in all)."""
     out = []
+    total = 0
     token = token.replace("\x00", "")
     for sae in list_saes(session):
         if sae_name and sae.name != sae_name:
@@ -291,7 +299,15 @@ def search_by_token(session: Session, token: str, limit: int = 50, sae_name: str
         ids = vocab.find(token)
         if not ids:
             continue
-        rows = session.scalars(select(Feature).where(Feature.sae_id == sae.id, Feature.peak_token_id.in_(ids))
-                               .order_by(Feature.peak_token_share.desc(), Feature.max_act.desc()).limit(limit))
+        where = (Feature.sae_id == sae.id, Feature.peak_token_id.in_(ids))
+        n = session.scalar(select(func.count()).select_from(Feature).where(*where)) or 0
+        skip = max(0, offset - total)  # how much of this SAE's matches the earlier pages cover
+        total += n
+        want = limit - len(out)
+        if want <= 0 or skip >= n:
+            continue
+        rows = session.scalars(select(Feature).where(*where)
+                               .order_by(Feature.peak_token_share.desc(), Feature.max_act.desc(), Feature.index)
+                               .offset(skip).limit(want))
         out += [{"sae": sae.name, **feature_summary(f, vocab)} for f in rows]
-    return out[:limit]
+    return out, total

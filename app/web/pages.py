@@ -9,8 +9,10 @@ both): colours are classes, charts are SVG with classes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
+import typing
 from urllib.parse import urlencode
 
 import numpy as np
@@ -27,7 +29,20 @@ from app.deps import get_session, read_access
 from app.models import Job
 from app.paths import resource_dir
 from app.responses import cache_headers, etag_matches, not_modified
-from app.security import KEY_COOKIE, verify_key
+from app.security import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    SESSION_COOKIE,
+    can_write,
+    csrf_token,
+    csrf_valid,
+    end_session,
+    is_https,
+    session_key,
+    set_csrf_cookie,
+    start_session,
+    verify_key,
+)
 from app.web import charts
 
 router = APIRouter(include_in_schema=False)
@@ -177,15 +192,42 @@ def examples_html(examples: list[dict], vocab: store.Vocab, scale: float) -> Mar
         f'<span class="extext">{html}</span></div>' for ex, html in zip(examples, spans)))
 
 
+# Cached pages are rendered with this in place of the CSRF token, put in per response.
+CSRF_PLACEHOLDER = "__csrf_token_placeholder__"
+
+
 def render_bytes(request: Request, name: str, context: dict) -> bytes:
     s = request.app.state.settings
     ctx = {"request": request, "htmx_url": s.htmx_url, "htmx_integrity": s.htmx_integrity,
-           "htmx": _is_htmx(request), **context}
+           "htmx": _is_htmx(request), "csrf_field": CSRF_FIELD, **context}
+    if "csrf" not in ctx:
+        ctx["csrf"] = csrf_token(request)
     return env.get_template(name).render(ctx).encode()
 
 
 def render(request: Request, name: str, context: dict, status: int = 200, headers: dict | None = None) -> HTMLResponse:
-    return HTMLResponse(render_bytes(request, name, context), status_code=status, headers=headers)
+    response = HTMLResponse(render_bytes(request, name, context), status_code=status, headers=headers)
+    set_csrf_cookie(request, response)
+    return response
+
+
+def forbidden_form(request: Request) -> HTMLResponse:
+    """A form without this browser's CSRF token: from another site, or a page older than the sign-in."""
+    return html_error(request, 403, "This form has expired or was sent from another site; reload the page and try again.")
+
+
+def form_key(session: Session, request: Request, typed: str, what: str) -> tuple[typing.Any, int, str]:
+    """(key, 0, "") for a form that may act: a write key typed into it, or else the sign-in
+    session's key; (None, status, message) otherwise."""
+    typed = typed.strip()
+    key = verify_key(session, typed) if typed else session_key(session, request)
+    if key is None:
+        if typed:
+            return None, 403, "That API key is not valid."
+        return None, 401, f"An API key is needed to {what} (or sign in with a key that can write)."
+    if not can_write(key):
+        return None, 403, f"The key {key.name!r} can only read; to {what}, use a key with scope write."
+    return key, 0, ""
 
 
 def html_error(request: Request, status: int, message: str) -> Response:
@@ -292,33 +334,40 @@ def jump(request: Request, name: str = Path(max_length=200), index: str = Query(
 
 
 @pages.get("/saes/{name}/features/{index}", response_class=HTMLResponse)
-async def feature_page(request: Request, name: str = Path(max_length=200),
-                       index: int = Path(ge=0, le=store.MAX_LATENT_INDEX),
-                       queued: str | None = Query(None, max_length=10), session: Session = Depends(get_session)):
+def feature_page(request: Request, name: str = Path(max_length=200),
+                 index: int = Path(ge=0, le=store.MAX_LATENT_INDEX),
+                 queued: str | None = Query(None, max_length=10), session: Session = Depends(get_session)):
     f = store.load_feature(session, name, index, with_job=True)
-    etag = f.etag(page=True)
+    neighbor_expl = store.shown_neighbor_explanations(session, f)
+    token = csrf_token(request)
+    # The page's ETag: what it shows (store.FeatureRow.etag), and the browser's CSRF token, which
+    # its form carries (a browser keeps its own copy; the server's cache holds the page without it).
+    shown = f.etag(page=True, neighbors=neighbor_expl)
+    etag = shown[:-1] + "-" + hashlib.sha256(token.encode()).hexdigest()[:8] + '"'
     headers = cache_headers(etag)
     if queued:  # the "explanation requested" notice is for this one view only
         headers = {"Cache-Control": "no-store"}
     elif etag_matches(request, etag):
         return not_modified(etag)
-    key = ("page", f.sae.id, index, etag)
+    key = ("page", f.sae.id, index, shown)
     body = None if queued else store.RENDERED.get(key)
     if body is None:
         vocab = store.vocab_for(session, f.sae.lm_id)
-        payload = store.feature_payload(session, f.sae, f, vocab, with_text=False)
+        payload = store.feature_payload(session, f.sae, f, vocab, with_text=False, neighbor_expl=neighbor_expl)
         render_example_groups(payload, vocab, f.max_act)
         job = store.live_job_for(session, f.id) if f.live_job else None
         body = render_bytes(request, "feature.html", {
             "sae": f.sae, "f": f, "p": payload, "vocab": vocab, "job": job,
-            "queued": queued,
+            "queued": queued, "csrf": CSRF_PLACEHOLDER,
             "top_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["top"]],
             "bottom_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["bottom"]],
             "peak_html": None if f.peak_token_id is None else Markup(vocab.chip_html(f.peak_token_id)),
         })
         if not queued:
             store.RENDERED.put(key, body)
-    return HTMLResponse(body, headers=headers)
+    response = HTMLResponse(body.replace(CSRF_PLACEHOLDER.encode(), token.encode()), headers=headers)
+    set_csrf_cookie(request, response)
+    return response
 
 
 @pages.get("/saes/{name}/features/{index}/job", response_class=HTMLResponse)
@@ -337,13 +386,13 @@ def job_status(request: Request, name: str = Path(max_length=200), index: int = 
 @pages.post("/saes/{name}/features/{index}/explain", response_class=HTMLResponse)
 def request_explanation(request: Request, name: str = Path(max_length=200),
                         index: int = Path(ge=0, le=store.MAX_LATENT_INDEX), api_key: str = Form("", max_length=200),
-                        session: Session = Depends(get_session)):
+                        csrf_token: str = Form("", max_length=200), session: Session = Depends(get_session)):
+    if not csrf_valid(request, csrf_token):
+        return forbidden_form(request)
     sae = store.sae_by_name(session, name)
     f = store.feature_by_index(session, sae, index)
-    key = verify_key(session, api_key.strip() or None)
+    key, status, message = form_key(session, request, api_key, "request an explanation")
     if key is None:
-        message = "An API key is needed to request an explanation." if not api_key.strip() else "That API key is not valid."
-        status = 401 if not api_key.strip() else 403
         if _is_htmx(request):
             return render(request, "_job_status.html", {"sae": sae, "f": f, "job": None, "error": message}, status=status)
         return html_error(request, status, message)
@@ -390,31 +439,43 @@ def jobs_page(request: Request, status: str | None = Query(None, max_length=20),
     return render(request, "jobs.html", ctx, headers={"Cache-Control": "no-store", "Vary": "HX-Request, HX-Target"})
 
 
-# --- signing in for private atlases (public_reads = false) ---------------------------------------
+# --- signing in: a server-side session ------------------------------------------------------------
 
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, next: str = Query("/", max_length=500)):
-    return render(request, "login.html", {"next": _safe_next(next)})
+def login_form(request: Request, next: str = Query("/", max_length=500), session: Session = Depends(get_session)):
+    signed_in = session_key(session, request)
+    return render(request, "login.html", {"next": _safe_next(next), "signed_in": signed_in},
+                  headers={"Cache-Control": "no-store"})
 
 
 @router.post("/login")
 def login(request: Request, api_key: str = Form("", max_length=200), next: str = Form("/", max_length=500),
-          session: Session = Depends(get_session)):
+          csrf_token: str = Form("", max_length=200), session: Session = Depends(get_session)):
+    if not csrf_valid(request, csrf_token):
+        return forbidden_form(request)
     key = verify_key(session, api_key.strip() or None)
     if key is None:
         return render(request, "login.html", {"next": _safe_next(next), "error": "That API key is not valid."},
                       status=403 if api_key.strip() else 401)
+    settings = request.app.state.settings
+    end_session(session, request)  # a sign-in replaces any earlier session of this browser
+    token = start_session(session, key, settings.session_ttl_s)
+    session.commit()
     response = RedirectResponse(_safe_next(next), status_code=303)
-    secure = request.url.scheme == "https"
-    response.set_cookie(KEY_COOKIE, api_key.strip(), httponly=True, samesite="strict", secure=secure,
-                        max_age=30 * 24 * 3600, path="/")
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=is_https(request),
+                        max_age=int(settings.session_ttl_s), path="/")
+    response.delete_cookie(CSRF_COOKIE, path="/")  # forms now carry the session's own token
     return response
 
 
 @router.post("/logout")
-def logout():
+def logout(request: Request, csrf_token: str = Form("", max_length=200), session: Session = Depends(get_session)):
+    if not csrf_valid(request, csrf_token):
+        return forbidden_form(request)
+    end_session(session, request)
+    session.commit()
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(KEY_COOKIE, path="/")
+    response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 

@@ -1,7 +1,8 @@
 """Training-run pages: the list, the new-run form, a run's page with live curves, cancelling.
 
-Writes follow the explanation form's rule: the API key is typed into the form on every write
-(a cookie never authorises one), so a cross-site form cannot submit or cancel a run. Every form is
+Writes follow the explanation form's rule: every form carries a CSRF token, and acts with a write
+key typed into it or with the key of the browser's sign-in session, so a cross-site form cannot
+submit or cancel a run. Every form is
 a plain POST that works without JavaScript; htmx only refreshes the live part of a run's page
 (status, progress, curves, log) every 2 s while the run is queued or running, and stops once the
 fragment it gets back describes a finished run.
@@ -25,10 +26,10 @@ from app.deps import get_session, read_access
 from app.errors import AtlasError
 from app.models import SAEStatus, TrainingRun, utcnow
 from app.runs import service
-from app.runs.spec import Architecture, RunSpec
-from app.security import verify_key
+from app.runs.spec import Architecture, RunSpec, public_spec
+from app.security import CSRF_FIELD, csrf_valid
 from app.web import charts
-from app.web.pages import _is_htmx, _num, _pct, render
+from app.web.pages import _is_htmx, _num, _pct, forbidden_form, form_key, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 
@@ -188,6 +189,7 @@ def _natural(name: str) -> list:
 
 def live_context(session: Session, run: TrainingRun) -> dict:
     """What the live fragment shows: status, progress, timing, curves, latest metrics, log, SAEs."""
+    run = service.public_view(run)
     n_saes = max(1, len(run.latest or {}))
     hist = service.history(session, run.id, max_points=max(50, min(400, 2400 // n_saes)))
     names = sorted(hist, key=_natural)
@@ -227,20 +229,11 @@ def _spec_rows(spec: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _check_key(session: Session, api_key: str, what: str) -> tuple[typing.Any, int, str]:
-    key = verify_key(session, api_key.strip() or None)
-    if key is not None:
-        return key, 0, ""
-    if not api_key.strip():
-        return None, 401, f"An API key is needed to {what}."
-    return None, 403, "That API key is not valid."
-
-
 async def submitted_form(request: Request) -> dict:
     """The posted form as {field: text} (arch: a list), values clipped to MAX_VALUE_LEN characters."""
     form = await request.form(max_files=0, max_fields=100)
     out: dict[str, typing.Any] = {}
-    for name in (*FIELDS, "api_key"):
+    for name in (*FIELDS, "api_key", CSRF_FIELD):
         if name == "arch":
             out[name] = [str(v)[:50] for v in form.getlist(name)][:10]
         else:
@@ -257,6 +250,7 @@ def runs_page(request: Request, status: str | None = Query(None, max_length=20),
     if status not in (None, "", *service.STATUSES):
         raise ApiError(422, "invalid_parameters", "status must be queued, running, done, failed or cancelled")
     runs, total = service.recent(session, PER_PAGE, (page - 1) * PER_PAGE, status or None)
+    runs = [service.public_view(r) for r in runs]
     pages_n = max(1, (total + PER_PAGE - 1) // PER_PAGE)
     params = {"status": status} if status else {}
     ctx = {"runs": runs, "total": total, "page": page, "pages": pages_n, "status": status or "",
@@ -286,15 +280,17 @@ def new_run_form(request: Request, copy: int | None = Query(None, ge=1, le=2**31
     """The new-run form with RunSpec's defaults, or with run `copy`'s config (and no name)."""
     spec = None
     if copy is not None:
-        spec = {k: v for k, v in (service.get(session, copy).spec or {}).items() if k != "name"}
+        spec = {k: v for k, v in public_spec(service.get(session, copy).spec or {}).items() if k != "name"}
     return _new_form(request, form_values(spec))
 
 
 @router.post("/runs/new", response_class=HTMLResponse)
 def create_run(request: Request, form: dict = Depends(submitted_form), session: Session = Depends(get_session)):
-    values = {k: v for k, v in form.items() if k != "api_key"}  # the key is never echoed back
+    if not csrf_valid(request, form[CSRF_FIELD]):
+        return forbidden_form(request)
+    values = {k: v for k, v in form.items() if k not in ("api_key", CSRF_FIELD)}  # the key is never echoed back
     # The key first: nothing about the server (which models or corpus files exist) for anyone else.
-    key, status, message = _check_key(session, form["api_key"], "start a training run")
+    key, status, message = form_key(session, request, form["api_key"], "start a training run")
     if key is None:
         return _new_form(request, values, [(None, message)], status)
     try:
@@ -316,7 +312,7 @@ def create_run(request: Request, form: dict = Depends(submitted_form), session: 
 def _run_page(request: Request, session: Session, run: TrainingRun, cancel_error: str | None = None,
               status: int = 200) -> HTMLResponse:
     ctx = live_context(session, run)
-    ctx.update(spec_rows=_spec_rows(run.spec or {}), cancel_error=cancel_error,
+    ctx.update(spec_rows=_spec_rows(ctx["run"].spec or {}), cancel_error=cancel_error,
                cancelled=request.query_params.get("cancelled") == "1")
     return render(request, "run.html", ctx, status=status, headers=NO_STORE)
 
@@ -338,8 +334,10 @@ def run_live(request: Request, run_id: int = RunId, session: Session = Depends(g
 @router.post("/runs/{run_id}/cancel", response_class=HTMLResponse)
 def cancel_run(request: Request, run_id: int = RunId, form: dict = Depends(submitted_form),
                session: Session = Depends(get_session)):
+    if not csrf_valid(request, form[CSRF_FIELD]):
+        return forbidden_form(request)
     run = service.get(session, run_id)
-    key, status, message = _check_key(session, form["api_key"], "cancel a run")
+    key, status, message = form_key(session, request, form["api_key"], "cancel a run")
     if key is None:
         return _run_page(request, session, run, message, status)
     if run.status not in service.LIVE:

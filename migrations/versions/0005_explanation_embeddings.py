@@ -1,7 +1,7 @@
 """Explanation embeddings (semantic search), embedding scores and trustworthy-score fields.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-29
 
 - explanations gains embedding_score (AUROC), detection_/fuzzing_uninformative (the judge answered
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 
 revision = '0005'
-down_revision = '0003'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

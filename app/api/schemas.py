@@ -1,0 +1,396 @@
+"""Response models of the JSON API: what OpenAPI documents for every endpoint and status.
+
+Handlers build their JSON with orjson (app.responses) for speed and return it as a Response, so
+these models describe the responses rather than produce them; tests/test_fuzz_api.py checks every
+documented response against them (schemathesis), on SQLite and PostgreSQL.
+
+Lists share one shape: {"items", "total", "page", "per_page", "pages"}, with `page` (1-based) and
+`per_page` query parameters (Page and page_params below).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+MAX_PER_PAGE = 500
+
+
+class Open(BaseModel):
+    model_config = {"extra": "allow"}
+
+
+# --- errors and pages -----------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    location: str
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    status: int
+    code: str = Field(description="machine-readable: not_found, invalid_parameters, unauthorized, conflict, ...")
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error: {"error": {"status", "code", "message", "details"?}}."""
+
+    error: ErrorInfo
+
+
+def errors(*statuses: int) -> dict:
+    """`responses=` for a route: the error statuses it can answer, all in the one error shape."""
+    text = {400: "Bad request", 401: "No API key or session", 403: "The key is not valid, revoked, or read-only",
+            404: "Not found", 409: "Conflict with the current state", 413: "Request body too large",
+            422: "Invalid parameters", 503: "The database is unavailable (Retry-After)"}
+    return {s: {"model": ErrorBody, "description": text.get(s, "Error")} for s in statuses}
+
+
+READ_ERRORS = errors(401, 403, 404, 422, 503)
+WRITE_ERRORS = errors(401, 403, 404, 409, 413, 422, 503)
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int = Field(description="items over all pages")
+    page: int = Field(description="this page, 1-based")
+    per_page: int
+    pages: int = Field(description="number of pages")
+
+
+class PageParams:
+    """`page` (1-based) and `per_page` query parameters, as every list endpoint takes them."""
+
+    def __init__(self, page: int = Query(1, ge=1, le=1_000_000, description="page number, 1-based"),
+                 per_page: int = Query(50, ge=1, le=MAX_PER_PAGE, description=f"items per page (1-{MAX_PER_PAGE})")):
+        self.page = page
+        self.per_page = per_page
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.per_page
+
+    def body(self, items: list, total: int, **extra) -> dict:
+        return {**extra, "items": items, "total": total, "page": self.page, "per_page": self.per_page,
+                "pages": (total + self.per_page - 1) // self.per_page}
+
+
+# --- models and SAEs ------------------------------------------------------------------------------
+
+class LMOut(BaseModel):
+    name: str
+    source: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    saes: list[str]
+
+
+class SAELinks(BaseModel):
+    self: str
+    features: str
+    page: str
+
+
+class SAEOut(BaseModel):
+    name: str
+    model: str
+    site: str
+    layer: int | None
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    metrics: dict[str, Any]
+    tokens_analyzed: int
+    description: str
+    published_at: str | None
+    run_id: int | None = None
+    links: SAELinks
+
+
+class SAEDetail(SAEOut):
+    charts: dict[str, Any]
+    config: dict[str, Any]
+    norm_scale: float
+
+
+# --- features -------------------------------------------------------------------------------------
+
+class FeatureSummary(BaseModel):
+    index: int
+    density: float
+    max: float
+    mean: float
+    firing_count: int
+    explanation: str | None
+    best_score: float | None
+    peak_token: str | None
+    peak_token_id: int | None
+    peak_token_share: float
+    top_logits: list[str]
+    top_logit_ids: list[int]
+
+
+class FeaturePage(Page[FeatureSummary]):
+    sae: str
+
+
+class Histogram(BaseModel):
+    edges: list[float]
+    counts: list[float]
+
+
+class Stats(BaseModel):
+    firing_count: int
+    density: float
+    log10_density: float | None
+    mean: float
+    max: float
+    e_a2: float | None
+    std: float | None
+    skew: float | None
+    kurtosis: float | None
+    tokens_analyzed: int
+
+
+class LogitEntry(BaseModel):
+    token_id: int
+    token: str
+    value: float
+
+
+class Logits(BaseModel):
+    top: list[LogitEntry]
+    bottom: list[LogitEntry]
+    histogram: Histogram
+
+
+class PeakToken(BaseModel):
+    token_id: int
+    token: str
+    share: float
+
+
+class NeighborOut(BaseModel):
+    index: int
+    cosine: float
+    explanation: str | None
+
+
+class ExampleOut(BaseModel):
+    id: int
+    activation: float
+    peak: int
+    doc_id: int
+    doc_offset: int
+    token_ids: list[int]
+    tokens: list[str]
+    acts: list[float]
+
+
+class IntervalOut(BaseModel):
+    interval: int
+    range: list[float]
+    share: float
+    examples: list[ExampleOut]
+
+
+class ExamplesOut(BaseModel):
+    top: list[ExampleOut]
+    intervals: list[IntervalOut]
+    random: list[ExampleOut]
+
+
+class ExplanationOut(BaseModel):
+    id: int
+    text: str
+    method: str
+    explainer: str
+    detection_score: float | None
+    detection_f1: float | None
+    fuzzing_score: float | None
+    fuzzing_f1: float | None
+    created_at: str | None
+
+
+class FeatureLinks(BaseModel):
+    self: str
+    page: str
+    neighbors: str
+    examples: str
+    prev: str | None
+    next: str | None
+
+
+class FeatureOut(Open):
+    """A feature's whole dashboard (panels other helpers add appear as further keys)."""
+
+    sae: str
+    index: int
+    d_sae: int
+    stats: Stats
+    activation_histogram: Histogram
+    logits: Logits
+    peak_token: PeakToken | None
+    neighbors: list[NeighborOut]
+    examples: ExamplesOut
+    explanations: list[ExplanationOut]
+    best_score: float | None
+    explanation: str | None
+    links: FeatureLinks
+
+
+class NeighborLinks(BaseModel):
+    self: str
+    page: str
+
+
+class NeighborItem(NeighborOut):
+    links: NeighborLinks
+
+
+class NeighborsOut(BaseModel):
+    sae: str
+    index: int
+    k: int
+    items: list[NeighborItem]
+    available: int
+
+
+class KindExampleOut(ExampleOut):
+    kind: str
+    interval: int | None
+
+
+class FeatureExamplesOut(BaseModel):
+    sae: str
+    index: int
+    kind: str
+    items: list[KindExampleOut]
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+class ExplanationHit(ExplanationOut):
+    sae: str
+    index: int
+
+
+class ExplanationHits(Page[ExplanationHit]):
+    q: str
+
+
+class TokenHit(FeatureSummary):
+    sae: str
+
+
+class TokenHits(Page[TokenHit]):
+    q: str
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    sae_id: int
+    feature_id: int
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    params: dict[str, Any] | None
+    error: str | None
+    result: dict[str, Any] | None
+    requested_by: str | None
+    leased: bool = Field(description="whether a worker holds the job now")
+    run_after: str | None
+    lease_expires_at: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class JobListItem(JobOut):
+    sae: str
+    index: int
+
+
+class JobPage(Page[JobListItem]):
+    counts: dict[str, int] = Field(description="jobs by status, over the whole queue")
+
+
+class JobsCreated(BaseModel):
+    created: int
+    skipped: int | None = None
+    job: JobOut | None = None
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+class RunSAE(BaseModel):
+    id: int
+    name: str
+    site: str
+    architecture: str
+    d_sae: int
+    k: int | None
+    metrics: dict[str, Any]
+    url: str
+
+
+class RunOut(BaseModel):
+    id: int
+    name: str
+    status: str
+    phase: str | None
+    progress: float
+    step: int
+    total_steps: int
+    gpus: int
+    priority: int
+    attempts: int
+    max_attempts: int
+    resumed_from_step: int | None
+    error: str | None
+    requested_by: str | None
+    leased: bool = Field(description="whether a trainer worker holds the run now")
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    heartbeat_at: str | None
+    latest: dict[str, Any]
+    spec: dict[str, Any] = Field(description="the run's config; local paths relative to their roots")
+
+
+class RunDetail(RunOut):
+    saes: list[RunSAE]
+    log_tail: str
+
+
+class RunPage(Page[RunOut]):
+    counts: dict[str, int]
+
+
+class MetricPoint(BaseModel):
+    step: int
+    tokens: int
+    loss: float | None
+    fvu: float | None
+    l0: float | None
+    dead_frac: float | None
+    lr: float | None
+    elapsed_s: float | None
+    attempt: int
+
+
+class RunMetrics(BaseModel):
+    run_id: int
+    saes: dict[str, list[MetricPoint]]
