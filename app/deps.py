@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -74,9 +75,40 @@ async def read_access(request: Request, session: Session = Depends(get_session))
 
 
 async def write_access(request: Request, session: Session = Depends(get_session)) -> APIKey:
-    """The write key, as app.middleware.WriteKeyGate checked it before the body was read (or
-    checked here, for an app mounted without the gate)."""
+    """The write key, as KeyFirstRoute checked it before the body was read (or checked here, for a
+    route of another class)."""
     checked = getattr(request.state, "api_key", None)
     if checked is not None:
         return checked
     return await run_in_threadpool(writer, request, session)
+
+
+def _needs_write_key(dependant) -> bool:
+    return any(d.call is write_access or _needs_write_key(d) for d in dependant.dependencies)
+
+
+class KeyFirstRoute(APIRoute):
+    """An API route that, when it depends on write_access, checks the write key before the request
+    body is read or parsed (FastAPI's route handler reads and validates the body before it solves
+    dependencies): 401 without a key, 403 for an unknown, revoked or read-only one, and nothing of
+    the body is looked at. Routes without write_access behave as plain APIRoutes."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        if not _needs_write_key(self.dependant):
+            return handler
+
+        async def key_first(request: Request):
+            factory = request.app.state.sessionmaker
+
+            def check() -> APIKey:
+                with factory() as session:
+                    key = writer(request, session)
+                    session.commit()  # the key's last-used time
+                    session.expunge(key)
+                    return key
+
+            request.state.api_key = await run_in_threadpool(check)
+            return await handler(request)
+
+        return key_first

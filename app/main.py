@@ -15,7 +15,7 @@ from app import __version__
 from app.api import api_router
 from app.api.errors import install_error_handlers
 from app.db import check_schema, make_engine, session_factory
-from app.middleware import BodyLimit, WriteKeyGate
+from app.middleware import BodyLimit
 from app.paths import resource_dir
 from app.settings import Settings, get_settings
 from app.web.live_pages import router as live_pages_router
@@ -159,7 +159,6 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
     # Outermost last: security headers on everything, then the body limit, then the write-key
     # gate, both before any body is read.
-    app.add_middleware(WriteKeyGate)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(settings))
     return app

@@ -1,21 +1,14 @@
-"""ASGI middleware that acts before a request body is read: the size limit and the write-key gate.
+"""ASGI middleware that acts before a request body is read: the size limit. (The write-key check
+that also precedes the body is app.deps.KeyFirstRoute.)
 
-Both are pure ASGI (no BaseHTTPMiddleware), and answer in the one error shape through the app's
+Pure ASGI (no BaseHTTPMiddleware), and answer in the one error shape through the app's
 respond_error (JSON under /api, the HTML error page elsewhere).
 """
 
 from __future__ import annotations
 
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.routing import Match
-
-from app.api.errors import ApiError, is_api
-
-_BODYLESS = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
 async def _answer(scope, receive, send, status: int, code: str, message: str, headers: dict | None = None) -> None:
@@ -71,34 +64,3 @@ class BodyLimit:
             if exc.status_code != 413 or started:
                 raise
             await _answer(scope, receive, send, 413, "too_large", self._too_large())
-
-
-class WriteKeyGate:
-    """Writes to the JSON API need a write-scope key, checked before the body is read or parsed:
-    401 without a key, 403 for an unknown, revoked or read-only one. The checked key is left in
-    request.state.api_key for app.deps.write_access."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in _BODYLESS or not is_api(scope.get("path", "")):
-            return await self.app(scope, receive, send)
-        if not any(route.matches(scope)[0] == Match.FULL for route in scope["app"].router.routes):
-            return await self.app(scope, receive, send)  # no such write: the router answers 404 or 405
-        from app.deps import writer
-
-        request = Request(scope)
-        session = scope["app"].state.sessionmaker()
-        try:
-            key = await run_in_threadpool(writer, request, session)
-            session.expunge(key)
-        except ApiError as exc:
-            return await _answer(scope, receive, send, exc.status, exc.code, exc.message, exc.headers)
-        except (OperationalError, PoolTimeout):
-            return await _answer(scope, receive, send, 503, "unavailable", "the database is unavailable; try again shortly",
-                                 {"Retry-After": "5"})
-        finally:
-            session.close()
-        scope.setdefault("state", {})["api_key"] = key
-        await self.app(scope, receive, send)

@@ -192,10 +192,16 @@ def test_bad_input_is_422_or_404_never_500(live):
     assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": ""}), 422, "invalid_parameters")
     assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": "  \n "}), 422)
     assert_error(post("/api/v1/saes/tiny/features/1/activations", json={}), 422)
+    # 10 MB of text is over the request-body limit (SAE_ATLAS_MAX_BODY_BYTES): 413 before parsing;
+    # a text under that limit but over the character cap is a 422
     ten_mb = "a" * (10 * 2**20)
-    assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": ten_mb}), 422)
-    assert_error(post("/api/v1/search/inference", json={"text": ten_mb}), 422)
-    assert_error(post("/api/v1/steer", json={"prompt": ten_mb, "features": [{"sae": "tiny", "index": 1, "strength": 1}]}), 422)
+    assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": ten_mb}), 413, "too_large")
+    assert_error(post("/api/v1/search/inference", json={"text": ten_mb}), 413, "too_large")
+    assert_error(post("/api/v1/steer", json={"prompt": ten_mb, "features": [{"sae": "tiny", "index": 1, "strength": 1}]}), 413)
+    one_mb = "a" * 2**20
+    assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": one_mb}), 422)
+    assert_error(post("/api/v1/search/inference", json={"text": one_mb}), 422)
+    assert_error(post("/api/v1/steer", json={"prompt": one_mb, "features": [{"sae": "tiny", "index": 1, "strength": 1}]}), 422)
     # over the token cap, but under the character cap: the service counts the tokens
     err = assert_error(post("/api/v1/saes/tiny/features/1/activations", json={"text": "x y " * 700}), 422)
     assert "512" in err["message"]

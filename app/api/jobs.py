@@ -8,13 +8,13 @@ from sqlalchemy.orm import Session
 
 from app import store
 from app.api.errors import ApiError
-from app.autointerp import queue
 from app.api.schemas import READ_ERRORS, WRITE_ERRORS, JobOut, JobPage, JobsCreated, PageParams
-from app.deps import get_session, read_access, write_access
+from app.autointerp import queue
+from app.deps import KeyFirstRoute, get_session, read_access, write_access
 from app.models import APIKey, Job
 from app.responses import JSON
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=KeyFirstRoute)
 
 JobId = Path(ge=1, le=2**62)
 

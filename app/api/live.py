@@ -32,7 +32,7 @@ from app.inference.schemas import (
     SteerResponse,
 )
 from app.responses import JSON
-from app.security import presented_key, verify_key
+from app.security import presented_key, session_key, verify_key
 
 router = APIRouter(tags=["live model"], dependencies=[Depends(read_access)])
 
@@ -68,12 +68,15 @@ def admit(request: Request, session: Session) -> str | None:
     client is held to the per-address rate. A wrong key is refused rather than treated as none."""
     if not inference_enabled(request):
         raise ApiError(503, "inference_off", OFF_MESSAGE)
-    key = presented_key(request, allow_cookie=True)
+    key = presented_key(request)
     if key is not None:
         row = verify_key(session, key)
         if row is None:
             raise ApiError(403, "forbidden", "the API key is not valid or has been revoked")
         return row.name
+    signed_in = session_key(session, request)  # a browser signed in at /login
+    if signed_in is not None:
+        return signed_in.name
     wait = _limiter(request).acquire(request.client.host if request.client else "unknown")
     if wait > 0:
         raise ApiError(429, "rate_limited", f"too many live requests from this address; try again in {math.ceil(wait)} s "

@@ -7,14 +7,14 @@ from sqlalchemy.orm import Session
 
 from app.api.errors import ApiError
 from app.api.schemas import READ_ERRORS, WRITE_ERRORS, PageParams, RunDetail, RunMetrics, RunPage
-from app.deps import get_session, read_access, write_access
+from app.deps import KeyFirstRoute, get_session, read_access, write_access
 from app.errors import AtlasError, Conflict, NotFound
 from app.models import APIKey
 from app.responses import JSON
 from app.runs import service
 from app.runs.spec import RunSpec
 
-router = APIRouter(prefix="/runs", tags=["runs"])
+router = APIRouter(prefix="/runs", tags=["runs"], route_class=KeyFirstRoute)
 
 RunId = Path(ge=1, le=2**31 - 1)
 Status = Literal["queued", "running", "done", "failed", "cancelled"]

@@ -44,7 +44,6 @@ from app.models import (
 )
 from app.settings import get_settings
 
-
 # Results keys that name a host and process (the worker id): kept in the store, never served.
 PRIVATE_RESULT_KEYS = frozenset(("worker",))
 
