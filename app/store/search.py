@@ -163,13 +163,15 @@ def sae_matrix(session: Session, sae_id: int, version: str, model: str, watermar
 
 
 def query_vector(embedder, q: str) -> np.ndarray:
+    from trainer.interpret.embedding_scorer import document_text
+
     key = (embedder.name, q)
     with _matrices_lock:
         v = _query_vectors.get(key)
         if v is not None:
             _query_vectors.move_to_end(key)
             return v
-    v = embedder.embed([q])[0]
+    v = embedder.embed([document_text(q)])[0]  # token chips a user pasted read as quotes, as in the vectors
     with _matrices_lock:
         _query_vectors[key] = v
         while len(_query_vectors) > _QUERY_CACHE:
