@@ -57,7 +57,7 @@ def test_describe_names_punctuation_lists_runners_up_and_skips_dead_latents():
     assert token_pattern.describe(dead, vt) is None  # never fired: nothing to say
     assert token_pattern.token_name("\n") == "newline" and token_pattern.token_name(" just") is None
     assert token_pattern.token_name("),") == "right parenthesis + comma"
-    assert token_pattern.chip("a\nb\t") == "‹a↵b⇥›"
+    assert token_pattern.chip("a\nb\t") == "‹a↵b⇥›" and token_pattern.chip("\x00") == "‹\\x00›"  # no NUL in PostgreSQL
 
 
 def test_auroc_matches_sklearn_and_mann_whitney():

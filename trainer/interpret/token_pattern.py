@@ -113,8 +113,13 @@ def stats_from_analysis(examples: dict[str, np.ndarray], features: dict[str, np.
 # --- wording ---------------------------------------------------------------------------------------
 
 def chip(text: str) -> str:
-    """A token as it reads inside an explanation: ‹ just›, with line breaks and tabs as symbols."""
-    return "‹" + text.replace("\r", "").replace("\n", "↵").replace("\t", "⇥") + "›"
+    """A token as it reads inside an explanation: ‹ just›, with line breaks and tabs as symbols and
+    other control characters escaped (\\x00: PostgreSQL text cannot hold NUL)."""
+    text = text.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256
+                       else f"\\u{ord(ch):04x}" for ch in text)
+    return "‹" + text + "›"
 
 
 def token_name(text: str) -> str | None:
