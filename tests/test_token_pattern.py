@@ -157,7 +157,6 @@ T, BEFORE, AFTER = 128, 32, 12  # context length, example window: 32 tokens befo
 def _stream_analysis(rows: list[tuple[int, int, int, int]], density: list[float]):
     """An analysis over 3 contexts of 128 tokens (BOS excluded), stream token g = g % 997; rows are
     (latent, kind, rank, stream position of the activation), each latent firing only there."""
-    W = BEFORE + AFTER + 1
     out = {k: [] for k in ("feature", "kind", "rank", "interval", "token", "tokens", "acts")}
     fires = {}
     for lat, kind, rank, g in rows:

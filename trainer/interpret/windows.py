@@ -158,7 +158,7 @@ def select(examples: dict[str, np.ndarray], features: dict[str, np.ndarray], voc
     bos = ctx0 if (ctx_len and exclude_bos) else None
     full = stream.complete(b_lo, b_hi, bos) if "token" in examples else np.zeros(len(g), bool)
     # the fallback: the centred window, from the example's own tokens (it never leaves their context)
-    before = int(round(PEAK_FRAC * (window - 1)))
+    before = round(PEAK_FRAC * (window - 1))
     c_lo = np.clip(peak - before, 0, max(width - window, 0))
     c_hi = np.minimum(width, c_lo + window)
     w_lo = np.where(full, b_lo, starts + c_lo)
@@ -273,7 +273,7 @@ def _zero_windows(rows: np.ndarray, tokens: np.ndarray, acts: np.ndarray, starts
     firing = np.unique(pos[fires])
     out: list[tuple[int, int, bool]] = []
     if len(known):
-        lo, hi, ctx0 = block_of(known, window, ctx_len)
+        lo = block_of(known, window, ctx_len)[0]
         blocks, count = np.unique(lo, return_counts=True)
         b_lo, b_hi, b_ctx0 = block_of(blocks, window, ctx_len)
         need = (b_hi - b_lo) - ((b_lo == b_ctx0) if (ctx_len and exclude_bos) else 0)
