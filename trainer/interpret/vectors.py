@@ -12,11 +12,19 @@ _PGVECTOR_QUERY = text("SELECT 1 FROM information_schema.columns WHERE table_nam
                        "AND column_name = 'embedding'")
 
 
+_pgvector: dict[str, bool] = {}  # per database URL: the column is added by a migration, so it stays
+
+
 def has_pgvector(session: Session) -> bool:
-    """Whether explanation_embeddings has migration 0005's pgvector column (PostgreSQL with pgvector)."""
-    if session.get_bind().dialect.name != "postgresql":
+    """Whether explanation_embeddings has migration 0005's pgvector column (PostgreSQL with pgvector);
+    asked once per database and process (every search needs to know)."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
         return False
-    return session.execute(_PGVECTOR_QUERY).first() is not None
+    key = bind.url.render_as_string(hide_password=True)
+    if key not in _pgvector:
+        _pgvector[key] = session.execute(_PGVECTOR_QUERY).first() is not None
+    return _pgvector[key]
 
 
 def pack(v: np.ndarray) -> bytes:
