@@ -93,6 +93,40 @@ def test_semantic_search_finds_meaning_without_shared_words(searchable):
         assert "/saes/synthetic/features/3" in html and "by words and meaning" in html
 
 
+COMMON = (" the a return def import for in if else self value list string file name class function module type "
+          "print error data number object key path line code with while").split(" ")[1:]
+
+
+def test_the_floor_follows_the_query_when_every_explanation_says_the_word(engine, one_torch_thread):
+    """30 latents explained by token_pattern as "the word ‹ X›", and the just-latent: "the word just"
+    is ~0.25-0.35 similar to all of them (above the fixed 0.2 floor), far more to its own."""
+    from trainer.interpret import token_pattern
+
+    store.forget_caches()
+    make_synthetic_sae(engine, name="words", n_features=40)
+    vocab = [" " + w for w in COMMON] + [" just", "This", "It", " accred"]
+    st = token_pattern.TokenStats
+    texts = {i: token_pattern.describe(st(10, [(i, 0.8)], [], [i + 1 if i + 1 < len(COMMON) else 0]), vocab.__getitem__)
+             for i in range(len(COMMON))}
+    just = len(COMMON)
+    texts[just] = token_pattern.describe(st(10, [(just, 1.0)], [(just + 1, 0.6), (just + 2, 0.4)], [just + 3]),
+                                         vocab.__getitem__)
+    assert texts[just] == "the word ‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹ accred›"
+    add_explained(engine, texts, sae="words")
+    with make_client(engine) as c:
+        def hits(**params):
+            r = c.get("/api/v1/search/explanations", params={"q": "the word just", "mode": "semantic", **params})
+            assert r.status_code == 200, r.text
+            return r.json()["items"]
+
+        fixed_only = hits(min_above_typical=0)
+        assert len(fixed_only) >= 10 and fixed_only[0]["index"] == just  # ranked right, but a third pass
+        relative = hits()
+        assert relative[0]["index"] == just and relative[0]["match"]["similarity"] >= 0.35
+        assert len(relative) <= 3  # the query is ~0.18 similar to the typical one: the floor is ~0.28
+        assert c.get("/api/v1/search/explanations", params={"q": "x", "min_above_typical": -1}).status_code == 422
+
+
 def test_new_explanations_are_found_without_reloading_everything(searchable):
     from app.store import search as search_store
 
