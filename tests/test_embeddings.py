@@ -153,3 +153,15 @@ def test_http_embedder_retries_429_and_refuses_4xx(server):
     with pytest.raises(emb.EmbeddingUnavailable, match="gave up"):
         emb.HTTPEmbedder(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", max_retries=1,
                          backoff_base_s=0.01).embed(["x"])
+
+
+def test_publish_embeds_each_text_once_and_reuses_the_last_saes(minilm, monkeypatch):
+    from trainer.interpret import at_publish
+
+    monkeypatch.setattr(at_publish, "_recent", {})
+    v1, distinct, embedded = at_publish.embed_distinct(minilm, ["a cat", "a dog", "a cat"], False, "test")
+    assert (distinct, embedded) == (2, 2) and np.array_equal(v1[0], v1[2])
+    # the next SAE (same token stream: mostly the same windows) embeds only what is new
+    v2, distinct, embedded = at_publish.embed_distinct(minilm, ["a dog", "a bird"], False, "test")
+    assert (distinct, embedded) == (2, 1) and np.array_equal(v2[0], v1[1])
+    assert np.allclose(v2[1], minilm.embed(["a bird"])[0], atol=2e-3)

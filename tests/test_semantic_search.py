@@ -93,8 +93,7 @@ def test_semantic_search_finds_meaning_without_shared_words(searchable):
         assert "/saes/synthetic/features/3" in html and "by words and meaning" in html
 
 
-COMMON = (" the a return def import for in if else self value list string file name class function module type "
-          "print error data number object key path line code with while").split(" ")[1:]
+COMMON = ["", "the", "a", "return", "def", "import", "for", "in", "if", "else", "self", "value", "list", "string", "file", "name", "class", "function", "module", "type", "print", "error", "data", "number", "object", "key", "path", "line", "code", "with", "while"][1:]
 
 
 def test_the_floor_follows_the_query_when_every_explanation_says_the_word(engine, one_torch_thread):
@@ -245,7 +244,7 @@ def test_publish_explains_and_scores_every_latent(engine, tiny_sae_dir, one_torc
         assert auto["n"] == len(fired) and auto["shuffled_mean"] is not None and auto["model"] == "all-minilm-l6-v2"
         assert auto["n_pos"] == 2 and sum(auto["negatives_from"].values()) == len(feats)
         # windows shared between latents are embedded once: far fewer than 2 per latent
-        assert auto["fixed_blocks"] > 0 and auto["texts_embedded"] <= auto["windows"] + 2 * len(fired)
+        assert auto["fixed_blocks"] > 0 and auto["distinct_texts"] <= auto["windows"] + 2 * len(fired)
         # the stored search vector is the explanation's own embedding (chips read as quotes)
         e = expls[fired[0].id]
         (v,) = s.scalars(select(ExplanationEmbedding.vector).where(ExplanationEmbedding.explanation_id == e.id))

@@ -55,12 +55,31 @@ def embed_all(embedder: Embedder, texts: list[str], progress: bool, what: str) -
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def embed_distinct(embedder: Embedder, texts: list[str], progress: bool, what: str) -> tuple[np.ndarray, int]:
-    """Vectors for texts, each distinct text embedded once; returns (vectors, distinct count)."""
+# The vectors of the last prepare() in this process, by text. SAEs analysed on the same token stream
+# (a sweep, the demo's SAEs: same model, corpus, context length and seed) cut the same fixed
+# blocks, so the next SAE published here finds most of its windows already embedded.
+_recent: dict[str, dict[str, np.ndarray]] = {}  # embedder name -> {text: vector}
+RECENT_MAX = 100_000  # texts kept (~150 MB of float32 at 384 dimensions)
+
+
+def embed_distinct(embedder: Embedder, texts: list[str], progress: bool, what: str) -> tuple[np.ndarray, int, int]:
+    """Vectors for texts, each distinct text embedded once (or taken from the last call's vectors);
+    returns (vectors, distinct texts, texts embedded now)."""
     index: dict[str, int] = {}
     inverse = np.fromiter((index.setdefault(t, len(index)) for t in texts), np.int64, len(texts))
-    vectors = embed_all(embedder, list(index), progress, what)
-    return (vectors[inverse] if len(index) else vectors), len(index)
+    distinct = list(index)
+    known = _recent.get(embedder.name, {})
+    todo = [t for t in distinct if t not in known]
+    fresh = embed_all(embedder, todo, progress, what)
+    width = fresh.shape[1] if len(todo) else (len(next(iter(known.values()))) if known else 0)
+    vectors = np.zeros((len(distinct), width), np.float32)
+    new = dict(zip(todo, fresh))
+    for k, t in enumerate(distinct):
+        vectors[k] = new[t] if t in new else known[t]
+    if len(distinct) <= RECENT_MAX:
+        _recent.clear()
+        _recent[embedder.name] = dict(zip(distinct, vectors))
+    return (vectors[inverse] if distinct else vectors), len(distinct), len(todo)
 
 
 def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder, progress: bool = True,
@@ -91,7 +110,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     # document and as the scorer's query (delphi's prefix) are two texts
     everything = (wins.texts + [embedding_scorer.document_text(texts[i]) for i in explained]
                   + [embedding_scorer.query_text(texts[i]) for i in explained])
-    vecs, distinct = embed_distinct(embedder, everything, progress, "embedding windows and explanations")
+    vecs, distinct, embedded = embed_distinct(embedder, everything, progress, "embedding windows and explanations")
     window_vecs, docs, queries = vecs[:n_win], vecs[n_win:n_win + n_expl], vecs[n_win + n_expl:]
     t_embed = time.perf_counter() - started - t_explain - t_windows
     aurocs = np.full(n, np.nan)
@@ -111,15 +130,15 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     result.update({
         "scorer": embedding_scorer.SCORER, "explainer": token_pattern.EXPLAINER, "method": token_pattern.METHOD,
         "model": embedder.name, "explained": n_expl, "latents": n, "n_pos": n_pos, "n_neg": n_neg,
-        "windows": n_win, "fixed_blocks": wins.blocks, "texts_embedded": distinct,
+        "windows": n_win, "fixed_blocks": wins.blocks, "distinct_texts": distinct, "texts_embedded": embedded,
         "embedding_dtype": embedder.precision() if hasattr(embedder, "precision") else None,
         "negatives_from": {s: wins.neg_source.count(s) for s in ("other_latents", "own_zero_runs", "none")},
         "seconds": {"explain": round(t_explain, 2), "windows": round(t_windows, 2), "embed": round(t_embed, 2),
                     "total": round(total, 2)},
-        "texts_per_s": round(distinct / t_embed, 1) if t_embed > 0 else None,
+        "texts_per_s": round(embedded / t_embed, 1) if t_embed > 0 and embedded else None,
     })
-    log.info("token-pattern explanations for %d of %d latents; %d distinct texts embedded; embedding AUROC %s vs "
-             "shuffled %s (p=%s) in %.1f s", n_expl, n, distinct, result["true_mean"], result["shuffled_mean"],
+    log.info("token-pattern explanations for %d of %d latents; %d texts embedded (%d distinct); embedding AUROC %s "
+             "vs shuffled %s (p=%s) in %.1f s", n_expl, n, embedded, distinct, result["true_mean"], result["shuffled_mean"],
              result["p_value"], total)
     return Interpretation(texts=texts, aurocs=aurocs, n_pos=[len(p) for p in wins.pos],
                           n_neg=[len(x) for x in wins.neg], neg_source=wins.neg_source, vectors=docs,
