@@ -93,12 +93,14 @@ def test_semantic_search_finds_meaning_without_shared_words(searchable):
         assert "/saes/synthetic/features/3" in html and "by words and meaning" in html
 
 
-COMMON = ["", "the", "a", "return", "def", "import", "for", "in", "if", "else", "self", "value", "list", "string", "file", "name", "class", "function", "module", "type", "print", "error", "data", "number", "object", "key", "path", "line", "code", "with", "while"][1:]
+COMMON = ["the", "a", "return", "def", "import", "for", "in", "if", "else", "self", "value", "list", "string", "file",
+          "name", "class", "function", "module", "type", "print", "error", "data", "number", "object", "key", "path",
+          "line", "code", "with", "while"]
 
 
 def test_the_floor_follows_the_query_when_every_explanation_says_the_word(engine, one_torch_thread):
     """30 latents explained by token_pattern as "the word ‹ X›", and the just-latent: "the word just"
-    is ~0.25-0.35 similar to all of them (above the fixed 0.2 floor), far more to its own."""
+    is 0.2-0.4 similar to a third of them (above the fixed 0.2 floor), 0.55 to its own."""
     from trainer.interpret import token_pattern
 
     store.forget_caches()
