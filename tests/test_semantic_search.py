@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import store
@@ -15,20 +15,29 @@ from app.autointerp.synthetic import make_synthetic_sae
 from app.models import SAE, Explanation, ExplanationEmbedding, Feature
 from tests.test_api import assert_error, make_client
 from trainer.interpret.embedder import get_embedder
+from trainer.interpret.embedding_scorer import document_text
 from trainer.interpret.vectors import write_embeddings
 
-# Crafted explanations: none of them shares a word with the queries below.
+# Crafted explanations in token_pattern's wording, and two an LM might write. The queries below
+# share no word with the one they must find, except "just", which is the token itself.
 CRAFTED = {
-    3: "‹)› right parenthesis (97 % of top examples), after ‹ x›; promotes ‹:›",  # token_pattern's wording
-    5: "‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹ accred›",
+    3: "‹)› right parenthesis (97 % of top examples), after ‹ x›; promotes ‹:›",
+    5: "the word ‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹ accred›",
     7: "names of rivers and lakes in Europe",
     9: "the keyword def that starts a function definition",
     11: "numbers written as digits, like 42 or 1999",
+    # token-pattern distractors: everything below also says "the word"
+    12: "the word ‹ the› (60 % of top examples), ‹ a› (20 %); promotes ‹ function›",
+    14: "the word ‹ return› (90 % of top examples), after ‹    ›; promotes ‹ None›",
+    15: "the word piece ‹ited› (50 % of top examples), after ‹ accred›; promotes ‹ by›",
+    16: "the word ‹ import› (85 % of top examples), after ‹↵›; promotes ‹ os›",
+    17: "‹,› comma (88 % of top examples); promotes ‹ and›",
 }
 
 
-def add_explained(engine, items: dict[int, str], sae: str = "synthetic") -> list[int]:
-    """Explanations with their real embeddings, as publish and the worker store them."""
+def add_explained(engine, items: dict[int, str], sae: str = "synthetic", vectors: bool = True) -> list[int]:
+    """Explanations with their real embeddings, as publish and the worker store them (vectors=False:
+    as stored before migration 0005 or while the embedding model was missing)."""
     embedder = get_embedder()
     with Session(engine) as s, s.begin():
         sae_row = s.scalar(select(SAE).where(SAE.name == sae))
@@ -39,8 +48,9 @@ def add_explained(engine, items: dict[int, str], sae: str = "synthetic") -> list
         s.flush()
         for i, r in zip(items, rows):
             feats[i].explanation = r.text
-        write_embeddings(s, [r.id for r in rows], [sae_row.id] * len(rows), embedder.embed(list(items.values())),
-                         embedder.name)
+        if vectors:
+            write_embeddings(s, [r.id for r in rows], [sae_row.id] * len(rows),
+                             embedder.embed([document_text(t) for t in items.values()]), embedder.name)
         return [r.id for r in rows]
 
 
@@ -64,9 +74,10 @@ def test_semantic_search_finds_meaning_without_shared_words(searchable):
             assert r.status_code == 200, r.text
             return r.json()
 
+        # well above the 0.2 cut-off, and first among explanations that all say "the word ‹…›"
         for q, index in (("closing bracket", 3), ("the word just", 5)):
             hit = top(q)["items"][0]
-            assert hit["index"] == index and hit["match"]["similarity"] >= 0.2, hit
+            assert hit["index"] == index and hit["match"]["similarity"] >= 0.35, hit
         assert not words("closing bracket") & words(CRAFTED[3])
         assert top("closing bracket", "keyword")["items"] == []  # no shared word: keyword search finds nothing
         merged = top("closing bracket", "merged")
@@ -75,11 +86,46 @@ def test_semantic_search_finds_meaning_without_shared_words(searchable):
         assert top("zebra crossing stripes")["items"] == []  # nothing about it: below min_similarity
         both = top("function definition keyword", "merged")["items"]
         assert both[0]["index"] == 9 and both[0]["match"]["keyword_rank"] == 1 and both[0]["match"]["semantic_rank"] == 1
-        page = c.get("/api/v1/search/explanations", params={"q": "text", "min_similarity": -1, "per_page": 2,
-                                                            "page": 2, "mode": "semantic"}).json()
-        assert page["total"] == 5 and page["pages"] == 3 and len(page["items"]) == 2 and page["per_page"] == 2
+        page = c.get("/api/v1/search/explanations", params={"q": "text", "min_similarity": -1, "per_page": 4,
+                                                            "page": 3, "mode": "semantic"}).json()
+        assert page["total"] == 10 and page["pages"] == 3 and len(page["items"]) == 2 and page["per_page"] == 4
         html = c.get("/search", params={"q": "closing bracket"}).text
         assert "/saes/synthetic/features/3" in html and "by words and meaning" in html
+
+
+COMMON = ["the", "a", "return", "def", "import", "for", "in", "if", "else", "self", "value", "list", "string", "file",
+          "name", "class", "function", "module", "type", "print", "error", "data", "number", "object", "key", "path",
+          "line", "code", "with", "while"]
+
+
+def test_the_floor_follows_the_query_when_every_explanation_says_the_word(engine, one_torch_thread):
+    """30 latents explained by token_pattern as "the word ‹ X›", and the just-latent: "the word just"
+    is 0.2-0.4 similar to a third of them (above the fixed 0.2 floor), 0.55 to its own."""
+    from trainer.interpret import token_pattern
+
+    store.forget_caches()
+    make_synthetic_sae(engine, name="words", n_features=40)
+    vocab = [" " + w for w in COMMON] + [" just", "This", "It", " accred"]
+    st = token_pattern.TokenStats
+    texts = {i: token_pattern.describe(st(10, [(i, 0.8)], [], [i + 1 if i + 1 < len(COMMON) else 0]), vocab.__getitem__)
+             for i in range(len(COMMON))}
+    just = len(COMMON)
+    texts[just] = token_pattern.describe(st(10, [(just, 1.0)], [(just + 1, 0.6), (just + 2, 0.4)], [just + 3]),
+                                         vocab.__getitem__)
+    assert texts[just] == "the word ‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹ accred›"
+    add_explained(engine, texts, sae="words")
+    with make_client(engine) as c:
+        def hits(**params):
+            r = c.get("/api/v1/search/explanations", params={"q": "the word just", "mode": "semantic", **params})
+            assert r.status_code == 200, r.text
+            return r.json()["items"]
+
+        fixed_only = hits(min_above_typical=0)
+        assert len(fixed_only) >= 10 and fixed_only[0]["index"] == just  # ranked right, but a third pass
+        relative = hits()
+        assert relative[0]["index"] == just and relative[0]["match"]["similarity"] >= 0.35
+        assert len(relative) <= 3  # the query is ~0.18 similar to the typical one: the floor is ~0.28
+        assert c.get("/api/v1/search/explanations", params={"q": "x", "min_above_typical": -1}).status_code == 422
 
 
 def test_new_explanations_are_found_without_reloading_everything(searchable):
@@ -93,7 +139,7 @@ def test_new_explanations_are_found_without_reloading_everything(searchable):
         hit = c.get("/api/v1/search/explanations", params={"q": "colour of the sky"}).json()["items"][0]
         assert hit["index"] == 13
         after = search_store._matrices[key]
-        assert len(after.ids) == len(before.ids) + 1 and after.watermark[1] == 6
+        assert len(after.ids) == len(before.ids) + 1 and after.watermark[1] == len(CRAFTED) + 1
         assert np.shares_memory(before.vectors, before.vectors)  # the old matrix is untouched, not mutated
 
 
@@ -124,12 +170,68 @@ def test_bad_queries_and_a_missing_model(searchable, monkeypatch):
             get_settings.cache_clear()
 
 
+class StopsAfter:
+    """The real embedder, interrupted (as by Ctrl-C) after `calls` embed calls."""
+
+    def __init__(self, inner, calls: int):
+        self.inner, self.calls, self.name = inner, calls, inner.name
+
+    def check(self):
+        self.inner.check()
+
+    def embed(self, texts):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt
+        return self.inner.embed(texts)
+
+
+def test_backfill_embeds_what_has_no_vector_resumably(searchable, monkeypatch, capsys):
+    from app.cli import main
+    from app.db import get_engine
+    from app.settings import get_settings
+    from trainer.interpret.backfill import embed_missing
+
+    add_explained(searchable, {18: "strings in double quotes", 19: "the colour of the sky", 2: "blue-green algae"},
+                  vectors=False)
+    with make_client(searchable) as c:
+        def found(q):
+            r = c.get("/api/v1/search/explanations", params={"q": q, "mode": "semantic"})
+            return [i["index"] for i in r.json()["items"]]
+
+        assert 19 not in found("blue heavens")  # no vector: semantic search cannot see it
+        with pytest.raises(KeyboardInterrupt):
+            embed_missing(searchable, StopsAfter(get_embedder(), 1), sae_name="synthetic", chunk=2, progress=False)
+        with Session(searchable) as s:  # the first chunk was committed before the interruption
+            assert s.scalar(select(func.count()).select_from(ExplanationEmbedding)) == len(CRAFTED) + 2
+        monkeypatch.setenv("SAE_ATLAS_DATABASE_URL", searchable.url.render_as_string(hide_password=False))
+        get_settings.cache_clear()
+        get_engine.cache_clear()  # the CLI's store: this test's
+        try:
+            assert main(["embed-explanations", "--sae", "synthetic", "--chunk", "2"]) == 0
+            assert "embedded 1 explanations of SAE synthetic with all-minilm-l6-v2 (12 already" in capsys.readouterr().out
+            assert main(["embed-explanations"]) == 0  # nothing left: nothing redone
+            assert "embedded 0 explanations of all SAEs" in capsys.readouterr().out
+            assert main(["embed-explanations", "--sae", "nope"]) != 0
+            assert "no SAE named 'nope'" in capsys.readouterr().err
+            assert main(["embed-explanations", "--chunk", "0"]) != 0
+        finally:
+            get_engine().dispose()
+            get_engine.cache_clear()
+            monkeypatch.delenv("SAE_ATLAS_DATABASE_URL")
+            get_settings.cache_clear()
+        assert found("blue heavens")[0] == 19 and found("text between quotation marks")[0] == 18
+        with Session(searchable) as s:
+            ids = s.scalars(select(ExplanationEmbedding.explanation_id)).all()
+            assert len(ids) == len(set(ids)) == len(CRAFTED) + 3
+
+
 def test_publish_explains_and_scores_every_latent(engine, tiny_sae_dir, one_torch_thread, monkeypatch):
     from trainer.interpret import at_publish
     from trainer.publish import publish
 
-    monkeypatch.setattr(at_publish, "N_POS", 4)
-    monkeypatch.setattr(at_publish, "N_NEG", 4)
+    monkeypatch.setattr(at_publish, "N_POS", 2)  # few windows: this checks the wiring, not the scores
+    monkeypatch.setattr(at_publish, "N_NEG", 2)
     store.forget_caches()
     publish(tiny_sae_dir, "tiny", engine=engine, progress=False, explain=True)
     with Session(engine) as s:
@@ -138,10 +240,19 @@ def test_publish_explains_and_scores_every_latent(engine, tiny_sae_dir, one_torc
         fired = [f for f in feats if f.firing_count > 0]
         expls = {e.feature_id: e for e in s.scalars(select(Explanation))}
         assert fired and all(f.explanation and f.id in expls for f in fired)
-        assert all(expls[f.id].explainer == "token-pattern" and expls[f.id].embedding_score is not None for f in fired)
-        assert s.query(ExplanationEmbedding).count() == len(expls)
+        assert all(expls[f.id].explainer == "token-pattern" and expls[f.id].method == "token-pattern-v2"
+                   and expls[f.id].embedding_score is not None for f in fired)
         auto = sae.metrics["autointerp"]
         assert auto["n"] == len(fired) and auto["shuffled_mean"] is not None and auto["model"] == "all-minilm-l6-v2"
+        assert auto["n_pos"] == 2 and sum(auto["negatives_from"].values()) == len(feats)
+        # windows shared between latents are embedded once: far fewer than 2 per latent
+        assert auto["fixed_blocks"] > 0 and auto["distinct_texts"] <= auto["windows"] + 2 * len(fired)
+        # the stored search vector is the explanation's own embedding (chips read as quotes)
+        e = expls[fired[0].id]
+        (v,) = s.scalars(select(ExplanationEmbedding.vector).where(ExplanationEmbedding.explanation_id == e.id))
+        ref = get_embedder().embed([document_text(e.text)])[0]
+        assert s.query(ExplanationEmbedding).count() == len(expls)
+        assert float(np.frombuffer(v, "<f4") @ ref) > 0.999
         f = fired[0]
     with make_client(engine) as c:
         html = c.get(f"/saes/tiny/features/{f.index}").text

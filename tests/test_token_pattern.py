@@ -28,10 +28,22 @@ def test_describe_matches_the_issue_wording():
     promotes = np.array([[5, 6, 7]])
     (st,) = token_pattern.stats_from_windows(np.zeros(10), tokens, np.full(10, 3), 1, promotes)
     assert st.n_top == 10 and st.peak == [(3, 1.0)] and st.before == [(1, 0.6), (2, 0.4)]
-    assert token_pattern.describe(st, vt) == \
-        "‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹accred›, ‹ited›, ‹itation›"
+    # the issue's wording, with what the token is in words in front ("the word just" finds it)
+    text = token_pattern.describe(st, vt)
+    assert text == "the word ‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹accred›, ‹ited›, ‹itation›"
     lines = token_pattern.prompt_lines(st, vt)
     assert lines[0] == "Tokens the top examples peak on: ‹ just› (100 %)" and "‹accred›" in lines[2]
+    # what the embedding model reads: chips as quotes (it has no ‹), shares left out
+    assert token_pattern.plain(text) == 'the word "just", after "This"/"It"; promotes "accred", "ited", "itation"'
+    assert embedding_scorer.document_text(text) == token_pattern.plain(text)
+    assert embedding_scorer.query_text(text) == embedding_scorer.QUERY_PREFIX + token_pattern.plain(text)
+    assert token_pattern.plain("fires on (5 %) of lines") == "fires on (5 %) of lines"  # no chips: untouched
+
+
+def test_token_kinds():
+    kinds = {t: token_pattern.kind_of(t) for t in (" just", "This", "ited", " 1999", "__init__", "  ")}
+    assert kinds == {" just": "the word", "This": "the word", "ited": "the word piece", " 1999": "the number",
+                     "__init__": "the token", "  ": None}
 
 
 def test_describe_names_punctuation_lists_runners_up_and_skips_dead_latents():
@@ -45,7 +57,7 @@ def test_describe_names_punctuation_lists_runners_up_and_skips_dead_latents():
     assert token_pattern.describe(dead, vt) is None  # never fired: nothing to say
     assert token_pattern.token_name("\n") == "newline" and token_pattern.token_name(" just") is None
     assert token_pattern.token_name("),") == "right parenthesis + comma"
-    assert token_pattern.chip("a\nb\t") == "‹a↵b⇥›"
+    assert token_pattern.chip("a\nb\t") == "‹a↵b⇥›" and token_pattern.chip("\x00") == "‹\\x00›"  # no NUL in PostgreSQL
 
 
 def test_auroc_matches_sklearn_and_mann_whitney():
@@ -137,3 +149,64 @@ def test_scoring_windows_hold_out_top_examples_and_pick_safe_negatives():
     assert all(k in sw.pos[1] + sw.pos[2] for k in sw.neg[0])
     assert len(sw.texts) == len(set(sw.texts))  # each distinct window embedded once
     assert all(len(t.split()) <= windows.WINDOW for t in sw.texts)
+
+
+T, BEFORE, AFTER = 128, 32, 12  # context length, example window: 32 tokens before the peak, 12 after
+
+
+def _stream_analysis(rows: list[tuple[int, int, int, int]], density: list[float]):
+    """An analysis over 3 contexts of 128 tokens (BOS excluded), stream token g = g % 997; rows are
+    (latent, kind, rank, stream position of the activation), each latent firing only there."""
+    out = {k: [] for k in ("feature", "kind", "rank", "interval", "token", "tokens", "acts")}
+    fires = {}
+    for lat, kind, rank, g in rows:
+        fires.setdefault(lat, set()).add(g)
+    for lat, kind, rank, g in rows:
+        pos = np.arange(g - BEFORE, g + AFTER + 1)
+        ctx0 = (g // T) * T
+        inside = (pos > ctx0) & (pos < ctx0 + T)  # the window stays in its context; BOS (pos == ctx0) excluded
+        out["tokens"].append(np.where(inside, pos % 997, -1))
+        out["acts"].append(np.where(inside & np.isin(pos, list(fires[lat])), 1.0, 0.0))
+        for k, v in (("feature", lat), ("kind", kind), ("rank", rank), ("interval", 3 if kind == 1 else -1),
+                     ("token", g)):
+            out[k].append(v)
+    ex = {k: np.asarray(v) for k, v in out.items()}
+    ex["tokens"] = ex["tokens"].astype(np.int32)
+    ex["acts"] = ex["acts"].astype(np.float16)
+    ex["peak"] = np.full(len(rows), BEFORE, np.int16)
+    n = len(density)
+    feats = {"count": np.full(n, 10), "density": np.asarray(density), "neighbor_ids": np.full((n, 2), -1)}
+    return ex, feats
+
+
+def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_unknown():
+    top, interval, rand = 0, 1, 2
+    rows = [(0, top, 0, 40), (0, rand, 0, 70), (0, rand, 1, 75), (0, rand, 2, 45), (0, rand, 3, 200),
+            (1, rand, 0, 72), (1, rand, 1, 300), (1, interval, 0, 220), (1, top, 0, 350),
+            (2, top, 0, 10), (2, rand, 0, 60), (2, rand, 1, 105)]
+    ex, feats = _stream_analysis(rows, density=[1e-4, 1e-4, 0.5])
+    vocab = [f"w{i} " for i in range(997)]
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, ctx_len=T)
+    span = [sw.spans[k] for k in range(len(sw.spans))]
+    # latent 0: the blocks [64, 96) (activations at 70 and 75: one window) and [192, 224); its
+    # activation at 45 is in the block [32, 64), which overlaps its top example's window [8, 53)
+    assert [span[k] for k in sw.pos[0]] == [(64, 96), (192, 224)]
+    # latent 1 fires in the same block at 72: the same window, embedded once
+    assert sw.pos[1][0] == sw.pos[0][0]
+    # ... and at 300, in the block [288, 320) that no example shows to its end (313..317): the window
+    # centred on the activation (23 tokens before it) instead; then its interval example's block
+    assert [span[k] for k in sw.pos[1]] == [(64, 96), (277, 309), (192, 224)]
+    assert sw.texts[sw.pos[0][0]] == "".join(f"w{g} " for g in range(64, 96))
+    assert len(set(sw.spans)) == len(sw.spans) == len(sw.texts)
+    # negatives of sparse latents: other latents' windows away from every window of their own
+    assert sw.neg_source[0] == "other_latents" and [span[k] for k in sw.neg[0]] == [(277, 309)]
+    own0 = [(g - BEFORE, g + AFTER + 1) for lat, _, _, g in rows if lat == 0]
+    assert all(not (lo < b and hi > a) for k in sw.neg[0] for lo, hi in [span[k]] for a, b in own0)
+    # the dense latent 2: blocks its own windows show completely without an activation, the one
+    # already embedded first ([64, 96): its windows [28, 73) and [73, 118) show it, all zero)
+    assert sw.neg_source[2] == "own_zero_runs" and span[sw.neg[2][0]] == (64, 96)
+    assert not set(sw.neg[2]) & set(sw.pos[2])
+    # a decoder neighbour's windows are never negatives: then latent 0 has its own zero stretches
+    feats["neighbor_ids"][0] = [1, -1]
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, ctx_len=T)
+    assert sw.neg_source[0] == "own_zero_runs" and not set(sw.neg[0]) & set(sw.pos[1])

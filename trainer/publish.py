@@ -235,7 +235,8 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
 
     try:
         embedder = check_embedder()
-        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress) for a in analyses]
+        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress, summary=a.summary)
+                for a in analyses]
     except EmbeddingModelMissing as exc:
         raise AtlasError(f"cannot explain the latents at publish: {exc.message}",
                          f"{exc.hint}; or publish without explanations (SAE_ATLAS_PUBLISH_EXPLANATIONS=false)") from None

@@ -75,6 +75,10 @@ def search_explanations(
         sae: str | None = Query(None, max_length=200),
         min_similarity: float = Query(search_store.DEFAULT_MIN_SIMILARITY, ge=-1.0, le=1.0,
                                       description="semantic hits below this cosine similarity are dropped"),
+        min_above_typical: float = Query(
+            search_store.DEFAULT_MIN_ABOVE_TYPICAL, ge=0.0, le=2.0,
+            description="semantic hits must beat the query's median similarity over the SAE's explanations by "
+                        "this much (SAEs with at least 20 explanations; 0 turns it off)"),
         page: int = Query(1, ge=1, le=10_000),
         per_page: int | None = Query(None, ge=1, le=MAX_PER_PAGE),
         session: Session = Depends(get_session)):
@@ -87,7 +91,8 @@ def search_explanations(
     n = per_page or 50
     embedder = get_embedder()
     try:
-        result = search_store.search(session, q, mode, sae, (page - 1) * n, n, min_similarity, embedder)
+        result = search_store.search(session, q, mode, sae, (page - 1) * n, n, min_similarity, embedder,
+                                     min_above_typical)
     except EmbeddingModelMissing as exc:
         raise ApiError(503, "embedding_model_unavailable", f"semantic search is unavailable: {exc.one_line()}",
                        {"fallback": "mode=keyword"}, headers={"Retry-After": "3600"}) from None

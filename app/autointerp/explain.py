@@ -309,7 +309,7 @@ def embedding_score(text: str, positives: list[Window], negatives: list[Window],
 
     embedder = get_embedder()
     try:
-        vecs = embedder.embed([embedding_scorer.query_text(text), text]
+        vecs = embedder.embed([embedding_scorer.query_text(text), embedding_scorer.document_text(text)]
                               + [window_plain_text(w) for w in positives + negatives])
     except EmbeddingUnavailable as exc:
         log.warning("no embedding score or search vector for this explanation: %s", exc.one_line())

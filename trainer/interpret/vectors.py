@@ -12,11 +12,19 @@ _PGVECTOR_QUERY = text("SELECT 1 FROM information_schema.columns WHERE table_nam
                        "AND column_name = 'embedding'")
 
 
+_pgvector: dict[str, bool] = {}  # per database URL: the column is added by a migration, so it stays
+
+
 def has_pgvector(session: Session) -> bool:
-    """Whether explanation_embeddings has migration 0005's pgvector column (PostgreSQL with pgvector)."""
-    if session.get_bind().dialect.name != "postgresql":
+    """Whether explanation_embeddings has migration 0005's pgvector column (PostgreSQL with pgvector);
+    asked once per database and process (every search needs to know)."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
         return False
-    return session.execute(_PGVECTOR_QUERY).first() is not None
+    key = bind.url.render_as_string(hide_password=True)
+    if key not in _pgvector:
+        _pgvector[key] = session.execute(_PGVECTOR_QUERY).first() is not None
+    return _pgvector[key]
 
 
 def pack(v: np.ndarray) -> bytes:
@@ -33,7 +41,11 @@ def pgvector_literal(v: np.ndarray) -> str:
 
 def write_embeddings(session: Session, explanation_ids: list[int], sae_ids: list[int], vectors: np.ndarray,
                      model: str, replace: bool = False) -> int:
-    """Store one vector per explanation (in the caller's transaction); replace drops older ones first."""
+    """Store one vector per explanation (in the caller's transaction); replace drops older ones first.
+
+    Bulk paths, as publishing writes one row per latent: COPY on PostgreSQL (with the pgvector
+    column filled in the same pass), executemany on the raw SQLite connection.
+    """
     if not explanation_ids:
         return 0
     vectors = np.asarray(vectors, np.float32)
@@ -41,13 +53,21 @@ def write_embeddings(session: Session, explanation_ids: list[int], sae_ids: list
         for k in range(0, len(explanation_ids), 5000):
             session.execute(delete(ExplanationEmbedding).where(
                 ExplanationEmbedding.explanation_id.in_(explanation_ids[k:k + 5000])))
-    rows = [{"explanation_id": int(e), "sae_id": int(s), "model": model, "dim": int(vectors.shape[1]),
-             "vector": pack(v)} for e, s, v in zip(explanation_ids, sae_ids, vectors)]
-    for k in range(0, len(rows), 5000):
-        session.execute(insert(ExplanationEmbedding), rows[k:k + 5000])
-    if has_pgvector(session):
+    dim = int(vectors.shape[1])
+    rows = ((int(e), int(s), model, dim, pack(v)) for e, s, v in zip(explanation_ids, sae_ids, vectors))
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        pgvector = has_pgvector(session)
+        cols = "explanation_id, sae_id, model, dim, vector" + (", embedding" if pgvector else "")
         raw = session.connection().connection.driver_connection
-        with raw.cursor() as cur:
-            cur.executemany("UPDATE explanation_embeddings SET embedding = %s::vector WHERE explanation_id = %s",
-                            [(pgvector_literal(v), int(e)) for e, v in zip(explanation_ids, vectors)])
-    return len(rows)
+        with raw.cursor() as cur, cur.copy(f"COPY explanation_embeddings ({cols}) FROM STDIN") as copy:
+            for row, v in zip(rows, vectors):
+                copy.write_row((*row, pgvector_literal(v)) if pgvector else row)
+    elif dialect == "sqlite":
+        raw = session.connection().connection.driver_connection
+        raw.executemany("INSERT INTO explanation_embeddings (explanation_id, sae_id, model, dim, vector) "
+                        "VALUES (?, ?, ?, ?, ?)", rows)
+    else:
+        keys = ("explanation_id", "sae_id", "model", "dim", "vector")
+        session.execute(insert(ExplanationEmbedding), [dict(zip(keys, r)) for r in rows])
+    return len(explanation_ids)
