@@ -92,6 +92,14 @@ def form_values(spec: dict | None = None) -> dict[str, typing.Any]:
     return values
 
 
+def sae_defaults() -> dict[str, typing.Any]:
+    """The architecture defaults a blank field stands for, read from their one home (SAEConfig)."""
+    from trainer.sae.base import SAEConfig
+
+    cfg = SAEConfig(d_in=1, d_sae=2)
+    return {"l1_coefficient": cfg.l1_coefficient, "target_l0_coefficient": cfg.target_l0_coefficient}
+
+
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
@@ -276,7 +284,8 @@ def _new_form(request: Request, values: dict, errors: list[tuple[str | None, str
         if field:
             by_field.setdefault(field, []).append(msg)
     return render(request, "run_new.html", {"v": values, "errors": errors, "field_errors": by_field,
-                                            "archs": ARCHITECTURES, "choices": CHOICES}, status=status,
+                                            "archs": ARCHITECTURES, "choices": CHOICES,
+                                            "sae_defaults": sae_defaults()}, status=status,
                   headers=NO_STORE)
 
 
