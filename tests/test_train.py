@@ -167,7 +167,8 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, tiny_
             train(TrainConfig(out=tmp_path / "part", **cfg), lm=tiny_lm)
     state = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)
     (position,) = state["positions"]
-    assert state["step"] == 13 and position["buffer"]["emitted"] > 0 and position["buffer"]["window"] > 0
+    assert state["step"] == 13 and position["buffer"]["emitted"] > 0  # stopped inside a window
+    assert position["buffer"]["window"] > 0 or cache  # (the cache's one 8192-token chunk is a single window)
     with monkeypatch.context() as m:
         rest_batches = record_batches(m)
         (resumed,) = train(TrainConfig(out=tmp_path / "part", resume=True, **cfg), lm=tiny_lm)
