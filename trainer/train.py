@@ -144,7 +144,7 @@ class Trainer:
             name = sae_name(site, sae_cfg)
             folder = c.out if len(configs) == 1 else c.out / name
             sae = build_sae(sae_cfg, self.compute_dtype).to(self.device)
-            base_lr = c.lr or default_lr(sae_cfg)
+            base_lr = c.lr or default_lr(sae_cfg, c.tokens, c.batch_size)
             optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999))
             counter = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.device)
             self.runs.append(Run(name, site, sae, folder, _Step(sae), optimizer, base_lr, counter))
@@ -340,6 +340,7 @@ class Trainer:
             m["dead_after_tokens"] = int(run.sae.cfg.dead_after_tokens)
             m["train_tokens"] = int(self.step * c.batch_size)
             m["norm_scale"] = run.norm_scale
+            m["lr"] = run.base_lr
             metrics[run.name] = m
         if self.lm is not None and c.ce_contexts > 0:
             contexts = held_out_contexts(c, self.lm, min(c.lm_batch_size, 32))

@@ -389,6 +389,6 @@ def lr_for_width(d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-def default_lr(cfg: SAEConfig) -> float:
+def default_lr(cfg: SAEConfig, tokens: int, batch_size: int) -> float:
     """The Adam learning rate a run uses unless --lr is given (see benchmarks/synthetic_recovery.py)."""
     return lr_for_width(cfg.d_sae)
