@@ -320,3 +320,19 @@ def test_activation_cache_lets_a_second_run_skip_the_lm(tmp_path, tiny_lm, monke
     second = calls["n"]
     assert first > 10 and second <= 2, (first, second)  # the second run reads the LM only for held-out evaluation
     assert load_sae(tmp_path / "second").sae.cfg.d_sae == 32
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --cpu: the GPU check's steps (bf16 sweep of TopK + JumpReLU on the
+    bundled model, analysis, publishing, the summary table) as a tiny CPU smoke test."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path),
+           "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu"], capture_output=True,
+                          text=True, timeout=900, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    table = out[out.index("gpu_check summary (cpu)"):]
+    for step, status in (("env", "PASS"), ("train", "PASS"), ("analyze", "PASS"), ("ddp", "SKIP"), ("speed", "SKIP")):
+        assert any(line.split()[:2] == [step, status] for line in table.splitlines()), table
+    assert "jumprelu FVU" in table and "topk FVU" in table and "CE rec" in table and "1152 latents" in table
