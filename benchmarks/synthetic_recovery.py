@@ -10,7 +10,7 @@ superposition, each firing independently (the most frequent 9x as often as the r
 `true L0` per row, log-normal magnitudes, a constant offset. The grid crosses
 
     D (input width)                     32, 96
-    width / true features               1, 4
+    width / true features               2, 4
     true L0                             4, 10
     training tokens                     0.5M, 2M, 8M
 
@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 ROWS = ("reference", *ARCHS)
-GRID = {"d": (32, 96), "ratio": (1, 4), "l0": (4, 10), "tokens": (500_000, 2_000_000, 8_000_000)}
+GRID = {"d": (32, 96), "ratio": (2, 4), "l0": (4, 10), "tokens": (500_000, 2_000_000, 8_000_000)}
 QUICK = [(32, 4, 4, 500_000), (48, 1, 10, 500_000)]
 REF_LR = 4e-3  # the reference's fixed learning rate
 BATCH = 4096
