@@ -241,6 +241,27 @@ def run_ours(job: dict) -> None:
     Path(job["result"]).write_text(json.dumps(result, indent=1))
 
 
+def launch(name: str, cmd: list[str], job: dict, log: Path) -> dict:
+    """Run one trainer; returns its own report plus the subprocess's ru_maxrss and wall time."""
+    job_file = Path(job["out"]).parent / f"{name}.job.json"
+    Path(job["out"]).parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps(job, indent=1))
+    Path(job["result"]).unlink(missing_ok=True)
+    t = time.time()
+    load = os.getloadavg()[0]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd + [str(job_file)], stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not Path(job["result"]).is_file():
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
+    report = json.loads(Path(job["result"]).read_text())
+    report.update({"subprocess_wall_s": time.time() - t, "ru_maxrss_mb": usage.ru_maxrss / 1024,
+                   "loadavg_1m_before": load, "loadavg_1m_after": os.getloadavg()[0], "log": str(log)})
+    return report
+
+
 # --- 5. one evaluation for all -------------------------------------------------------------------
 
 def evaluate(weights: str, held_out, check: tuple | None = None) -> dict:

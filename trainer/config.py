@@ -38,7 +38,7 @@ class TrainConfig:
     width: list[int] = field(default_factory=lambda: [4608])
     """Numbers of latents (d_sae)."""
     k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token for the TopK family."""
+    """Active latents per token for the TopK family; the L0 JumpReLU aims at."""
     tokens: int = 2_000_000
     """Training tokens per SAE (the stream repeats the corpus if it is shorter)."""
     activations: Path | None = None

@@ -21,14 +21,14 @@ def init_distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return dist_info()
 
 
 def gather_objects(obj) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in one process."""
-    rank, world = dist_info()
+    _, world = dist_info()
     if world == 1:
         return [obj]
     out = [None] * world
