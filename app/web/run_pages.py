@@ -94,10 +94,11 @@ def form_values(spec: dict | None = None) -> dict[str, typing.Any]:
 
 def sae_defaults() -> dict[str, typing.Any]:
     """The architecture defaults a blank field stands for, read from their one home (SAEConfig)."""
+    import dataclasses
+
     from trainer.sae.base import SAEConfig
 
-    cfg = SAEConfig(d_in=1, d_sae=2)
-    return {"l1_coefficient": cfg.l1_coefficient, "target_l0_coefficient": cfg.target_l0_coefficient}
+    return {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.default is not dataclasses.MISSING}
 
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
