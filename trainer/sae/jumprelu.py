@@ -11,6 +11,9 @@ Marks et al.'s dictionary_learning JumpReLU trainer), so a JumpReLU SAE trained 
 has the L0 a TopK SAE with the same k has; with l0_coefficient set it is Gemma Scope's lambda * L0.
 Both are in units of the input variance, like the reconstruction loss.
 
+Dead latents: a latent whose threshold is above all its pre-activations gets no gradient from
+the reconstruction or the penalty, so JumpReLU uses the TopK family's AuxK loss to revive it.
+
 Initialisation: a threshold moves about one learning rate per Adam step, while the pre-activations
 of normalised inputs are O(1); from theta_0 = 0.01 a short run spends most of its budget raising
 thresholds through a dense code. So unless jumprelu_init_threshold is given, the thresholds start
@@ -85,8 +88,11 @@ class JumpReLUSAE(SparseAutoencoder):
         recon = self.recon_loss(x, x_hat, ctx)
         l0 = StepFn.apply(z, self.threshold, eps).sum(-1).mean()
         penalty = self.sparsity_penalty(l0)
-        return StepOutput(recon + penalty, x_hat, dense_to_codes(f.detach()),
-                          {"recon": float(recon.detach()), "l0_penalty": float(penalty.detach())})
+        # A latent whose threshold rose above all its pre-activations gets no gradient from either
+        # term again; AuxK (as in the TopK family) lets the dead ones model the residual and return.
+        aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), x - self.b_dec, ctx)
+        return StepOutput(recon + penalty + aux, x_hat, dense_to_codes(f.detach()),
+                          {"recon": float(recon.detach()), "l0_penalty": float(penalty.detach()), **aux_terms})
 
     def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
         values, indices, offsets, _ = batch_topk_flat(self.preacts(x), self.cfg.k)
