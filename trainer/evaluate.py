@@ -94,7 +94,8 @@ def ce_interval(clean: np.ndarray, zero: np.ndarray, sae: np.ndarray, confidence
     standard error comes from the delta method, sd(d_i - r z_i) / (sqrt(n) mean(z)) with
     r = mean(d) / mean(z), which is cheap enough to recompute after every batch of contexts (a
     bootstrap would cost as much as the LM passes). Every context has the same length, so the mean
-    over contexts is the mean over predicted tokens. The intervals are the half-widths (*_ci95)."""
+    over contexts is the mean over predicted tokens. The intervals are the half-widths (*_ci95; None
+when there is a single context or zero-ablation does not change the loss)."""
     from scipy import stats
 
     d, z = sae - clean, zero - clean
@@ -106,8 +107,8 @@ def ce_interval(clean: np.ndarray, zero: np.ndarray, sae: np.ndarray, confidence
         u = d - (d_mean / z_mean) * z
         recovered_hw = t * float(u.std(ddof=1)) / (math.sqrt(n) * abs(z_mean))
         delta_hw = t * float(d.std(ddof=1)) / math.sqrt(n)
-    else:
-        recovered_hw = delta_hw = float("inf")
+    else:  # one context, or no zero-ablation effect: no interval to give
+        recovered_hw = delta_hw = None
     clean_mean = float(clean.mean())
     return {"ce_clean": clean_mean, "ce_zero_ablation": float(zero.mean()), "ce_sae": float(sae.mean()),
             "ce_recovered": recovered, "ce_recovered_ci95": recovered_hw,
@@ -117,6 +118,8 @@ def ce_interval(clean: np.ndarray, zero: np.ndarray, sae: np.ndarray, confidence
 def interval_met(m: dict[str, float], target: float) -> bool:
     """Whether CE recovered is known to +-target (absolute) and delta LM loss to +-target of the
     clean loss (0.005: half a percentage point, and half a percent of the clean loss)."""
+    if m["ce_recovered_ci95"] is None or m["delta_lm_loss_ci95"] is None:
+        return False
     return m["ce_recovered_ci95"] <= target and m["delta_lm_loss_ci95"] <= target * m["ce_clean"]
 
 
