@@ -94,7 +94,9 @@ def ce_interval(clean: np.ndarray, zero: np.ndarray, sae: np.ndarray, confidence
     standard error comes from the delta method, sd(d_i - r z_i) / (sqrt(n) mean(z)) with
     r = mean(d) / mean(z), which is cheap enough to recompute after every batch of contexts (a
     bootstrap would cost as much as the LM passes). Every context has the same length, so the mean
-    over contexts is the mean over predicted tokens. The intervals are the half-widths (*_ci95; None
+    over contexts is the mean over predicted tokens. Contexts are treated as independent draws;
+    consecutive contexts cut from one long document are not quite, so on a corpus of long documents
+    the interval is somewhat optimistic. The intervals are the half-widths (*_ci95; None
 when there is a single context or zero-ablation does not change the loss)."""
     from scipy import stats
 
