@@ -69,7 +69,8 @@ class SAEConfig:
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/32, /16, ... d_sae."""
     threshold_momentum: float = 0.99
-    """BatchTopK: EMA momentum of the global inference threshold."""
+    """BatchTopK: EMA momentum of the global inference threshold (lowered for runs under 1000 steps,
+    so that the EMA spans at most a tenth of the run)."""
 
     def __post_init__(self):
         from trainer.sae import ARCHITECTURES
