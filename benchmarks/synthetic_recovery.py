@@ -128,6 +128,17 @@ def reference_topk(x: np.ndarray, width: int, k: int, tokens: int, batch: int, l
 
 
 def run_row(job: dict) -> dict:
+    """One training and its scoring, in a worker process; a failure is a row too (with its error)."""
+    try:
+        return train_and_score(job)
+    except Exception as exc:  # noqa: BLE001  (the grid goes on; the row says what failed)
+        keys = ("shape", "d", "ratio", "true_l0", "n_features", "width", "k", "tokens", "seed")
+        return {**{k_: job[k_] for k_ in keys}, "architecture": job["arch"], "error": f"{type(exc).__name__}: {exc}",
+                "trained_tokens": 0, "lr": float("nan"), "wall_s": 0.0, "fvu": float("nan"), "l0": float("nan"),
+                "dead": float("nan"), "dense": float("nan"), "mmcs": float("nan"), "recovered_0.9": float("nan")}
+
+
+def train_and_score(job: dict) -> dict:
     """One training and its scoring, in a worker process (one torch thread)."""
     import torch
 
@@ -187,6 +198,9 @@ def table(results: list[dict]) -> str:
             f"{'mmcs':>6} {'>0.9':>6} {'wall s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
+        if "error" in r:
+            lines.append(f"{r['shape']:<20} {r['architecture']:<12} FAILED: {r['error'][:150]}")
+            continue
         lines.append(f"{r['shape']:<20} {r['architecture']:<12} {r['width']:>6} {r['k']:>3} {r['lr']:>8.2e} "
                      f"{r['fvu']:>7.4f} {r['l0']:>6.2f} {r['dead']:>6.1%} {r['mmcs']:>6.3f} {r['recovered_0.9']:>6.1%} "
                      f"{r['wall_s']:>7.1f}")
@@ -198,7 +212,7 @@ def summary(results: list[dict]) -> tuple[str, dict]:
              f"{'median FVU':>10}"]
     by_arch = {}
     for arch in ROWS:
-        rows = [r for r in results if r["architecture"] == arch]
+        rows = [r for r in results if r["architecture"] == arch and "error" not in r]
         if not rows:
             continue
         by_arch[arch] = {"cells": len(rows), "worst_mmcs": min(r["mmcs"] for r in rows),
@@ -212,7 +226,7 @@ def summary(results: list[dict]) -> tuple[str, dict]:
     goal = {}
     for arch in ("jumprelu", "matryoshka"):
         cells = []
-        for r in (r for r in results if r["architecture"] == arch):
+        for r in (r for r in results if r["architecture"] == arch and "error" not in r):
             topk = next((t for t in results if t["architecture"] == "topk" and t["shape"] == r["shape"]), None)
             matched = topk is not None and abs(r["l0"] - topk["l0"]) <= 0.15 * topk["l0"]
             cells.append({"shape": r["shape"], "ok": r["mmcs"] >= 0.97 and r["dead"] <= 0.05 and matched,
@@ -257,7 +271,8 @@ def main(argv=None) -> None:
         for arch in args.arch:
             jobs.append({"shape": name, "d": d, "ratio": ratio, "true_l0": l0, "n_features": 4 * d,
                          "width": ratio * 4 * d, "k": k_for(l0), "tokens": tokens, "seed": args.seed, "arch": arch,
-                         "data": str(path), "directions": str(dir_file), "out": str(root / name / arch),
+                         "data": str(path), "directions": str(dir_file),
+                         "out": str(root / f"lr-scale-{args.lr_scale:g}" / name / arch),
                          "lr_scale": args.lr_scale})
     print(f"{len(jobs)} trainings ({len(jobs) // len(args.arch)} shapes x {len(args.arch)} rows), {args.jobs} at a time; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)

@@ -47,6 +47,9 @@ def prepare_output(cfg: TrainConfig) -> None:
     elif cfg.resume:
         raise AtlasError(f"--resume: {out} has no checkpoint to resume from", "start a new run without --resume")
     out.mkdir(parents=True, exist_ok=True)
+    # Marks the folder as a run from the start, so that --overwrite recognises a run killed before
+    # its first checkpoint; save_checkpoint rewrites it.
+    (out / "run.json").write_text(json.dumps({"config": cfg.to_json(), "step": 0, "saes": []}, indent=1))
 
 
 def save_checkpoint(trainer) -> None:
