@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
-    """Adam learning rate; None: the rule in trainer/sae/base.py default_lr (scaled to the width)."""
+    """Adam learning rate; None: trainer/sae/base.py default_lr (Gao et al.'s width law, raised for runs
+    under 16k steps)."""
     warmup_steps: int = 1000
     """Linear warm-up steps (at most a tenth of the run)."""
     decay_frac: float = 0.2
@@ -81,7 +82,7 @@ class TrainConfig:
     jumprelu_init_threshold: float | None = None
     """JumpReLU SAEs: initial threshold theta_0 of every latent; None: data-dependent (initial L0 about k)."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
-    """Matryoshka SAEs: nested dictionary sizes (default: SAEConfig's, width/32, /16, ..., width)."""
+    """Matryoshka SAEs: nested dictionary sizes (default: SAEConfig's, width/4, width/2, width)."""
     exclude_bos: bool = True
     """Leave the BOS position out of training data and evaluation."""
     sink_norm_ratio: float | None = 10.0
