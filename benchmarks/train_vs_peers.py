@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.activations import ArrayActivations
-    from trainer.sae import lr_for_width
+    from trainer.sae import default_lr, lr_for_width
     from trainer.train import TrainConfig
 
     array = ArrayActivations(acts, eval_fraction=max(a.eval_fraction, 0.01), seed=a.seed)
@@ -384,13 +384,16 @@ def main(argv=None) -> int:
     check_rows = array.eval_rows[:1024]
     np.save(RUNS_DIR / "check_rows.npy", check_rows)
 
-    # The configuration every trainer gets: our defaults for the schedule's shape, spelled out. The
-    # learning rate is Gao et al.'s width law, which sparsify also uses by default, for all.
+    # The configuration every trainer gets: our defaults, spelled out. The learning rate is our
+    # default for this run length (Gao et al.'s width law, which sparsify uses by default, raised for
+    # short runs: trainer/sae/base.py default_lr), the same for all three.
     ref = TrainConfig(tokens=steps * a.batch_size, batch_size=a.batch_size, width=[a.width], k=[a.k])
+    ((_, sae_cfg),) = ref.sae_configs(d_in)
     warmup = max(1, min(ref.warmup_steps, steps // 10))
     job_base = {
         "activations": str(acts), "order": str(RUNS_DIR / "order.npy"), "d_in": d_in, "width": a.width, "k": a.k,
-        "batch_size": a.batch_size, "steps": steps, "lr": lr_for_width(a.width), "aux_k": d_in // 2,
+        "batch_size": a.batch_size, "steps": steps, "lr": default_lr(sae_cfg, ref.tokens, a.batch_size),
+        "lr_width_law": lr_for_width(a.width), "aux_k": d_in // 2,
         "aux_alpha": 1 / 32, "dead_tokens": ref.dead_tokens(), "seed": a.seed,
         "eval_fraction": max(a.eval_fraction, 0.01), "device": a.device,
     }

@@ -16,8 +16,9 @@ scheduler, its dead-latent counters), we give it a stand-in "model":
 So sparsify's hook receives exactly the activations a real LM would have produced at that site,
 4096 tokens per step, and everything after the hook is sparsify's own code. Nothing of the real LM
 runs, just as in the other two trainers. Settings that match ours: optimizer="adam" (torch Adam,
-bitsandbytes is not installed), lr = 2e-4 / sqrt(width / 2^14) (sparsify's own default formula,
-passed explicitly), lr_warmup_steps = our warm-up, auxk_alpha = 1/32 (sparsify's default; its AuxK
+bitsandbytes is not installed), the job's lr (our default for the run length; sparsify's own
+default is Gao et al.'s width law 2e-4 / sqrt(width / 2^14), which ours raises for short runs),
+lr_warmup_steps = our warm-up, auxk_alpha = 1/32 (sparsify's default; its AuxK
 is normalised by the residual's variance, as ours), dead_feature_threshold = our dead_after_tokens,
 normalize_decoder=True, k, width. What stays sparsify's own (no option): raw (un-normalised)
 inputs, b_dec initialised at the first batch's mean, Kaiming-uniform encoder with W_dec =
