@@ -3,7 +3,7 @@ every way users start a run: `sae-atlas train` flags, a TOML file, the runs API 
 run form. The dead fraction is measured the same way for every architecture.
 
 Each architecture is trained twice on a small synthetic problem (d = 32, 96 true directions, about
-4 active per row): once through the CLI's main() with --activations, once through the path the
+4 active per row, 64 latents): once through the CLI's main() with --activations, once through the path the
 trainer worker takes (RunSpec -> train_config -> train). Only the problem's size is given (width,
 k, tokens, batch size), never a coefficient, so the checks are on the defaults themselves; the two
 SAEs must be identical, and each must reconstruct (FVU well below 1) with few dead latents.
@@ -29,14 +29,17 @@ from trainer.train import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SIZE = {"width": 128, "k": 6, "tokens": 102_400, "batch_size": 512}
-# Measured with these sizes, seeds 0-2 (held-out FVU / L0 / dead in the training window):
-#   topk 0.234-0.240 / 6.0 / 0%, batchtopk 0.208-0.216 / 6.5-6.6 / 0%, jumprelu 0.219-0.221 / 6.3-6.4 /
-#   0-0.8%, relu 0.165-0.173 / 32-33 / 0%, matryoshka 0.250-0.256 / 6.6 / 0-0.8%.
+SIZE = {"width": 64, "k": 6, "tokens": 102_400, "batch_size": 512}
+# Fewer latents (64) than true directions (96), so that every latent of a working SAE has work to
+# do and a dead fraction means something. Measured with these sizes, seeds 0-1 (held-out FVU / L0 /
+# dead in the training window / dead on held-out rows):
+#   topk 0.161-0.168 / 5.9 / 0-3% / 0-5%, batchtopk 0.133-0.137 / 5.9 / 2% / 2-5%,
+#   jumprelu 0.135-0.144 / 6.2 / 3% / 3-8%, relu 0.183 / 7.7-7.9 / 0% / 0%,
+#   matryoshka 0.187-0.208 / 6.0 / 6-8% / 13-14%.
 # The old ReLU default (L1 2.0) ended at FVU 1.0; the bounds leave room for other machines' float
 # rounding, not for a broken default.
-MAX_FVU = {"topk": 0.3, "batchtopk": 0.3, "jumprelu": 0.3, "relu": 0.3, "matryoshka": 0.32}
-MAX_DEAD = 0.1
+MAX_FVU = {"topk": 0.25, "batchtopk": 0.25, "jumprelu": 0.25, "relu": 0.25, "matryoshka": 0.27}
+MAX_DEAD, MAX_DEAD_EVAL = 0.15, 0.2
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_defaults_train_a_working_sae_through_the_cli_and_the_runs_api(arch, act
     assert all(torch.equal(w_cli[k], w_api[k]) for k in w_cli), "the CLI and the runs API trained different SAEs"
     summary = f"{arch}: FVU {m_cli['fvu']:.3f} L0 {m_cli['l0']:.2f} dead {m_cli['dead_frac']:.1%}"
     assert m_cli["fvu"] == m_api["fvu"] and m_cli["fvu"] <= MAX_FVU[arch], summary
-    assert m_cli["dead_frac"] <= MAX_DEAD and m_cli["dead_frac_eval"] <= MAX_DEAD, summary
+    assert m_cli["dead_frac"] <= MAX_DEAD and m_cli["dead_frac_eval"] <= MAX_DEAD_EVAL, summary
     if arch in ("topk", "batchtopk", "matryoshka", "jumprelu"):  # JumpReLU aims its L0 at k by default
         assert SIZE["k"] * 0.6 <= m_cli["l0"] <= SIZE["k"] * 1.5, summary
     else:
