@@ -117,10 +117,10 @@ def main() -> None:
     ap.add_argument("--train-tokens", type=int, default=2_000_000, help="tokens the SAE is trained on")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-postgres", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="width 2048, 200k training tokens, 40k analysed, 1 repeat, no PostgreSQL")
+    ap.add_argument("--quick", action="store_true", help="width 1024, 60k training tokens, 20k analysed, 1 repeat, no PostgreSQL")
     args = ap.parse_args()
     if args.quick:
-        args.width, args.train_tokens, args.tokens, args.repeats, args.skip_postgres = 2048, 200_000, 40_000, 1, True
+        args.width, args.train_tokens, args.tokens, args.repeats, args.skip_postgres = 1024, 60_000, 20_000, 1, True
 
     from app.db import make_engine, upgrade
     from trainer.analyze import AnalyzeConfig, Analyzer
