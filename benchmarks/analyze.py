@@ -1,7 +1,7 @@
 """Benchmark: dashboard analysis of a TRAINED SAE against the bare LM forward + SAE encode, and bulk publish.
 
     python benchmarks/analyze.py                       # the full benchmark (see below; self-contained)
-    python benchmarks/analyze.py --quick               # a smoke run: small SAE, 40k tokens, no PostgreSQL
+    python benchmarks/analyze.py --quick               # a smoke run: small SAE, 20k tokens, no PostgreSQL
 
 On the bundled SmolLM2-135M (resid_post.15, pydoc corpus):
 0. trains a TopK SAE (k=32, `--width` latents, default 16,384) on `--train-tokens` tokens of the
