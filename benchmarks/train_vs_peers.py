@@ -1,9 +1,12 @@
-"""Train our TopK SAE and the same configuration in EleutherAI sparsify and SAELens, side by side.
+"""Train our TopK SAE and the same configuration in EleutherAI sparsify and SAELens: steady-state speed and quality.
 
-    python benchmarks/train_vs_peers.py            # default: 1M tokens, width 4608, k 32, batch 4096
-    python benchmarks/train_vs_peers.py --quick    # a smoke run (64 steps, one timing round)
+    python benchmarks/train_vs_peers.py            # the full benchmark: 1M tokens, width 4608, k 32, batch 4096,
+                                                   # 3 rounds (about an hour on 2 idle cores)
+    python benchmarks/train_vs_peers.py --quick    # a smoke run (40 steps, 2 rounds)
 
-What it does, in one run:
+Self-contained: it caches the activations (step 1) and creates the peers' virtualenv (step 2) on
+first use. Run it on an otherwise idle machine; the load average before every run is recorded.
+
 1. Caches real activations once: float32 [N, 576] of the bundled smollm2-135m at resid_post.15 over
    the pydoc corpus (our LMActivations stream: BOS and attention sinks left out, as our trainer
    does) in data/bench/activations_resid15.npy (N = --n-activations, 500k by default).
@@ -12,26 +15,24 @@ What it does, in one run:
 3. Splits the rows once (our ArrayActivations split: held-out rows for evaluation, the rest for
    training) and writes ONE batch order, order.npy [steps, batch_size], that every trainer follows:
    our trainer reproduces it itself from the same seed (checked here), the peers read it.
-4. Trains each SAE in its own subprocess: ours in this venv (trainer.train.Trainer on the .npy,
-   exactly what `sae-atlas train --activations` runs), sparsify and SAELens in the peers venv
-   (benchmarks/peers/run_*.py, whose docstrings say exactly how each is driven). Each reports the
-   wall time and CPU time of its training loop (first step to last step; the time spent copying
-   batches out of the memmap, identical work for all three, is measured and left out) and the
-   subprocess's peak RSS (ru_maxrss from wait4).
-5. Evaluates all three SAEs with ONE function on the SAME held-out rows: each trained SAE is loaded
-   from its own saved format by trainer.formats.load_sae and scored by
+4. The same learning rate (Gao et al.'s width law), warm-up, AuxK (k_aux = d_in / 2) and dead window
+   for everyone, and the same schedule and clipping within each comparison: SAELens takes ours
+   exactly (warm-up, constant, linear decay to 0 over the last 20%, clipping at 1.0); sparsify
+   cannot (warm-up then linear decay to 0 over the whole run, no clipping, fixed in its code), so
+   our trainer runs a second time with sparsify's schedule ("ours-sparsify") and is compared with
+   sparsify on that. Each peer otherwise runs in its documented regime; see benchmarks/peers/*.py.
+5. Each trainer's FULL run, alone, in its own subprocess (ours in this venv: trainer.train.Trainer
+   on the .npy, what `sae-atlas train --activations` runs; the peers in their venv), repeated for
+   --rounds rounds with the order rotated each round, so that a change in the machine's load hits
+   every trainer. Each run records when every step starts; its rate is the STEADY-STATE tokens/s
+   from step steps/10 to the end of the last step (start-up excluded, batch fetching included: it
+   is the same memmap read for all). The table gives the median over the rounds and the range.
+6. Evaluates every SAE (first round; the rounds train identical SAEs) with ONE function on the SAME
+   held-out rows: loaded from its own saved format by trainer.formats.load_sae and scored by
    trainer.evaluate.reconstruction_metrics (FVU against the held-out mean, L0, dead = latents that
-   never fire on the held-out rows).
-6. Prints one table and writes benchmarks/results/train_vs_peers.json.
-
-Timings on a shared machine are noisy, and a load that changes between the three sequential full
-runs would decide the speed comparison. So after the full runs each trainer is timed again in
---speed-trials rounds of --trial-steps steps (fresh subprocesses, round-robin: ours, sparsify,
-SAELens, ours, ...; same batches, same dead-latent window) and the table's `tok/s` is the best
-round's wall-clock tokens/s (the round least disturbed by other processes). `tok/s full run` is the
-wall-clock rate of the full run and `tok/CPU-s` its tokens per CPU-second (user + system time of
-the training loop over all threads). CPU time is disturbed by other processes too (hyperthreads
-share a core; spinning OpenMP workers burn CPU time), so the speed verdict uses `tok/s` only.
+   never fire on the held-out rows, by our one firing rule).
+7. Prints one table and the per-pair ratios; writes benchmarks/results/train_vs_peers.json with
+   every run's rate, load average, CPU model and peak RSS.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -62,8 +64,8 @@ TORCH_PIN = "torch==2.13.0"  # the local CPU build (/opt/wheels); unpinned would
 PEER_PINS = {"eai-sparsify": "1.3.3", "sae-lens": "6.54.12"}
 
 SITE = "resid_post.15"
-TRAINERS = ("ours", "sparsify", "saelens")
-LABELS = {"ours": "SAE Atlas", "sparsify": "EleutherAI sparsify", "saelens": "SAELens"}
+LABELS = {"ours": "SAE Atlas", "ours-sparsify": "SAE Atlas, sparsify's schedule", "sparsify": "EleutherAI sparsify",
+          "saelens": "SAELens"}
 
 
 def _env() -> dict:
@@ -172,8 +174,20 @@ def batch_order(train_rows: np.ndarray, batch_size: int, steps: int, seed: int) 
 
 # --- 4. our trainer, in a subprocess of this venv ------------------------------------------------
 
+def steady_rate(step_starts: list[float], end: float, batch_size: int, skip_frac: float = 0.1) -> dict:
+    """Tokens/s over the run after its first skip_frac of steps (start-up, allocator and cache warm-up
+    excluded): from the start of step `skip` to the end of the last step. step_starts[i] is when step
+    i began (perf_counter)."""
+    steps = len(step_starts)
+    skip = min(max(1, int(steps * skip_frac)), steps - 1)
+    span = end - step_starts[skip]
+    return {"steady_from_step": skip, "steady_s": span, "steady_tokens": (steps - skip) * batch_size,
+            "tokens_per_s": (steps - skip) * batch_size / max(span, 1e-9),
+            "whole_loop_tokens_per_s": steps * batch_size / max(end - step_starts[0], 1e-9)}
+
+
 def run_ours(job: dict) -> None:
-    """Runs in the subprocess: trainer.train.Trainer on the .npy, timed around its training steps."""
+    """Runs in the subprocess: trainer.train.Trainer on the .npy, every step's start time recorded."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(PEERS_DIR))
     import torch
@@ -183,32 +197,26 @@ def run_ours(job: dict) -> None:
     from trainer.train import TrainConfig, Trainer
 
     class TimedTrainer(Trainer):
-        t0 = c0 = t1 = c1 = None
-        fetch_s = 0.0
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.step_starts: list[float] = []
+            self.end = self.c0 = self.c1 = None
 
-        def training_batches(self, skip_chunks: int = 0):
-            it = super().training_batches(skip_chunks)
-            while True:
-                t = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-                if self.t0 is not None:  # fetches inside the timed loop
-                    self.fetch_s += time.perf_counter() - t
-                yield batch
-
-        def train_step(self, run, x, total_steps):
-            if self.t0 is None:
-                self.t0, self.c0 = time.perf_counter(), time.process_time()
-            out = super().train_step(run, x, total_steps)
-            self.t1, self.c1 = time.perf_counter(), time.process_time()
+        def train_step(self, run, x):
+            if self.c0 is None:
+                self.c0 = time.process_time()
+            self.step_starts.append(time.perf_counter())
+            out = super().train_step(run, x)
+            self.end, self.c1 = time.perf_counter(), time.process_time()
             return out
 
     cfg = TrainConfig(out=Path(job["out"]), activations=Path(job["activations"]), arch=["topk"], width=[job["width"]],
                       k=[job["k"]], tokens=job["steps"] * job["batch_size"], batch_size=job["batch_size"],
-                      eval_fraction=job["eval_fraction"], seed=job["seed"], device="cpu", overwrite=True,
-                      dead_after_tokens=job["dead_tokens"], eval_tokens=job.get("eval_tokens", 65_536))
+                      eval_fraction=job["eval_fraction"], seed=job["seed"], device=job.get("device", "cpu"), overwrite=True,
+                      lr=job["lr"], warmup_steps=job["warmup_steps"], decay_frac=job["decay_steps"] / job["steps"],
+                      grad_clip=job["grad_clip"], aux_coefficient=job["aux_alpha"], aux_k=job["aux_k"],
+                      dead_after_tokens=job["dead_tokens"], eval_tokens=job.get("eval_tokens", 65_536),
+                      checkpoint_every=0, log_every=1000)
     import hashlib
 
     # The trainer is under active development: record exactly which code was measured.
@@ -220,14 +228,13 @@ def run_ours(job: dict) -> None:
     run = trainer.runs[0]
     model = Evaluated(run.sae.eval(), SITE, run.norm_scale)
     with torch.no_grad():
-        save_check(job, lambda x: model.reconstruct(torch.from_numpy(x))[0].float().numpy())
+        save_check(job, lambda x: model.reconstruct(torch.from_numpy(x).to(run.sae.W_dec.device))[0].float().cpu().numpy())
     from importlib.metadata import version
 
     result = {
-        "trainer": "ours", "package": "sae-atlas", "version": version("sae-atlas"), "torch": torch.__version__,
+        "trainer": job["name"], "package": "sae-atlas", "version": version("sae-atlas"), "torch": torch.__version__,
         "weights": str(folder), "format": "saelens", "steps": trainer.step, "tokens": trainer.step * cfg.batch_size,
-        "loop_s": trainer.t1 - trainer.t0, "cpu_s": trainer.c1 - trainer.c0, "fetch_s": trainer.fetch_s,
-        "own_dead_frac": float((run.tokens_since_fired >= run.sae.cfg.dead_after_tokens).float().mean()),
+        "step_starts": trainer.step_starts, "loop_end": trainer.end, "cpu_s": trainer.c1 - trainer.c0,
         "norm_scale": run.norm_scale, "lr": run.base_lr, "dead_after_tokens": run.sae.cfg.dead_after_tokens,
         "threads": torch.get_num_threads(), "trainer_sha256": digest.hexdigest()[:16], **memory_report(),
     }
@@ -280,21 +287,34 @@ def evaluate(weights: str, held_out, check: tuple | None = None) -> dict:
     return metrics
 
 
-# --- 6. the table --------------------------------------------------------------------------------
+# --- 6. rounds and the table ----------------------------------------------------------------------
+
+# Which trainer runs which schedule. SAELens takes ours exactly (warm-up from lr/W, constant, linear
+# decay to 0 over the last 20%, clipping at 1.0, all options of its SAETrainerConfig). sparsify cannot:
+# its schedule is fixed (warm-up, then linear decay to 0 over the whole run, no clipping), so our
+# trainer also runs with sparsify's ("ours-sparsify") and each peer is compared with ours on its own.
+SCHEDULES = {"ours": "ours", "saelens": "ours", "sparsify": "sparsify", "ours-sparsify": "sparsify"}
+PAIRS = (("ours", "saelens"), ("ours-sparsify", "sparsify"))
+
+
+def schedule(name: str, steps: int, warmup: int, decay_frac: float, clip: float) -> dict:
+    if name == "sparsify":
+        return {"warmup_steps": warmup, "decay_steps": steps - warmup, "grad_clip": 0.0, "schedule": "sparsify"}
+    decay = steps - int(steps * (1 - decay_frac))
+    return {"warmup_steps": warmup, "decay_steps": decay, "grad_clip": clip, "schedule": "ours"}
+
 
 def table(rows: list[dict]) -> str:
-    cols = [("trainer", "{}"), ("version", "{}"), ("tok/s", "{:,.0f}")]
-    if "tok/s full run" in rows[0]:
-        cols.append(("tok/s full run", "{:,.0f}"))
-    cols += [("tok/CPU-s", "{:,.0f}"),
-            ("loop s", "{:.1f}"), ("peak RSS MB", "{:,.0f}"), ("FVU", "{:.4f}"), ("L0", "{:.2f}"),
+    cols = [("trainer", "{}"), ("version", "{}"), ("schedule", "{}"), ("tok/s", "{:,.0f}"), ("tok/s range", "{}"),
+            ("tok/CPU-s", "{:,.0f}"), ("peak RSS MB", "{:,.0f}"), ("FVU", "{:.4f}"), ("L0", "{:.2f}"),
             ("dead", "{:.2%}"), ("dense", "{:.2%}")]
     cells = [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, (c, _) in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, ((c, _), w) in enumerate(zip(cols, widths)))]
+    left = 3
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, ((c, _), w) in enumerate(zip(cols, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     for row in cells:
-        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
 
 
@@ -302,20 +322,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1_000_000,
-                   help="training tokens per SAE (default 1M = 244 steps: 10-15 minutes in all on 2 idle cores, "
-                        "20-30 on a busy shared machine)")
+                   help="training tokens per SAE (default 1M = 244 steps; one round of the four trainers takes "
+                        "15-20 minutes on 2 idle cores)")
     p.add_argument("--width", type=int, default=4608, help="latents (default 8 x 576)")
     p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimiser step (default 4096)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 64 steps, 16k held-out rows")
+    p.add_argument("--rounds", type=int, default=None, help="full runs of every trainer, alternated (default 3; --quick 2)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 40 steps, 2 rounds, 16k held-out rows")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the peers' venv needs a CUDA torch for cuda)")
     p.add_argument("--n-activations", type=int, default=500_000, help="rows of the cached activation file")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the rows (default 0.1)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out rows scored (default: all of them)")
-    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of ours,sparsify,saelens")
-    p.add_argument("--speed-trials", type=int, default=None,
-                   help="after the full runs, this many interleaved rounds of short timing runs "
-                        "(default 3, with --quick 1; 0: none)")
-    p.add_argument("--trial-steps", type=int, default=16, help="steps per timing run (default 16)")
+    p.add_argument("--trainers", default=",".join(SCHEDULES),
+                   help="comma-separated subset of " + ",".join(SCHEDULES))
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and every initialisation")
     p.add_argument("--peers-venv", type=Path, default=PEERS_VENV, help="the peers' virtualenv (default .peers/venv)")
     p.add_argument("--results", type=Path, default=RESULTS,
@@ -329,18 +348,19 @@ def main(argv=None) -> int:
         return 0
 
     trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
-    unknown = set(trainers) - set(TRAINERS)
+    unknown = set(trainers) - set(SCHEDULES)
     if unknown:
-        p.error(f"unknown trainers {sorted(unknown)}; use {','.join(TRAINERS)}")
-    tokens = (64 * a.batch_size) if a.quick else a.tokens
-    if a.speed_trials is None:
-        a.speed_trials = 1 if a.quick else 3
+        p.error(f"unknown trainers {sorted(unknown)}; use {','.join(SCHEDULES)}")
+    tokens = (40 * a.batch_size) if a.quick else a.tokens
+    rounds = a.rounds or (2 if a.quick else 3)
     eval_tokens = a.eval_tokens or (16_384 if a.quick else None)
     if a.k >= a.width or tokens < a.batch_size:
         p.error("need k < width and tokens >= batch size")
+    if a.quick and a.results == RESULTS:
+        a.results = RESULTS.with_suffix(".quick.json")  # a smoke run never replaces the real numbers
 
     acts = prepare_activations(ACTS_FILE, a.n_activations)
-    need_peers = any(t != "ours" for t in trainers)
+    need_peers = any(t in ("sparsify", "saelens") for t in trainers)
     py_peers = peers_python(a.peers_venv) if need_peers else None
     if a.prepare_only:
         return 0
@@ -349,7 +369,7 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.activations import ArrayActivations
-    from trainer.sae import lr_for_width
+    from trainer.sae import default_lr, lr_for_width
     from trainer.train import TrainConfig
 
     array = ArrayActivations(acts, eval_fraction=max(a.eval_fraction, 0.01), seed=a.seed)
@@ -364,115 +384,108 @@ def main(argv=None) -> int:
     check_rows = array.eval_rows[:1024]
     np.save(RUNS_DIR / "check_rows.npy", check_rows)
 
-    # The configuration every trainer gets (our trainer's defaults, spelled out for the peers).
+    # The configuration every trainer gets: our defaults, spelled out. The learning rate is our
+    # default for this run length (Gao et al.'s width law, which sparsify uses by default, raised for
+    # short runs: trainer/sae/base.py default_lr), the same for all three.
     ref = TrainConfig(tokens=steps * a.batch_size, batch_size=a.batch_size, width=[a.width], k=[a.k])
-    decay_start = int(steps * (1 - ref.decay_frac))
+    ((_, sae_cfg),) = ref.sae_configs(d_in)
+    warmup = max(1, min(ref.warmup_steps, steps // 10))
     job_base = {
         "activations": str(acts), "order": str(RUNS_DIR / "order.npy"), "d_in": d_in, "width": a.width, "k": a.k,
-        "batch_size": a.batch_size, "steps": steps, "lr": lr_for_width(a.width),
-        "warmup_steps": max(1, min(ref.warmup_steps, steps // 10)), "decay_steps": steps - decay_start,
-        "aux_k": d_in // 2, "aux_alpha": ref.aux_coefficient, "dead_tokens": ref.dead_tokens(),
-        "grad_clip": ref.grad_clip, "seed": a.seed, "eval_fraction": max(a.eval_fraction, 0.01),
+        "batch_size": a.batch_size, "steps": steps, "lr": default_lr(sae_cfg, ref.tokens, a.batch_size),
+        "lr_width_law": lr_for_width(a.width), "aux_k": d_in // 2,
+        "aux_alpha": 1 / 32, "dead_tokens": ref.dead_tokens(), "seed": a.seed,
+        "eval_fraction": max(a.eval_fraction, 0.01), "device": a.device,
     }
     commands = {
         "ours": [sys.executable, str(Path(__file__).resolve()), "--_run-ours"],
+        "ours-sparsify": [sys.executable, str(Path(__file__).resolve()), "--_run-ours"],
         "sparsify": [str(py_peers), str(PEERS_DIR / "run_sparsify.py")] if py_peers else None,
         "saelens": [str(py_peers), str(PEERS_DIR / "run_saelens.py")] if py_peers else None,
     }
     held_out = array.eval_tensor(eval_tokens)
     print(f"activations {acts} [{array.array.shape[0]:,} x {d_in}], {len(array.train_rows):,} training rows, "
           f"{held_out.shape[0]:,} held-out rows; {steps} steps x {a.batch_size} tokens, width {a.width}, k {a.k}, "
-          f"lr {job_base['lr']:.3g}, warm-up {job_base['warmup_steps']}, decay {job_base['decay_steps']} steps, "
-          f"dead after {job_base['dead_tokens']:,} tokens", flush=True)
+          f"lr {job_base['lr']:.3g}, warm-up {warmup}, dead after {job_base['dead_tokens']:,} tokens; "
+          f"{rounds} rounds of {len(trainers)} full runs, alternated", flush=True)
+
+    reports: dict[str, list[dict]] = {t: [] for t in trainers}
+    for rnd in range(rounds):
+        order_this_round = trainers[rnd % len(trainers):] + trainers[:rnd % len(trainers)]  # rotate who goes first
+        for name in order_this_round:
+            out = RUNS_DIR / f"round{rnd + 1}" / name
+            job = {**job_base, **schedule(SCHEDULES[name], steps, warmup, ref.decay_frac, ref.grad_clip), "name": name,
+                   "out": str(out), "result": str(out.parent / f"{name}.result.json"),
+                   "check_rows": str(RUNS_DIR / "check_rows.npy"), "check_out": str(out.parent / f"{name}.xhat.npy")}
+            rep = launch(name, commands[name], job, out.parent / f"{name}.log")
+            rep.update(steady_rate(rep.pop("step_starts"), rep.pop("loop_end"), a.batch_size))
+            rep["tokens_per_cpu_s"] = rep["tokens"] / max(rep["cpu_s"], 1e-9)
+            rep["round"] = rnd + 1
+            if rnd == 0:  # every round trains the same SAE from the same seed; score the first
+                rep["eval"] = evaluate(rep["weights"], held_out,
+                                       (torch.from_numpy(np.asarray(array.array[check_rows])), job["check_out"]))
+            reports[name].append(rep)
+            print(f"  round {rnd + 1} {name:14} {rep['tokens_per_s']:>8,.0f} tok/s steady "
+                  f"(load {rep['loadavg_1m_before']:.2f} -> {rep['loadavg_1m_after']:.2f})", flush=True)
 
     rows = []
     for name in trainers:
-        out = RUNS_DIR / name
-        job = {**job_base, "out": str(out), "result": str(RUNS_DIR / f"{name}.result.json"),
-               "check_rows": str(RUNS_DIR / "check_rows.npy"), "check_out": str(RUNS_DIR / f"{name}.xhat.npy")}
-        print(f"training {LABELS[name]} ...", flush=True)
-        rep = launch(name, commands[name], job, RUNS_DIR / f"{name}.log")
-        fetch = rep.get("fetch_s", 0.0)
-        train_s = max(1e-9, rep["loop_s"] - fetch)
-        rep["tokens_per_s"] = rep["tokens"] / train_s
-        if rep.get("cpu_s"):
-            rep["tokens_per_cpu_s"] = rep["tokens"] / max(1e-9, rep["cpu_s"] - fetch)
-        m = evaluate(rep["weights"], held_out, (torch.from_numpy(np.asarray(array.array[check_rows])), job["check_out"]))
-        rep["eval"] = m
-        rows.append({"trainer": LABELS[name], "key": name, "version": rep["version"], "tok/s": rep["tokens_per_s"],
-                     "tok/CPU-s": rep.get("tokens_per_cpu_s", float("nan")), "loop s": rep["loop_s"],
-                     "peak RSS MB": rep["ru_maxrss_mb"], "FVU": m["fvu"], "L0": m["l0"], "dead": m["dead_frac_eval"],
-                     "dense": m["dense_frac"], "report": rep})
-        print(f"  {LABELS[name]}: {rep['tokens_per_s']:,.0f} tokens/s, FVU {m['fvu']:.4f}, L0 {m['l0']:.2f} "
-              f"(saved weights reproduce the trainer's own reconstruction to {m.get('load_check_rel_err', float('nan')):.1e})",
-              flush=True)
-
-    # Timing trials: short runs of every trainer in round-robin order, so that a change in the load
-    # other processes put on the machine hits all trainers alike; the best round counts.
-    if a.speed_trials > 0 and rows:
-        t_steps = min(a.trial_steps, steps)
-        np.save(RUNS_DIR / "order_trial.npy", order[:t_steps])
-        print(f"timing trials: {a.speed_trials} rounds x {t_steps} steps per trainer, interleaved ...", flush=True)
-        for rnd in range(a.speed_trials):
-            for row in rows:
-                name = row["key"]
-                job = {**job_base, "steps": t_steps, "order": str(RUNS_DIR / "order_trial.npy"), "eval_tokens": 4096,
-                       "out": str(RUNS_DIR / "trials" / name), "result": str(RUNS_DIR / "trials" / f"{name}.result.json")}
-                rep = launch(name, commands[name], job, RUNS_DIR / "trials" / f"{name}.log")
-                rep["tokens_per_s"] = rep["tokens"] / max(1e-9, rep["loop_s"] - rep.get("fetch_s", 0.0))
-                rep["tokens_per_cpu_s"] = rep["tokens"] / max(1e-9, rep["cpu_s"] - rep.get("fetch_s", 0.0))
-                row["report"].setdefault("trials", []).append(
-                    {k: rep[k] for k in ("tokens", "loop_s", "cpu_s", "fetch_s", "tokens_per_s", "tokens_per_cpu_s",
-                                         "ru_maxrss_mb", "loadavg_1m_before")})
-                print(f"  round {rnd + 1} {LABELS[name]}: {rep['tokens_per_s']:,.0f} tokens/s", flush=True)
-        for row in rows:
-            trials = row["report"]["trials"]
-            row["tok/s full run"] = row["tok/s"]
-            row["tok/s"] = max(t["tokens_per_s"] for t in trials)
-
+        reps = reports[name]
+        rates = [r["tokens_per_s"] for r in reps]
+        m = reps[0]["eval"]
+        rows.append({"trainer": LABELS.get(name, name), "key": name, "version": reps[0]["version"],
+                     "schedule": SCHEDULES[name] + (" (clip 1.0)" if SCHEDULES[name] == "ours" else " (no clip)"),
+                     "tok/s": statistics.median(rates), "tok/s range": f"{min(rates):,.0f}-{max(rates):,.0f}",
+                     "tok/CPU-s": statistics.median(r["tokens_per_cpu_s"] for r in reps),
+                     "peak RSS MB": max(r["ru_maxrss_mb"] for r in reps), "FVU": m["fvu"], "L0": m["l0"],
+                     "dead": m["dead_frac_eval"], "dense": m["dense_frac"], "own_dead": reps[0].get("own_dead_frac"),
+                     "load_check_rel_err": m.get("load_check_rel_err"), "reports": reps})
     print()
     print(table(rows))
-    if "tok/s full run" in rows[0]:
-        print(f"tok/s: best of {a.speed_trials} interleaved timing rounds of {t_steps} steps each; tok/s full run and "
-              f"tok/CPU-s: the full {steps}-step run (disturbed by whatever else ran at that time)")
-    verdict = None
-    ours = next((r for r in rows if r["key"] == "ours"), None)
-    peers = [r for r in rows if r["key"] != "ours"]
-    if ours and peers:
-        fastest = max(peers, key=lambda r: r["tok/s"])
-        best = min(peers, key=lambda r: r["FVU"])
-        same_l0 = all(abs(r["L0"] - ours["L0"]) <= 0.5 for r in peers)
-        verdict = {
-            "fastest_peer": fastest["key"], "speed_ratio_vs_fastest_peer": ours["tok/s"] / fastest["tok/s"],
-            "cpu_speed_ratio_vs_fastest_peer": ours["tok/CPU-s"] / fastest["tok/CPU-s"],
-            "best_fvu_peer": best["key"], "fvu_minus_best_peer": ours["FVU"] - best["FVU"], "same_l0": same_l0,
-            "at_least_as_fast": ours["tok/s"] >= fastest["tok/s"],
-            "at_least_as_good_fvu": ours["FVU"] <= best["FVU"] and same_l0,
-        }
-        print(f"\nours vs fastest peer ({LABELS[fastest['key']]}): {verdict['speed_ratio_vs_fastest_peer']:.2f}x tokens/s; "
-              f"FVU {ours['FVU']:.4f} vs best peer "
-              f"({LABELS[best['key']]}) {best['FVU']:.4f} at L0 {ours['L0']:.1f}")
-        print("goal (at least as fast as the fastest peer and at least as good in FVU at the same L0): "
-              + ("MET" if verdict["at_least_as_fast"] and verdict["at_least_as_good_fvu"] else "NOT MET"))
-    print(f"load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; logs and weights in {RUNS_DIR}")
+    print(f"tok/s: median over {rounds} full runs per trainer (run alone, order rotated each round) of the steady-state "
+          f"rate, from step {rows[0]['reports'][0]['steady_from_step']} to the last; range: min-max over the rounds")
+    by_key = {r["key"]: r for r in rows}
+    verdict = {}
+    for ours, peer in PAIRS:
+        if ours in by_key and peer in by_key:
+            o, q = by_key[ours], by_key[peer]
+            verdict[peer] = {"ours": ours, "speed_ratio": o["tok/s"] / q["tok/s"], "fvu_ours": o["FVU"],
+                             "fvu_peer": q["FVU"], "l0_ours": o["L0"], "l0_peer": q["L0"]}
+            print(f"{LABELS.get(ours, ours)} vs {LABELS[peer]} (same schedule and clipping): "
+                  f"{o['tok/s'] / q['tok/s']:.2f}x tokens/s; FVU {o['FVU']:.4f} vs {q['FVU']:.4f} at L0 {o['L0']:.1f} vs {q['L0']:.1f}")
+    loads = [r["loadavg_1m_before"] for reps in reports.values() for r in reps]
+    print(f"load average before the runs: {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs; "
+          f"logs and weights in {RUNS_DIR}")
 
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps({
         "command": "python benchmarks/train_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "device": "cpu"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                    "python": platform.python_version(), "torch": torch.__version__, "device": a.device},
         "activations": {"file": str(acts.relative_to(REPO)) if acts.is_relative_to(REPO) else str(acts),
                         **json.loads(acts.with_suffix(".json").read_text()),
                         "train_rows": int(len(array.train_rows)), "held_out_rows": int(held_out.shape[0])},
         "config": {k: v for k, v in job_base.items() if k not in ("activations", "order")},
+        "schedules": {name: schedule(SCHEDULES[name], steps, warmup, ref.decay_frac, ref.grad_clip) for name in trainers},
         "peers": {"venv": str(a.peers_venv), "pins": {"torch": TORCH_PIN.split("==")[1], **PEER_PINS}},
+        "rounds": rounds,
         "results": [{k: (v if not (isinstance(v, float) and math.isnan(v)) else None) for k, v in r.items()}
                     for r in rows],
         "verdict": verdict,
     }, indent=1, default=str))
     print(f"wrote {a.results}")
     return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

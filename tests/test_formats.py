@@ -187,7 +187,7 @@ def test_a_transcoder_is_evaluated_against_its_output_site(tiny_lm):
         assert reconstruction_metrics(models[1], x, target=y)["fvu"] > 0.9
         with pytest.raises(ValueError, match="target"):
             reconstruction_metrics(models[0], x)
-        ce = spliced_lm_loss(lm, models, ids, sink_norm_ratio=None)
+        ce = spliced_lm_loss(lm, models, [ids], sink_norm_ratio=None)
         assert ce[0]["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
         assert ce[0]["delta_lm_loss"] == pytest.approx(0.0, abs=1e-4)
         assert ce[1]["ce_sae"] == pytest.approx(ce[1]["ce_zero_ablation"], abs=1e-6)

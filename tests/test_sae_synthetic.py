@@ -55,7 +55,7 @@ EXPECT = {
 #   train.py's defaults, 0.89 with this window and alpha, 0.93 with k_aux = 4 as well);
 # - sparsity coefficients aimed at the true L0 (~4) of this data.
 SETTINGS = {"lr": 3e-3, "dead_after_tokens": 10_000, "aux_coefficient": 1 / 8, "aux_k": 4, "l0_coefficient": 0.03,
-            "l1_coefficient": 0.3, "jumprelu_init_threshold": 0.01, "jumprelu_bandwidth": 0.05}
+            "l1_coefficient": 0.3, "jumprelu_bandwidth": 0.05}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -144,10 +144,10 @@ def synthetic():
 
 
 def test_jumprelu_threshold_moves_and_l0_falls(synthetic):
-    """From theta_0 = 0.01 (the Gemma Scope-style start, jumprelu_init_l0=0) the STE must raise the
-    thresholds far enough, within 200 steps, to take L0 from dense to a few latents per token."""
+    """From a given theta_0 = 0.01 (the Gemma Scope-style start) the STE must raise the thresholds
+    far enough, within 200 steps, to take L0 from dense to a few latents per token."""
     x, _ = synthetic
-    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_l0=0, l0_coefficient=0.03)
+    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_threshold=0.01, l0_coefficient=0.03)
     theta0 = sae.threshold.detach().clone()
     _, l0 = _fit(sae, x, steps=200, lr=5e-3)
     theta = sae.threshold.detach()
@@ -165,9 +165,28 @@ def test_jumprelu_starts_at_the_batch_topk_threshold_and_the_penalty_sets_l0(syn
     for coefficient in (0.003, 0.05):
         sae = make("jumprelu", d_in=32, d_sae=128, k=8, seed=0, l0_coefficient=coefficient)
         _, l0 = _fit(sae, x, steps=100, lr=5e-3)
-        assert 6 <= np.mean(l0[:3]) <= 10  # starts near jumprelu_init_l0 = k = 8
+        assert 6 <= np.mean(l0[:3]) <= 10  # starts near k = 8
         ends[coefficient] = np.mean(l0[-20:])
     assert ends[0.05] < 6 and ends[0.003] > 8, ends
+
+
+def test_jumprelu_default_penalty_holds_l0_at_k_from_any_start(synthetic):
+    """Without l0_coefficient the (L0 / k - 1)^2 penalty pulls L0 to k from above and from below."""
+    x, _ = synthetic
+    for k, theta0 in ((8, None), (8, 0.01), (3, None)):
+        sae = make("jumprelu", d_in=32, d_sae=128, k=k, seed=0, jumprelu_init_threshold=theta0)
+        _, l0 = _fit(sae, x, steps=300, lr=5e-3)
+        assert abs(np.mean(l0[-30:]) - k) <= 0.25 * k, (k, theta0, np.mean(l0[:5]), np.mean(l0[-30:]))
+
+
+def test_jumprelu_init_threshold_is_used_as_given(synthetic):
+    x, _ = synthetic
+    sae = make("jumprelu", d_in=32, d_sae=128, k=8, jumprelu_init_threshold=0.37)
+    sae.initialise_from(torch.from_numpy(x[:2048]))
+    assert torch.all(sae.threshold == 0.37)
+    data_dependent = make("jumprelu", d_in=32, d_sae=128, k=8)
+    data_dependent.initialise_from(torch.from_numpy(x[:2048]))
+    assert not torch.allclose(data_dependent.threshold, torch.full((128,), 0.01))
 
 
 # --- decoder norm -----------------------------------------------------------------------------

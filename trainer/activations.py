@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +90,8 @@ class LMStreamSpec:
 class LMActivations:
     """Runs the LM over packed contexts and yields the valid tokens' activations, epoch after epoch.
 
-    With world_size > 1 (DDP) each rank reads every world_size-th context batch.
+    With world_size > 1 (DDP) each rank reads every world_size-th context batch. skip_batches: this
+    rank's first batches to pass over without running the LM (where a resumed run left off).
     """
 
     def __init__(self, lm, spec: LMStreamSpec, lm_batch_size: int = 32, max_tokens: int | None = None,
@@ -114,14 +115,18 @@ class LMActivations:
 
         seen = 0
         epoch = 0
-        batch_no = 0
+        batch_no = mine = 0
         while self.epochs is None or epoch < self.epochs:
             self.epochs_started = epoch + 1
             produced = False
             docs = split_documents(self.corpus, self.spec.split, self.spec.eval_fraction, self.spec.seed + epoch)
             for batch in self.packer.batches(docs, self.lm_batch_size):
                 batch_no += 1
-                if (batch_no - 1) % self.world_size != self.rank or batch_no <= self.skip_batches:
+                if (batch_no - 1) % self.world_size != self.rank:
+                    continue
+                mine += 1
+                produced = True
+                if mine <= self.skip_batches:
                     continue
                 acts = self.lm.read(batch.tokens, self.sites)
                 first = acts[self.sites[-1].name]
@@ -129,7 +134,6 @@ class LMActivations:
                 for site in self.sites[:-1]:
                     mask &= valid_token_mask(acts[site.name], self.spec.sink_norm_ratio, self.spec.exclude_bos)
                 chunk = {s.name: acts[s.name][mask] for s in self.sites}
-                produced = True
                 seen += int(mask.sum())
                 yield chunk
                 if self.max_tokens is not None and seen >= self.max_tokens:
@@ -206,16 +210,20 @@ class ActivationCache:
 
     def reader(self, epochs: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                chunk_tokens: int = 8192, skip_chunks: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Chunks of the cache in a shuffled shard/chunk order, epoch after epoch."""
+        """Chunks of the cache in a shuffled shard/chunk order, epoch after epoch. Rank r of world_size
+        reads every world_size-th chunk, passing over its first skip_chunks (a resumed run's)."""
         meta = self.meta()
         arrays = {s: [np.load(self.dir / s / sh["file"], mmap_mode="r") for sh in meta["shards"]] for s in self.spec.sites}
         spans = [(i, start) for i, sh in enumerate(meta["shards"]) for start in range(0, sh["tokens"], chunk_tokens)]
-        epoch, n = 0, 0
+        epoch, n, mine = 0, 0, 0
         while epochs is None or epoch < epochs:
             order = np.random.default_rng(seed + epoch).permutation(len(spans))
             for j in order:
                 n += 1
-                if (n - 1) % world_size != rank or n <= skip_chunks:
+                if (n - 1) % world_size != rank:
+                    continue
+                mine += 1
+                if mine <= skip_chunks:
                     continue
                 shard, start = spans[j]
                 yield {s: from_numpy_storage(arrays[s][shard][start:start + chunk_tokens], meta["dtype"]) for s in arrays}
@@ -275,51 +283,81 @@ class ArrayActivations:
             epoch += 1
 
 
-class ShuffleBuffer:
-    """Mixes a stream of token chunks across many contexts into batches of batch_size.
+@dataclass
+class BufferPosition:
+    """Where a ShuffleBuffer stands, enough to rebuild it exactly: the source chunks read before the
+    current window, the window's number (it seeds the window's permutation), the batches already
+    handed out from it, and the tokens carried into it from the previous window (fewer than a batch)."""
 
-    Fills `capacity` tokens, permutes them, hands out the first half as batches and keeps the
-    second half to mix with what comes next.
+    chunks: int = 0
+    window: int = 0
+    emitted: int = 0
+    carry: dict[str, torch.Tensor] | None = None
+
+    def to_state(self) -> dict:
+        carry = {s: v.detach().cpu() for s, v in self.carry.items()} if self.carry else None
+        return {"chunks": self.chunks, "window": self.window, "emitted": self.emitted, "carry": carry}
+
+    @classmethod
+    def from_state(cls, state: dict) -> BufferPosition:
+        return cls(int(state["chunks"]), int(state["window"]), int(state["emitted"]), state.get("carry"))
+
+
+class ShuffleBuffer:
+    """Mixes a stream of token chunks across many contexts into batches of batch_size, window by window.
+
+    A window is `capacity` tokens (plus the few carried over from the previous window): it is read
+    from the source, permuted with a generator seeded by (seed, window number), and handed out as
+    full batches; the remainder (< batch_size tokens) is carried into the next window. Every batch
+    is thus a uniform draw from the window's contexts, and `position` (small: counters plus the
+    carried tokens) is an exact bookmark: a buffer built from it, over the same source opened at
+    `position.chunks`, yields exactly the batches this one would have yielded next, so a resumed run
+    trains on no token twice and skips none (it re-reads at most one window of the source).
+
+    open_chunks(skip) must return this rank's chunk stream without its first `skip` chunks.
     """
 
-    def __init__(self, chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, capacity: int, seed: int = 0,
-                 device: torch.device | None = None):
-        self.chunks = chunks
+    def __init__(self, open_chunks: Callable[[int], Iterator[dict[str, torch.Tensor]]], batch_size: int,
+                 capacity: int, seed: int = 0, device: torch.device | None = None,
+                 position: BufferPosition | None = None):
+        self.open_chunks = open_chunks
         self.batch_size = batch_size
-        self.capacity = max(capacity, 2 * batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.capacity = max(capacity, batch_size)
+        self.seed = seed
         self.device = device
+        self.position = position or BufferPosition()
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device) if self.device is not None else t
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        held: dict[str, torch.Tensor] | None = None
-        parts: list[dict[str, torch.Tensor]] = []
-        count = 0
-        exhausted = False
-        chunks = iter(self.chunks)
+        pos = self.position
+        chunks = iter(self.open_chunks(pos.chunks))
         while True:
-            while count < self.capacity and not exhausted:
+            parts = [pos.carry] if pos.carry else []
+            count = sum(next(iter(p.values())).shape[0] for p in parts)
+            read, exhausted = 0, False
+            while count < self.capacity:
                 try:
                     chunk = next(chunks)
                 except StopIteration:
                     exhausted = True
                     break
                 parts.append(chunk)
+                read += 1
                 count += next(iter(chunk.values())).shape[0]
-            if held is not None:
-                parts.insert(0, held)
-            if not parts:
+            if count < self.batch_size:
                 return
-            merged = {s: torch.cat([p[s].to(self.device) if self.device else p[s] for p in parts]) for s in parts[0]}
-            parts = []
-            n = next(iter(merged.values())).shape[0]
-            perm = torch.randperm(n, generator=self.generator).to(next(iter(merged.values())).device)
-            emit = n if exhausted else n // 2
-            emit -= emit % self.batch_size
-            for start in range(0, emit, self.batch_size):
-                idx = perm[start:start + self.batch_size]
+            merged = {s: torch.cat([self._to(p[s]) for p in parts]) for s in parts[0]}
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pos.window)
+            perm = torch.randperm(count, generator=generator).to(next(iter(merged.values())).device)
+            n_batches = count // self.batch_size
+            for b in range(pos.emitted, n_batches):
+                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                pos.emitted = b + 1  # handed out: a checkpoint taken after this batch skips it
                 yield {s: v[idx] for s, v in merged.items()}
-            rest = perm[emit:]
+            rest = perm[n_batches * self.batch_size:]
+            pos.chunks, pos.window, pos.emitted = pos.chunks + read, pos.window + 1, 0
+            pos.carry = {s: v[rest] for s, v in merged.items()} if rest.numel() else None
             if exhausted:
                 return
-            held = {s: v[rest] for s, v in merged.items()}
-            count = rest.numel()

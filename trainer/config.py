@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+USES_K = (*TOPK_FAMILY, "jumprelu")  # JumpReLU aims its L0 at k
+# TrainConfig fields passed to SAEConfig only when set (SAEConfig holds their defaults).
+ARCH_SETTINGS = ("aux_k", "aux_coefficient", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth",
+                 "jumprelu_init_threshold", "matryoshka_prefixes")
 
 
 @dataclass
@@ -34,7 +38,7 @@ class TrainConfig:
     width: list[int] = field(default_factory=lambda: [4608])
     """Numbers of latents (d_sae)."""
     k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token for the TopK family."""
+    """Active latents per token for the TopK family; the L0 JumpReLU aims at."""
     tokens: int = 2_000_000
     """Training tokens per SAE (the stream repeats the corpus if it is shorter)."""
     activations: Path | None = None
@@ -52,30 +56,33 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
-    """Adam learning rate; None means 2e-4 / sqrt(width / 2^14)."""
+    """Adam learning rate; None: trainer/sae/base.py default_lr (Gao et al.'s width law, raised for runs
+    under 16k steps)."""
     warmup_steps: int = 1000
     """Linear warm-up steps (at most a tenth of the run)."""
     decay_frac: float = 0.2
     """The learning rate decays linearly to 0 over this last fraction of the steps."""
     grad_clip: float = 1.0
     """Gradient-norm clipping per SAE; 0 disables it."""
+    # Architecture settings: None (or empty) means the default of trainer/sae/base.py SAEConfig, their
+    # one home, so that the CLI, TOML files, the run form and the runs API train the same SAE.
     aux_k: int | None = None
-    """AuxK latents; None means d_in / 2."""
-    aux_coefficient: float = 1 / 32
-    """AuxK loss weight alpha."""
+    """AuxK latents; None: SAEConfig's default (d_in / 2)."""
+    aux_coefficient: float | None = None
+    """AuxK loss weight alpha; None: SAEConfig's default (1/32)."""
     dead_after_tokens: int | None = None
-    """Tokens without firing after which a latent is dead; None: 5% of the run within [10k, 10M]
-    (BatchTopK and Matryoshka: 5 batches, at least 20k)."""
-    l1_coefficient: float = 2.0
-    """ReLU SAEs: L1 lambda."""
-    l0_coefficient: float = 2e-3
-    """JumpReLU SAEs: L0 lambda."""
-    jumprelu_bandwidth: float = 0.05
-    """JumpReLU SAEs: STE bandwidth epsilon."""
-    jumprelu_init_threshold: float = 0.01
-    """JumpReLU SAEs: initial threshold theta_0."""
+    """Tokens without firing after which a latent is dead; None: trainer/sae/base.py dead_window
+    (5% of the run within [10k, 10M]; BatchTopK and Matryoshka: 5 batches, at least 20k)."""
+    l1_coefficient: float | None = None
+    """ReLU SAEs: L1 lambda; None: SAEConfig's default."""
+    l0_coefficient: float | None = None
+    """JumpReLU SAEs: Gemma Scope's L0 lambda; None: aim L0 at k (SAEConfig.target_l0_coefficient)."""
+    jumprelu_bandwidth: float | None = None
+    """JumpReLU SAEs: STE bandwidth epsilon; None: SAEConfig's default (0.05)."""
+    jumprelu_init_threshold: float | None = None
+    """JumpReLU SAEs: initial threshold theta_0 of every latent; None: data-dependent (initial L0 about k)."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
-    """Matryoshka SAEs: nested dictionary sizes (default: width/32, /16, ..., width)."""
+    """Matryoshka SAEs: nested dictionary sizes (default: SAEConfig's, width/4, width/2, width)."""
     exclude_bos: bool = True
     """Leave the BOS position out of training data and evaluation."""
     sink_norm_ratio: float | None = 10.0
@@ -94,8 +101,12 @@ class TrainConfig:
     """SAE encoder matmul precision: auto (bfloat16 on CUDA), bfloat16, float32."""
     eval_tokens: int = 65_536
     """Held-out tokens for the reconstruction metrics."""
-    ce_contexts: int = 32
-    """Held-out contexts for the spliced-in LM loss (0 skips it)."""
+    ce_contexts: int = 512
+    """Most held-out contexts for the spliced-in LM loss (0 skips it); it stops earlier, after at least
+    32, once the 95% intervals of CE recovered and delta LM loss are within ce_ci_target."""
+    ce_ci_target: float = 0.005
+    """Half-width wanted for the 95% intervals: CE recovered +-0.005 (0.5 points), delta LM loss
+    +-0.5% of the clean loss."""
     log_every: int = 25
     """Steps between JSON-lines log records."""
     checkpoint_every: int = 500
@@ -118,7 +129,7 @@ class TrainConfig:
             bad(f"width must be positive, got {self.width}")
         if any(k <= 0 for k in self.k):
             bad(f"k must be positive, got {self.k}")
-        if any(a in TOPK_FAMILY for a in self.arch):
+        if any(a in USES_K for a in self.arch):
             for w, k in itertools.product(self.width, self.k):
                 if k >= w:
                     bad(f"k={k} must be smaller than width={w}", "lower --k or raise --width")
@@ -136,6 +147,8 @@ class TrainConfig:
             bad(f"unknown autocast {self.autocast!r}", "use auto, bfloat16 or float32")
         if self.resume and self.overwrite:
             bad("--resume and --overwrite contradict each other", "choose one")
+        if self.ce_contexts < 0 or not 0 < self.ce_ci_target < 1:
+            bad(f"ce_contexts must be >= 0 and ce_ci_target in (0, 1), got {self.ce_contexts} and {self.ce_ci_target}")
         if self.activations is not None and len(self.site) > 1:
             bad("--activations trains on one matrix, so it takes at most one --site")
 
@@ -145,27 +158,21 @@ class TrainConfig:
 
         out, seen = [], set()
         for site, arch, width, k in itertools.product(self.site, self.arch, self.width, self.k):
-            key = (site, arch, width, k if arch in TOPK_FAMILY else None)
+            key = (site, arch, width, k if arch in USES_K else None)
             if key in seen:
                 continue
             seen.add(key)
-            out.append((site, SAEConfig(
-                d_in=d_in, d_sae=width, architecture=arch, k=k, aux_k=self.aux_k, aux_coefficient=self.aux_coefficient,
-                dead_after_tokens=self.dead_tokens(arch), l1_coefficient=self.l1_coefficient,
-                l0_coefficient=self.l0_coefficient, jumprelu_bandwidth=self.jumprelu_bandwidth,
-                jumprelu_init_threshold=self.jumprelu_init_threshold, matryoshka_prefixes=list(self.matryoshka_prefixes),
-            )))
+            arch_settings = {name: getattr(self, name) for name in ARCH_SETTINGS if getattr(self, name) not in (None, [])}
+            out.append((site, SAEConfig(d_in=d_in, d_sae=width, architecture=arch, k=k,
+                                        dead_after_tokens=self.dead_tokens(arch), **arch_settings)))
         return out
 
     def dead_tokens(self, arch: str = "topk") -> int:
+        from trainer.sae.base import dead_window
+
         if self.dead_after_tokens is not None:
-            return self.dead_after_tokens
-        if arch in ("batchtopk", "matryoshka"):
-            # Latents that lose the batch-wide competition early must be revived early, or they
-            # never fire again (Bussmann et al. count a latent dead after 5 batches). On the
-            # synthetic benchmark this lifts BatchTopK's recovered-feature cosine from 0.93 to 0.99.
-            return int(max(20_000, 5 * self.batch_size))
-        return int(min(10_000_000, max(10_000, self.tokens // 20)))
+            return int(self.dead_after_tokens)
+        return dead_window(arch, self.tokens, self.batch_size)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -177,4 +184,4 @@ class TrainConfig:
 
 def sae_name(site: str, cfg: SAEConfig) -> str:
     name = f"{site}-{cfg.architecture}-w{cfg.d_sae}"
-    return name + (f"-k{cfg.k}" if cfg.architecture in TOPK_FAMILY else "")
+    return name + (f"-k{cfg.k}" if cfg.architecture in USES_K else "")

@@ -3,18 +3,23 @@
 - MSE (per token, summed over dimensions), FVU = sum||x - x_hat||^2 / sum||x - mean||^2 with the
   held-out mean, and explained variance = 1 - FVU;
 - L0, the mean number of active latents per token;
-- dense fraction: latents active on more than 10% of held-out tokens; dead fraction: latents that
-  did not fire on any held-out token (training also reports its own window-based count);
+- dense fraction: latents firing on more than 10% of held-out tokens; dead fraction: latents that
+  did not fire on any held-out token (training also reports its own window-based count); "firing"
+  is SparseAutoencoder.fires, one rule for every architecture;
 - CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and delta LM loss = CE_sae - CE_clean,
   from running the LM with the site's activations replaced by the reconstruction (or by zeros)
-  at every position the SAE is trained on (BOS and attention-sink positions keep their values).
+  at every position the SAE is trained on (BOS and attention-sink positions keep their values),
+  with 95% confidence intervals from the per-context losses (ce_interval); held-out contexts are
+  added until both intervals are within +-0.5% (see interval_met) or a cap is reached.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +45,7 @@ class Evaluated:
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction in raw units, codes) for raw activations x [n, D] of the site."""
+        """(prediction in raw units, the sparse codes) for raw activations x [n, D] of the site."""
         xs = x.float() * self.norm_scale
         codes = self.sae.encode(xs)
         return self.sae.output(codes, xs) / self.norm_scale, codes
@@ -69,9 +74,9 @@ def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 
         sq_err += float((x_hat - yb).double().pow(2).sum())
         sum_x += yb.double().sum(0)
         sum_sq += float(yb.double().pow(2).sum())
-        active = codes.values > 0
-        l0 += float(active.sum())
-        fires.index_add_(0, codes.indices[active], torch.ones(int(active.sum()), dtype=torch.float64, device=device))
+        l0 += float((codes.values > 0).sum())
+        fired = model.sae.fires(codes, float(xb.norm(dim=1).mean()) * model.norm_scale)
+        fires.index_add_(0, codes.indices[fired], torch.ones(int(fired.sum()), dtype=torch.float64, device=device))
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n
     fvu = sq_err / total_var if total_var > 0 else float("nan")
     density = fires / n
@@ -86,26 +91,72 @@ def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 
     }
 
 
-def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy and the number of predictions."""
+def _ce_per_context(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
+    """Mean next-token cross-entropy of each context [B] (float64)."""
     logits = logits[:, :-1].float()
     target = tokens[:, 1:].to(logits.device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(loss), target.numel()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return loss.view(target.shape).double().mean(1).cpu().numpy()
+
+
+def ce_interval(clean: np.ndarray, zero: np.ndarray, sae: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
+    """CE recovered and delta LM loss with confidence intervals, from per-context losses.
+
+    The same contexts are run clean, zero-ablated and with the SAE, so the differences are paired:
+    d_i = CE_sae,i - CE_clean,i and z_i = CE_zero,i - CE_clean,i. Delta LM loss = mean(d), with a
+    Student t interval on the mean of d. CE recovered = 1 - mean(d) / mean(z), a ratio of means; its
+    standard error comes from the delta method, sd(d_i - r z_i) / (sqrt(n) mean(z)) with
+    r = mean(d) / mean(z), which is cheap enough to recompute after every batch of contexts (a
+    bootstrap would cost as much as the LM passes). Every context has the same length, so the mean
+    over contexts is the mean over predicted tokens. Contexts are treated as independent draws;
+    consecutive contexts cut from one long document are not quite, so on a corpus of long documents
+    the interval is somewhat optimistic. The intervals are the half-widths (*_ci95; None
+when there is a single context or zero-ablation does not change the loss)."""
+    from scipy import stats
+
+    d, z = sae - clean, zero - clean
+    n = len(d)
+    d_mean, z_mean = float(d.mean()), float(z.mean())
+    t = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) if n > 1 else float("inf")
+    recovered = 1.0 - d_mean / z_mean if z_mean != 0 else float("nan")
+    if n > 1 and z_mean != 0:
+        u = d - (d_mean / z_mean) * z
+        recovered_hw = t * float(u.std(ddof=1)) / (math.sqrt(n) * abs(z_mean))
+        delta_hw = t * float(d.std(ddof=1)) / math.sqrt(n)
+    else:  # one context, or no zero-ablation effect: no interval to give
+        recovered_hw = delta_hw = None
+    clean_mean = float(clean.mean())
+    return {"ce_clean": clean_mean, "ce_zero_ablation": float(zero.mean()), "ce_sae": float(sae.mean()),
+            "ce_recovered": recovered, "ce_recovered_ci95": recovered_hw,
+            "delta_lm_loss": d_mean, "delta_lm_loss_ci95": delta_hw, "ce_contexts": n}
+
+
+def interval_met(m: dict[str, float], target: float) -> bool:
+    """Whether CE recovered is known to +-target (absolute) and delta LM loss to +-target of the
+    clean loss (0.005: half a percentage point, and half a percent of the clean loss)."""
+    if m["ce_recovered_ci95"] is None or m["delta_lm_loss_ci95"] is None:
+        return False
+    return m["ce_recovered_ci95"] <= target and m["delta_lm_loss_ci95"] <= target * m["ce_clean"]
 
 
 @torch.no_grad()
-def spliced_lm_loss(lm, models: list[Evaluated], contexts: torch.Tensor, exclude_bos: bool = True,
-                    sink_norm_ratio: float | None = 10.0, batch_size: int = 8) -> dict[int, dict[str, float]]:
-    """CE recovered and delta LM loss for each model, on token contexts [B, T] (one clean run shared)."""
-    sums = {"clean": [0.0, 0]}
-    # zero ablation per replaced site (and, for transcoders, the input site that picks the positions)
-    zero_sums = {(m.target_site, m.site if m.output_site else None): [0.0, 0] for m in models}
-    sae_sums = {i: [0.0, 0] for i in range(len(models))}
+def spliced_lm_loss(lm, models: list[Evaluated], contexts: Iterable[torch.Tensor], exclude_bos: bool = True,
+                    sink_norm_ratio: float | None = 10.0, max_contexts: int = 256, min_contexts: int = 32,
+                    target: float = 0.005) -> dict[int, dict[str, float]]:
+    """CE recovered and delta LM loss for each model, with 95% intervals, over held-out contexts.
 
-    def add(acc, value):
-        acc[0] += value[0]
-        acc[1] += value[1]
+    `contexts` yields token batches [B, T]. Contexts are added batch by batch until every model's
+    intervals meet `target` (interval_met) with at least min_contexts, or max_contexts are used, or
+    the contexts run out; `ce_ci_met` says which. One clean run and one zero-ablation per site are
+    shared by all models (a transcoder's zero-ablation is of its output site, at the positions its
+    input site selects)."""
+    def zkey(m: Evaluated) -> tuple[str, str | None]:
+        return (m.target_site, m.site if m.output_site else None)
+
+    sites = list(dict.fromkeys(zkey(m) for m in models))
+    clean: list[np.ndarray] = []
+    zero: dict[tuple[str, str | None], list[np.ndarray]] = {s: [] for s in sites}
+    sae: list[list[np.ndarray]] = [[] for _ in models]
 
     def splice(fn):
         def replace(out: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,24 +169,28 @@ def spliced_lm_loss(lm, models: list[Evaluated], contexts: torch.Tensor, exclude
             return new
         return replace
 
-    for start in range(0, contexts.shape[0], batch_size):
-        tokens = contexts[start:start + batch_size]
-        add(sums["clean"], _ce(lm.logits_with(tokens), tokens))
-        for site, source in zero_sums:
-            add(zero_sums[site, source], _ce(lm.logits_with(tokens, lm.site(site), splice(torch.zeros_like),
-                                                            source=lm.site(source) if source else None), tokens))
+    def summary() -> dict[int, dict[str, float]]:
+        c = np.concatenate(clean)
+        return {i: ce_interval(c, np.concatenate(zero[zkey(m)]), np.concatenate(sae[i])) for i, m in enumerate(models)}
+
+    n, out = 0, {}
+    for batch in contexts:
+        tokens = batch[:max_contexts - n]
+        if not len(tokens):
+            break
+        clean.append(_ce_per_context(lm.logits_with(tokens), tokens))
+        for site, source in sites:
+            zero[site, source].append(_ce_per_context(lm.logits_with(
+                tokens, lm.site(site), splice(torch.zeros_like), source=lm.site(source) if source else None), tokens))
         for i, m in enumerate(models):
             fn = splice(lambda a, m=m: m.reconstruct(a.to(m.sae.W_dec.device))[0].to(a.device))
             source = lm.site(m.site) if m.output_site else None
-            add(sae_sums[i], _ce(lm.logits_with(tokens, lm.site(m.target_site), fn, source=source), tokens))
-
-    clean = sums["clean"][0] / sums["clean"][1]
-    out = {}
-    for i, m in enumerate(models):
-        key = (m.target_site, m.site if m.output_site else None)
-        zero = zero_sums[key][0] / zero_sums[key][1]
-        sae = sae_sums[i][0] / sae_sums[i][1]
-        recovered = (zero - sae) / (zero - clean) if not math.isclose(zero, clean) else float("nan")
-        out[i] = {"ce_clean": clean, "ce_zero_ablation": zero, "ce_sae": sae,
-                  "ce_recovered": recovered, "delta_lm_loss": sae - clean}
+            sae[i].append(_ce_per_context(lm.logits_with(tokens, lm.site(m.target_site), fn, source=source), tokens))
+        n += len(tokens)
+        out = summary()
+        if n >= max_contexts or (n >= min_contexts and all(interval_met(m, target) for m in out.values())):
+            break
+    for m in out.values():
+        m["ce_ci_met"] = bool(interval_met(m, target))
+        m["ce_ci_target"] = target
     return out

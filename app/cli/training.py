@@ -120,11 +120,28 @@ def print_metrics_table(folders: list[Path]) -> None:
     cols = [("fvu", "FVU", "{:.4f}"), ("explained_variance", "expl. var", "{:.1%}"), ("l0", "L0", "{:.1f}"),
             ("dead_frac", "dead", "{:.1%}"), ("dense_frac", "dense", "{:.1%}"), ("ce_recovered", "CE recovered", "{:.1%}"),
             ("delta_lm_loss", "Δ LM loss", "{:.4f}"), ("mse", "MSE", "{:.4g}")]
+    # the 95% confidence intervals of the spliced-in LM loss, shown as "value ± half-width"
+    intervals = {"ce_recovered": ("ce_recovered_ci95", "{:.1%}"), "delta_lm_loss": ("delta_lm_loss_ci95", "{:.4f}")}
     table = Table(title="held-out evaluation")
     table.add_column("SAE")
     for _, title, _ in cols:
         table.add_column(title, justify="right")
+    contexts = set()
+
+    def cell(m: dict, key: str, fmt: str) -> str:
+        if not isinstance(m.get(key), (int, float)):
+            return "–"
+        text = fmt.format(m[key])
+        ci_key, ci_fmt = intervals.get(key, (None, None))
+        if ci_key and isinstance(m.get(ci_key), (int, float)) and m[ci_key] == m[ci_key]:
+            text += " ± " + ci_fmt.format(m[ci_key])
+        return text
+
     for folder in folders:
         m = json.loads((folder / "metrics.json").read_text())
-        table.add_row(folder.name, *[fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "–" for k, _, fmt in cols])
+        if m.get("ce_contexts"):
+            contexts.add(m["ce_contexts"])
+        table.add_row(folder.name, *[cell(m, k, fmt) for k, _, fmt in cols])
+    if contexts:
+        table.caption = (f"± : 95% confidence interval over {', '.join(map(str, sorted(contexts)))} held-out contexts")
     Console(stderr=False).print(table)

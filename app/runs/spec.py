@@ -18,7 +18,11 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.errors import AtlasError
+from trainer.config import TrainConfig
 
+# Every default below is TrainConfig's (and through it SAEConfig's): one home for each, so the form,
+# the API, `--submit` and a local `sae-atlas train` train the same SAE.
+DEFAULTS = TrainConfig()
 Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -36,27 +40,29 @@ class RunSpec(BaseModel):
     name: str | None = Field(None, pattern=f"^{NAME_RE}$",
                              description="name of the published SAE (a sweep's prefix); default run-<id>")
     description: str = Field("", max_length=2000)
-    model: str = Field("smollm2-135m", min_length=1, max_length=500,
+    model: str = Field(DEFAULTS.model, min_length=1, max_length=500,
                        description="alias, local folder, .gguf file or Hugging Face id")
-    sites: list[str] = Field(default_factory=lambda: ["resid_post.15"], min_length=1, max_length=8)
-    arch: list[Architecture] = Field(default_factory=lambda: ["topk"], min_length=1, max_length=5)
-    width: list[int] = Field(default_factory=lambda: [4608], min_length=1, max_length=8)
-    k: list[int] = Field(default_factory=lambda: [32], min_length=1, max_length=8)
-    l1_coefficient: float | None = Field(None, gt=0, le=1000, description="ReLU SAEs: L1 lambda")
-    l0_coefficient: float | None = Field(None, gt=0, le=1000, description="JumpReLU SAEs: L0 lambda")
-    tokens: int = Field(2_000_000, ge=1, le=10**11, description="training tokens per SAE")
-    batch_size: int = Field(4096, ge=16, le=1 << 20)
+    sites: list[str] = Field(default_factory=lambda: list(DEFAULTS.site), min_length=1, max_length=8)
+    arch: list[Architecture] = Field(default_factory=lambda: list(DEFAULTS.arch), min_length=1, max_length=5)
+    width: list[int] = Field(default_factory=lambda: list(DEFAULTS.width), min_length=1, max_length=8)
+    k: list[int] = Field(default_factory=lambda: list(DEFAULTS.k), min_length=1, max_length=8,
+                         description="TopK family: active latents per token; JumpReLU: the L0 it aims at")
+    l1_coefficient: float | None = Field(None, gt=0, le=1000, description="ReLU SAEs: L1 lambda (blank: the library default)")
+    l0_coefficient: float | None = Field(None, gt=0, le=1000,
+                                         description="JumpReLU SAEs: Gemma Scope's L0 lambda (blank: aim L0 at k)")
+    tokens: int = Field(DEFAULTS.tokens, ge=1, le=10**11, description="training tokens per SAE")
+    batch_size: int = Field(DEFAULTS.batch_size, ge=16, le=1 << 20)
     lr: float | None = Field(None, gt=0, lt=1)
-    corpus: str = Field("pydoc", min_length=1, max_length=500)
-    text_field: str = Field("text", min_length=1, max_length=100)
-    ctx_len: int = Field(128, ge=4, le=32_768)
-    eval_fraction: float = Field(0.1, ge=0.01, lt=1)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    corpus: str = Field(DEFAULTS.corpus, min_length=1, max_length=500)
+    text_field: str = Field(DEFAULTS.text_field, min_length=1, max_length=100)
+    ctx_len: int = Field(DEFAULTS.ctx_len, ge=4, le=32_768)
+    eval_fraction: float = Field(DEFAULTS.eval_fraction, ge=0.01, lt=1)
+    seed: int = Field(DEFAULTS.seed, ge=0, le=2**31 - 1)
     analyze_tokens: int = Field(1_000_000, ge=1_000, le=10**10, description="tokens for the dashboards")
     analyze_split: Literal["eval", "train", "all"] = "eval"
     gpus: int = Field(1, ge=1, le=64, description="devices; more than one trains data-parallel under torchrun")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field(DEFAULTS.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = DEFAULTS.lm_dtype
     priority: int = Field(0, ge=-1000, le=1000)
 
     @field_validator("width", "k")
@@ -81,11 +87,11 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sweep(self):
-        from trainer.config import TOPK_FAMILY
+        from trainer.config import USES_K
 
         n = 0
         for arch in dict.fromkeys(self.arch):
-            n += len(self.sites) * len(self.width) * (len(self.k) if arch in TOPK_FAMILY else 1)
+            n += len(self.sites) * len(self.width) * (len(self.k) if arch in USES_K else 1)
         if n > MAX_SWEEP:
             raise ValueError(f"the sweep has {n} SAEs; at most {MAX_SWEEP} per run")
         try:
@@ -100,18 +106,12 @@ class RunSpec(BaseModel):
             raise ValueError("gpus > 1 needs CUDA devices; use device auto or cuda")
         return self
 
-    def train_config(self, out: Path, **overrides):
-        from trainer.config import TrainConfig
-
+    def train_config(self, out: Path, **overrides) -> TrainConfig:
         kw = {"out": out, "model": self.model, "site": list(self.sites), "arch": list(self.arch),
               "width": list(self.width), "k": list(self.k), "tokens": self.tokens, "batch_size": self.batch_size,
               "lr": self.lr, "corpus": self.corpus, "text_field": self.text_field, "ctx_len": self.ctx_len,
               "eval_fraction": self.eval_fraction, "seed": self.seed, "device": self.device,
-              "lm_dtype": self.lm_dtype}
-        if self.l1_coefficient is not None:
-            kw["l1_coefficient"] = self.l1_coefficient
-        if self.l0_coefficient is not None:
-            kw["l0_coefficient"] = self.l0_coefficient
+              "lm_dtype": self.lm_dtype, "l1_coefficient": self.l1_coefficient, "l0_coefficient": self.l0_coefficient}
         return TrainConfig(**{**kw, **overrides})
 
     def outputs(self, prefix: str) -> list[tuple[str, str]]:

@@ -93,6 +93,15 @@ def form_values(spec: dict | None = None) -> dict[str, typing.Any]:
     return values
 
 
+def sae_defaults() -> dict[str, typing.Any]:
+    """The architecture defaults a blank field stands for, read from their one home (SAEConfig)."""
+    import dataclasses
+
+    from trainer.sae.base import SAEConfig
+
+    return {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.default is not dataclasses.MISSING}
+
+
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
@@ -270,7 +279,8 @@ def _new_form(request: Request, values: dict, errors: list[tuple[str | None, str
         if field:
             by_field.setdefault(field, []).append(msg)
     return render(request, "run_new.html", {"v": values, "errors": errors, "field_errors": by_field,
-                                            "archs": ARCHITECTURES, "choices": CHOICES}, status=status,
+                                            "archs": ARCHITECTURES, "choices": CHOICES,
+                                            "sae_defaults": sae_defaults()}, status=status,
                   headers=NO_STORE)
 
 

@@ -15,13 +15,18 @@ The norm is estimated from ONE batch (n_batches_for_norm_estimate=1), the same f
 trainer estimates its scale from; that batch is served once more as the first training batch, so
 SAELens trains on exactly the same 4096-token batches, in the same order, as the other trainers.
 
-Settings that match ours: k, width, lr = 2e-4 / sqrt(width / 2^14), warm-up steps, the last 20%
-of steps decaying linearly to 0, Adam betas (0.9, 0.999), clipping 1.0, AuxK coefficient 1/32,
-dead window = our dead_after_tokens / batch size, float32 without autocast (CPU).
-What stays SAELens's own (no option or a different definition): b_dec initialised at zero,
-W_dec initialised at norm 0.1 with W_enc = W_dec^T, the decoder kept free and its norm folded
-into the activations (rescale_acts_by_decoder_norm=True, the TopK default), MSE summed over
-dimensions, and an AuxK loss that is not normalised by the residual's variance.
+Settings that match ours (the job's): k, width, the learning rate, the schedule (warm-up from lr/W,
+constant, linear decay to 0 over the job's decay steps: SAELens's "constant" scheduler with
+lr_warm_up_steps and lr_decay_steps), Adam betas (0.9, 0.999), clipping at 1.0 (fixed in
+SAETrainer), dead window = the job's dead tokens / batch size, float32 without autocast.
+
+Its documented working regime, kept: aux_loss_coefficient = 1.0, SAELens's default. Its AuxK loss is
+NOT divided by the residual's variance (sae_lens/saes/topk_sae.py calculate_topk_aux_loss: "without
+variance normalization"), so Gao et al.'s alpha = 1/32, which assumes the normalised form, made the
+auxiliary gradient ~30x weaker than SAELens intends: the previous version of this benchmark passed
+1/32 and SAELens ended with 78.9% of its latents dead. Also its own: b_dec initialised at zero,
+W_dec initialised at norm 0.1 with W_enc = W_dec^T, the decoder kept free and its norm folded into
+the activations (rescale_acts_by_decoder_norm=True, the TopK default), MSE summed over dimensions.
 """
 
 from __future__ import annotations
@@ -47,18 +52,20 @@ def main() -> int:
 
     batches = Batches(job)
     steps = len(batches)
+    step_starts: list[float] = []
     marks: dict[str, float] = {}
 
     def provider():
         yield torch.from_numpy(batches.batch(0))  # consumed by the norm estimate
-        marks["start"], marks["cpu"] = time.perf_counter(), time.process_time()
-        batches.fetch_s = 0.0  # count only fetches inside the timed loop
+        marks["cpu"] = time.process_time()
         for step in range(steps):
-            yield torch.from_numpy(batches.batch(step))
+            step_starts.append(time.perf_counter())  # SAETrainer asks for a batch as each step begins
+            yield torch.from_numpy(batches.batch(step)).to(device)
 
+    device = job.get("device", "cpu")
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=job["d_in"], d_sae=job["width"], k=job["k"], dtype="float32", device="cpu",
-        aux_loss_coefficient=job["aux_alpha"], normalize_activations="expected_average_only_in",
+        d_in=job["d_in"], d_sae=job["width"], k=job["k"], dtype="float32", device=device,
+        normalize_activations="expected_average_only_in",  # aux_loss_coefficient: SAELens's default, 1.0
         # use_sparse_activations stays False (the default): with the default
         # rescale_acts_by_decoder_norm=True its backward fails on CPU in sae-lens 6.54.12
         # ("aten::view ... SparseCPU"), so the dense path is SAELens's only working TopK path here.
@@ -74,7 +81,7 @@ def main() -> int:
         lr_decay_steps=job["decay_steps"],
         adam_beta1=0.9,
         adam_beta2=0.999,
-        device="cpu",
+        device=device,
         autocast=False,
         dead_feature_window=max(1, round(job["dead_tokens"] / job["batch_size"])),
         n_checkpoints=0,
@@ -85,13 +92,12 @@ def main() -> int:
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider())
     sae = trainer.fit()
-    loop_s = time.perf_counter() - marks["start"]
-    cpu_s = time.process_time() - marks["cpu"]
+    loop_end, cpu_s = time.perf_counter(), time.process_time() - marks["cpu"]
     out = Path(job["out"]) / "sae"
     sae.save_inference_model(out)
     sae.eval()
     with torch.no_grad():
-        save_check(job, lambda x: sae(torch.from_numpy(x)).float().numpy())
+        save_check(job, lambda x: sae(torch.from_numpy(x).to(device)).float().cpu().numpy())
     write_result(job, {
         "trainer": "saelens",
         "package": "sae-lens",
@@ -101,9 +107,11 @@ def main() -> int:
         "format": "saelens",
         "steps": trainer.n_training_steps,
         "tokens": trainer.n_training_samples,
-        "loop_s": loop_s,
+        "step_starts": step_starts,
+        "loop_end": loop_end,
         "cpu_s": cpu_s,
         "fetch_s": batches.fetch_s,
+        "aux_loss_coefficient": sae_cfg.aux_loss_coefficient,
         "own_dead_frac": float(trainer.dead_neurons.float().mean()),
         "use_sparse_activations": sae_cfg.use_sparse_activations,
         "threads": torch.get_num_threads(),

@@ -16,12 +16,15 @@ scheduler, its dead-latent counters), we give it a stand-in "model":
 So sparsify's hook receives exactly the activations a real LM would have produced at that site,
 4096 tokens per step, and everything after the hook is sparsify's own code. Nothing of the real LM
 runs, just as in the other two trainers. Settings that match ours: optimizer="adam" (torch Adam,
-bitsandbytes is not installed), lr = 2e-4 / sqrt(width / 2^14) (sparsify's own default formula,
-passed explicitly), lr_warmup_steps = our warm-up, auxk_alpha = 1/32, dead_feature_threshold =
-our dead_after_tokens, normalize_decoder=True, k, width. What stays sparsify's own (no option):
-raw (un-normalised) inputs, b_dec initialised at the first batch's mean, Kaiming-uniform encoder
-with W_dec = normalised W_enc, linear decay over the whole run after warm-up, no gradient clipping,
-AuxK with k_aux = d_in // 2 normalised by the batch variance.
+bitsandbytes is not installed), the job's lr (our default for the run length; sparsify's own
+default is Gao et al.'s width law 2e-4 / sqrt(width / 2^14), which ours raises for short runs),
+lr_warmup_steps = our warm-up, auxk_alpha = 1/32 (sparsify's default; its AuxK
+is normalised by the residual's variance, as ours), dead_feature_threshold = our dead_after_tokens,
+normalize_decoder=True, k, width. What stays sparsify's own (no option): raw (un-normalised)
+inputs, b_dec initialised at the first batch's mean, Kaiming-uniform encoder with W_dec =
+normalised W_enc, its schedule (transformers' get_linear_schedule_with_warmup: linear decay to 0
+over the whole run after warm-up) and no gradient clipping; train_vs_peers.py therefore compares
+sparsify with our trainer run on that same schedule without clipping.
 """
 
 from __future__ import annotations
@@ -62,24 +65,26 @@ class _Base(nn.Module):
 class ActivationTableModel(nn.Module):
     """Stands in for the LM: input_ids are row indices into the cached activation matrix."""
 
-    def __init__(self, batches: Batches):
+    def __init__(self, batches: Batches, device: str = "cpu"):
         super().__init__()
         self.batches = batches
         self.base_model = _Base()
         self.dummy_inputs = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
-        self.first_forward: float | None = None
+        self._device = torch.device(device)
+        self.step_starts: list[float] = []
         self.first_cpu: float | None = None
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def forward(self, input_ids: torch.Tensor, **_):
-        if self.first_forward is None and input_ids.shape[-1] > 1:  # the first training step
-            self.first_forward, self.first_cpu = time.perf_counter(), time.process_time()
-            self.batches.fetch_s = 0.0  # count only fetches inside the timed loop
-        rows = self.batches.rows(input_ids.reshape(-1).numpy())
-        acts = torch.from_numpy(rows).reshape(*input_ids.shape, rows.shape[-1])
+        if input_ids.shape[-1] > 1:  # a training step begins (sparsify's dummy forward has one token)
+            if self.first_cpu is None:
+                self.first_cpu = time.process_time()
+            self.step_starts.append(time.perf_counter())
+        rows = self.batches.rows(input_ids.reshape(-1).cpu().numpy())
+        acts = torch.from_numpy(rows).reshape(*input_ids.shape, rows.shape[-1]).to(self._device)
         return self.base_model.layers[0](acts)
 
 
@@ -89,7 +94,7 @@ def main() -> int:
     from sparsify import SparseCoderConfig, TrainConfig, Trainer
 
     batches = Batches(job)
-    model = ActivationTableModel(batches)
+    model = ActivationTableModel(batches, job.get("device", "cpu"))
     cfg = TrainConfig(
         SparseCoderConfig(activation="topk", num_latents=job["width"], k=job["k"], normalize_decoder=True,
                           multi_topk=False, skip_connection=False, transcode=False),
@@ -120,14 +125,13 @@ def main() -> int:
 
     trainer.save = timed_save
     trainer.fit()
-    loop_s = loop_end[0][0] - model.first_forward
     cpu_s = loop_end[0][1] - model.first_cpu
     sae = trainer.saes["layers.0"]
     out = Path(job["out"]) / "sae" / "layers.0"
     assert (out / "sae.safetensors").is_file(), out
     steps = len(batches)
     with torch.no_grad():
-        save_check(job, lambda x: sae(torch.from_numpy(x)).sae_out.float().numpy())
+        save_check(job, lambda x: sae(torch.from_numpy(x).to(model.device)).sae_out.float().cpu().numpy())
     write_result(job, {
         "trainer": "sparsify",
         "package": "eai-sparsify",
@@ -137,7 +141,8 @@ def main() -> int:
         "format": "sparsify",
         "steps": steps,
         "tokens": steps * job["batch_size"],
-        "loop_s": loop_s,
+        "step_starts": model.step_starts,
+        "loop_end": loop_end[0][0],
         "cpu_s": cpu_s,
         "fetch_s": batches.fetch_s,
         "own_dead_frac": float((trainer.num_tokens_since_fired["layers.0"] > cfg.dead_feature_threshold).float().mean()),

@@ -11,6 +11,7 @@ from trainer.sae.base import (
     SparseAutoencoder,
     StepContext,
     StepOutput,
+    default_lr,
     lr_for_width,
 )
 
@@ -25,10 +26,8 @@ def _registry() -> dict[str, type]:
     return {cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, MatryoshkaSAE)}
 
 
-
-
 def build_sae(cfg: SAEConfig, compute_dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
     return _registry()[cfg.architecture](cfg, compute_dtype)
 
 
-__all__ = ["ARCHITECTURES", "Codes", "SAEConfig", "SparseAutoencoder", "StepContext", "StepOutput", "build_sae", "lr_for_width"]
+__all__ = ["ARCHITECTURES", "Codes", "SAEConfig", "SparseAutoencoder", "StepContext", "StepOutput", "build_sae", "default_lr", "lr_for_width"]

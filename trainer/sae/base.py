@@ -44,7 +44,8 @@ class SAEConfig:
     aux_coefficient: float = 1 / 32
     """AuxK: weight alpha of the auxiliary loss."""
     dead_after_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (trainer scales it to the run)."""
+    """A latent that has not fired for this many training tokens counts as dead; the trainer sets it
+    from the run (dead_window)."""
     l1_coefficient: float = 0.2
     """ReLU: lambda of the decoder-norm-weighted L1 penalty, lambda * sum_i f_i ||W_dec,i|| / sqrt(variance)
     next to the squared error / variance: a latent is worth using only where its contribution exceeds
@@ -52,21 +53,24 @@ class SAEConfig:
     L0 in the tens; 2.0 switched every latent off (FVU 1)."""
     l1_warmup_frac: float = 0.05
     """ReLU: lambda rises linearly from 0 over this fraction of the steps."""
-    l0_coefficient: float = 3e-3
-    """JumpReLU: lambda of the L0 penalty: the fraction of the input variance one active latent must
-    explain to be worth its cost (L0 in the tens on LM activations and on the synthetic benchmark)."""
+    l0_coefficient: float | None = None
+    """JumpReLU: lambda of the Gemma Scope penalty lambda * L0, in units of the input variance (the
+    fraction of the variance one active latent must explain to be worth its cost). None: aim L0 at k
+    instead, with the penalty target_l0_coefficient * (L0 / k - 1)^2, so that a JumpReLU SAE's L0
+    matches the TopK family's at the same k."""
+    target_l0_coefficient: float = 1.0
+    """JumpReLU without l0_coefficient: weight of the (L0 / k - 1)^2 penalty."""
     jumprelu_bandwidth: float = 0.05
     """JumpReLU: epsilon, the width of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: float = 0.01
-    """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly); replaced by a
-    data-dependent value when jumprelu_init_l0 is not 0."""
-    jumprelu_init_l0: int | None = None
-    """JumpReLU: start the thresholds (and the encoder scale) where a BatchTopK with this k would start
-    on the first batch, so the initial L0 is about this; None means k, 0 keeps jumprelu_init_threshold."""
+    jumprelu_init_threshold: float | None = None
+    """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly). None: start
+    where a BatchTopK SAE with this k would on the first batch (encoder scale fitted, every threshold
+    at the smallest pre-activation that batch selection keeps), so the initial L0 is about k."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
-    """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/32, /16, ... d_sae."""
+    """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/4, d_sae/2, d_sae."""
     threshold_momentum: float = 0.99
-    """BatchTopK: EMA momentum of the global inference threshold."""
+    """BatchTopK: EMA momentum of the global inference threshold (lowered for runs under 1000 steps,
+    so that the EMA spans at most a tenth of the run)."""
 
     def __post_init__(self):
         from trainer.sae import ARCHITECTURES
@@ -75,13 +79,27 @@ class SAEConfig:
             raise AtlasError(f"unknown architecture {self.architecture!r}", f"use one of {', '.join(ARCHITECTURES)}")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise AtlasError(f"SAE sizes must be positive (d_in={self.d_in}, width={self.d_sae})")
+        # The TopK family's encoder needs k; JumpReLU's training reads it too (its L0 target and
+        # initial thresholds), which TrainConfig checks, but a loaded JumpReLU SAE does not.
         if self.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < self.k < self.d_sae:
             raise AtlasError(f"k={self.k} must be between 1 and width-1 ({self.d_sae - 1})", "lower --k or raise --width")
+        for name in ("aux_coefficient", "l1_coefficient", "target_l0_coefficient", "jumprelu_bandwidth"):
+            if not getattr(self, name) >= 0:
+                raise AtlasError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("l0_coefficient", "jumprelu_init_threshold"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise AtlasError(f"{name} must be positive, got {getattr(self, name)}", "leave it unset for the default")
+        if self.dead_after_tokens <= 0:
+            raise AtlasError(f"dead_after_tokens must be positive, got {self.dead_after_tokens}")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
         if self.architecture == "matryoshka":
             if not self.matryoshka_prefixes:
-                self.matryoshka_prefixes = sorted({max(self.k + 1, self.d_sae >> s) for s in range(5, -1, -1)})
+                # Three levels, a quarter, a half and all of the dictionary. Smaller first levels must
+                # reconstruct x with a handful of latents, which they do with blends of features: on
+                # the synthetic CI problem (128 true directions, width 256) mmcs was 0.83 with six
+                # levels from width/32, 0.87 from width/8 and 0.90 from width/4.
+                self.matryoshka_prefixes = sorted({max(self.k + 1, self.d_sae >> s) for s in (2, 1, 0)})
             prefixes = sorted({int(p) for p in self.matryoshka_prefixes} | {self.d_sae})
             if prefixes[0] <= 0 or prefixes[-1] > self.d_sae:
                 raise AtlasError(f"matryoshka prefixes {self.matryoshka_prefixes} must lie in 1..{self.d_sae}")
@@ -124,6 +142,24 @@ class StepOutput:
     x_hat: torch.Tensor
     codes: Codes
     terms: dict[str, float]
+
+
+FIRING_FLOOR = 1e-4
+"""A latent fires on a token when f_i * ||W_dec,i|| exceeds this fraction of the mean input norm. A
+latent whose every contribution is below it changes the squared error by under 1e-8 of the input's
+energy; a working latent's contributions are 1e-2 to 1 of the norm."""
+
+
+def dead_window(architecture: str, tokens: int, batch_size: int) -> int:
+    """Training tokens without firing after which a latent counts as dead (and AuxK revives it).
+
+    TopK, JumpReLU and ReLU: 5% of the run, within [10k, 10M] tokens (Gao et al. use 10M at scale).
+    BatchTopK and Matryoshka: latents that lose the batch-wide competition early must be revived
+    early or they never fire again, so 5 batches, at least 20k tokens (Bussmann et al. count a latent
+    dead after 5 batches)."""
+    if architecture in ("batchtopk", "matryoshka"):
+        return int(max(20_000, 5 * batch_size))
+    return int(min(10_000_000, max(10_000, tokens // 20)))
 
 
 class SelectedPreacts(torch.autograd.Function):
@@ -282,6 +318,17 @@ class SparseAutoencoder(nn.Module):
         return self.cfg.aux_coefficient * scale * aux, {"aux": float(aux.detach())}
 
     @torch.no_grad()
+    def fires(self, codes: Codes, input_norm: float | None = None) -> torch.Tensor:
+        """[N, K] bool: which entries of the codes count as their latent firing, by the same rule for
+        every architecture: the latent's contribution to the reconstruction, f_i * ||W_dec,i||, exceeds
+        FIRING_FLOOR of the mean input norm (`input_norm`, in the units the SAE reads; default
+        sqrt(d_in), the mean norm of the trainer's normalised inputs). Why not f_i > 0: a ReLU SAE
+        whose L1 penalty is too strong shrinks its decoder rows to ~1e-5 while every f_i stays
+        positive; it reconstructs nothing (FVU 1) and must not count as alive."""
+        values = codes.values.float() * self.decoder_norms().detach().float()[codes.indices]
+        return values > FIRING_FLOOR * (input_norm if input_norm is not None else math.sqrt(self.cfg.d_in))
+
+    @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Keep only the part of each decoder row's gradient that does not change its norm."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
@@ -355,5 +402,25 @@ def dense_to_codes(f: torch.Tensor) -> Codes:
 
 
 def lr_for_width(d_sae: int) -> float:
-    """Learning rate that scales with the dictionary size (Gao et al. 2024)."""
+    """Gao et al.'s learning-rate law for TopK SAEs: 2e-4 / sqrt(d_sae / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+LONG_RUN_STEPS = 16_000
+"""Runs of at least this many optimiser steps use Gao et al.'s learning rate as it is."""
+
+
+def default_lr(cfg: SAEConfig, tokens: int, batch_size: int) -> float:
+    """The Adam learning rate a run uses unless --lr is given: Gao et al.'s width law, raised for
+    short runs by sqrt(LONG_RUN_STEPS / steps), at most 12x.
+
+    Gao et al.'s law was fitted to runs of tens of thousands of steps; the runs users make on a CPU
+    (and the demo) are a few hundred. Measured at 244 steps (1M tokens, batch 4096) on SmolLM2
+    resid_post.15, width 2304, k 32, held-out FVU: 0.235 at the width law, 0.171 at 4x, 0.157 at 8x
+    (dead latents 0.5%). On the synthetic grid (benchmarks/synthetic_recovery.py), TopK's mmcs at
+    122 steps rose from 0.50-0.71 at the width law to 0.85-0.99 at 8-16x, and at 488 steps from
+    0.69-0.98 to 0.94-0.99 at 8x. The square root follows the usual noise-scale argument: with fewer
+    steps each may be larger; past LONG_RUN_STEPS the factor is 1.
+    """
+    steps = max(1, tokens // max(1, batch_size))
+    return lr_for_width(cfg.d_sae) * min(12.0, max(1.0, math.sqrt(LONG_RUN_STEPS / steps)))

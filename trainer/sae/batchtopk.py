@@ -115,7 +115,10 @@ class BatchTopKSAE(SparseAutoencoder):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(kth)
                 kth /= torch.distributed.get_world_size()
-            m = self.cfg.threshold_momentum if ctx.step > 0 else 0.0
+            # An EMA over ~100 steps would still remember the first steps' selections at the end of a
+            # short run (inference L0 7.3 for k = 5 after 122 steps): its horizon is at most a tenth
+            # of the run.
+            m = min(self.cfg.threshold_momentum, 1 - 10 / max(ctx.total_steps, 20)) if ctx.step > 0 else 0.0
             self.threshold.mul_(m).add_((1 - m) * kth)
 
     def inference_threshold(self) -> torch.Tensor:

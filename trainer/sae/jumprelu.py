@@ -4,10 +4,20 @@ theta is learned through a straight-through estimator with a rectangle kernel of
   d f_i / d theta_i = -(theta_i / eps) K((z_i - theta_i) / eps),  d L0 / d theta_i = -(1/eps) K(...)
 and no pseudo-gradient to z from the L0 term. theta is a plain parameter (not log theta) and
 eps = 0.05: with the log parameterisation and eps = 0.001 the thresholds barely move under Adam and
-L0 does not fall. Even parameterised directly a threshold moves about one learning rate per step,
-so by default the thresholds start where a BatchTopK SAE with k = jumprelu_init_l0 (default: k)
-would put its threshold on the first batch instead of at theta_0 = 0.01 (see initialise_from).
-The L0 penalty is in units of the input variance, like the reconstruction loss.
+L0 does not fall.
+
+Sparsity: by default L0 is aimed at k with the penalty c * (L0 / k - 1)^2 (the target-L0 form of
+Marks et al.'s dictionary_learning JumpReLU trainer), so a JumpReLU SAE trained with the defaults
+has the L0 a TopK SAE with the same k has; with l0_coefficient set it is Gemma Scope's lambda * L0.
+Both are in units of the input variance, like the reconstruction loss.
+
+Dead latents: a latent whose threshold is above all its pre-activations gets no gradient from
+the reconstruction or the penalty, so JumpReLU uses the TopK family's AuxK loss to revive it.
+
+Initialisation: a threshold moves about one learning rate per Adam step, while the pre-activations
+of normalised inputs are O(1); from theta_0 = 0.01 a short run spends most of its budget raising
+thresholds through a dense code. So unless jumprelu_init_threshold is given, the thresholds start
+where a BatchTopK SAE with this k would on the first batch (see initialise_from).
 """
 
 from __future__ import annotations
@@ -59,10 +69,16 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig, compute_dtype: torch.dtype = torch.float32):
         super().__init__(cfg, compute_dtype)
-        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
+        theta0 = cfg.jumprelu_init_threshold if cfg.jumprelu_init_threshold is not None else 0.01
+        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), float(theta0)))
 
     def activation(self, z: torch.Tensor) -> torch.Tensor:
         return z * (z > self.threshold)
+
+    def sparsity_penalty(self, l0: torch.Tensor) -> torch.Tensor:
+        if self.cfg.l0_coefficient is not None:
+            return self.cfg.l0_coefficient * l0
+        return self.cfg.target_l0_coefficient * (l0 / self.cfg.k - 1).pow(2)
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         z = self.preacts(x)
@@ -71,37 +87,30 @@ class JumpReLUSAE(SparseAutoencoder):
         x_hat = f @ self.W_dec + self.b_dec
         recon = self.recon_loss(x, x_hat, ctx)
         l0 = StepFn.apply(z, self.threshold, eps).sum(-1).mean()
-        loss = recon + self.cfg.l0_coefficient * l0
-        return StepOutput(loss, x_hat, dense_to_codes(f.detach()), {"recon": float(recon.detach()), "l0_penalty": float(l0.detach())})
-
-    def init_l0(self) -> int:
-        target = self.cfg.jumprelu_init_l0 if self.cfg.jumprelu_init_l0 is not None else self.cfg.k
-        return int(min(max(target, 0), self.cfg.d_sae - 1))
+        penalty = self.sparsity_penalty(l0)
+        # A latent whose threshold rose above all its pre-activations gets no gradient from either
+        # term again; AuxK (as in the TopK family) lets the dead ones model the residual and return.
+        aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), x - self.b_dec, ctx)
+        return StepOutput(recon + penalty + aux, x_hat, dense_to_codes(f.detach()),
+                          {"recon": float(recon.detach()), "l0_penalty": float(penalty.detach()), **aux_terms})
 
     def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
-        values, indices, offsets, _ = batch_topk_flat(self.preacts(x), self.init_l0())
+        values, indices, offsets, _ = batch_topk_flat(self.preacts(x), self.cfg.k)
         return self.decode_sparse(values, indices, bias=False, offsets=offsets)
 
     @torch.no_grad()
     def initialise_from(self, sample: torch.Tensor) -> None:
-        """b_dec at the geometric median; then, unless jumprelu_init_l0 is 0, start as the BatchTopK
-        SAE with k = jumprelu_init_l0 would: encoder scale fitted to the first batch and every
-        threshold at the smallest pre-activation that batch selection keeps.
-
-        Why: thresholds move by about one learning rate per Adam step, while the pre-activations
-        of normalised inputs are O(1). From theta_0 = 0.01 a run of a few thousand steps spends most
-        of its budget raising thresholds through a dense code (L0 in the hundreds on LM
-        activations after 400 steps). Starting at a sensible L0 leaves the L0 penalty only the
-        per-latent adjustment to make. This is our initialisation, not the Gemma Scope recipe
-        (theta_0 = 0.001, b_enc = 0, long runs); jumprelu_init_l0 = 0 restores theta_0.
-        """
+        """b_dec at the geometric median; then, unless jumprelu_init_threshold is given, start as a
+        BatchTopK SAE with this k would: encoder scale fitted to the first batch and every threshold
+        at the smallest pre-activation that batch selection keeps. Leaving the penalty only the
+        per-latent adjustment to make is our initialisation, not the Gemma Scope recipe
+        (theta_0 = 0.001, b_enc = 0, long runs); a given jumprelu_init_threshold restores that."""
         super().initialise_from(sample)
-        target = self.init_l0()
-        if target <= 0:
+        if self.cfg.jumprelu_init_threshold is not None:
             return
         sample = sample[:4096].float()
         self.fit_encoder_scale(sample)
-        _, _, _, kth = batch_topk_flat(self.preacts(sample), target)
+        _, _, _, kth = batch_topk_flat(self.preacts(sample), self.cfg.k)
         if float(kth) > 0:
             self.threshold.fill_(float(kth))
 
