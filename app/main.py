@@ -18,6 +18,7 @@ from app.db import check_schema, make_engine, session_factory
 from app.paths import resource_dir
 from app.settings import Settings, get_settings
 from app.web.pages import html_error
+from app.web.lineage_pages import router as lineage_pages_router
 from app.web.pages import router as pages_router
 from app.web.run_pages import router as run_pages_router
 
@@ -149,6 +150,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.include_router(api_router)
     app.include_router(pages_router)
     app.include_router(run_pages_router)
+    app.include_router(lineage_pages_router)
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
     app.add_middleware(SecurityHeaders, csp=content_security_policy(settings))
     return app

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     run_heartbeat_s: float = Field(default=2.0, gt=0, description="How often a trainer worker writes a run's progress, metrics and log tail to the store (and notices a cancel).")
     run_checkpoint_s: float = Field(default=120.0, ge=0, description="A training run checkpoints at least this often (seconds; 0: only every 500 steps), bounding the work a dead worker loses.")
     run_max_attempts: int = Field(default=3, ge=1, le=100, description="Attempts (worker deaths, crashes) before a training run is marked failed.")
+    relate_at_publish: bool = Field(
+        default=True, description="Publishing an SAE relates it to the published SAEs of the same model that share its "
+        "site (a width pair) or sit one layer away (a layer pair).")
+    relate_tokens: int = Field(
+        default=200_000, ge=1000, le=100_000_000,
+        description="Tokens of data on which two SAEs are related (co-firing, correlation, the stitching test); "
+        "read from the activation cache when one holds both sites, else from one LM pass.")
     log_level: str = Field(default="INFO", description="Python logging level.")
 
     @field_validator("data_dir")

@@ -4,7 +4,8 @@
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add;
 - service: serve, worker, explain, jobs, keys, demo;
-- admin: db, settings, models, sites.
+- admin: db, settings, models, sites;
+- lineage: relate.
 
 Every user mistake ends in one line on stderr (`error: what is wrong (what to do)`) and a non-zero
 exit status, never a traceback; set SAE_ATLAS_DEBUG=1 to see tracebacks of unexpected errors.
@@ -18,14 +19,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, saes, service, training
+from app.cli import admin, lineage, saes, service, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from app.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, saes, service, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, lineage, saes, service, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys: create NAME, list, revoke NAME")
     keys.add_argument("keys_command", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?")
+
+    lineage.add_parsers(sub)
 
     demo = sub.add_parser("demo", help="build the demo atlas on the bundled model (first run) and serve it")
     demo.add_argument("--rebuild", action="store_true")
