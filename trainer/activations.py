@@ -275,13 +275,12 @@ class ActivationCache:
             return self
         from tqdm import tqdm
 
-        from trainer.corpus import count_tokens, open_corpus
+        from trainer.corpus import count_tokens
 
-        corpus = open_corpus(self.spec.corpus, self.spec.text_field)
-        target = max_tokens
-        if corpus.finite:
-            target = min(target, count_tokens(corpus, lm.tokenizer, self.spec.split, self.spec.eval_fraction))
         source = LMActivations(lm, self.spec, lm_batch_size)
+        target = max_tokens
+        if source.corpus.finite:  # the progress bar's total (the corpus is listed once, shared with the pass)
+            target = min(target, count_tokens(source.corpus, lm.tokenizer, self.spec.split, self.spec.eval_fraction))
         with tqdm(total=target, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
             self.write(source, max_tokens=max_tokens, progress=bar.update)
         log.info("cached %d tokens of %s activations (%s split) in %s", self.meta()["tokens"],
@@ -354,6 +353,25 @@ def find_cache(root: Path, spec: LMStreamSpec, with_contexts: bool = True) -> Ac
             if cache.dir == meta_path.parent:
                 best, best_tokens = cache, meta.get("tokens", 0)
     return best
+
+
+def cached_eval_activations(root: Path, spec: LMStreamSpec, tokens: int) -> dict[str, torch.Tensor] | None:
+    """The first `tokens` valid tokens of a cached split, in stream order (what an LM pass over the
+    split would give first), or None when no cache with contexts covers them."""
+    cache = find_cache(root, spec)
+    if cache is None or not cache.covers(tokens):
+        return None
+    parts: dict[str, list[torch.Tensor]] = {s: [] for s in spec.sites}
+    have = 0
+    for batch in cache.contexts(list(spec.sites)):
+        for s in spec.sites:
+            parts[s].append(batch.activations(s))
+        have += int(batch.mask.sum())
+        if have >= tokens:
+            break
+    if not have:
+        return None
+    return {s: torch.cat(v)[:tokens] for s, v in parts.items()}
 
 
 class ArrayActivations:

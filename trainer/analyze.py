@@ -252,6 +252,10 @@ class Analyzer:
 
     # --- pass 1: the LM (or the activation cache) ---------------------------------------------
 
+    def _contexts(self):
+        """The LM path's context batches and their count (benchmarks and tests read them directly)."""
+        return self.source._contexts()
+
     def _state(self) -> dict:
         path = self.out / "state.json"
         if path.is_file():

@@ -38,6 +38,7 @@ from trainer.activations import (
     LMActivations,
     LMStreamSpec,
     ShuffleBuffer,
+    cached_eval_activations,
 )
 from trainer.config import TOPK_FAMILY, TrainConfig, sae_name  # noqa: F401  (re-exported)
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
@@ -227,6 +228,11 @@ class Trainer:
         c = self.cfg
         if self.array is not None:
             return {c.site[0]: self.array.eval_tensor(c.eval_tokens)}
+        if c.cache_activations:  # a cache of the held-out split (e.g. the demo's) saves an LM pass
+            cached = cached_eval_activations(get_settings().data_dir / "activations", self.stream_spec("eval"),
+                                             c.eval_tokens)
+            if cached is not None:
+                return cached
         source = LMActivations(self.lm, self.stream_spec("eval"), c.lm_batch_size, max_tokens=c.eval_tokens, epochs=1)
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in c.site}
         for chunk in source:

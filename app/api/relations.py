@@ -4,6 +4,7 @@ made by `sae-atlas relate` and at publish."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any, Literal
 
@@ -258,7 +259,7 @@ def layer_rows(session: Session, lm: LM) -> tuple[list[int], list[dict]]:
     rows = []
     for (kind, width), saes in sorted(m["rows"].items()):
         cells = []
-        for x, y in zip(saes, saes[1:]):
+        for x, y in itertools.pairwise(saes):
             v = by_pair.get((x.id, y.id))
             if v is None:
                 continue

@@ -151,19 +151,18 @@ def relate_saes(x: Side, y: Side, chunks: Iterable[dict[str, torch.Tensor]], cfg
     norm_sums = np.zeros(5)  # sum e_a, e_b, e_a^2, e_b^2, e_a e_b (per-token error norms)
     sample_e, sample_v, sample_i, sample_n = [], [], [], 0
     t1 = time.perf_counter()
-    seen, chunk_no = 0, 0
+    seen = 0
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc=f"relating {a.name} and {b.name}",
                dynamic_ncols=True, disable=not progress, mininterval=1.0)
-    for chunk in chunks:
+    for chunk_no, chunk in enumerate(chunks):
         if a.site not in chunk or b.site not in chunk:
             raise AtlasError(f"the data has no {a.site if a.site not in chunk else b.site} activations",
                              "read both SAEs' sites in one pass")
         xa_all, xb_all = chunk[a.site], chunk[b.site]
         n_chunk = min(xa_all.shape[0], cfg.tokens - seen)
         evaluate = chunk_no % 2 == 1  # folds alternate by chunk: fit on even chunks, evaluate on odd ones
-        chunk_no += 1
         for s in range(0, n_chunk, cfg.batch_tokens):
             e = min(s + cfg.batch_tokens, n_chunk)
             xa = xa_all[s:e].to(dev).float()
