@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import dataclasses
 from pathlib import Path
 
 from sqlalchemy import select
@@ -91,8 +92,11 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
                                 exclude_bos=cfg.exclude_bos, sink_norm_ratio=cfg.sink_norm_ratio, lm_dtype=str(lm.dtype))
         ActivationCache(settings.data_dir / "activations", held_out).fill(lm, 10**9, cfg.lm_batch_size,
                                                                           desc="caching held-out activations")
+        _step("the same over the training documents (the whole split, whatever the training tokens)")
+        ActivationCache(settings.data_dir / "activations", dataclasses.replace(held_out, split="train")).fill(
+            lm, 10**9, cfg.lm_batch_size, desc="caching training activations")
         _step(f"training {len(folders)} TopK SAEs (widths {', '.join(map(str, DEMO_WIDTHS))} at layers "
-              f"{' and '.join(map(str, DEMO_LAYERS))}) from one LM pass over the training documents")
+              f"{' and '.join(map(str, DEMO_LAYERS))}) from the cache")
         train(cfg, lm=lm)
     names = demo_names()
     for key, folder in folders.items():

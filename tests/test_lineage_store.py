@@ -214,3 +214,76 @@ def test_the_migration_goes_down_and_up_again(engine):
     assert "sae_relations" not in inspect(engine).get_table_names()
     upgrade(engine, "head")
     assert {"sae_relations", "feature_links", "sae_dark_matter"} <= set(inspect(engine).get_table_names())
+
+
+@pytest.mark.browser
+def test_lineage_pages_in_headless_chromium(related, tmp_path):
+    """The pair page, a tree of its forest, a child's feature page and the misses page in Chromium:
+    the links lead where they say, and nothing trips the Content-Security-Policy."""
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    if related.dialect.name != "sqlite":
+        pytest.skip("one backend is enough in the browser")
+    chromium = os.environ.get("SAE_ATLAS_CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Chromium is missing at {chromium} in CI")
+        pytest.skip(f"headless Chromium is not installed at {chromium}")
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from app.main import create_app
+    from app.settings import get_settings
+    from tests.helpers import free_port
+    from tests.test_pages_browser import CHROMIUM_ARGS, htmx_file
+
+    settings = get_settings()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=related, settings=settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    htmx = htmx_file().read_bytes()
+    narrow, wide = name(SITES[0], 32), name(SITES[0], 96)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            context = browser.new_context()
+
+            def route(r):
+                if r.request.url == settings.htmx_url:
+                    return r.fulfill(status=200, body=htmx, headers={"Content-Type": "application/javascript"})
+                return r.continue_() if r.request.url.startswith(base) else r.abort()
+
+            context.route("**/*", route)
+            page = context.new_page()
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.add_init_script("document.addEventListener('securitypolicyviolation', e => "
+                                 "console.error('CSP violation: ' + e.violatedDirective));")
+            with make_client(related) as c:  # a view of the pair that lists latents of the wider SAE
+                view = next(v for v in ("split", "persisted", "novel", "reconstruction") if c.get(
+                    f"/api/v1/relations/{narrow}/{wide}/links", params={"label": v, "per_page": 1}).json()["total"])
+            page.goto(f"{base}/relations/{narrow}/{wide}?view={view}")
+            assert page.locator("svg.chart").count() >= 2  # the best-match histograms
+            link = page.locator(f"#links a[href^='/saes/{wide}/features/']").first
+            href = link.get_attribute("href")
+            assert href.startswith(f"/saes/{wide}/features/")
+            link.click()
+            page.wait_for_url(f"{base}{href}")
+            assert page.locator("#lineage").is_visible() and "Across widths" in page.locator("#lineage").inner_text()
+            page.goto(f"{base}/saes/{narrow}/misses")
+            assert page.locator("svg.chart").count() >= 2 and page.locator(".ex").count() > 0
+            page.screenshot(path=str(tmp_path / "misses.png"), full_page=True)
+            assert errors == [], errors
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -84,7 +84,7 @@ def test_synthetic_hierarchy_trees_are_recovered(pair):
     parents, children, standalone = hierarchy()
     held_out = sample(40_000, 1)
     rel = relate_saes(Side("narrow", narrow, "resid_post.0", "m"), Side("wide", wide, "resid_post.0", "m"),
-                      chunks(held_out), RelateConfig(tokens=40_000), progress=False)
+                      chunks(held_out), RelateConfig(tokens=40_000, encode_dtype="float32"), progress=False)
     assert rel.kind == "width" and rel.a.name == "narrow"
     # which planted direction each learned latent stands for
     p_of = (unit(narrow.W_dec) @ unit(parents).T).argmax(1)
@@ -118,7 +118,7 @@ def test_a_permuted_perturbed_copy_is_matched_exactly(pair):
             getattr(copy, name).copy_(src + 0.01 * src.std() * torch.randn(src.shape, generator=gen))
         copy.b_dec.copy_(wide.b_dec)
     rel = relate_saes(Side("orig", wide, "resid_post.0", "m"), Side("perm", copy, "resid_post.0", "m"),
-                      chunks(sample(20_000, 2)), RelateConfig(tokens=20_000), progress=False)
+                      chunks(sample(20_000, 2)), RelateConfig(tokens=20_000, encode_dtype="float32"), progress=False)
     assert rel.kind == "seed"
     a, b = (rel.b, rel.a) if rel.a.name == "perm" else (rel.a, rel.b)
     L = rel.links
@@ -268,3 +268,22 @@ def test_bad_pairs_are_refused_in_one_line(pair):
         relate_saes(x, Side("y", wide, "resid_post.0", "model-a"), iter([]), RelateConfig(), progress=False)
     with pytest.raises(AtlasError, match="--min-cos"):
         RelateConfig(min_cos=3).validate()
+
+
+def test_a_bfloat16_encoder_barely_moves_the_statistics(pair):
+    """Relating encodes with a bfloat16 matmul where that is fast; the links must hardly change."""
+    narrow, wide = pair
+    held_out = sample(20_000, 3)
+    rels = {dt: relate_saes(Side("narrow", narrow, "resid_post.0", "m"), Side("wide", wide, "resid_post.0", "m"),
+                            chunks(held_out), RelateConfig(tokens=20_000, encode_dtype=dt), progress=False)
+            for dt in ("float32", "bfloat16")}
+    assert rels["bfloat16"].summary["encode_dtype"] == "bfloat16" and narrow.compute_dtype == torch.float32
+    f, b = rels["float32"].links, rels["bfloat16"].links
+    by_child = {dt: dict(zip(r.links["b"].tolist(), zip(r.links["a"].tolist(), r.links["label"].tolist())))
+                for dt, r in rels.items()}
+    same = sum(by_child["bfloat16"].get(j) == v for j, v in by_child["float32"].items())
+    assert same / len(by_child["float32"]) >= 0.95
+    rho_b = dict(zip(b["b"].tolist(), b["rho"].tolist()))
+    diffs = [abs(r - rho_b[j]) for j, r in zip(f["b"].tolist(), f["rho"].tolist()) if j in rho_b and np.isfinite(r)
+             and np.isfinite(rho_b[j])]
+    assert diffs and max(diffs) < 0.02

@@ -19,7 +19,7 @@ class AnalysisSource:
 
     def __init__(self, cfg, lm, site):
         self.cfg, self.lm, self.site = cfg, lm, site
-        self.caches: list[ActivationCache] = self._find_caches() if cfg.cache_activations else []
+        self.caches: list[ActivationCache] = []  # found (or filled) when the pass starts
 
     def describe(self) -> str:
         if not self.caches:
@@ -68,6 +68,8 @@ class AnalysisSource:
         """(first_context, tokens, doc_ids, doc_pos, load) for each batch of contexts after done_contexts;
         load() -> (mask [B, T], x [n_valid, D]) runs the LM (or reads the cache) only when called."""
         c = self.cfg
+        if c.cache_activations and not self.caches:
+            self.caches = self._find_caches()
         if not self.caches:
             batches, max_contexts = self._contexts()
 
