@@ -172,7 +172,7 @@ def _relate(a, b, kind, sae_a, sae_b, chunks, cfg, dev, progress, dtype) -> Rela
     timings["candidates_s"] = time.perf_counter() - t0
     stats = PairStats(a.d_sae, b.d_sae, cand.a, cand.b, dev)
     width = kind == "width"
-    stitch = StitchStats(sae_b.W_dec, dev) if width else None
+    stitch = StitchStats(sae_b.W_dec, dev, dtype) if width else None
     norm_sums = np.zeros(5)  # sum e_a, e_b, e_a^2, e_b^2, e_a e_b (per-token error norms)
     sample_e, sample_v, sample_i, sample_n = [], [], [], 0
     t1 = time.perf_counter()

@@ -24,13 +24,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_ROWS_PER_STEP = 1 << 14  # token x slot x D gathered at once is _ROWS_PER_STEP x D floats
+_CELLS_PER_STEP = 1 << 23  # tokens x F_B dot products computed at once (32 MiB of float32)
 
 
 class StitchStats:
-    def __init__(self, dec_b: torch.Tensor, device=None):
+    def __init__(self, dec_b: torch.Tensor, device=None, dtype: torch.dtype = torch.float32):
         dev = device or dec_b.device
         self.dec = dec_b.detach().float().to(dev)
+        self.dec_t = self.dec.to(dtype).T.contiguous()  # [D, F_B] in the matmul's precision
         self.norm2 = self.dec.pow(2).sum(1).double()
         f = self.dec.shape[0]
         z = lambda: torch.zeros(f, dtype=torch.float64, device=dev)
@@ -42,17 +43,18 @@ class StitchStats:
     @torch.no_grad()
     def update(self, e_a: torch.Tensor, vb: torch.Tensor, ib: torch.Tensor, evaluate: bool) -> None:
         """A's error e_a [n, D] and B's codes (values, indices [n, k_B]) on the same tokens; evaluate
-        selects the evaluation fold (else the fit fold)."""
+        selects the evaluation fold (else the fit fold). <e_t, d_j> comes from one matmul against all
+        of B's decoder rows (read at the active slots), in the precision the SAEs encode with."""
         dev = self.dec.device
         e_a, vb, ib = e_a.to(dev).float(), vb.to(dev).float(), ib.to(dev).long()
         if evaluate:
             self.ev_sse += float(e_a.double().pow(2).sum())
             self.ev_tokens += e_a.shape[0]
-        step = max(1, _ROWS_PER_STEP // max(1, ib.shape[1]))
+        step = max(1, _CELLS_PER_STEP // self.dec.shape[0])
         for s in range(0, e_a.shape[0], step):
             v, i, e = vb[s:s + step], ib[s:s + step], e_a[s:s + step]
             active = v > 0
-            dots = torch.bmm(self.dec[i], e[:, :, None])[..., 0]  # <e_t, d_j> for each slot
+            dots = (e.to(self.dec_t.dtype) @ self.dec_t).float().gather(1, i)  # <e_t, d_j> for each slot
             j = i[active]
             f = v[active].double()
             u = f * dots[active].double()
