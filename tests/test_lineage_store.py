@@ -154,7 +154,7 @@ def test_the_pages_show_lineage_pairs_the_layer_map_and_what_an_sae_misses(relat
     narrow, wide, up = name(SITES[0], 32), name(SITES[0], 96), name(SITES[1], 32)
     with make_client(related) as c:
         lm = c.get("/api/v1/models").json()["items"][0]["name"]
-        for url, text in ((f"/relations/{narrow}/{wide}", "splitting forest"), (f"/relations/{narrow}/{wide}?view=novel", "Novel"),
+        for url, text in ((f"/relations/{narrow}/{wide}?view=split", "splitting forest"), (f"/relations/{narrow}/{wide}", "Width pair"), (f"/relations/{narrow}/{wide}?view=novel", "Novel"),
                           (f"/relations/{narrow}/{wide}?view=vanished", "Vanished"), (f"/relations/{narrow}/{up}", "Layer pair"),
                           (f"/relations/{narrow}/{up}?view=unconfirmed", "Unconfirmed"), ("/relations", "Relations between SAEs"),
                           (f"/models/{lm}", "Layer map"), (f"/saes/{narrow}/misses", "Loss concentration"),

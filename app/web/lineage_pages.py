@@ -135,13 +135,10 @@ def relation_page(request: Request, a: str = Path(max_length=200), b: str = Path
                   session: Session = Depends(get_session)):
     v = lineage.relation_between(session, a, b)
     views = VIEWS[v.kind]
-    view = view or views[0]
-    if view not in views:
+    if view is not None and view not in views:
         raise ApiError(422, "invalid_parameters", f"view must be one of {', '.join(views)} for a {v.kind} pair")
     vocab = store.vocab_for(session, v.a.lm_id)
     s = v.relation.summary or {}
-    ctx = {"v": v, "s": s, "view": view, "views": views, "page": page, "vocab": vocab}
-    counts = {}
     if v.kind == "width":
         sp = s.get("splitting", {})
         counts = {**{k: sp.get("parents", {}).get(k, 0) for k in ("split", "persisted", "vanished")},
@@ -150,7 +147,8 @@ def relation_page(request: Request, a: str = Path(max_length=200), b: str = Path
         _, n_matched = lineage.links(session, v.relation.id, "matched", per_page=1)
         _, n_unconf = lineage.links(session, v.relation.id, "unconfirmed", per_page=1)
         counts = {"matched": n_matched, "unconfirmed": n_unconf}
-    ctx["counts"] = counts
+    view = view or next((name for name in views if counts.get(name)), views[0])  # the first view with something in it
+    ctx = {"v": v, "s": s, "view": view, "views": views, "page": page, "vocab": vocab, "counts": counts}
     if view in ("split", "persisted"):
         forest, total = lineage.split_forest(session, v, view, page, PER_PAGE)
         briefs_a = lineage.feature_briefs(session, v.a.id, [p for p, _ in forest])
