@@ -28,15 +28,19 @@ def synthetic(n_ctx: int, seed: int = 0):
     return x, e, tokens
 
 
-def feed(dm: DarkMatter, x, e, tokens, batch_ctx: int = 7, mask=None):
+def feed(dm: DarkMatter, x, e, tokens, batch_ctx: int = 7, mask=None) -> np.ndarray:
+    """Stream the contexts in batches; returns each row's fold (batches alternate between the two)."""
     n_ctx = tokens.shape[0]
     mask = np.ones((n_ctx, T), bool) if mask is None else mask
     rows = np.concatenate([[0], np.cumsum(mask.sum(1))])
+    fold = np.zeros(rows[-1], int)
     for c0 in range(0, n_ctx, batch_ctx):
         c1 = min(c0 + batch_ctx, n_ctx)
         r = slice(rows[c0], rows[c1])
+        fold[r] = (c0 // (c1 - c0)) % 2
         dm.update(torch.from_numpy(x[r]), torch.from_numpy(e[r]), torch.from_numpy(mask[c0:c1]),
                   torch.from_numpy(tokens[c0:c1]), c0)
+    return fold
 
 
 def lstsq_r2(xf, yf, xg, yg):
@@ -51,10 +55,9 @@ def test_streamed_ridge_agrees_with_numpy_least_squares():
     n_ctx = 400
     x, e, tokens = synthetic(n_ctx)
     dm = DarkMatter(D, T, V, DarkMatterConfig(ridge=1e-10, warmup_tokens=10**9), torch.device("cpu"))
-    feed(dm, x, e, tokens)
+    fold = feed(dm, x, e, tokens)
     lin = dm.linear_predictability()
     x64, e64 = x.astype(np.float64), e.astype(np.float64)
-    fold = (np.arange(n_ctx * T) // T) % 2  # contexts alternate between the two folds
     r = np.linalg.norm(e64, axis=1)[:, None]
     sse = sst = sse_r = sst_r = 0.0
     for f, g in ((0, 1), (1, 0)):

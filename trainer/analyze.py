@@ -122,7 +122,7 @@ class AnalyzeConfig:
     """Dark matter: tokens that fit the linear map before the nonlinear error of later tokens is scored."""
     dm_top_contexts: int = 20
     """Dark matter: contexts with the largest nonlinear error to keep."""
-    dm_ce_contexts: int = 64
+    dm_ce_contexts: int = 32
     """Dark matter: contexts of the per-token spliced-loss sample (0 skips it)."""
 
     @property

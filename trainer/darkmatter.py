@@ -6,8 +6,8 @@ With x an activation and e = x - x_hat the SAE's error at every analysed token:
   total variance per token, so the groups' values, weighted by their token counts, average to the
   SAE's FVU on the same tokens.
 - The linear part of the error: a ridge regression e ~ (x - mean x) A + mean e from streamed
-  float64 sums (X^T X, X^T E, ...). Contexts fall into two folds by parity; each fold's map is
-  scored on the other fold, so R2_lin (the share of the error's variance linearly predictable from
+  float64 sums (X^T X, X^T E, ...). Batches of contexts alternate between two folds; each fold's
+  map is scored on the other fold, so R2_lin (the share of the error's variance linearly predictable from
   x) is out of sample. The same sums give R2 of the error's norm ||e|| (how predictable the size of
   the error is). Products are computed per batch in float32 on inputs shifted by a first-batch
   mean (no cancellation) and accumulated in float64.
@@ -88,19 +88,23 @@ class _Fold:
         self.n, self.sx, self.se, self.sxx, self.sxe = z(()), z(d), z(d), z(d, d), z(d, d)
         self.see, self.sr, self.srr, self.sxr = z(()), z(()), z(()), z(d)
 
-    def add(self, xs: torch.Tensor, es: torch.Tensor, r: torch.Tensor) -> None:
+    def add(self, xs: torch.Tensor, es: torch.Tensor, es2: torch.Tensor, r: torch.Tensor) -> None:
+        """One batch: shifted x and e [n, D], the rows' ||e - eps0||^2 and ||e|| [n]. Products and
+        column sums over the batch are float32 (one GEMM for X^T [X | E]), the running sums float64."""
         if xs.shape[0] == 0:
             return
         self.n += xs.shape[0]
-        self.sx += xs.sum(0, dtype=torch.float64)
-        self.se += es.sum(0, dtype=torch.float64)
-        self.sxx += (xs.T @ xs).double()
-        self.sxe += (xs.T @ es).double()
-        self.see += es.double().pow(2).sum()
+        self.sx += xs.sum(0).double()
+        self.se += es.sum(0).double()
+        d = xs.shape[1]
+        prod = (xs.T @ torch.cat([xs, es, r[:, None]], 1)).double()  # [D, 2D + 1]
+        self.sxx += prod[:, :d]
+        self.sxe += prod[:, d:2 * d]
+        self.sxr += prod[:, 2 * d]
+        self.see += es2.double().sum()
         rd = r.double()
         self.sr += rd.sum()
         self.srr += rd.pow(2).sum()
-        self.sxr += (xs.T @ r).double()
 
     def merged(self, other: _Fold) -> _Fold:
         out = _Fold(self.sx.shape[0], self.sx.device)
@@ -148,23 +152,21 @@ class DarkMatter:
             self.mu0, self.eps0 = x.mean(0), e.mean(0)
         rows, pos = torch.nonzero(mask, as_tuple=True)
         tok = tokens.to(dev)[mask].long()
-        err2 = e.pow(2).sum(1)
+        err2 = torch.linalg.vector_norm(e, dim=1).pow_(2)  # per-row sums stay float32 (D terms)
         err2d = err2.double()
         xs, es = x - self.mu0, e - self.eps0
         self.n += x.shape[0]
         self.sum_err += err2d.sum()
-        self.sum_x += xs.sum(0, dtype=torch.float64)
-        self.sum_x2 += xs.double().pow(2).sum()
+        self.sum_x += xs.sum(0).double()
+        self.sum_x2 += torch.linalg.vector_norm(xs, dim=1).double().pow(2).sum()
         self.pos_count.index_add_(0, pos, torch.ones_like(err2d))
         self.pos_err.index_add_(0, pos, err2d)
         ok = tok < self.V
         self.tok_count.index_add_(0, tok[ok], torch.ones_like(err2d[ok]))
         self.tok_err.index_add_(0, tok[ok], err2d[ok])
-        r = err2.sqrt()
-        fold = (rows + first_context) % 2
-        for f in (0, 1):
-            sel = fold == f
-            self.folds[f].add(xs[sel], es[sel], r[sel])
+        # folds by batch of contexts: batches alternate between the two (no per-row copies)
+        fold = (first_context // max(mask.shape[0], 1)) % 2
+        self.folds[fold].add(xs, es, torch.linalg.vector_norm(es, dim=1).pow_(2), err2.sqrt())
         if self.map is not None:
             self._score_contexts(xs, es, err2, mask, rows, pos, tokens, first_context, doc_ids, doc_pos)
         elif float(self.n) >= self.warmup:
@@ -180,8 +182,8 @@ class DarkMatter:
 
     def _score_contexts(self, xs, es, err2, mask, rows, pos, tokens, first_context, doc_ids, doc_pos) -> None:
         a, mx, me = self.map
-        nl = (es - me) - (xs - mx) @ a
-        nl2 = nl.pow(2).sum(1)
+        nl = torch.addmm(es - (me - mx @ a), xs, a, alpha=-1)  # (e - me) - (x - mx) A, one pass over the batch
+        nl2 = torch.linalg.vector_norm(nl, dim=1).pow_(2)
         self.sum_nl += nl2.double().sum()
         self.n_nl += nl2.shape[0]
         B, T = mask.shape
