@@ -1,10 +1,14 @@
-"""`sae-atlas demo`: build the demo atlas once (train, analyse, publish), then serve it.
+"""`sae-atlas demo`: build the demo atlas once (train, analyse, relate, publish), then serve it.
 
-The demo trains a TopK SAE (k=32, 8 x 576 latents) on the residual stream after block 15 of the
-bundled SmolLM2-135M-Instruct, reading the documentation that ships with Python (pydoc), with an
-on-disk activation cache so the LM runs over the corpus once. The pydoc corpus is small (about
-0.57 M tokens), so the dashboards are computed over all of it; the SAE's metrics come from the
-held-out documents. Later runs find the published SAE and start the server in seconds.
+The demo trains a width sweep of TopK SAEs (k=32; 2 x 576 and 8 x 576 latents) at two adjacent
+layers of the bundled SmolLM2-135M-Instruct's residual stream (after blocks 14 and 15), reading
+the documentation that ships with Python (pydoc). The LM runs over the corpus once: the held-out
+documents and then the training documents go through it with both sites hooked into the on-disk
+activation cache, and everything after that reads the cache: training and its evaluation, the
+four analyses (with what each SAE misses), and the relations between the four SAEs (two width
+pairs and two layer pairs), computed as they are published. The pydoc corpus is small (about
+0.57 M tokens), so the dashboards are computed over all of it; the SAEs' metrics come from the
+held-out documents. Later runs find the published SAEs and start the server in seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 import os
 import time
+import dataclasses
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,16 +28,31 @@ from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-DEMO_NAME = "smollm2-135m-resid15-topk"
-DEMO_TRAIN = dict(model="smollm2-135m", site=["resid_post.15"], arch=["topk"], k=[32], width=[4608],
-                  tokens=2_000_000, batch_size=4096, corpus="pydoc", eval_fraction=0.1, cache_activations=True)
-DEMO_ANALYZE = dict(split="all", tokens=1_000_000)
+DEMO_NAME = "smollm2-135m-resid15-topk"  # the 8 x 576 SAE at layer 15 (tests and docs name it)
+DEMO_LAYERS = (14, 15)
+DEMO_WIDTHS = (1152, 4608)
+DEMO_K = 32
+DEMO_TRAIN = dict(model="smollm2-135m", site=[f"resid_post.{layer}" for layer in DEMO_LAYERS], arch=["topk"], k=[DEMO_K],
+                  width=list(DEMO_WIDTHS), tokens=1_000_000, batch_size=4096, corpus="pydoc", eval_fraction=0.1,
+                  cache_activations=True)
+DEMO_ANALYZE = dict(split="all", tokens=1_000_000, cache_activations=True)
+
+
+def demo_names() -> dict[tuple[int, int], str]:
+    """(layer, width) -> published name of every demo SAE."""
+    out = {}
+    for layer in DEMO_LAYERS:
+        for width in DEMO_WIDTHS:
+            name = f"smollm2-135m-resid{layer}-topk"
+            out[(layer, width)] = name if width == max(DEMO_WIDTHS) else f"{name}-w{width}"
+    return out
 
 
 def demo_ready() -> bool:
+    names = list(demo_names().values())
     with session_scope() as session:
-        sae = session.scalar(select(SAE).where(SAE.name == DEMO_NAME))
-        return sae is not None and sae.status == SAEStatus.ready.value
+        ready = session.scalars(select(SAE.name).where(SAE.name.in_(names), SAE.status == SAEStatus.ready.value)).all()
+        return set(ready) == set(names)
 
 
 def _step(msg: str) -> None:
@@ -40,9 +60,12 @@ def _step(msg: str) -> None:
 
 
 def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
+    from trainer.activations import ActivationCache, LMStreamSpec
     from trainer.analyze import AnalyzeConfig, analyze
+    from trainer.config import sae_name
     from trainer.lm import load_lm
     from trainer.publish import publish
+    from trainer.sae import SAEConfig
     from trainer.train import TrainConfig, train
 
     settings = get_settings()
@@ -51,26 +74,42 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
         _step("creating the store (sae-atlas db upgrade)")
         upgrade(engine)
     if demo_ready() and not rebuild:
-        print(f"The demo atlas is ready ({DEMO_NAME}).", flush=True)
+        print(f"The demo atlas is ready ({', '.join(demo_names().values())}).", flush=True)
         ensure_demo_key()
         return
     started = time.time()
-    out = settings.data_dir / "demo" / DEMO_NAME
+    out = settings.data_dir / "demo" / "sweep"
     _step("loading SmolLM2-135M-Instruct (the first run converts the bundled GGUF, ~20 s)")
     lm = load_lm("smollm2-135m")
-    done = (out / "metrics.json").is_file() and (out / "cfg.json").is_file()
+    cfg = TrainConfig(out=out, overwrite=out.exists(), **{**DEMO_TRAIN, **({"tokens": tokens} if tokens else {})})
+    folders = {(layer, width): out / sae_name(f"resid_post.{layer}", SAEConfig(d_in=lm.d_model, d_sae=width, k=DEMO_K))
+               for layer in DEMO_LAYERS for width in DEMO_WIDTHS}
+    done = all((f / "metrics.json").is_file() and (f / "cfg.json").is_file() for f in folders.values())
     if rebuild or not done:
-        _step("training a TopK SAE on resid_post.15 over the Python documentation")
-        cfg = TrainConfig(out=out, overwrite=out.exists(), **{**DEMO_TRAIN, **({"tokens": tokens} if tokens else {})})
+        _step(f"one LM pass over the held-out documents into the activation cache ({', '.join(cfg.site)})")
+        held_out = LMStreamSpec(model=cfg.model, sites=list(cfg.site), corpus=cfg.corpus, text_field=cfg.text_field,
+                                ctx_len=cfg.ctx_len, split="eval", eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                                exclude_bos=cfg.exclude_bos, sink_norm_ratio=cfg.sink_norm_ratio, lm_dtype=str(lm.dtype))
+        ActivationCache(settings.data_dir / "activations", held_out).fill(lm, 10**9, cfg.lm_batch_size,
+                                                                          desc="caching held-out activations")
+        _step("the same over the training documents (the whole split, whatever the training tokens)")
+        ActivationCache(settings.data_dir / "activations", dataclasses.replace(held_out, split="train")).fill(
+            lm, 10**9, cfg.lm_batch_size, desc="caching training activations")
+        _step(f"training {len(folders)} TopK SAEs (widths {', '.join(map(str, DEMO_WIDTHS))} at layers "
+              f"{' and '.join(map(str, DEMO_LAYERS))}) from the cache")
         train(cfg, lm=lm)
-    _step("computing every latent's dashboard in one pass of the LM")
-    analyze(AnalyzeConfig(sae_dir=out, restart=rebuild, **DEMO_ANALYZE), lm=lm)
-    _step("publishing into the store")
-    publish(out, DEMO_NAME, replace=True, description="Demo: SmolLM2-135M-Instruct, Python documentation corpus")
+    names = demo_names()
+    for key, folder in folders.items():
+        _step(f"dashboards and what it misses for {names[key]}, from the activation cache")
+        analyze(AnalyzeConfig(sae_dir=folder, restart=rebuild, **DEMO_ANALYZE), lm=lm)
+    for key, folder in folders.items():
+        _step(f"publishing {names[key]} (and relating it to the SAEs published before it)")
+        publish(folder, names[key], replace=True, lm=lm,
+                description=f"Demo: SmolLM2-135M-Instruct, Python documentation, layer {key[0]}, {key[1]:,} latents")
     queue_demo_explanations()
-    metrics = json.loads((out / "metrics.json").read_text())
-    print(f"\nDemo atlas built in {time.time() - started:.0f} s: FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, "
-          f"CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
+    metrics = json.loads((folders[(max(DEMO_LAYERS), max(DEMO_WIDTHS))] / "metrics.json").read_text())
+    print(f"\nDemo atlas built in {time.time() - started:.0f} s: {DEMO_NAME} has FVU {metrics['fvu']:.3f}, "
+          f"L0 {metrics['l0']:.1f}, CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
     ensure_demo_key()
 
 

@@ -444,6 +444,8 @@ class ContrastQuery(Base):
     result: Mapped[dict] = mapped_column(JSON, doc="the ranked latents and the summary, as computed")
     requested_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class WebSession(Base):
     """A browser's sign-in: the cookie holds a random token, the store only its SHA-256. Signing
     out, revoking the key or the expiry ends it; the key itself never reaches the browser."""
@@ -459,3 +461,57 @@ class WebSession(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     api_key: Mapped[APIKey] = relationship()
+class SAERelation(Base):
+    """How the latents of two SAEs of one model correspond (a width, layer or seed pair).
+
+    A is the narrower SAE of a width pair and the earlier layer of a layer pair. The summary holds
+    what the pair page shows: best-match distributions, shares matched at each cosine threshold,
+    matching or splitting counts, the pair's dark-matter numbers, the settings and the data used."""
+
+    __tablename__ = "sae_relations"
+    __table_args__ = (UniqueConstraint("sae_a_id", "sae_b_id", name="uq_sae_relations_sae_a_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_a_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    sae_b_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20), doc="width, layer or seed")
+    n_tokens: Mapped[int] = mapped_column(BigInteger, default=0, doc="tokens the statistics were measured on")
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    sae_a: Mapped[SAE] = relationship(foreign_keys=[sae_a_id])
+    sae_b: Mapped[SAE] = relationship(foreign_keys=[sae_b_id])
+
+
+class FeatureLink(Base):
+    """One edge between a latent of A and a latent of B of a relation (either side may be empty:
+    a novel or reconstruction child has no parent, a vanished parent has no child)."""
+
+    __tablename__ = "feature_links"
+    __table_args__ = (
+        Index("ix_feature_links_relation_a", "relation_id", "a_index"),
+        Index("ix_feature_links_relation_b", "relation_id", "b_index"),
+        Index("ix_feature_links_relation_label", "relation_id", "label"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    relation_id: Mapped[int] = mapped_column(ForeignKey("sae_relations.id", ondelete="CASCADE"))
+    a_index: Mapped[int | None] = mapped_column(Integer)
+    b_index: Mapped[int | None] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(16), doc="matched, unconfirmed, persisted, split, novel, reconstruction, vanished")
+    cos: Mapped[float | None] = mapped_column(Float, doc="decoder cosine (best cosine when one side is empty)")
+    rho: Mapped[float | None] = mapped_column(Float, doc="Pearson correlation of the two activations over all tokens")
+    p_b_given_a: Mapped[float | None] = mapped_column(Float, doc="share of A's firings on which B fires too")
+    p_a_given_b: Mapped[float | None] = mapped_column(Float, doc="share of B's firings on which A fires too")
+    stitch_gain: Mapped[float | None] = mapped_column(Float, doc="held-out relative decrease of A's squared error when B's latent is added")
+
+
+class SAEDarkMatter(Base):
+    """What an SAE misses, measured in its analysis pass (FVU by position and token, linear and
+    nonlinear error, spliced-loss concentration): one JSON document per SAE."""
+
+    __tablename__ = "sae_dark_matter"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     inference_contrast_max_bytes: int = Field(
         default=2_000_000, ge=1000, description="Largest set of texts (bytes of UTF-8, pasted or uploaded) of a contrastive query."
     )
+    relate_at_publish: bool = Field(
+        default=True, description="Publishing an SAE relates it to the published SAEs of the same model that share its "
+        "site (a width pair) or sit one layer away (a layer pair).")
+    relate_tokens: int = Field(
+        default=200_000, ge=1000, le=100_000_000,
+        description="Tokens of data on which two SAEs are related (co-firing, correlation, the stitching test); "
+        "read from the activation cache when one holds both sites, else from one LM pass.")
     log_level: str = Field(default="INFO", description="Python logging level.")
     corpus_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

@@ -5,8 +5,9 @@ attention-sink tokens (activation norm far above the median) are dropped, becaus
 dominate the reconstruction loss and the top examples. A ShuffleBuffer then mixes tokens across
 many contexts into training batches.
 
-The cache stores one pass over the training split as memory-mapped .npy shards per site, in the
-LM's own precision (bfloat16 as raw uint16), so repeated runs and sweeps skip the LM entirely.
+The cache stores one pass over a split as memory-mapped .npy shards per site, in the LM's own
+precision (bfloat16 as raw uint16), plus the contexts the tokens came from, so repeated runs,
+sweeps, analyses and relations between SAEs skip the LM entirely.
 """
 
 from __future__ import annotations
@@ -144,8 +145,44 @@ class LMActivations:
             epoch += 1
 
 
+CACHE_FORMAT = 2  # 2: contexts (tokens, documents, positions, the valid-token mask) stored too
+
+
+def joint_valid_mask(acts: dict[str, torch.Tensor], spec: LMStreamSpec) -> torch.Tensor:
+    """[B, T] bool: the tokens valid at every site (one mask, so the sites' rows stay aligned)."""
+    mask = None
+    for a in acts.values():
+        m = valid_token_mask(a, spec.sink_norm_ratio, spec.exclude_bos)
+        mask = m if mask is None else mask & m
+    return mask
+
+
+@dataclass
+class CachedBatch:
+    """Some contexts of a cache: their tokens, documents and positions, the valid-token mask, and
+    the valid tokens' activations of the requested sites (read from the memory map on demand)."""
+
+    first_context: int
+    tokens: torch.Tensor  # [B, T] int64
+    doc_ids: torch.Tensor  # [B, T] int32
+    doc_pos: torch.Tensor  # [B, T] int32
+    mask: torch.Tensor  # [B, T] bool
+    _rows: tuple[dict[str, np.ndarray], int, int, str]
+
+    def activations(self, site: str) -> torch.Tensor:
+        """[n_valid, D] activations of `site`, in the cache's storage dtype (rows follow the mask)."""
+        arrays, start, end, dtype = self._rows
+        return from_numpy_storage(arrays[site][start:end], dtype)
+
+
 class ActivationCache:
-    """One pass of an LMActivations stream stored as memory-mapped .npy shards per site."""
+    """One pass of an LM activation stream stored as memory-mapped .npy shards per site.
+
+    Next to the activations of the valid tokens (what training reads) every shard keeps its
+    contexts: token ids, document ids and positions, and the valid-token mask (one mask for all
+    sites). So the analysis, the relations between SAEs and the dark-matter statistics can read
+    the same cache as training, and a whole pipeline runs the LM over the corpus once.
+    """
 
     def __init__(self, root: Path, spec: LMStreamSpec):
         self.root = root
@@ -155,6 +192,10 @@ class ActivationCache:
     @property
     def complete(self) -> bool:
         return (self.dir / "meta.json").is_file()
+
+    @property
+    def has_contexts(self) -> bool:
+        return self.complete and self.meta().get("format", 1) >= 2
 
     def covers(self, tokens: int) -> bool:
         """Whether the cache holds `tokens` tokens or the whole split (whichever is smaller)."""
@@ -167,32 +208,52 @@ class ActivationCache:
         return json.loads((self.dir / "meta.json").read_text())
 
     def write(self, source: LMActivations, max_tokens: int, shard_tokens: int = 1 << 18, progress=None) -> None:
-        """Run the LM once over the training split (up to max_tokens) and store the activations."""
+        """Run the LM once over the split (up to max_tokens) and store activations and contexts.
+
+        Reads the same contexts, in the same order, as the first epoch of `source`."""
+        from trainer.corpus import split_documents
+
+        spec = self.spec
         tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        pending: dict[str, list[torch.Tensor]] = {s: [] for s in self.spec.sites}
-        shards, total, pending_n = [], 0, 0
+        pending: dict[str, list[torch.Tensor]] = {s: [] for s in spec.sites}
+        pending_ctx: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "doc_ids", "doc_pos", "mask")}
+        shards, total, contexts, pending_n = [], 0, 0, 0
         storage = None
 
         def flush():
-            nonlocal pending_n
-            if not pending_n:
+            nonlocal pending_n, contexts
+            if not pending_ctx["tokens"]:
                 return
             name = f"shard_{len(shards):05d}.npy"
             for site, parts in pending.items():
                 (tmp / site).mkdir(parents=True, exist_ok=True)
                 np.save(tmp / site / name, to_numpy_storage(torch.cat(parts)))
                 parts.clear()
-            shards.append({"file": name, "tokens": pending_n})
+            (tmp / "contexts").mkdir(parents=True, exist_ok=True)
+            ctx = {k: np.concatenate(v) for k, v in pending_ctx.items()}
+            np.savez(tmp / "contexts" / name.replace(".npy", ".npz"), **ctx)
+            shards.append({"file": name, "tokens": pending_n, "first_context": contexts,
+                           "contexts": int(ctx["tokens"].shape[0])})
+            contexts += int(ctx["tokens"].shape[0])
+            for v in pending_ctx.values():
+                v.clear()
             pending_n = 0
 
-        source.epochs, source.max_tokens = 1, max_tokens
+        docs = split_documents(source.corpus, spec.split, spec.eval_fraction, spec.seed)
         whole_split = True
-        for chunk in source:
-            for site, acts in chunk.items():
-                storage = storage or _STORAGE[acts.dtype]
-                pending[site].append(acts.cpu())
-            n = next(iter(chunk.values())).shape[0]
+        for batch in source.packer.batches(docs, source.lm_batch_size):
+            acts = source.lm.read(batch.tokens, source.sites)
+            mask = joint_valid_mask(acts, spec)
+            n = int(mask.sum())
+            for site in spec.sites:
+                a = acts[site][mask]
+                storage = storage or _STORAGE[a.dtype]
+                pending[site].append(a.cpu())
+            pending_ctx["tokens"].append(batch.tokens.numpy().astype(np.int32))
+            pending_ctx["doc_ids"].append(batch.doc_ids.numpy().astype(np.int32))
+            pending_ctx["doc_pos"].append(batch.doc_pos.numpy().astype(np.int32))
+            pending_ctx["mask"].append(mask.cpu().numpy())
             pending_n += n
             total += n
             if progress is not None:
@@ -201,12 +262,59 @@ class ActivationCache:
                 flush()
             if total >= max_tokens:
                 whole_split = False  # stopped by the token budget, not by the end of the split
+                break
         flush()
-        meta = {"spec": self.spec.__dict__, "d_in": source.d_in, "dtype": storage, "tokens": total, "shards": shards,
-                "whole_split": whole_split}
+        if not shards:
+            raise AtlasError(f"corpus {spec.corpus!r} gave no contexts for the {spec.split} split",
+                             f"use a larger corpus or a context length below {spec.ctx_len}")
+        meta = {"spec": spec.__dict__, "d_in": source.d_in, "dtype": storage, "tokens": total, "shards": shards,
+                "whole_split": whole_split, "format": CACHE_FORMAT, "contexts": contexts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(self.dir, ignore_errors=True)
         tmp.rename(self.dir)
+
+    def fill(self, lm, max_tokens: int, lm_batch_size: int = 32, desc: str = "caching activations") -> ActivationCache:
+        """Write the cache (one LM pass, with a progress bar) unless it already covers max_tokens."""
+        if self.covers(max_tokens) and self.has_contexts:
+            return self
+        from tqdm import tqdm
+
+        from trainer.corpus import count_tokens
+
+        source = LMActivations(lm, self.spec, lm_batch_size)
+        target = max_tokens
+        if source.corpus.finite:  # the progress bar's total (the corpus is listed once, shared with the pass)
+            target = min(target, count_tokens(source.corpus, lm.tokenizer, self.spec.split, self.spec.eval_fraction))
+        with tqdm(total=target, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
+            self.write(source, max_tokens=max_tokens, progress=bar.update)
+        log.info("cached %d tokens of %s activations (%s split) in %s", self.meta()["tokens"],
+                 ", ".join(self.spec.sites), self.spec.split, self.dir)
+        return self
+
+    def contexts(self, sites: list[str], batch_contexts: int = 32, start_context: int = 0) -> Iterator[CachedBatch]:
+        """The cached contexts in their stored order, batch_contexts at a time, from start_context."""
+        meta = self.meta()
+        if meta.get("format", 1) < 2:
+            raise AtlasError(f"the activation cache {self.dir} predates stored contexts",
+                             f"delete it (rm -r {self.dir}) so that it is written again")
+        missing = [s for s in sites if s not in self.spec.sites]
+        if missing:
+            raise AtlasError(f"the activation cache {self.dir} has no {', '.join(missing)} activations",
+                             "cache those sites too")
+        for sh in meta["shards"]:
+            first, n_ctx = sh["first_context"], sh["contexts"]
+            if first + n_ctx <= start_context:
+                continue
+            arrays = {s: np.load(self.dir / s / sh["file"], mmap_mode="r") for s in sites}
+            with np.load(self.dir / "contexts" / sh["file"].replace(".npy", ".npz")) as z:
+                ctx = {k: z[k] for k in z.files}
+            offsets = np.concatenate([[0], np.cumsum(ctx["mask"].sum(1))])
+            for lo in range(max(0, start_context - first), n_ctx, batch_contexts):
+                hi = min(lo + batch_contexts, n_ctx)
+                yield CachedBatch(first + lo, torch.from_numpy(ctx["tokens"][lo:hi].astype(np.int64)),
+                                  torch.from_numpy(ctx["doc_ids"][lo:hi]), torch.from_numpy(ctx["doc_pos"][lo:hi]),
+                                  torch.from_numpy(ctx["mask"][lo:hi]),
+                                  (arrays, int(offsets[lo]), int(offsets[hi]), meta["dtype"]))
 
     def reader(self, epochs: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                chunk_tokens: int = 8192, skip_chunks: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -228,6 +336,50 @@ class ActivationCache:
                 shard, start = spans[j]
                 yield {s: from_numpy_storage(arrays[s][shard][start:start + chunk_tokens], meta["dtype"]) for s in arrays}
             epoch += 1
+
+
+def find_cache(root: Path, spec: LMStreamSpec, with_contexts: bool = True) -> ActivationCache | None:
+    """A complete cache under `root` whose stream equals `spec` except that it may hold more sites
+    (a sweep's cache serves every one of its sites); the one with the most tokens wins."""
+    if not root.is_dir():
+        return None
+    want = {k: v for k, v in spec.__dict__.items() if k != "sites"}
+    best, best_tokens = None, -1
+    for meta_path in root.glob("*/meta.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+            cached = dict(meta["spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if with_contexts and meta.get("format", 1) < 2:
+            continue
+        sites = cached.pop("sites", [])
+        if cached != want or not set(spec.sites) <= set(sites):
+            continue
+        if meta.get("tokens", 0) > best_tokens:
+            cache = ActivationCache(root, LMStreamSpec(**{**cached, "sites": sites}))
+            if cache.dir == meta_path.parent:
+                best, best_tokens = cache, meta.get("tokens", 0)
+    return best
+
+
+def cached_eval_activations(root: Path, spec: LMStreamSpec, tokens: int) -> dict[str, torch.Tensor] | None:
+    """The first `tokens` valid tokens of a cached split, in stream order (what an LM pass over the
+    split would give first), or None when no cache with contexts covers them."""
+    cache = find_cache(root, spec)
+    if cache is None or not cache.covers(tokens):
+        return None
+    parts: dict[str, list[torch.Tensor]] = {s: [] for s in spec.sites}
+    have = 0
+    for batch in cache.contexts(list(spec.sites)):
+        for s in spec.sites:
+            parts[s].append(batch.activations(s))
+        have += int(batch.mask.sum())
+        if have >= tokens:
+            break
+    if not have:
+        return None
+    return {s: torch.cat(v)[:tokens] for s, v in parts.items()}
 
 
 class ArrayActivations:

@@ -1,9 +1,10 @@
 """Every latent's dashboard from one streaming pass of the LM.
 
-Pass 1 (the only one that runs the LM) reads held-out contexts, encodes them with the SAE, updates
-running statistics for all latents at once (count, sum of a, a^2, a^3, a^4, max), and writes the
-sparse codes plus the context tokens to disk shards. After every shard the statistics are saved,
-so an interrupted analysis resumes from its last shard.
+Pass 1 (the only one that reads activations: from the LM, or from the activation cache, see
+analysis_source.py) reads held-out contexts, encodes them with the SAE, updates running statistics
+for all latents at once (count, sum of a, a^2, a^3, a^4, max), measures what the SAE misses on the
+same tokens (darkmatter.py), and writes the sparse codes plus the context tokens to disk shards.
+After every shard the statistics are saved, so an interrupted analysis resumes from its last shard.
 
 Pass 2 (disk only, now that every latent's max is known) computes exact histograms and interval
 shares, and streams three per-latent selections: the top activations (one per document), random
@@ -22,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from app.errors import AtlasError
-from trainer.activations import valid_token_mask
+from trainer.analysis_source import AnalysisSource
+from trainer.darkmatter import DarkMatter, DarkMatterConfig, spliced_summary, spliced_token_losses
 from trainer.formats import LoadedSAE, check_native_hook, load_sae
 from trainer.progress import report as progress_report
 from trainer.selection import TopPerGroup, uniform_key
@@ -108,6 +109,21 @@ class AnalyzeConfig:
     """Keep the on-disk codes after the analysis finishes."""
     restart: bool = False
     """Discard a partial analysis instead of resuming it."""
+    cache_activations: bool = False
+    """Read the LM activations from the on-disk cache (DATA_DIR/activations) that training or an earlier
+    analysis wrote, filling it first if no cache holds this split: analyses of several SAEs of one model
+    then share one LM pass."""
+    dark_matter: bool = True
+    """Measure what the SAE misses in the same pass (FVU by position and token, linear and nonlinear
+    error, spliced-loss increase per token on a sample)."""
+    dm_ridge: float = 1e-3
+    """Dark matter: ridge lambda of the error regression, as a fraction of the mean eigenvalue of Cov(x)."""
+    dm_warmup_tokens: int = 65_536
+    """Dark matter: tokens that fit the linear map before the nonlinear error of later tokens is scored."""
+    dm_top_contexts: int = 20
+    """Dark matter: contexts with the largest nonlinear error to keep."""
+    dm_ce_contexts: int = 32
+    """Dark matter: contexts of the per-token spliced-loss sample (0 skips it)."""
 
     @property
     def out_dir(self) -> Path:
@@ -116,7 +132,8 @@ class AnalyzeConfig:
     def identity(self) -> str:
         """What must match for a partial analysis to be resumed."""
         keys = ("model", "site", "corpus", "text_field", "split", "eval_fraction", "ctx_len", "tokens", "seed",
-                "shard_contexts", "exclude_bos", "sink_norm_ratio")
+                "shard_contexts", "exclude_bos", "sink_norm_ratio", "cache_activations", "dark_matter",
+                "dm_warmup_tokens", "dm_top_contexts")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -127,6 +144,10 @@ class AnalyzeConfig:
                 raise AtlasError(f"--{name.replace('_', '-')} must be positive")
         if self.n_random < 0 or self.window_before < 0 or self.window_after < 0:
             raise AtlasError("--n-random and the window sizes must not be negative")
+        if self.dm_ce_contexts < 0 or self.dm_top_contexts < 0 or self.dm_warmup_tokens <= 0:
+            raise AtlasError("--dm-ce-contexts and --dm-top-contexts must not be negative, --dm-warmup-tokens positive")
+        if not 0 < self.dm_ridge < 1e3:
+            raise AtlasError(f"--dm-ridge {self.dm_ridge} is out of range", "use a small positive number like 1e-3")
         if self.split not in ("eval", "train", "all"):
             raise AtlasError(f"unknown split {self.split!r}", "use eval, train or all")
 
@@ -231,29 +252,30 @@ class Analyzer:
         self.out = cfg.out_dir
         self.shards = self.out / "shards"
         self.timings: dict[str, float] = {}
+        self.dm: DarkMatter | None = None
+        self.source = AnalysisSource(cfg, self.lm, self.site)
 
-    # --- pass 1: the LM --------------------------------------------------------------------------
+    # --- pass 1: the LM (or the activation cache) ---------------------------------------------
 
     def _contexts(self):
-        from trainer.corpus import Packer, open_corpus, split_documents
-
-        c = self.cfg
-        corpus = open_corpus(c.corpus, c.text_field)
-        packer = Packer(self.lm.tokenizer, c.ctx_len, self.lm.bos_token_id, self.lm.separator_token_id)
-        docs = split_documents(corpus, c.split, c.eval_fraction, c.seed)
-        max_contexts = math.ceil(c.tokens / (c.ctx_len - 1))
-        if corpus.finite:  # a small corpus may hold fewer contexts than asked for: say so in the progress bar
-            from trainer.corpus import count_tokens
-
-            available = count_tokens(corpus, self.lm.tokenizer, c.split, c.eval_fraction) // (c.ctx_len - 1)
-            max_contexts = min(max_contexts, available)
-        return packer.batches(docs, c.lm_batch_size, max_contexts=max_contexts), max_contexts
+        """The LM path's context batches and their count (benchmarks and tests read them directly)."""
+        return self.source._contexts()
 
     def _state(self) -> dict:
         path = self.out / "state.json"
         if path.is_file():
             return json.loads(path.read_text())
         return {}
+
+    def _new_darkmatter(self, max_contexts: int) -> DarkMatter | None:
+        c = self.cfg
+        # A transcoder's error is against its output site, which this pass does not read.
+        if not c.dark_matter or self.loaded.transcoder:
+            return None
+        cfg = DarkMatterConfig(ridge=c.dm_ridge, warmup_tokens=c.dm_warmup_tokens, top_contexts=c.dm_top_contexts,
+                               window_before=c.window_before, window_after=c.window_after)
+        return DarkMatter(self.sae.cfg.d_in, c.ctx_len, self.lm.vocab_size, cfg, self.device,
+                          expected_tokens=max_contexts * (c.ctx_len - 1))
 
     @torch.no_grad()
     def stream(self, progress: bool = True) -> RunningStats:
@@ -270,17 +292,20 @@ class Analyzer:
         self.shards.mkdir(parents=True, exist_ok=True)
         shard_list: list[dict] = state.get("shards", [])
         done_contexts = int(state.get("contexts_done", 0))
-        if state.get("pass1_complete"):
+        batches, max_contexts = self.source.batches(done_contexts)
+        dm = self.dm = self._new_darkmatter(max_contexts)
+        if state.get("pass1_complete") or done_contexts:
             stats.load(np.load(self.out / "stats.npz"))
+            if dm is not None:
+                dm.load(np.load(self.out / "darkmatter_state.npz"))
+        if state.get("pass1_complete"):
             return stats
         if done_contexts:
-            stats.load(np.load(self.out / "stats.npz"))
             log.info("resuming the analysis after %d contexts", done_contexts)
-        batches, max_contexts = self._contexts()
         T = c.ctx_len
         buf: dict[str, list] = {k: [] for k in ("tokens", "doc_ids", "doc_pos", "tok", "lat", "act")}
         buffered = 0
-        seen = 0
+        seen = done_contexts
         started = time.time()
         bar = tqdm(total=max_contexts * (T - 1), initial=done_contexts * (T - 1), unit="tok", unit_scale=True,
                    desc="analysing", dynamic_ncols=True, disable=not progress, mininterval=1.0)
@@ -296,22 +321,19 @@ class Analyzer:
             shard_list.append({"file": name, "first_context": done_contexts, "contexts": buffered})
             done_contexts += buffered
             _atomic_savez(self.out / "stats.npz", **stats.state())
+            if dm is not None:
+                _atomic_savez(self.out / "darkmatter_state.npz", **dm.state())
             _atomic_json(self.out / "state.json", {"identity": c.identity(), "contexts_done": done_contexts,
                                                    "shards": shard_list, "config": asdict(c)})
             for v in buf.values():
                 v.clear()
             buffered = 0
 
-        for batch in batches:
-            n_ctx = batch.tokens.shape[0]
-            if seen + n_ctx <= done_contexts:  # already in a shard: skip the LM
-                seen += n_ctx
-                continue
-            ctx0 = seen
-            seen += n_ctx
-            acts = self.lm.read(batch.tokens, [self.site])[self.site.name]
-            mask = valid_token_mask(acts, c.sink_norm_ratio, c.exclude_bos)
-            x = acts[mask].float().to(self.device)
+        for ctx0, tokens, doc_ids, doc_pos, load in batches:
+            n_ctx = tokens.shape[0]
+            seen = ctx0 + n_ctx
+            mask, acts = load()
+            x = acts.float().to(self.device)
             codes = self.sae.encode(x)
             values = codes.values.float() * self.dec_norm[codes.indices]
             active = values > 0
@@ -321,9 +343,11 @@ class Analyzer:
             lat = codes.indices[active]
             val = values[active]
             stats.update(lat, val, int(mask.sum()))
-            buf["tokens"].append(batch.tokens.numpy().astype(np.int32))
-            buf["doc_ids"].append(batch.doc_ids.numpy())
-            buf["doc_pos"].append(batch.doc_pos.numpy())
+            if dm is not None:  # the SAE's error on the same tokens, for what it misses
+                dm.update(x, x - self.sae.decode(codes), mask, tokens, ctx0, doc_ids, doc_pos)
+            buf["tokens"].append(tokens.numpy().astype(np.int32))
+            buf["doc_ids"].append(doc_ids.numpy())
+            buf["doc_pos"].append(doc_pos.numpy())
             buf["tok"].append(token_ids[rows].cpu().numpy())
             buf["lat"].append(lat.cpu().numpy().astype(np.int32))
             buf["act"].append(val.cpu().numpy().astype(np.float32))
@@ -341,6 +365,35 @@ class Analyzer:
                                                "shards": shard_list, "config": asdict(c), "pass1_complete": True})
         self.timings["pass1_s"] = time.time() - started
         return stats
+
+    # --- what the SAE misses -----------------------------------------------------------------------
+
+    def _sample_contexts(self, n: int) -> torch.Tensor:
+        """The first n analysed contexts, read back from the shards."""
+        parts, have = [], 0
+        for _, z in self._iter_shards():
+            parts.append(z["tokens"][:n - have])
+            have += len(parts[-1])
+            if have >= n:
+                break
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64)) if parts else torch.zeros(0, self.cfg.ctx_len)
+
+    @torch.no_grad()
+    def dark_matter(self) -> dict:
+        """Finish the dark-matter statistics and add the per-token spliced-loss sample."""
+        c = self.cfg
+        started = time.perf_counter()
+        out = self.dm.finalize()
+        out["spliced"] = None
+        if c.dm_ce_contexts:
+            contexts = self._sample_contexts(c.dm_ce_contexts)
+            if contexts.shape[0]:
+                d_ce, kl = spliced_token_losses(self.lm, self.site, lambda a: self.sae(a.to(self.device)), contexts,
+                                                c.exclude_bos, c.sink_norm_ratio)
+                out["spliced"] = spliced_summary(d_ce, kl, contexts, (c.window_before, c.window_after))
+        out["site"], out["ctx_len"] = c.site, c.ctx_len
+        out["timings"] = {"in_pass_s": self.dm.elapsed, "finish_s": time.perf_counter() - started}
+        return out
 
     # --- pass 2: selections and exact histograms -------------------------------------------------
 
@@ -516,6 +569,7 @@ class Analyzer:
         t0 = time.time()
         stats = self.stream(progress)
         progress_report("select", 0, 1, force=True)
+        dark = self.dark_matter() if self.dm is not None else None
         t1 = time.time()
         sel = self.select(stats)
         examples = self.windows(sel)
@@ -539,8 +593,12 @@ class Analyzer:
         vocab = self.lm.vocab_strings()
         _atomic_json(self.out / "vocab.json", vocab)
         summary = self.summary(density, n_tok)
+        summary["analysis"]["source"] = self.source.describe()
         summary["timings"] = {"pass1_s": self.timings.get("pass1_s", t1 - t0), "select_and_windows_s": t2 - t1,
                               "logits_and_neighbors_s": t3 - t2, "total_s": time.time() - t0}
+        if dark is not None:
+            summary["timings"]["dark_matter_s"] = dark["timings"]["in_pass_s"] + dark["timings"]["finish_s"]
+            _atomic_json(self.out / "darkmatter.json", dark)
         _atomic_json(self.out / "summary.json", summary)
         if not c.keep_shards:
             shutil.rmtree(self.shards, ignore_errors=True)

@@ -8,7 +8,12 @@ transaction rolls back and the store is as it was. Publishing an existing name i
 seeing it until the commit).
 
 Examples go in with PostgreSQL COPY (binary) or SQLite's executemany; features with a batched
-INSERT ... RETURNING so that examples can point at their ids.
+INSERT ... RETURNING so that examples can point at their ids. What the SAE misses (the analysis's
+darkmatter.json) goes in with it.
+
+After the commit, each new SAE is related to the published SAEs of the same model that share its
+site (a width pair) or sit one layer away (a layer pair), see trainer/relate/store.py. Relations
+are written in their own transactions: a failed relation is reported, and the SAE stays published.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from sqlalchemy.orm import Session
 
 from app.db import check_schema, describe, get_engine
 from app.errors import AtlasError
-from app.models import LM, SAE, Feature, SAEStatus, utcnow
+from app.models import LM, SAE, Feature, SAEDarkMatter, SAEStatus, utcnow
+from app.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ class Analysis:
     features: dict[str, np.ndarray]
     examples: dict[str, np.ndarray]
     vocab: list[str]
+    dark_matter: dict | None = None
 
     @classmethod
     def load(cls, sae_dir: Path) -> Analysis:
@@ -60,9 +67,10 @@ class Analysis:
                 examples = {k: e[k] for k in e.files}
             summary = json.loads((folder / "summary.json").read_text())
             vocab = json.loads((folder / "vocab.json").read_text())
+            dark = json.loads((folder / "darkmatter.json").read_text()) if (folder / "darkmatter.json").is_file() else None
         except (OSError, ValueError, KeyError) as exc:
             raise AtlasError(f"the analysis in {folder} is damaged ({exc})", f"run `sae-atlas analyze {sae_dir} --restart`") from None
-        return cls(folder, summary, features, examples, vocab)
+        return cls(folder, summary, features, examples, vocab, dark)
 
 
 def _r(x: float, digits: int = 5) -> float:
@@ -171,21 +179,25 @@ def _insert_examples_sqlite(session: Session, rows, batch: int = 50_000) -> int:
 
 
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
-            description: str = "", progress: bool = True, explain: bool | None = None) -> int:
+            description: str = "", progress: bool = True, explain: bool | None = None,
+            relate: bool | None = None, lm=None) -> int:
     """Write an analysed SAE into the store; returns the new SAE's id."""
-    return publish_many([(sae_dir, name)], replace, engine, description, progress, explain=explain)[0]
+    return publish_many([(sae_dir, name)], replace, engine, description, progress, explain=explain,
+                        relate=relate, lm=lm)[0]
 
 
 def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, engine: Engine | None = None,
                  description: str = "", progress: bool = True, run_id: int | None = None,
-                 before_commit: Callable[[Session], None] | None = None, explain: bool | None = None) -> list[int]:
+                 before_commit: Callable[[Session], None] | None = None, explain: bool | None = None,
+                 relate: bool | None = None, lm=None) -> list[int]:
     """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
 
     before_commit(session) runs last inside the transaction; raising there rolls everything back
     (the trainer worker uses it to mark its run done only if the run is still its own).
     explain (default: the publish_explanations setting) writes a token-pattern explanation for
     every latent with its embedding score (trainer.interpret.at_publish), computed before the
-    transaction opens.
+    transaction opens. Then, unless relate is False (None: the relate_at_publish setting), the new
+    SAEs are related to their partners.
     """
     for _, name in items:
         _check_name(name)
@@ -221,6 +233,10 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
             conn.commit()
     log.info("published %s: %d features, %d examples in %.1f s", ", ".join(n for _, n in items), n_rows, n_examples,
              time.time() - started)
+    if relate if relate is not None else get_settings().relate_at_publish:
+        from trainer.relate.store import relate_new
+
+        relate_new([n for _, n in items], engine, lm=lm, progress=progress)
     return ids
 
 
@@ -281,6 +297,10 @@ def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, repla
         from trainer.interpret import at_publish
 
         at_publish.write(session, sae, ids, interp)
+    if a.dark_matter is not None:
+        from trainer.relate.store import clean_json
+
+        session.add(SAEDarkMatter(sae_id=sae.id, data=clean_json(a.dark_matter)))
     sae.status = SAEStatus.ready.value
     sae.published_at = utcnow()
     session.flush()

@@ -26,6 +26,7 @@ from trainer.activations import (
     LMActivations,
     LMStreamSpec,
     ShuffleBuffer,
+    cached_eval_activations,
 )
 from trainer.config import TrainConfig
 from trainer.distributed import barrier
@@ -104,6 +105,11 @@ def held_out_activations(cfg: TrainConfig, lm, array: ArrayActivations | None) -
     """Held-out activations for the reconstruction metrics, {site: [n, D]} on the CPU."""
     if array is not None:
         return {cfg.site[0]: array.eval_tensor(cfg.eval_tokens)}
+    if cfg.cache_activations:  # a cache of the held-out split (e.g. the demo's) saves an LM pass
+        cached = cached_eval_activations(get_settings().data_dir / "activations", stream_spec(cfg, lm, "eval"),
+                                         cfg.eval_tokens)
+        if cached is not None:
+            return cached
     source = LMActivations(lm, stream_spec(cfg, lm, "eval"), cfg.lm_batch_size, max_tokens=cfg.eval_tokens, epochs=1)
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in cfg.site}
     for chunk in source:

@@ -5,7 +5,8 @@
 - saes: analyze, publish, import, add, export;
 - service: serve, inference, worker, explain, jobs, keys, demo;
 - interpret: embed-explanations;
-- admin: db, settings, models, sites.
+- admin: db, settings, models, sites;
+- lineage: relate.
 
 Every user mistake ends in one line on stderr (`error: what is wrong (what to do)`) and a non-zero
 exit status, never a traceback; set SAE_ATLAS_DEBUG=1 to see tracebacks of unexpected errors.
@@ -19,14 +20,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, interpret, saes, service, training
+from app.cli import admin, interpret, lineage, saes, service, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from app.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, saes, service, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, lineage, saes, service, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--scope", choices=["read", "write"], default="write",
                       help="read: reads of a private atlas (public_reads=false); write: also jobs, runs, cancels "
                            "(default write)")
+
+    lineage.add_parsers(sub)
 
     demo = sub.add_parser("demo", help="build the demo atlas on the bundled model (first run) and serve it")
     demo.add_argument("--rebuild", action="store_true")

@@ -230,3 +230,96 @@ def legend(names: list[str]) -> Markup:
     items = [f'<li><svg class="swatch" viewBox="0 0 22 6" aria-hidden="true"><line class="line {series_class(i)}" '
              f'x1="1" y1="3" x2="21" y2="3"/></svg>{escape(name)}</li>' for i, name in enumerate(names)]
     return Markup(f'<ul class="chartlegend">{"".join(items)}</ul>')
+
+
+# --- feature lineage and dark matter ---------------------------------------------------------------
+
+def value_bars(values: list[float | None], labels: list[str], *, width: int = 560, height: int = 150, label: str = "",
+               y_format=_fmt, css: str = "bars", tick_every: int = 1, reference: float | None = None) -> Markup:
+    """Bars of values (not counts) over labelled categories, e.g. FVU by context position; None is a
+    gap. `reference` draws a dashed line (e.g. the overall FVU); every tick_every-th label is shown."""
+    n = len(values)
+    finite = [v for v in values if _finite(v, False)]
+    if not n or not finite:
+        return Markup('<p class="muted small nodata">no data</p>')
+    pad_l, pad_r, pad_b, pad_t = 40, 6, 28, 8
+    w, h = width - pad_l - pad_r, height - pad_b - pad_t
+    top = max(max(finite), reference or 0) or 1.0
+    bw = w / n
+    parts = [f'<svg class="chart {css}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">']
+    for frac in (0.5, 1.0):
+        y = pad_t + h - h * frac
+        parts.append(f'<line class="grid" x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick end" x="{pad_l - 4}" y="{y + 3:.1f}">{escape(y_format(top * frac))}</text>')
+    for i, (v, lab) in enumerate(zip(values, labels)):
+        if not _finite(v, False):
+            continue
+        bh = max(h * max(float(v), 0.0) / top, 0.8)
+        x = pad_l + i * bw
+        parts.append(f'<rect class="bar" x="{x:.1f}" y="{pad_t + h - bh:.1f}" width="{max(bw - 0.8, 0.6):.1f}" '
+                     f'height="{bh:.1f}"><title>{escape(lab)}: {escape(y_format(float(v)))}</title></rect>')
+        if i % max(tick_every, 1) == 0:
+            parts.append(f'<text class="tick middle" x="{x + bw / 2:.1f}" y="{pad_t + h + 12}">{escape(lab)}</text>')
+    if reference is not None and _finite(reference, False):
+        y = pad_t + h - h * float(reference) / top
+        parts.append(f'<line class="ref" x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}">'
+                     f'<title>overall: {escape(y_format(float(reference)))}</title></line>')
+    parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
+    if label:
+        parts.append(f'<text class="axislabel" x="{pad_l + w / 2:.1f}" y="{height - 2}">{escape(label)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def category_lines(series: dict[str, list[float | None]], labels: list[str], *, width: int = 560, height: int = 190,
+                   label: str = "", y_max: float | None = None, y_format=_fmt, diagonal: list[float] | None = None) -> Markup:
+    """Lines over evenly spaced labelled categories (e.g. the loss-concentration curve over top-q%),
+    one colour class per series as in line_chart; `diagonal` draws a dashed reference series (what
+    an even spread would give)."""
+    vals = [float(v) for pts in series.values() for v in pts if _finite(v, False)]
+    if not labels or not vals:
+        return Markup('<p class="muted small nodata">no data</p>')
+    pad_l, pad_r, pad_b, pad_t = 40, 10, 28, 10
+    w, h = width - pad_l - pad_r, height - pad_b - pad_t
+    top = y_max if y_max is not None else max(vals) or 1.0
+    n = len(labels)
+
+    def px(i: int) -> float:
+        return pad_l + (i / max(n - 1, 1)) * w
+
+    def py(v: float) -> float:
+        return pad_t + h - min(max(v, 0.0), top) / top * h
+
+    parts = [f'<svg class="chart lines" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">']
+    for frac in (0.0, 0.5, 1.0):
+        y = pad_t + h - h * frac
+        parts.append(f'<line class="grid" x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick end" x="{pad_l - 4}" y="{y + 3:.1f}">{escape(y_format(top * frac))}</text>')
+    if diagonal:
+        pts = " L".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(diagonal))
+        parts.append(f'<path class="ref" d="M{pts}"><title>an even spread</title></path>')
+    for k, (name, pts) in enumerate(series.items()):
+        cls = series_class(k)
+        good = [(i, float(v)) for i, v in enumerate(pts) if _finite(v, False)]
+        if len(good) >= 2:
+            d = "M" + " L".join(f"{px(i):.1f},{py(v):.1f}" for i, v in good)
+            parts.append(f'<path class="line {cls}" d="{d}"><title>{escape(name)}</title></path>')
+        for i, v in good:
+            parts.append(f'<circle class="last {cls}" cx="{px(i):.1f}" cy="{py(v):.1f}" r="2.5">'
+                         f'<title>{escape(name)} · {escape(labels[i])}: {escape(y_format(v))}</title></circle>')
+    parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
+    for i, lab in enumerate(labels):
+        parts.append(f'<text class="tick middle" x="{px(i):.1f}" y="{pad_t + h + 12}">{escape(lab)}</text>')
+    if label:
+        parts.append(f'<text class="axislabel" x="{pad_l + w / 2:.1f}" y="{height - 2}">{escape(label)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def share_bar(share: float | None, *, width: int = 80) -> Markup:
+    """A small horizontal bar for a share in [0, 1] (the layer map's persistence)."""
+    if share is None or not _finite(share, False):
+        return Markup(f'<svg class="sbar" viewBox="0 0 {width} 8" aria-hidden="true"><rect class="track" width="{width}" height="8"/></svg>')
+    frac = min(1.0, max(0.0, float(share)))
+    return Markup(f'<svg class="sbar" viewBox="0 0 {width} 8" aria-hidden="true"><rect class="track" width="{width}" height="8"/>'
+                  f'<rect class="fill" width="{width * frac:.1f}" height="8"/></svg>')

@@ -1,0 +1,109 @@
+"""Checking candidate pairs on data: Pearson correlation and co-firing rates, streamed.
+
+For every latent: how often it fires (N_i), the sum and sum of squares of its activation. For
+every candidate pair: how often both fire on the same token (N_ij) and the sum of a_i * a_j. From
+these, over all N tokens (zeros included):
+
+    rho_ij = cov(a_i, a_j) / (std a_i std a_j),   P(j | i) = N_ij / N_i,   P(i | j) = N_ij / N_j.
+
+Only candidate pairs are counted: for each token and each of its active A latents, the activations
+of that latent's candidate partners are read from B's codes (densified a block of tokens at a time),
+so the cost is tokens x k_A x (candidates per latent) reads, and the memory one float64 pair of
+counters per candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_DENSE_CELLS = 1 << 24  # tokens x F_B cells of B's activations densified at once (64 MiB of float32)
+
+
+class PairStats:
+    """Streaming statistics of the latents of A and B and of their candidate pairs. The pair lookups
+    run in numpy on the CPU (per-element gathers and repeats are several times faster there than
+    in torch's CPU kernels); codes on a GPU are copied over, which is cheap next to encoding them."""
+
+    def __init__(self, n_a: int, n_b: int, a: np.ndarray, b: np.ndarray, device=None):
+        self.n_a, self.n_b = n_a, n_b
+        dev = device or torch.device("cpu")
+        self.a, self.b = a.astype(np.int64), b.astype(np.int64)
+        # candidate partners grouped by A latent (CSR): those of latent i are partner[start[i]:start[i] + degree[i]]
+        self.order = np.lexsort((self.b, self.a))
+        self.partner = self.b[self.order]
+        self.degree = np.bincount(self.a, minlength=n_a)
+        self.start = np.cumsum(self.degree) - self.degree
+        self._dense = np.zeros((0, n_b), np.float32)  # B's activations of a block of tokens, all zero between uses
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)
+        self.count_a, self.sum_a, self.sq_a = z(n_a), z(n_a), z(n_a)
+        self.count_b, self.sum_b, self.sq_b = z(n_b), z(n_b), z(n_b)
+        self.count_ab = np.zeros(len(a), np.float64)
+        self.sum_ab = np.zeros(len(a), np.float64)
+        self.tokens = 0
+
+    @staticmethod
+    def _latents(count, total, sq, values, indices):
+        active = values > 0
+        idx, v = indices[active], values[active].double()
+        count.index_add_(0, idx, torch.ones_like(v))
+        total.index_add_(0, idx, v)
+        sq.index_add_(0, idx, v * v)
+
+    @torch.no_grad()
+    def update(self, va: torch.Tensor, ia: torch.Tensor, vb: torch.Tensor, ib: torch.Tensor) -> None:
+        """Codes of the same n tokens: values and indices [n, k_A] of A and [n, k_B] of B.
+
+        Per block of tokens, B's activations are written into a dense [tokens, F_B] array; every
+        (token, active A latent) then reads its candidate partners' activations from it."""
+        dev = self.count_a.device
+        self.tokens += va.shape[0]
+        self._latents(self.count_a, self.sum_a, self.sq_a, va.to(dev).float(), ia.to(dev).long())
+        self._latents(self.count_b, self.sum_b, self.sq_b, vb.to(dev).float(), ib.to(dev).long())
+        if not len(self.a):
+            return
+        va, ia = va.float().clamp_min(0).cpu().numpy(), ia.long().cpu().numpy()
+        vb, ib = vb.float().clamp_min(0).cpu().numpy(), ib.long().cpu().numpy()
+        step = max(1, _DENSE_CELLS // self.n_b)
+        if self._dense.shape[0] < min(step, va.shape[0]):
+            self._dense = np.zeros((min(step, va.shape[0]), self.n_b), np.float32)
+        slots, prods = [], []
+        for s in range(0, va.shape[0], step):
+            a_v, a_i, b_v, b_i = va[s:s + step], ia[s:s + step], vb[s:s + step], ib[s:s + step]
+            rows = np.arange(a_v.shape[0])[:, None]
+            dense = self._dense
+            dense[rows, b_i] = b_v
+            row, col = np.nonzero(a_v > 0)
+            lat, val = a_i[row, col], a_v[row, col]
+            deg = self.degree[lat]
+            total = int(deg.sum())
+            if total:
+                which = np.repeat(np.arange(len(lat)), deg)  # the (token, A latent) of each lookup
+                pos = np.arange(total) - np.repeat(np.cumsum(deg) - deg, deg) + self.start[lat][which]
+                w = dense[row[which], self.partner[pos]]
+                hit = w > 0
+                slots.append(self.order[pos[hit]])
+                prods.append(val[which[hit]].astype(np.float64) * w[hit])
+            dense[rows, b_i] = 0.0  # back to all zeros for the next block
+        if slots:
+            slot = np.concatenate(slots)
+            self.count_ab += np.bincount(slot, minlength=len(self.a))
+            self.sum_ab += np.bincount(slot, weights=np.concatenate(prods), minlength=len(self.a))
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Per candidate pair, in the order the candidates were given: n_ab, rho, p_b_given_a,
+        p_a_given_b; and per latent of each SAE its firing count."""
+        n = max(self.tokens, 1)
+        a, b = self.a, self.b
+        count_a, count_b = self.count_a.cpu().numpy(), self.count_b.cpu().numpy()
+        mean_a, mean_b = self.sum_a.cpu().numpy() / n, self.sum_b.cpu().numpy() / n
+        var_a = np.clip(self.sq_a.cpu().numpy() / n - mean_a**2, 0, None)
+        var_b = np.clip(self.sq_b.cpu().numpy() / n - mean_b**2, 0, None)
+        cov = self.sum_ab / n - mean_a[a] * mean_b[b]
+        den = np.sqrt(var_a[a] * var_b[b])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
+            p_ba = np.where(count_a[a] > 0, self.count_ab / np.maximum(count_a[a], 1), 0.0)
+            p_ab = np.where(count_b[b] > 0, self.count_ab / np.maximum(count_b[b], 1), 0.0)
+        return {"n_ab": self.count_ab.copy(), "rho": np.clip(rho, -1, 1), "p_b_given_a": p_ba, "p_a_given_b": p_ab,
+                "count_a": count_a, "count_b": count_b, "tokens": self.tokens}
