@@ -169,14 +169,16 @@ def test_models_match_the_migrations(engine):
 
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    # the full-text search objects are dialect-specific and live only in the migration; on SQLite,
+    # the full-text search objects (SQLite's fts tables, PostgreSQL's tsvector expression index on
+    # explanations) are dialect-specific and live only in the migrations; on SQLite,
     # saes.run_id's foreign key is declared inline by ALTER TABLE (see migration 0003), whose name
     # SQLAlchemy's reflection does not read back: test_run_deletion_unlinks_its_saes checks it works.
     # The claim indexes order priority DESC, which Alembic cannot compare (an expression index):
     # tests/test_queue.py checks with EXPLAIN that both backends use them for the claim.
     def expected(d) -> bool:
         text = str(d)
-        if d[0] in ("add_index", "remove_index") and d[1].name in ("ix_jobs_claim", "ix_runs_claim"):
+        if d[0] in ("add_index", "remove_index") and d[1].name in ("ix_jobs_claim", "ix_runs_claim",
+                                                                    "ix_explanations_text_tsv"):
             return True
         return "fts" in text or (engine.dialect.name == "sqlite" and d[0] in ("add_fk", "remove_fk")
                                  and d[1].table.name == "saes" and "run_id" in text)
