@@ -73,7 +73,10 @@ def test_local_model_explains_and_scores_a_feature(smollm_sae_dir, sqlite_engine
         n_judged = s.scalar(select(func.count(Judgement.id)).where(Judgement.explanation_id == expl.id))
         assert n_judged == j.result["detection"]["n"] + j.result["fuzzing"]["n"] > 0
         feature = s.get(Feature, fid)
-        assert feature.explanation == expl.text and feature.best_score == expl.detection_score
+        # an uninformative detection score (the 135M judge often answers every example alike) is
+        # never a feature's best score
+        best = None if expl.detection_uninformative else expl.detection_score
+        assert feature.explanation == expl.text and feature.best_score == best
 
     client = TestClient(create_app(engine=sqlite_engine))
     page = client.get(f"/saes/smol/features/{index}")

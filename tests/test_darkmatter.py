@@ -29,7 +29,8 @@ def synthetic(n_ctx: int, seed: int = 0):
 
 
 def feed(dm: DarkMatter, x, e, tokens, batch_ctx: int = 7, mask=None) -> np.ndarray:
-    """Stream the contexts in batches; returns each row's fold (batches alternate between the two)."""
+    """Stream the contexts in batches; returns each row's fold (the first half of each batch's
+    contexts in fold 0, the rest in fold 1; a batch of one context alternates)."""
     n_ctx = tokens.shape[0]
     mask = np.ones((n_ctx, T), bool) if mask is None else mask
     rows = np.concatenate([[0], np.cumsum(mask.sum(1))])
@@ -37,7 +38,11 @@ def feed(dm: DarkMatter, x, e, tokens, batch_ctx: int = 7, mask=None) -> np.ndar
     for c0 in range(0, n_ctx, batch_ctx):
         c1 = min(c0 + batch_ctx, n_ctx)
         r = slice(rows[c0], rows[c1])
-        fold[r] = (c0 // (c1 - c0)) % 2
+        if c1 - c0 >= 2:
+            half = c0 + (c1 - c0) // 2
+            fold[rows[c0]:rows[half]], fold[rows[half]:rows[c1]] = 0, 1
+        else:
+            fold[r] = c0 % 2
         dm.update(torch.from_numpy(x[r]), torch.from_numpy(e[r]), torch.from_numpy(mask[c0:c1]),
                   torch.from_numpy(tokens[c0:c1]), c0)
     return fold

@@ -6,7 +6,7 @@ With x an activation and e = x - x_hat the SAE's error at every analysed token:
   total variance per token, so the groups' values, weighted by their token counts, average to the
   SAE's FVU on the same tokens.
 - The linear part of the error: a ridge regression e ~ (x - mean x) A + mean e from streamed
-  float64 sums (X^T X, X^T E, ...). Batches of contexts alternate between two folds; each fold's
+  float64 sums (X^T X, X^T E, ...). Each batch's contexts are split between two folds; each fold's
   map is scored on the other fold, so R2_lin (the share of the error's variance linearly predictable from
   x) is out of sample. The same sums give R2 of the error's norm ||e|| (how predictable the size of
   the error is). Products are computed per batch in float32 on inputs shifted by a first-batch
@@ -164,9 +164,16 @@ class DarkMatter:
         ok = tok < self.V
         self.tok_count.index_add_(0, tok[ok], torch.ones_like(err2d[ok]))
         self.tok_err.index_add_(0, tok[ok], err2d[ok])
-        # folds by batch of contexts: batches alternate between the two (no per-row copies)
-        fold = (first_context // max(mask.shape[0], 1)) % 2
-        self.folds[fold].add(xs, es, torch.linalg.vector_norm(es, dim=1).pow_(2), err2.sqrt())
+        # folds by context: the first half of the batch's contexts goes to one fold, the rest to the
+        # other (rows are in context order, so each part is a view: no per-row copies). A context's
+        # tokens stay together, and even a pass of one batch fills both folds.
+        es2, r = torch.linalg.vector_norm(es, dim=1).pow_(2), err2.sqrt()
+        if mask.shape[0] >= 2:
+            cut = int(mask[:mask.shape[0] // 2].sum())
+            self.folds[0].add(xs[:cut], es[:cut], es2[:cut], r[:cut])
+            self.folds[1].add(xs[cut:], es[cut:], es2[cut:], r[cut:])
+        else:  # one context per batch: alternate
+            self.folds[first_context % 2].add(xs, es, es2, r)
         if self.map is not None:
             self._score_contexts(xs, es, err2, mask, rows, pos, tokens, first_context, doc_ids, doc_pos)
         elif float(self.n) >= self.warmup:

@@ -41,16 +41,16 @@ def _pause_at_checkpoint(workdir: Path, step: int) -> dict:
 
     from trainer import train as training
 
-    save = training.Trainer.save_checkpoint
+    save = training.save_checkpoint  # the name the training loop calls
 
-    def save_then_pause(self) -> None:
-        save(self)
-        if self.is_main and self.step == step:
+    def save_then_pause(trainer) -> None:
+        save(trainer)
+        if trainer.is_main and trainer.step == step:
             (workdir / PAUSED_FILE).write_text(str(step))
             while True:  # until the test kills the worker (and this process with it)
                 time.sleep(60)
 
-    training.Trainer.save_checkpoint = save_then_pause
+    training.save_checkpoint = save_then_pause
     return {"checkpoint_every": step, "checkpoint_every_s": 0}
 
 
