@@ -48,6 +48,16 @@ def demo_names() -> dict[tuple[int, int], str]:
     return out
 
 
+def demo_folders() -> dict[tuple[int, int], Path]:
+    """(layer, width) -> the folder `make demo` trains and analyses that SAE in (d_in 576: SmolLM2-135M)."""
+    from trainer.config import sae_name
+    from trainer.sae import SAEConfig
+
+    out = get_settings().data_dir / "demo" / "sweep"
+    return {(layer, width): out / sae_name(f"resid_post.{layer}", SAEConfig(d_in=576, d_sae=width, k=DEMO_K))
+            for layer in DEMO_LAYERS for width in DEMO_WIDTHS}
+
+
 def demo_ready() -> bool:
     names = list(demo_names().values())
     with session_scope() as session:
@@ -62,10 +72,8 @@ def _step(msg: str) -> None:
 def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
     from trainer.activations import ActivationCache, LMStreamSpec
     from trainer.analyze import AnalyzeConfig, analyze
-    from trainer.config import sae_name
     from trainer.lm import load_lm
     from trainer.publish import publish
-    from trainer.sae import SAEConfig
     from trainer.train import TrainConfig, train
 
     settings = get_settings()
@@ -82,8 +90,7 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
     _step("loading SmolLM2-135M-Instruct (the first run converts the bundled GGUF, ~20 s)")
     lm = load_lm("smollm2-135m")
     cfg = TrainConfig(out=out, overwrite=out.exists(), **{**DEMO_TRAIN, **({"tokens": tokens} if tokens else {})})
-    folders = {(layer, width): out / sae_name(f"resid_post.{layer}", SAEConfig(d_in=lm.d_model, d_sae=width, k=DEMO_K))
-               for layer in DEMO_LAYERS for width in DEMO_WIDTHS}
+    folders = demo_folders()
     done = all((f / "metrics.json").is_file() and (f / "cfg.json").is_file() for f in folders.values())
     if rebuild or not done:
         _step(f"one LM pass over the held-out documents into the activation cache ({', '.join(cfg.site)})")

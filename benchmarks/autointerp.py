@@ -172,9 +172,10 @@ def local_throughput(args) -> dict:
 # --- explanations vs shuffled explanations, per scorer (the demo SAE) ----------------------------
 
 def demo_sae_dir() -> Path:
-    from app.demo import DEMO_NAME
+    """The demo's main SAE (layer 15, the widest), where `make demo` builds it under DATA_DIR."""
+    from app.demo import DEMO_LAYERS, DEMO_WIDTHS, demo_folders
 
-    return REPO / "data" / "demo" / DEMO_NAME  # where `make demo` builds it
+    return demo_folders()[max(DEMO_LAYERS), max(DEMO_WIDTHS)]
 
 
 # the done-when searches: a query, and which latents it should find (their main peak token, >= half

@@ -1,7 +1,7 @@
 """Benchmark: claim latency of the auto-interp queue with a million queued jobs, SQLite and PostgreSQL.
 
-    python benchmarks/queue.py                      # 10**6 queued jobs, 2,000 timed claims per store
-    python benchmarks/queue.py --jobs 20000 --claims 200    # a quick run
+    python benchmarks/queue_claims.py                      # 10**6 queued jobs, 2,000 timed claims per store
+    python benchmarks/queue_claims.py --jobs 20000 --claims 200    # a quick run
 
 For each store: an SAE of N bare latents is written by the database itself, every latent gets an
 explain job through the real bulk path (queue.enqueue_for_sae: timed too), a tenth of them at a
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         print(f"| {store} | {r['claim']['p50_ms']:.2f} ms | {r['claim']['p99_ms']:.2f} ms | "
               f"{r['claim_old_index']['p50_ms']:.1f} ms | {r['speedup_p50']:.0f}x | {r['enqueue_s']:.1f} s |")
     out = REPO / "benchmarks" / "results" / "queue.json"
-    out.write_text(json.dumps({"command": "python benchmarks/queue.py " + " ".join(argv or sys.argv[1:]),
+    out.write_text(json.dumps({"command": "python benchmarks/queue_claims.py " + " ".join(argv or sys.argv[1:]),
                                "jobs": args.jobs, "cpu": cpu_model(), "python": platform.python_version(),
                                "goal_p99_ms": GOAL_P99_MS, "results": results}, indent=1))
     print(f"wrote {out.relative_to(REPO)}")
