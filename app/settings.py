@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         default=None, description="Bearer key sent to the embeddings endpoint; unset means SAE_ATLAS_OPENAI_API_KEY."
     )
     embedding_batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass or per /embeddings request.")
+    embedding_query_prefix: str = Field(
+        default="", max_length=1000,
+        description="Text before an explanation embedded as the embedding scorer's query: empty for models that are not "
+        "instruction-tuned, like the bundled all-MiniLM-L6-v2; delphi's 'Instruct: Retrieve sentences that could be "
+        "related to the explanation.\nQuery:' for instruction-tuned ones.",
+    )
     publish_explanations: bool = Field(
         default=True,
         description="At publish, write a token-pattern explanation for every latent and score it with the embedding scorer (needs the embedding model).",

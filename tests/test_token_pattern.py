@@ -36,7 +36,9 @@ def test_describe_matches_the_issue_wording():
     # what the embedding model reads: chips as quotes (it has no ‹), shares left out
     assert token_pattern.plain(text) == 'the word "just", after "This"/"It"; promotes "accred", "ited", "itation"'
     assert embedding_scorer.document_text(text) == token_pattern.plain(text)
-    assert embedding_scorer.query_text(text) == embedding_scorer.QUERY_PREFIX + token_pattern.plain(text)
+    # the scorer's query: the input side only (what the windows can show), no instruction for MiniLM
+    assert embedding_scorer.query_text(text) == 'the word "just", after "This"/"It"'
+    assert embedding_scorer.query_text("fires on commas", prefix="Query:") == "Query:fires on commas"
     assert token_pattern.plain("fires on (5 %) of lines") == "fires on (5 %) of lines"  # no chips: untouched
 
 

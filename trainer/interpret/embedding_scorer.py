@@ -1,7 +1,7 @@
 """The embedding scorer (delphi's EmbeddingScorer) and the shuffled-explanation baseline.
 
-As in delphi: the explanation is embedded as a retrieval query (delphi's instruction prefix, then
-the explanation, its token chips ‹…› written as quotes: token_pattern.plain), each held-out
+As in delphi: the explanation is embedded as a retrieval query (its token chips ‹…› written as
+quotes: token_pattern.plain; delphi's instruction prefix only for instruction-tuned models), each held-out
 activating and non-activating window is embedded as plain text, and the score is the AUROC of
 their cosine similarity to the query, activating vs not (delphi's result analysis: sklearn's
 roc_auc_score of the similarities). AUROC is the probability that a random activating window is
@@ -18,16 +18,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.interpret.token_pattern import plain
+from trainer.interpret.token_pattern import PROMOTES, plain
 
-# delphi/scorers/embedding/embedding.py: the query is this prefix followed by the explanation.
-QUERY_PREFIX = "Instruct: Retrieve sentences that could be related to the explanation.\nQuery:"
+# delphi/scorers/embedding/embedding.py puts this before the explanation, for its instruction-tuned
+# embedding model. The bundled all-MiniLM-L6-v2 is not one: on the demo SAE (4,545 latents) the
+# prefix cut the true-minus-shuffled AUROC from 0.065 to 0.047, so it is a setting
+# (embedding_query_prefix), empty by default.
+DELPHI_QUERY_PREFIX = "Instruct: Retrieve sentences that could be related to the explanation.\nQuery:"
 SCORER = "embedding"
 
 
-def query_text(explanation: str, prefix: str = QUERY_PREFIX) -> str:
-    """What is embedded to score an explanation: delphi's prefix, then the explanation (chips as quotes)."""
-    return prefix + plain(explanation)
+def query_text(explanation: str, prefix: str | None = None) -> str:
+    """What is embedded to score an explanation: the prefix (default: the embedding_query_prefix
+    setting), then the explanation's input side, chips as quotes. The tokens a latent promotes
+    ("; promotes ..." of a token-pattern explanation) describe its output, not the windows it fires
+    on: left out of the query, they raised the demo SAE's true-minus-shuffled AUROC from 0.065 to
+    0.083 (experiment of 2026-11-29, BENCHMARKS.md)."""
+    if prefix is None:
+        from app.settings import get_settings
+
+        prefix = get_settings().embedding_query_prefix
+    return prefix + plain(explanation.split(PROMOTES)[0])
 
 
 def document_text(explanation: str) -> str:

@@ -34,6 +34,7 @@ MAX_BEFORE_TOKENS = 3
 MIN_BEFORE_SHARE = 0.15  # a preceding token is listed only above this share
 MIN_BEFORE_TOTAL = 0.4  # ... and only when the listed ones cover this much together
 MAX_PROMOTED = 3
+PROMOTES = "; promotes "  # where the output side of an explanation starts (embedding_scorer.query_text)
 
 # Names in words for punctuation and whitespace, so an explanation of `)` reads as a closing bracket.
 CHAR_NAMES = {
@@ -187,7 +188,7 @@ def describe(stats: TokenStats, vocab_text) -> str | None:
     if before and sum(s for _, s in before) >= MIN_BEFORE_TOTAL:
         out += ", after " + "/".join(chip(vocab_text(t)) for t, _ in before)
     if stats.promotes:
-        out += "; promotes " + ", ".join(chip(vocab_text(t)) for t in stats.promotes)
+        out += PROMOTES + ", ".join(chip(vocab_text(t)) for t in stats.promotes)
     return out
 
 
