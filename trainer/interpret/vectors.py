@@ -39,6 +39,12 @@ def pgvector_literal(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in np.asarray(v, np.float32).tolist()) + "]"
 
 
+# Bumped by every write in this process, so a search in the same process sees its own writes at once
+# (app.store.search caches the vectors' watermarks for a moment; other processes' writes show
+# within that moment).
+writes = 0
+
+
 def write_embeddings(session: Session, explanation_ids: list[int], sae_ids: list[int], vectors: np.ndarray,
                      model: str, replace: bool = False) -> int:
     """Store one vector per explanation (in the caller's transaction); replace drops older ones first.
@@ -46,6 +52,8 @@ def write_embeddings(session: Session, explanation_ids: list[int], sae_ids: list
     Bulk paths, as publishing writes one row per latent: COPY on PostgreSQL (with the pgvector
     column filled in the same pass), executemany on the raw SQLite connection.
     """
+    global writes
+    writes += 1
     if not explanation_ids:
         return 0
     vectors = np.asarray(vectors, np.float32)
