@@ -271,7 +271,7 @@ def test_concurrency_is_bounded(llm_server):
 
 
 def test_backoff_has_full_jitter_and_honours_retry_after():
-    from app.autointerp.backends import backoff_delay, parse_retry_after
+    from app.retry import backoff_delay, parse_retry_after
 
     delays = [backoff_delay(3, 0.5, 30.0) for _ in range(200)]
     assert 0 <= min(delays) < 0.5 and 3.0 < max(delays) <= 4.0  # uniform in [0, 0.5 * 2^3]

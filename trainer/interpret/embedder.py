@@ -29,13 +29,11 @@ Speed (embedding the scoring windows of every latent is most of the work of publ
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import threading
@@ -48,6 +46,7 @@ from typing import Protocol
 import numpy as np
 
 from app.errors import AtlasError
+from app.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -282,23 +281,6 @@ def _max_length(folder: str, tokenizer) -> int:
 
 # --- OpenAI-compatible HTTP --------------------------------------------------------------------
 
-RETRYABLE_STATUS = {408, 425, 429}  # plus every 5xx
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return None if when is None else max(0.0, when.timestamp() - time.time())
-
-
 @dataclass
 class HTTPEmbedder:
     """POST {base_url}/embeddings with {"model", "input": [texts]}; fields default to the settings."""
@@ -378,10 +360,9 @@ class HTTPEmbedder:
                     raise EmbeddingModelMissing(f"{url} refused the embedding request with {last}",
                                                 "check SAE_ATLAS_EMBEDDING_MODEL, SAE_ATLAS_EMBEDDING_BASE_URL "
                                                 "and SAE_ATLAS_EMBEDDING_API_KEY")
-                wait = _retry_after(response.headers.get("retry-after"))
+                wait = parse_retry_after(response.headers.get("retry-after"))
             if attempt < self.max_retries:
-                delay = min(wait, 60.0) if wait is not None else random.uniform(
-                    0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+                delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, wait)
                 log.info("embeddings: %s; retry %d/%d in %.2f s", last, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
         raise EmbeddingUnavailable(f"gave up on {url} after {self.max_retries + 1} attempt(s); last error: {last}",
