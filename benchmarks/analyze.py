@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_model  # noqa: E402
 os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
 os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
 
@@ -102,11 +103,6 @@ def trained_sae(bench: Path, width: int, k: int, train_tokens: int, lm) -> Path:
     return sae_dir
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:

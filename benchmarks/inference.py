@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_model  # noqa: E402
 os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data"))
 os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
 STAND_IN = "bench-live-standin"
@@ -59,14 +59,6 @@ def loadavg() -> list[float]:
         return []
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def pct(xs: list[float], q: float) -> float:

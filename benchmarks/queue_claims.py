@@ -33,19 +33,12 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_model  # noqa: E402
 os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
 
 GOAL_P99_MS = 5.0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def loadavg() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_model  # noqa: E402
 os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
 os.environ.setdefault("SAE_ATLAS_MODEL_CACHE_DIR", str(REPO / "data" / "models"))
 
@@ -47,14 +47,6 @@ def loadavg() -> str:
         return "n/a"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def random_sae(d_in: int, width: int, k: int, seed: int, mean: torch.Tensor):

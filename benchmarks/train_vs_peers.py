@@ -368,6 +368,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
+    from benchmarks.machine import cpu_model
+
     from trainer.activations import ArrayActivations
     from trainer.sae import default_lr, lr_for_width
     from trainer.train import TrainConfig
@@ -478,14 +480,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
