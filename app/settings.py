@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         "instruction-tuned, like the bundled all-MiniLM-L6-v2; delphi's 'Instruct: Retrieve sentences that could be "
         "related to the explanation.\nQuery:' for instruction-tuned ones.",
     )
+    embedding_window: int | None = Field(
+        default=None, ge=1, le=128,
+        description="Tokens in each window the embedding scorer embeds; unset means 6 (trainer.interpret.windows.WINDOW). "
+        "delphi embeds 32; shorter windows measured a wider gap between true and shuffled explanations on the demo SAE.",
+    )
     publish_explanations: bool = Field(
         default=True,
         description="At publish, write a token-pattern explanation for every latent and score it with the embedding scorer (needs the embedding model).",

@@ -14,6 +14,7 @@ from app import store
 from app.autointerp.synthetic import make_synthetic_sae
 from app.models import SAE, Example, Explanation, ExplanationEmbedding, Feature
 from tests.test_api import assert_error, make_client
+from trainer.interpret import token_pattern
 from trainer.interpret.embedder import get_embedder
 from trainer.interpret.embedding_scorer import document_text
 from trainer.interpret.vectors import write_embeddings
@@ -240,7 +241,7 @@ def test_publish_explains_and_scores_every_latent(engine, tiny_sae_dir, one_torc
         fired = [f for f in feats if f.firing_count > 0]
         expls = {e.feature_id: e for e in s.scalars(select(Explanation))}
         assert fired and all(f.explanation and f.id in expls for f in fired)
-        assert all(expls[f.id].explainer == "token-pattern" and expls[f.id].method == "token-pattern-v2" for f in fired)
+        assert all(expls[f.id].explainer == "token-pattern" and expls[f.id].method == token_pattern.METHOD for f in fired)
         # the score is on held-out windows (not the top examples the explanation was written from):
         # a latent that fired so rarely that its few other examples overlap its top examples has
         # none to score on

@@ -36,10 +36,24 @@ def test_describe_matches_the_issue_wording():
     # what the embedding model reads: chips as quotes (it has no ‹), shares left out
     assert token_pattern.plain(text) == 'the word "just", after "This"/"It"; promotes "accred", "ited", "itation"'
     assert embedding_scorer.document_text(text) == token_pattern.plain(text)
-    # the scorer's query: the input side only (what the windows can show), no instruction for MiniLM
-    assert embedding_scorer.query_text(text) == 'the word "just", after "This"/"It"'
+    # the scorer's query: the bare tokens of the input side (what the windows can show), the ones
+    # before the peak first; nothing it promotes, no instruction for MiniLM
+    assert embedding_scorer.query_text(text) == "This It just"
+    assert embedding_scorer.query_text("‹)› right parenthesis (60 % of top examples), ‹↵› newline (5 %)") == ") \n"
     assert embedding_scorer.query_text("fires on commas", prefix="Query:") == "Query:fires on commas"
     assert token_pattern.plain("fires on (5 %) of lines") == "fires on (5 %) of lines"  # no chips: untouched
+
+
+def test_describe_names_up_to_five_peak_tokens_above_five_percent():
+    # 20 top examples peaking on six different tokens: 8, 4, 3, 2, 2 and 1 of them
+    peaks = [3] * 8 + [5] * 4 + [6] * 3 + [7] * 2 + [8] * 2 + [9]
+    tokens = np.full((20, 4), -1)  # nothing before or after the peak
+    tokens[:, 2] = peaks
+    (st,) = token_pattern.stats_from_windows(np.zeros(20), tokens, np.full(20, 2), 1)
+    text = token_pattern.describe(st, vt)
+    # the sixth (1 of 20 = 5 %) is cut by the count, not the share; shares are of the top examples
+    assert text.count("‹") == 5 and "(40 % of top examples)" in text and "(10 %)" in text
+    assert embedding_scorer.query_text(text) == " ".join(vt(t).strip() for t in (3, 5, 6, 7, 8))
 
 
 def test_token_kinds():
@@ -188,7 +202,7 @@ def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_unknown():
             (2, top, 0, 10), (2, rand, 0, 60), (2, rand, 1, 105)]
     ex, feats = _stream_analysis(rows, density=[1e-4, 1e-4, 0.5])
     vocab = [f"w{i} " for i in range(997)]
-    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, ctx_len=T)
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=32, ctx_len=T)
     span = [sw.spans[k] for k in range(len(sw.spans))]
     # latent 0: the blocks [64, 96) (activations at 70 and 75: one window) and [192, 224); its
     # activation at 45 is in the block [32, 64), which overlaps its top example's window [8, 53)
@@ -210,5 +224,5 @@ def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_unknown():
     assert not set(sw.neg[2]) & set(sw.pos[2])
     # a decoder neighbour's windows are never negatives: then latent 0 has its own zero stretches
     feats["neighbor_ids"][0] = [1, -1]
-    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, ctx_len=T)
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=32, ctx_len=T)
     assert sw.neg_source[0] == "own_zero_runs" and not set(sw.neg[0]) & set(sw.pos[1])

@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Session
 
 from app.models import SAE, Explanation, Feature
+from app.settings import get_settings
 from trainer.interpret import embedding_scorer, token_pattern, windows
 from trainer.interpret.embedder import Embedder
 from trainer.interpret.vectors import write_embeddings
@@ -101,7 +102,8 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     stats = token_pattern.stats_from_analysis(examples, features)
     texts = [token_pattern.describe(st, text) for st in stats]
     t_explain = time.perf_counter() - started
-    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed,
+    window = get_settings().embedding_window or windows.WINDOW
+    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed, window=window,
                           ctx_len=analysis.get("ctx_len"), exclude_bos=bool(analysis.get("exclude_bos", True)))
     t_windows = time.perf_counter() - started - t_explain
     explained = [i for i, t in enumerate(texts) if t]
@@ -129,7 +131,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     total = time.perf_counter() - started
     result.update({
         "scorer": embedding_scorer.SCORER, "explainer": token_pattern.EXPLAINER, "method": token_pattern.METHOD,
-        "model": embedder.name, "explained": n_expl, "latents": n, "n_pos": n_pos, "n_neg": n_neg,
+        "model": embedder.name, "explained": n_expl, "latents": n, "n_pos": n_pos, "n_neg": n_neg, "window": window,
         "windows": n_win, "fixed_blocks": wins.blocks, "distinct_texts": distinct, "texts_embedded": embedded,
         "embedding_dtype": embedder.precision() if hasattr(embedder, "precision") else None,
         "negatives_from": {s: wins.neg_source.count(s) for s in ("other_latents", "own_zero_runs", "none")},

@@ -1,8 +1,8 @@
 """The embedding scorer (delphi's EmbeddingScorer) and the shuffled-explanation baseline.
 
-As in delphi: the explanation is embedded as a retrieval query (its token chips ‹…› written as
-quotes: token_pattern.plain; delphi's instruction prefix only for instruction-tuned models), each held-out
-activating and non-activating window is embedded as plain text, and the score is the AUROC of
+As in delphi: the explanation is embedded as a retrieval query (query_text; delphi's instruction
+prefix only for instruction-tuned models), each held-out activating and non-activating window is
+embedded as plain text (windows.py: 6 tokens by default, where delphi embeds 32), and the score is the AUROC of
 their cosine similarity to the query, activating vs not (delphi's result analysis: sklearn's
 roc_auc_score of the similarities). AUROC is the probability that a random activating window is
 more similar than a random non-activating one (ties count a half): 0.5 is chance, 1 perfect.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.interpret.token_pattern import PROMOTES, plain
+from trainer.interpret.token_pattern import AFTER, PROMOTES, chip_tokens, plain
 
 # delphi/scorers/embedding/embedding.py puts this before the explanation, for its instruction-tuned
 # embedding model. The bundled all-MiniLM-L6-v2 is not one: on the demo SAE (4,545 latents) the
@@ -30,15 +30,24 @@ SCORER = "embedding"
 
 def query_text(explanation: str, prefix: str | None = None) -> str:
     """What is embedded to score an explanation: the prefix (default: the embedding_query_prefix
-    setting), then the explanation's input side, chips as quotes. The tokens a latent promotes
-    ("; promotes ..." of a token-pattern explanation) describe its output, not the windows it fires
-    on: left out of the query, they raised the demo SAE's true-minus-shuffled AUROC from 0.065 to
-    0.083 (experiment of 2026-11-29, BENCHMARKS.md)."""
+    setting), then the explanation's input side.
+
+    An LM's explanation is embedded as written. A token-pattern explanation is embedded as the bare
+    tokens its chips show on the input side, the ones before the peak first ("after ‹This›/‹It›"
+    then ‹ just› reads "This It just"): that is what its activating windows contain. The tokens
+    it promotes describe its output, not the windows it fires on, and the words around the chips
+    ("the word", "right parenthesis", the shares) are for people. Measured on the demo SAE, each
+    step widened the gap between true and shuffled explanations (BENCHMARKS.md,
+    benchmarks/embedding_queries.py)."""
     if prefix is None:
         from app.settings import get_settings
 
         prefix = get_settings().embedding_query_prefix
-    return prefix + plain(explanation.split(PROMOTES)[0])
+    inputs = explanation.split(PROMOTES)[0]
+    if "‹" not in inputs:
+        return prefix + plain(inputs)
+    peaks, _, before = inputs.partition(AFTER)
+    return prefix + " ".join(chip_tokens(before) + chip_tokens(peaks))
 
 
 def document_text(explanation: str) -> str:

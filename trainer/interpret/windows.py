@@ -1,14 +1,18 @@
 """The held-out activating and the non-activating windows every latent is scored on.
 
-A window is plain text (its tokens joined, no marks) of at most 32 tokens, delphi's default
-example length. Windows are spans of the analysis's token stream, and wherever the stream is known
-they are delphi's fixed windows (its center_examples=False): the 32-token blocks each context is cut
-into, [32 b, 32 b + 32) from the context's start. A block holds the activation somewhere inside it.
-Fixed blocks are what makes scoring every latent affordable: every latent that fires in a block
-shares that one window, so the windows to embed are bounded by the analysed tokens / 32 (about 17k
-for the demo's 0.57 M tokens) rather than growing with latents x windows. The stream is rebuilt
-from the example windows of all latents (they overlap and cover most of it); a block with a token
-no example shows falls back to the window centred on the activation (peak 3/4 of the way in).
+A window is plain text (its tokens joined, no marks) of at most WINDOW = 6 tokens (the setting
+embedding_window). delphi embeds 32-token examples, its default example length; a sentence
+embedding of 32 tokens of code or prose is mostly about the context, not about the token a latent
+fires on, and on the demo SAE the gap between true and shuffled explanations grew as the windows
+shrank (32 -> 16 -> 8 -> 6 tokens; BENCHMARKS.md, benchmarks/embedding_queries.py --windows).
+Windows are spans of the analysis's token stream, and wherever the stream is known they are
+delphi's fixed windows (its center_examples=False): the blocks of `window` tokens each context is
+cut into, [w b, w b + w) from the context's start. A block holds the activation somewhere inside
+it. Fixed blocks are what makes scoring every latent affordable: every latent that fires in a
+block shares that one window, so the windows to embed are bounded by the analysed tokens / w
+rather than growing with latents x windows. The stream is rebuilt from the example windows of all
+latents (they overlap and cover most of it); a block with a token no example shows falls back to
+the window around the activation (peak 3/4 of the way in).
 
 - Activating (held out): the latent's uniform random sample of activations first (kind=random: a
   sample of all its activations, like delphi's quantile-stratified test set), then its interval
@@ -16,7 +20,7 @@ no example shows falls back to the window centred on the activation (peak 3/4 of
   explanation is computed from.
 - Non-activating: windows of other latents, as delphi's default ("random" non-activating
   contexts). This latent's activation there is not stored, so it is assumed 0, which is true
-  unless it fires somewhere in the window: probability ~1-(1-density)^32. They are used only when
+  unless it fires somewhere in the window: probability ~1-(1-density)^window. They are used only when
   that is at most MAX_CONTAMINATION, never from the latent's nearest decoder neighbours (similar
   directions co-fire), and never where a window overlaps one of the latent's own examples. Denser
   latents get stretches of their own windows where they are exactly 0 (certain, but near an
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WINDOW = 32
+WINDOW = 6
 PEAK_FRAC = 0.75
 MAX_CONTAMINATION = 0.2
 N_NEIGHBORS_EXCLUDED = 10
