@@ -5,7 +5,8 @@ SQLite file and a fresh database on a throwaway PostgreSQL server.
     python benchmarks/publish.py [--sae-dir data/bench/sae-16k] [--repeats 3]
 
 Each repeat publishes into a new, migrated, empty database; the table gives the median wall time
-of trainer.publish.publish() (one transaction: PostgreSQL COPY, SQLite executemany).
+of trainer.publish.publish() (one transaction: PostgreSQL COPY, SQLite executemany), without the
+interpretation step publish adds by default (timed by benchmarks/analyze.py).
 Results go to benchmarks/results/publish.json.
 """
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
                     engine = make_engine(url)
                     upgrade(engine)
                     t = time.perf_counter()
-                    publish(args.sae_dir, "bench-16k", engine=engine, progress=False)
+                    publish(args.sae_dir, "bench-16k", engine=engine, progress=False, explain=False)
                     times.append(time.perf_counter() - t)
                     with engine.connect() as conn:
                         latents = conn.exec_driver_sql("SELECT count(*) FROM features").scalar()

@@ -36,7 +36,8 @@ Every row is printed and written (benchmarks/results/synthetic_recovery.json); t
 per architecture the worst and the median mmcs over the grid, and the goal check (JumpReLU and
 Matryoshka: mmcs >= 0.97 with <= 5% dead at TopK's L0) is made on every cell, not the best.
 The default learning rate (trainer/sae/base.py default_lr) and dead window (dead_window) were
-chosen on this grid; `--lr-scale` multiplies the default learning rate for such sweeps.
+chosen on this grid; `--lr-scale` multiplies the default learning rate for such sweeps, and
+`--set aux_coefficient=0.25` (repeatable) overrides one architecture setting of TrainConfig.
 
 Run it on a quiet machine: `nice` is fine, but other processes change only the wall times. Each
 training is one process with one torch thread (`--jobs` of them at a time).
@@ -69,6 +70,9 @@ GRID = {"d": (32, 96), "ratio": (2, 4), "l0": (4, 10), "tokens": (500_000, 2_000
 QUICK = [(32, 4, 4, 500_000), (48, 1, 10, 500_000)]
 REF_LR = 4e-3  # the reference's fixed learning rate
 BATCH = 4096
+# what --set may override (TrainConfig fields; None there means the SAEConfig default)
+TUNABLE = ("aux_k", "aux_coefficient", "dead_after_tokens", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth",
+           "jumprelu_init_threshold")
 MAX_ROWS = 1_000_000  # training rows per data set (longer runs repeat them; ~4 passes at 8M tokens)
 EVAL_ROWS = 32_768
 
@@ -168,7 +172,8 @@ def train_and_score(job: dict) -> dict:
         out = Path(job["out"])
         cfg = TrainConfig(out=out, activations=data, site=["resid_post.0"], arch=[arch], width=[width], k=[k],
                           tokens=tokens, batch_size=BATCH, device="cpu", ce_contexts=0, seed=seed, overwrite=True,
-                          checkpoint_every=0, log_every=1000, eval_tokens=EVAL_ROWS, eval_fraction=0.1)
+                          checkpoint_every=0, log_every=1000, eval_tokens=EVAL_ROWS, eval_fraction=0.1,
+                          **job.get("settings", {}))
         if job.get("lr_scale", 1.0) != 1.0:
             ((_, sae_cfg),) = cfg.sae_configs(held_out.shape[1])
             cfg.lr = default_lr(sae_cfg, tokens, BATCH) * job["lr_scale"]
@@ -180,7 +185,8 @@ def train_and_score(job: dict) -> dict:
     m = reconstruction_metrics(model, held_out)
     cos = max_cosines(model.sae.W_dec, directions)
     return {**{k_: job[k_] for k_ in ("shape", "d", "ratio", "true_l0", "n_features", "width", "k", "tokens", "seed")},
-            "architecture": arch, "trained_tokens": trained, "lr": lr, "wall_s": round(wall, 1), "fvu": m["fvu"],
+            "architecture": arch, "settings": {} if arch == "reference" else job.get("settings", {}),
+            "trained_tokens": trained, "lr": lr, "wall_s": round(wall, 1), "fvu": m["fvu"],
             "l0": m["l0"], "dead": m["dead_frac_eval"], "dense": m["dense_frac"], "mmcs": float(cos.mean()),
             "recovered_0.9": float((cos > 0.9).float().mean())}
 
@@ -253,18 +259,30 @@ def main(argv=None) -> None:
     p.add_argument("--shape", action="append", help="D,ratio,L0,tokens: run only these cells (repeatable)")
     p.add_argument("--arch", nargs="+", default=list(ROWS), choices=ROWS)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply the default learning rate (tuning sweeps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a TrainConfig setting for every row but the reference ({', '.join(TUNABLE)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time (one torch thread each)")
     p.add_argument("--out", default=None, help="folder for the data and the SAEs (default: a temporary folder)")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "synthetic_recovery.json"),
                    help="where to write the rows (default benchmarks/results/synthetic_recovery.json)")
     args = p.parse_args(argv)
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TUNABLE:
+            p.error(f"--set takes KEY=VALUE with KEY one of {', '.join(TUNABLE)}; got {item!r}")
+        try:
+            settings[key] = int(value) if key in ("aux_k", "dead_after_tokens") else float(value)
+        except ValueError:
+            p.error(f"--set {key} needs a number, got {value!r}")
     if args.quick and args.json == p.get_default("json"):
         args.json = args.json.replace(".json", ".quick.json")  # a smoke run never replaces the real numbers
 
     root = Path(args.out or tempfile.mkdtemp(prefix="synthetic-recovery-"))
     root.mkdir(parents=True, exist_ok=True)
     jobs = []
+    tag = "-".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "defaults"
     for d, ratio, l0, tokens in shapes(args):
         path, dir_file = data_for(root, d, l0, tokens, args.seed)
         name = shape_name(d, ratio, l0, tokens)
@@ -272,8 +290,8 @@ def main(argv=None) -> None:
             jobs.append({"shape": name, "d": d, "ratio": ratio, "true_l0": l0, "n_features": 4 * d,
                          "width": ratio * 4 * d, "k": k_for(l0), "tokens": tokens, "seed": args.seed, "arch": arch,
                          "data": str(path), "directions": str(dir_file),
-                         "out": str(root / f"lr-scale-{args.lr_scale:g}" / name / arch),
-                         "lr_scale": args.lr_scale})
+                         "out": str(root / f"lr-scale-{args.lr_scale:g}" / tag / name / arch),
+                         "lr_scale": args.lr_scale, "settings": settings})
     print(f"{len(jobs)} trainings ({len(jobs) // len(args.arch)} shapes x {len(args.arch)} rows), {args.jobs} at a time; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     started, results = time.time(), []
@@ -292,7 +310,7 @@ def main(argv=None) -> None:
         "command": "python benchmarks/synthetic_recovery.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
-        "settings": {"batch_size": BATCH, "reference_lr": REF_LR, "lr_scale": args.lr_scale, "k": "ceil(1.25 x true L0)",
+        "settings": {"overrides": settings, "batch_size": BATCH, "reference_lr": REF_LR, "lr_scale": args.lr_scale, "k": "ceil(1.25 x true L0)",
                      "n_features": "4 x D", "max_train_rows": MAX_ROWS, "eval_rows": EVAL_ROWS},
         "rows": results, **agg}, indent=1))
     print(f"wrote {out}")
