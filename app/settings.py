@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     )
     embedding_window: int | None = Field(
         default=None, ge=1, le=128,
-        description="Tokens in each window the embedding scorer embeds; unset means 6 (trainer.interpret.windows.WINDOW). "
+        description="Tokens in each window the embedding scorer embeds, for token-pattern and LM explanations alike; unset means 6 (trainer.interpret.windows.WINDOW). "
         "delphi embeds 32; shorter windows measured a wider gap between true and shuffled explanations on the demo SAE.",
     )
     publish_explanations: bool = Field(

@@ -226,3 +226,21 @@ def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_unknown():
     feats["neighbor_ids"][0] = [1, -1]
     sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=32, ctx_len=T)
     assert sw.neg_source[0] == "own_zero_runs" and not set(sw.neg[0]) & set(sw.pos[1])
+
+
+def test_lm_explanations_are_embedding_scored_on_windows_as_long_as_at_publish():
+    from app.autointerp.explain import window_plain_text
+    from app.autointerp.prompts import Window
+
+    tokens = tuple(f" t{i}" for i in range(32))
+    acts = [0.0] * 32
+    acts[20] = 2.0
+    acts[25] = 1.0
+    hit = Window(tokens, tuple(acts), True, "random", 1, 0, 0)
+    # 6 tokens with the strongest activation (t20) 3/4 of the way in: t16 .. t21
+    assert window_plain_text(hit, 6) == "".join(tokens[16:22])
+    miss = Window(tokens, (0.0,) * 32, False, "negative:other", None, 0, 0)
+    assert window_plain_text(miss, 6) == "".join(tokens[12:18])  # the middle of a non-activating one
+    edge = Window(tokens, tuple([3.0] + [0.0] * 31), True, "top", 2, 0, 0)
+    assert window_plain_text(edge, 6) == "".join(tokens[:6])  # never past the window's start
+    assert window_plain_text(hit) == "".join(tokens) and window_plain_text(hit, 64) == "".join(tokens)

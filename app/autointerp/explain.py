@@ -38,8 +38,10 @@ from app.autointerp.prompts import (
 )
 from app.autointerp.scoring import Score, detection, fuzzing
 from app.models import SAE, Example, Explanation, Feature, Judgement
+from app.settings import get_settings
 from app.store import vocab_for
 from trainer.interpret import embedding_scorer, token_pattern
+from trainer.interpret.windows import PEAK_FRAC, WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +299,18 @@ class EmbeddingResult:
     summary: dict
 
 
-def window_plain_text(w: Window) -> str:
-    """A window as delphi's embedding scorer sees it: its tokens joined, no marks."""
-    return "".join(w.tokens).replace("\\n", "\n").replace("\\t", "\t")
+def window_plain_text(w: Window, length: int | None = None) -> str:
+    """A window as the embedding scorer sees it: its tokens joined, no marks, cut to `length` tokens
+    around its strongest activation (peak 3/4 of the way in; the middle of a non-activating one),
+    so that an LM's explanation is scored on windows as long as the token-pattern ones scored at
+    publish (windows.py), and the two scores and the SAE's shuffled baseline compare."""
+    tokens = list(w.tokens)
+    if length is not None and len(tokens) > length:
+        acts = list(w.acts)
+        peak = max(range(len(acts)), key=acts.__getitem__) if acts and max(acts) > 0 else len(tokens) // 2
+        lo = min(max(peak - round(PEAK_FRAC * (length - 1)), 0), len(tokens) - length)
+        tokens = tokens[lo:lo + length]
+    return "".join(tokens).replace("\\n", "\n").replace("\\t", "\t")
 
 
 def embedding_score(text: str, positives: list[Window], negatives: list[Window],
@@ -308,9 +319,10 @@ def embedding_score(text: str, positives: list[Window], negatives: list[Window],
     from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
 
     embedder = get_embedder()
+    length = get_settings().embedding_window or WINDOW
     try:
         vecs = embedder.embed([embedding_scorer.query_text(text), embedding_scorer.document_text(text)]
-                              + [window_plain_text(w) for w in positives + negatives])
+                              + [window_plain_text(w, length) for w in positives + negatives])
     except EmbeddingUnavailable as exc:
         log.warning("no embedding score or search vector for this explanation: %s", exc.one_line())
         return None
@@ -318,7 +330,7 @@ def embedding_score(text: str, positives: list[Window], negatives: list[Window],
     sims = windows @ query
     auroc = embedding_scorer.auroc(sims[:len(positives)], sims[len(positives):])
     return EmbeddingResult(auroc=auroc, vector=doc, model=embedder.name, summary={
-        "auroc": auroc, "n_pos": len(positives), "n_neg": len(negatives), "model": embedder.name,
+        "auroc": auroc, "n_pos": len(positives), "n_neg": len(negatives), "model": embedder.name, "window": length,
         "baseline": baseline})
 
 
