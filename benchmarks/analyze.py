@@ -105,8 +105,6 @@ def trained_sae(bench: Path, width: int, k: int, train_tokens: int, lm) -> Path:
     return sae_dir
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1_000_000, help="tokens to analyse (default 1M: the whole corpus)")

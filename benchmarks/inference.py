@@ -59,8 +59,6 @@ def loadavg() -> list[float]:
         return []
 
 
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]

@@ -39,8 +39,6 @@ os.environ.setdefault("SAE_ATLAS_DATA_DIR", str(REPO / "data" / "bench"))
 GOAL_P99_MS = 5.0
 
 
-
-
 def loadavg() -> str:
     try:
         return Path("/proc/loadavg").read_text().strip()

@@ -47,8 +47,6 @@ def loadavg() -> str:
         return "n/a"
 
 
-
-
 def random_sae(d_in: int, width: int, k: int, seed: int, mean: torch.Tensor):
     from trainer.sae import SAEConfig, build_sae
 

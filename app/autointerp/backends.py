@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from app.errors import AtlasError
+from app.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
 from app.settings import get_settings
-from app.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

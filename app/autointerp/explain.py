@@ -38,10 +38,9 @@ from app.autointerp.prompts import (
 )
 from app.autointerp.scoring import Score, detection, fuzzing
 from app.models import SAE, Example, Explanation, Feature, Judgement
-from app.settings import get_settings
 from app.store import vocab_for
 from trainer.interpret import embedding_scorer, token_pattern
-from trainer.interpret.windows import PEAK_FRAC, WINDOW
+from trainer.interpret.windows import centred_start, scoring_window
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +307,7 @@ def window_plain_text(w: Window, length: int | None = None) -> str:
     if length is not None and len(tokens) > length:
         acts = list(w.acts)
         peak = max(range(len(acts)), key=acts.__getitem__) if acts and max(acts) > 0 else len(tokens) // 2
-        lo = min(max(peak - round(PEAK_FRAC * (length - 1)), 0), len(tokens) - length)
+        lo = int(centred_start(peak, len(tokens), length))
         tokens = tokens[lo:lo + length]
     return "".join(tokens).replace("\\n", "\n").replace("\\t", "\t")
 
@@ -319,7 +318,7 @@ def embedding_score(text: str, positives: list[Window], negatives: list[Window],
     from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
 
     embedder = get_embedder()
-    length = get_settings().embedding_window or WINDOW
+    length = scoring_window()
     try:
         vecs = embedder.embed([embedding_scorer.query_text(text), embedding_scorer.document_text(text)]
                               + [window_plain_text(w, length) for w in positives + negatives])

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # benchmarks.machine here; our packages only in the --role read/make processes
+from benchmarks.machine import cpu_model  # noqa: E402
 D, F, K, N = 64, 256, 12, 512
 SAELENS_HOOK, TC_IN, TC_OUT = "blocks.3.hook_resid_post", "blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"
 
@@ -248,7 +250,7 @@ def peers_main(a) -> int:
         "benchmark": "interop", "command": "PEERS_PYTHON benchmarks/peers/interop.py --ours-python OURS_PYTHON",
         "sizes": {"d_in": D, "d_sae": F, "k": K, "inputs": N},
         "versions": {"sae-lens": version("sae-lens"), "eai-sparsify": version("eai-sparsify"), "torch": torch.__version__},
-        "machine": {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "cpu": _cpu_model(), "python": platform.python_version()},
+        "machine": {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "cpu": cpu_model(), "python": platform.python_version()},
         "worst_max_abs_diff": worst, "latents_switched": switched, "seconds": round(time.time() - started, 1),
         "cases": cases,
     }
@@ -264,16 +266,6 @@ def peers_main(a) -> int:
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if worst < a.tolerance and switched == 0 else 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # =============================== our side (our venv) ============================================
@@ -380,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.role == "peers":
         return peers_main(a)
-    sys.path.insert(0, str(REPO))
     (ours_read if a.role == "read" else ours_make)(Path(a.work))
     return 0
 

@@ -17,7 +17,6 @@ from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Session
 
 from app.models import SAE, Explanation, Feature
-from app.settings import get_settings
 from trainer.interpret import embedding_scorer, token_pattern, windows
 from trainer.interpret.embedder import Embedder
 from trainer.interpret.vectors import write_embeddings
@@ -102,7 +101,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     stats = token_pattern.stats_from_analysis(examples, features)
     texts = [token_pattern.describe(st, text) for st in stats]
     t_explain = time.perf_counter() - started
-    window = get_settings().embedding_window or windows.WINDOW
+    window = windows.scoring_window()
     wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed, window=window,
                           ctx_len=analysis.get("ctx_len"), exclude_bos=bool(analysis.get("exclude_bos", True)))
     t_windows = time.perf_counter() - started - t_explain

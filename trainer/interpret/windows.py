@@ -66,6 +66,19 @@ class ScoringWindows:
         return j
 
 
+def scoring_window() -> int:
+    """The window length the embedding scorer uses: the embedding_window setting, else WINDOW."""
+    from app.settings import get_settings
+
+    return get_settings().embedding_window or WINDOW
+
+
+def centred_start(peak, width: int, window: int):
+    """Where a `window`-token window around position `peak` of a `width`-token one starts: the peak
+    PEAK_FRAC of the way in, moved to stay inside (scalars or arrays of peaks)."""
+    return np.clip(np.asarray(peak) - round(PEAK_FRAC * (window - 1)), 0, max(width - window, 0))
+
+
 def window_text(ids: np.ndarray, vocab: list[str]) -> str:
     n = len(vocab)
     return "".join(vocab[t] for t in np.asarray(ids).tolist() if 0 <= t < n)
@@ -162,8 +175,7 @@ def select(examples: dict[str, np.ndarray], features: dict[str, np.ndarray], voc
     bos = ctx0 if (ctx_len and exclude_bos) else None
     full = stream.complete(b_lo, b_hi, bos) if "token" in examples else np.zeros(len(g), bool)
     # the fallback: the centred window, from the example's own tokens (it never leaves their context)
-    before = round(PEAK_FRAC * (window - 1))
-    c_lo = np.clip(peak - before, 0, max(width - window, 0))
+    c_lo = centred_start(peak, width, window)
     c_hi = np.minimum(width, c_lo + window)
     w_lo = np.where(full, b_lo, starts + c_lo)
     w_hi = np.where(full, b_hi, starts + c_hi)
