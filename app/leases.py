@@ -1,6 +1,6 @@
 """Leases on queue rows: the machinery shared by every durable queue in the store.
 
-Auto-interp jobs (app.models.Job) and training runs (app.models.TrainingRun) are rows with the same
+Auto-interp jobs (store.models.Job) and training runs (store.models.TrainingRun) are rows with the same
 queue columns (status, priority, run_after, attempts, max_attempts, lease_owner, lease_expires_at,
 heartbeat_at); workers claim them with the functions here, passing `model=`.
 
@@ -24,8 +24,8 @@ from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.models import Job, JobStatus, TrainingRun, UTCDateTime, utcnow
-from app.settings import get_settings
+from store.models import Job, JobStatus, TrainingRun, UTCDateTime, utcnow
+from store.settings import get_settings
 
 KIND_EXPLAIN = "explain"
 BACKOFF_BASE_S = 15.0

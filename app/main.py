@@ -14,10 +14,10 @@ from sqlalchemy import Engine
 from app import __version__
 from app.api import api_router
 from app.api.errors import install_error_handlers
-from app.db import check_schema, make_engine, session_factory
+from store.db import check_schema, make_engine, session_factory
 from app.middleware import BodyLimit
-from app.paths import resource_dir
-from app.settings import Settings, get_settings
+from store.paths import resource_dir
+from store.settings import Settings, get_settings
 from app.web.live_pages import router as live_pages_router
 from app.web.pages import html_error
 from app.web.lineage_pages import router as lineage_pages_router
@@ -108,7 +108,7 @@ def warm_up(app: FastAPI) -> None:
     50k-token vocabulary, which would otherwise stall the first page view of each worker), then
     move everything allocated so far out of the garbage collector's reach (gc.freeze), so that its
     full collections stay short while the server runs."""
-    from app import store
+    import store
 
     try:
         with app.state.sessionmaker() as session:

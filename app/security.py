@@ -24,8 +24,8 @@ from fastapi import Request
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError, NotFound
-from app.models import APIKey, KeyScope, WebSession, utcnow
+from store.errors import AtlasError, NotFound
+from store.models import APIKey, KeyScope, WebSession, utcnow
 
 KEY_PREFIX = "atlas_"
 SESSION_COOKIE = "atlas_session"

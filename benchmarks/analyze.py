@@ -119,7 +119,7 @@ def main() -> None:
     if args.quick:
         args.width, args.train_tokens, args.tokens, args.repeats, args.skip_postgres = 1024, 60_000, 20_000, 1, True
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from trainer.analyze import AnalyzeConfig, Analyzer
     from trainer.formats import load_sae
     from trainer.lm import load_lm

@@ -2,7 +2,7 @@
 
     python benchmarks/autointerp.py [--jobs 1000] [--sqlite-workers 2] [--pg-workers 4] [--local-jobs 5]
 
-1. Queue overhead: a synthetic SAE (app.autointerp.synthetic) gets `--jobs` explain jobs, drained
+1. Queue overhead: a synthetic SAE (tests.synthetic_sae) gets `--jobs` explain jobs, drained
    by worker PROCESSES (`python -m app.autointerp.worker --backend instant --once`) on a SQLite file
    and on a throwaway PostgreSQL server. The instant backend (tests/benchmarks only) answers at
    once, so what is measured is everything else a job costs: claim, lease, loading examples,
@@ -47,8 +47,8 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 def drain(url: str, engine, n_jobs: int, n_workers: int, concurrency: int) -> dict:
     from app.autointerp import queue
-    from app.autointerp.synthetic import make_synthetic_sae
-    from app.models import Job
+    from tests.synthetic_sae import make_synthetic_sae
+    from store.models import Job
 
     make_synthetic_sae(engine, n_features=n_jobs)
     with Session(engine) as s, s.begin():
@@ -80,7 +80,7 @@ def drain(url: str, engine, n_jobs: int, n_workers: int, concurrency: int) -> di
 def queue_overhead(args) -> list[dict]:
     import tempfile
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from tests.helpers import PostgresServer, find_pg_bindir
 
     rows = []
@@ -125,12 +125,12 @@ def smollm_sae() -> Path:
 def local_throughput(args) -> dict:
     import tempfile
 
-    from app import store
+    import store
     from app.autointerp import queue
     from app.autointerp.backends import LocalBackend
     from app.autointerp.worker import Worker
-    from app.db import make_engine, upgrade
-    from app.models import SAE, Explanation, Feature, Job
+    from store.db import make_engine, upgrade
+    from store.models import SAE, Explanation, Feature, Job
     from trainer.publish import publish
 
     folder = smollm_sae()
@@ -213,7 +213,7 @@ def embedding_vs_shuffled(folder: Path) -> dict:
 def search_check(interp, stats, vocab, embedder) -> dict:
     """Rank the explanations by cosine similarity to each SEARCH_CHECKS query (semantic search's
     ranking) and report where the first latent that should match lands, with the top hits."""
-    from app.store.search import DEFAULT_MIN_SIMILARITY
+    from store.search import DEFAULT_MIN_SIMILARITY
     from trainer.interpret.embedding_scorer import document_text
 
     explained = [i for i, t in enumerate(interp.texts) if t]
@@ -266,11 +266,11 @@ def lm_scorers_vs_shuffled(folder: Path, n: int, seed: int = 0) -> dict:
     import tempfile
     from dataclasses import replace
 
-    from app import store
+    import store
     from app.autointerp.backends import LocalBackend
     from app.autointerp.prompts import PromptConfig
-    from app.db import make_engine, upgrade
-    from app.models import SAE, Feature
+    from store.db import make_engine, upgrade
+    from store.models import SAE, Feature
     from trainer.interpret.embedding_scorer import paired_comparison
     from trainer.publish import publish
 

@@ -70,9 +70,9 @@ def find_sae(stand_in: bool) -> str:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from app.db import current_revision, get_engine, head_revision, upgrade
+    from store.db import current_revision, get_engine, head_revision, upgrade
     from app.demo import DEMO_NAME
-    from app.models import SAE, SAEStatus
+    from store.models import SAE, SAEStatus
 
     engine = get_engine()
     if current_revision(engine) != head_revision():
@@ -349,8 +349,8 @@ def main() -> None:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from app.db import get_engine
-    from app.models import SAE, Feature
+    from store.db import get_engine
+    from store.models import SAE, Feature
     from trainer.lm import load_lm
 
     if args.threads:

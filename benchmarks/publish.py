@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     if not (args.sae_dir / "analysis" / "DONE").is_file():
         ap.error(f"{args.sae_dir} is not an analysed SAE; run `python benchmarks/serve.py --build-only` first")
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from tests.helpers import PostgresServer
     from trainer.publish import publish
 

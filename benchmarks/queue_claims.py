@@ -52,8 +52,8 @@ def fill(engine, n: int) -> dict:
     from sqlalchemy.orm import Session
 
     from app.autointerp import queue
-    from app.autointerp.synthetic import make_synthetic_sae
-    from app.models import Job
+    from tests.synthetic_sae import make_synthetic_sae
+    from store.models import Job
 
     sae_id = make_synthetic_sae(engine, name="bench", n_features=1, examples_per_feature=0)
     t = time.perf_counter()
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stores", default="sqlite,postgresql")
     args = ap.parse_args(argv)
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from tests.helpers import PostgresServer
 
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]

@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--skip-dark-matter", action="store_true")
     args = ap.parse_args()
 
-    from app.settings import get_settings
+    from store.settings import get_settings
     from trainer.activations import ActivationCache, LMStreamSpec
     from trainer.analyze import AnalyzeConfig, Analyzer
     from trainer.formats import load_sae, save_sae

@@ -2,12 +2,12 @@
 
     python benchmarks/semantic_search.py [--n 100000] [--queries 200] [--no-postgres]
 
-A synthetic SAE (app.autointerp.synthetic) gets `--n` explanations (random phrases from a word
+A synthetic SAE (tests.synthetic_sae) gets `--n` explanations (random phrases from a word
 list) with stored embeddings, in a SQLite file and in a throwaway PostgreSQL server. The stored
 vectors are random unit vectors of the bundled model's width (384): the cost of exact search does
 not depend on their values, and embedding 100k texts would take the benchmark an hour on 2 cores.
 The query IS embedded with the real bundled model on every search (distinct queries, so the
-query cache never hits). Measured through app.store.search.search, the function behind
+query cache never hits). Measured through store.search.search, the function behind
 GET /api/v1/search/explanations: the first search (cold: loads the SAE's matrix), then the
 steady state (median and p95 over `--queries` searches) for semantic, keyword and merged modes,
 and the two parts of a semantic search: embedding the query, and the search with its vector known.
@@ -41,9 +41,9 @@ WORDS = ("token bracket closing opening quote string number digit function call 
 
 def fill(engine, n: int, dim: int = 384, seed: int = 0) -> dict:
     """n latents with one explanation each and its stored vector; returns seconds per phase."""
-    from app.autointerp.synthetic import make_synthetic_sae
-    from app.models import SAE, Explanation, Feature
-    from trainer.interpret.vectors import write_embeddings
+    from tests.synthetic_sae import make_synthetic_sae
+    from store.models import SAE, Explanation, Feature
+    from store.vectors import write_embeddings
 
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
@@ -81,10 +81,10 @@ def _stats(times: list[float]) -> dict:
 
 
 def measure(engine, queries: list[str]) -> dict:
-    """Latency of app.store.search.search: cold, then per mode over distinct queries (each embedded),
+    """Latency of store.search.search: cold, then per mode over distinct queries (each embedded),
     the query embedding alone, and semantic search alone (the same queries again: their vectors cached)."""
-    from app import store
-    from app.store import search as search_store
+    import store
+    from store import search as search_store
     from trainer.interpret.embedder import get_embedder
 
     store.forget_caches()
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--no-postgres", action="store_true")
     args = ap.parse_args()
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from tests.helpers import PostgresServer, find_pg_bindir
 
     rng = random.Random(1)
@@ -154,7 +154,7 @@ def main() -> None:
             upgrade(engine)
             t = time.perf_counter()
             phases = fill(engine, args.n)
-            from trainer.interpret.vectors import has_pgvector
+            from store.vectors import has_pgvector
 
             with Session(engine) as s:
                 pgv = has_pgvector(s)

@@ -130,7 +130,7 @@ def published_in(url: str) -> bool:
 
 
 def publish_to(url: str, sae_dir: Path) -> None:
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from trainer.publish import publish
 
     engine = make_engine(url)
@@ -449,9 +449,9 @@ def profile_feature_json(url: str, n: int) -> int:
     from pyinstrument import Profiler
     from starlette.requests import Request
 
-    from app import store
+    import store
     from app.api.features import get_feature
-    from app.db import make_engine
+    from store.db import make_engine
     from app.main import create_app
 
     app = create_app(engine=make_engine(url), check=False)

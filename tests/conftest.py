@@ -25,7 +25,7 @@ def pytest_configure(config):
     os.environ.setdefault("SAE_ATLAS_PUBLISH_EXPLANATIONS", "false")
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("SAE_ATLAS_DATABASE_URL", None)
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     get_settings.cache_clear()
 
@@ -70,7 +70,7 @@ def pg_server():
 
 
 def _sqlite_engine(tmp_path):
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'atlas.db'}")
     upgrade(engine)
@@ -78,7 +78,7 @@ def _sqlite_engine(tmp_path):
 
 
 def _pg_engine(pg_server):
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
 
     engine = make_engine(pg_server.create_database("t_" + uuid.uuid4().hex[:12]))
     upgrade(engine)

@@ -36,7 +36,7 @@ def serving(app, port: int | None = None, uds: str | None = None):
 
 
 def live_settings(tmp_path, inference_url: str, **overrides):
-    from app.settings import Settings
+    from store.settings import Settings
 
     return Settings(data_dir=str(tmp_path / "data"), inference_url=inference_url, device="cpu", **overrides)
 

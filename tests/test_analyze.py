@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.activations import valid_token_mask
 from trainer.analyze import KIND_INTERVAL, KIND_RANDOM, KIND_TOP, AnalyzeConfig, Analyzer, analyze
 from trainer.formats import load_sae, save_sae

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Explanation, Feature, Job
+from store.models import SAE, Explanation, Feature, Job
 
 N = 128  # latents of the tiny SAE the `published` fixture publishes
 
@@ -26,7 +26,7 @@ EXPLANATIONS = {
 
 def make_client(engine, check: bool = True, **settings) -> TestClient:
     from app.main import create_app
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     s = get_settings().model_copy(update=settings) if settings else None
     return TestClient(create_app(engine=engine, settings=s, check=check), raise_server_exceptions=False)
@@ -487,7 +487,7 @@ def test_malformed_query_strings_never_500(client):
 
 def test_unexpected_errors_are_500_in_the_error_shape(published, monkeypatch):
     engine, name = published
-    from app import store
+    import store
 
     def boom(*a, **kw):
         raise RuntimeError("secret internal detail /etc/passwd")
@@ -507,7 +507,7 @@ def test_unexpected_errors_are_500_in_the_error_shape(published, monkeypatch):
 
 
 def test_database_down_is_503_not_a_traceback():
-    from app.db import make_engine
+    from store.db import make_engine
 
     engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with make_client(engine, check=False) as c:

@@ -33,11 +33,11 @@ def smollm_sae_dir(tmp_path_factory) -> Path:
 def test_local_model_explains_and_scores_a_feature(smollm_sae_dir, sqlite_engine):
     from fastapi.testclient import TestClient
 
-    from app import store
+    import store
     from app.autointerp import queue
     from app.autointerp.worker import run_worker
     from app.main import create_app
-    from app.models import SAE, Example, Explanation, Feature, Job, Judgement, utcnow
+    from store.models import SAE, Example, Explanation, Feature, Job, Judgement, utcnow
     from trainer.publish import publish
 
     store.forget_caches()  # vocabularies are cached by LM id, which other tests' stores reuse

@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import store
+import store
 from app.autointerp import queue
 from app.autointerp.backends import _EXAMPLE_LINE, InstantBackend
 from app.autointerp.scoring import wilson_interval
-from app.autointerp.synthetic import make_synthetic_sae
-from app.models import Explanation, ExplanationEmbedding, Feature, Job, Judgement
+from tests.synthetic_sae import make_synthetic_sae
+from store.models import Explanation, ExplanationEmbedding, Feature, Job, Judgement
 from tests.test_api import make_client
 
 EXPLANATION = "the word river, as in names of rivers and streams"

@@ -271,7 +271,7 @@ def test_concurrency_is_bounded(llm_server):
 
 
 def test_backoff_has_full_jitter_and_honours_retry_after():
-    from app.retry import backoff_delay, parse_retry_after
+    from store.retry import backoff_delay, parse_retry_after
 
     delays = [backoff_delay(3, 0.5, 30.0) for _ in range(200)]
     assert 0 <= min(delays) < 0.5 and 3.0 < max(delays) <= 4.0  # uniform in [0, 0.5 * 2^3]
@@ -287,9 +287,9 @@ def test_job_failure_is_recorded_with_its_error(llm_server, sqlite_engine, monke
     from sqlalchemy.orm import Session
 
     from app.autointerp import queue
-    from app.autointerp.synthetic import make_synthetic_sae
+    from tests.synthetic_sae import make_synthetic_sae
     from app.autointerp.worker import run_worker
-    from app.models import Explanation, Job
+    from store.models import Explanation, Job
 
     make_synthetic_sae(sqlite_engine, n_features=3)
     with Session(sqlite_engine) as s, s.begin():

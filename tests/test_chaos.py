@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.autointerp import queue
-from app.models import Explanation, Job, Judgement, utcnow
+from store.models import Explanation, Job, Judgement, utcnow
 from tests.test_queue import setup_jobs, spawn_worker, url_of
 
 SEED = 20261129

@@ -115,8 +115,8 @@ def test_empty_or_missing_corpus(capsys, tmp_path, tiny_model_dir, spec, fragmen
 
 
 def test_unreachable_and_out_of_date_database(capsys, tmp_path, monkeypatch):
-    from app.db import get_engine
-    from app.settings import get_settings
+    from store.db import get_engine
+    from store.settings import get_settings
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
     get_settings.cache_clear()

@@ -255,7 +255,7 @@ def test_app_services_share_the_data_volume_and_postgres(stack):
 
 @needs_compose
 def test_app_environments_are_valid_settings(stack, monkeypatch):
-    from app.settings import Settings
+    from store.settings import Settings
 
     for name in APP:
         for key in [k for k in os.environ if k.startswith("SAE_ATLAS_") or k == "DATABASE_URL"]:
@@ -349,7 +349,7 @@ def run_spec(data: dict, where: str):
     """A RunSpec from a run's JSON, with the checks every way of submitting makes before queueing."""
     from pydantic import ValidationError
 
-    from app.errors import AtlasError
+    from store.errors import AtlasError
     from app.runs.spec import RunSpec, validate_spec
 
     try:
@@ -363,7 +363,7 @@ def run_spec(data: dict, where: str):
 def check_cli(argv: list[str], where: str) -> argparse.Namespace:
     """Fail unless `sae-atlas argv` is accepted by the real CLI exactly as written."""
     from app.cli import SUBMIT_FIELDS, build_config, build_parser
-    from app.errors import AtlasError
+    from store.errors import AtlasError
     from trainer.analyze import AnalyzeConfig
     from trainer.train import TrainConfig
 
@@ -685,7 +685,7 @@ def test_docs_set_only_variables_that_compose_reads(source):
 
 @pytest.mark.parametrize("source", sorted(DOC_SOURCES))
 def test_docs_name_real_settings(source):
-    from app.settings import Settings
+    from store.settings import Settings
 
     for name in set(re.findall(r"\bSAE_ATLAS_([A-Z0-9_]+)", DOC_SOURCES[source]())):
         assert name.lower() in Settings.model_fields, f"{source}: SAE_ATLAS_{name} is not a setting"

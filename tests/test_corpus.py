@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.corpus import Packer, PydocCorpus, open_corpus, split_documents
 
 

@@ -174,7 +174,7 @@ def test_the_analysis_reads_the_cache_exactly_as_it_reads_the_lm(tiny_lm, tiny_s
 
 
 def test_training_evaluation_reads_a_cached_held_out_split(tiny_lm, tmp_path):
-    from app.settings import get_settings
+    from store.settings import get_settings
     from tests.test_lineage_store import topics_corpus
     from trainer.activations import ActivationCache, LMActivations, LMStreamSpec, cached_eval_activations
 

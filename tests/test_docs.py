@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from app.settings import Settings
+from store.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

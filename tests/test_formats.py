@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.activations import valid_token_mask
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
 from trainer.formats import (
@@ -220,8 +220,8 @@ def test_a_transcoder_is_analysed_on_its_input_site(tiny_lm, tmp_path, small_cor
 def test_add_brings_a_sparsify_sae_to_the_store_in_one_command(tmp_path, tiny_model_dir, capsys, monkeypatch, transcode,
                                                                small_corpus):
     from app.cli import main
-    from app.db import get_engine
-    from app.settings import get_settings
+    from store.db import get_engine
+    from store.settings import get_settings
 
     d = 64
     folder = sparsify_folder(tmp_path / ("layers.2.mlp" if transcode else "layers.2"), d=d, f=96, k=6,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_sae_dir):
     """A SQLite store with the tiny SAE published (module scope: the service keeps it loaded)."""
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from trainer.publish import publish
 
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('live-api') / 'atlas.db'}")
@@ -53,7 +53,7 @@ def reproducible_top_examples(engine, tiny_sae_dir, n: int = 6):
     """Top examples whose window starts at the context's first token after BOS (their peak is closer
     to the start than the window reaches back): [BOS] + their tokens up to the peak is exactly the
     context the analysis ran, so the live value must equal the stored one."""
-    from app.models import SAE, Example, Feature
+    from store.models import SAE, Example, Feature
 
     with Session(engine) as s:
         sae = s.scalar(select(SAE).where(SAE.name == "tiny"))

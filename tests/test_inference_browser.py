@@ -18,7 +18,7 @@ def atlas(tmp_path_factory, tiny_sae_dir):
     """(base URL, API key, settings) of the API with the inference service behind it."""
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from app.security import create_key
     from tests.live_support import live_stack
     from trainer.publish import publish

@@ -17,7 +17,7 @@ HTMX = {"HX-Request": "true"}
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_sae_dir):
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from trainer.publish import publish
 
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('live-pages') / 'atlas.db'}")
@@ -118,7 +118,7 @@ def test_pages_say_when_inference_is_off(store, tmp_path, web):
     # a query stored while inference was on stays readable on a read-only mirror
     r = web.post("/contrast", data={"texts_a": "a b c\n\nd e f", "texts_b": "1 2 3\n\n4 5 6"}, follow_redirects=False)
     url = r.headers["location"]
-    from app import store as atlas_store
+    import store as atlas_store
     from app.main import create_app
 
     atlas_store.RENDERED.clear()  # rendered pages are cached per process; inference is fixed per process

@@ -18,7 +18,7 @@ def bundled(tmp_path_factory):
     are centred, normalised activations of corpus tokens (a realistic dictionary without training)."""
     import torch
 
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from trainer.analyze import AnalyzeConfig, analyze
     from trainer.corpus import Packer, open_corpus, split_documents
     from trainer.formats import save_sae
@@ -57,7 +57,7 @@ def test_steering_a_latent_raises_the_probability_of_the_token_it_promotes(bundl
 
     from app.inference.registry import Registry, lookup_saes
     from app.inference.steering import next_token_logits
-    from app.models import Feature
+    from store.models import Feature
 
     (meta,) = lookup_saes(bundled, ["smol-l29"])
     reg = Registry(bundled, "cpu", 4096)

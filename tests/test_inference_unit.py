@@ -80,7 +80,7 @@ def test_rank_orders_by_q_then_effect_and_filters_direction():
 def pooled(tmp_path_factory, tiny_sae_dir):
     """Every latent of the tiny SAE, max-pooled over each of 120 pydoc paragraphs, by the
     service's own code path (registry -> encode_texts -> pooled max)."""
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from app.inference.encode import encode_texts
     from app.inference.registry import Registry, lookup_saes
     from trainer.corpus import PydocCorpus
@@ -144,7 +144,7 @@ def test_a_planted_difference_ranks_the_planted_latent_first(pooled):
 # --- the engine: bounded queue, deadlines ------------------------------------------------------
 
 def test_engine_refuses_when_full_and_answers_expired_jobs_503(tmp_path, tiny_sae_dir):
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from app.inference.batcher import Engine
     from app.inference.jobs import ActivationsJob
     from app.inference.registry import Registry, lookup_saes
@@ -199,7 +199,7 @@ def test_rate_limiter_buckets():
 
 
 def test_inference_urls():
-    from app.errors import AtlasError
+    from store.errors import AtlasError
     from app.inference.client import parse_url
 
     assert parse_url("http://127.0.0.1:8765") == ("tcp", ("127.0.0.1", 8765))
@@ -229,7 +229,7 @@ def test_contrast_queries_are_stored_on_both_backends(engine):
     """The permalink's row (migration 0006) on SQLite and PostgreSQL: texts, answer, labels."""
     from sqlalchemy.orm import Session
 
-    from app.errors import NotFound
+    from store.errors import NotFound
     from app.inference.queries import load_query, query_texts, save_query
     from app.inference.schemas import ContrastRequest
 
@@ -250,7 +250,7 @@ def test_contrast_queries_are_stored_on_both_backends(engine):
 
 
 def test_registry_loads_on_first_use_and_evicts_the_least_recently_used(tmp_path, tiny_sae_dir):
-    from app.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
     from app.inference.registry import Registry, lookup_saes
     from trainer.publish import publish
 
@@ -284,8 +284,8 @@ def test_cli_inference_command_and_serve_spawning(tmp_path, monkeypatch, capsys)
 
     from app.cli import main
     from app.cli.service import _clear_stale_socket, start_inference_beside
-    from app.errors import AtlasError
-    from app.settings import Settings, get_settings
+    from store.errors import AtlasError
+    from store.settings import Settings, get_settings
 
     monkeypatch.setenv("SAE_ATLAS_INFERENCE", "off")
     get_settings.cache_clear()

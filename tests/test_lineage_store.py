@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, FeatureLink, SAEDarkMatter, SAERelation
+from store.models import SAE, FeatureLink, SAEDarkMatter, SAERelation
 from tests.test_cli import assert_one_line_error, run
 from tests.test_pages import check_page, make_client
 
@@ -37,7 +37,7 @@ def topics_corpus(folder) -> str:
 def sweep(tiny_model_dir, tiny_lm, tmp_path_factory):
     """{published name: analysed SAE folder}: the held-out split and the training split go through the
     LM once each (both sites hooked); training, the analyses and the relations read the cache."""
-    from app.settings import get_settings
+    from store.settings import get_settings
     from trainer.activations import ActivationCache, LMStreamSpec
     from trainer.analyze import AnalyzeConfig, analyze
     from trainer.train import TrainConfig, train
@@ -171,8 +171,8 @@ def test_the_pages_show_lineage_pairs_the_layer_map_and_what_an_sae_misses(relat
 
 def test_relate_command_and_its_one_line_errors(related, sweep, capsys, monkeypatch, tmp_path):
     from app.cli import main
-    from app.db import get_engine
-    from app.settings import get_settings
+    from store.db import get_engine
+    from store.settings import get_settings
     from trainer.publish import publish
 
     monkeypatch.setenv("DATABASE_URL", related.url.render_as_string(hide_password=False))
@@ -205,7 +205,7 @@ def test_the_migration_goes_down_and_up_again(engine):
     from alembic import command
     from sqlalchemy import inspect
 
-    from app.db import alembic_config, upgrade
+    from store.db import alembic_config, upgrade
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
@@ -236,7 +236,7 @@ def test_lineage_pages_in_headless_chromium(related, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from app.main import create_app
-    from app.settings import get_settings
+    from store.settings import get_settings
     from tests.helpers import free_port
     from tests.test_pages_browser import CHROMIUM_ARGS, htmx_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.lm import load_lm, parse_site
 
 FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma", "gemma2", "gemma3", "olmo2"]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Explanation, Feature, Job
+from store.models import SAE, Explanation, Feature, Job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ N = 128
 
 def make_client(engine, **settings) -> TestClient:
     from app.main import create_app
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     s = get_settings().model_copy(update=settings) if settings else None
     return TestClient(create_app(engine=engine, settings=s), raise_server_exceptions=False, follow_redirects=False)
@@ -75,7 +75,7 @@ class Inspect(HTMLParser):
 
 def check_page(r, settings=None) -> Inspect:
     """A full page that the CSP allows: only our script and htmx (pinned, with SRI), no inline anything."""
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     settings = settings or get_settings()
     assert r.headers["content-type"].startswith("text/html")
@@ -381,8 +381,8 @@ def raw_get(port: int, target: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-TRAVERSALS = ["/static/../app/settings.py", "/static/%2e%2e/app/settings.py", "/static/%2E%2E/app/settings.py",
-              "/static/..%2fapp/settings.py", "/static/%2e%2e%2fapp%2fsettings.py", "/static/....//app/settings.py",
+TRAVERSALS = ["/static/../store/settings.py", "/static/%2e%2e/store/settings.py", "/static/%2E%2E/store/settings.py",
+              "/static/..%2fstore/settings.py", "/static/%2e%2e%2fstore%2fsettings.py", "/static/....//store/settings.py",
               "/static/..\\app\\settings.py", "/static/%2e%2e%5capp%5csettings.py", "/static//etc/passwd",
               "/static/%2fetc%2fpasswd", "/static/../../../../etc/passwd", "/static/.%2e/.%2e/.%2e/etc/passwd"]
 

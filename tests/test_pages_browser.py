@@ -56,8 +56,8 @@ def atlas_db(tmp_path_factory, tiny_sae_dir):
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine, upgrade
-    from app.models import SAE, Explanation, Feature
+    from store.db import make_engine, upgrade
+    from store.models import SAE, Explanation, Feature
     from app.security import create_key
     from trainer.publish import publish
 
@@ -81,7 +81,7 @@ def atlas(atlas_db):
     import uvicorn
 
     from app.main import create_app
-    from app.settings import get_settings
+    from store.settings import get_settings
     from tests.helpers import free_port
 
     engine, key = atlas_db
@@ -286,7 +286,7 @@ def test_training_run_page_updates_live_and_new_run_form(page, atlas, atlas_db):
 
     from sqlalchemy.orm import Session
 
-    from app.models import RunMetric, TrainingRun, utcnow
+    from store.models import RunMetric, TrainingRun, utcnow
 
     base, key, _ = atlas
     engine, _ = atlas_db

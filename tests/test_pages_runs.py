@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.models import SAE, RunMetric, TrainingRun, utcnow
+from store.models import SAE, RunMetric, TrainingRun, utcnow
 from app.web import charts
 from tests.test_pages import check_page, make_client, make_key
 

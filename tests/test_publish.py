@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app import store
-from app.db import make_engine, upgrade
-from app.errors import AtlasError
-from app.models import SAE, Example, Feature
+import store
+from store.db import make_engine, upgrade
+from store.errors import AtlasError
+from store.models import SAE, Example, Feature
 from trainer import publish as publish_module
 from trainer.publish import Analysis, publish
 

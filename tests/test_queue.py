@@ -21,8 +21,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.autointerp import queue
-from app.autointerp.synthetic import make_synthetic_sae
-from app.models import Explanation, Feature, Job, Judgement, utcnow
+from tests.synthetic_sae import make_synthetic_sae
+from store.models import Explanation, Feature, Job, Judgement, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def make_due(engine, job_id: int) -> None:
 # --- unit tests of the queue (SQLite and PostgreSQL) ------------------------------------------
 
 def test_one_live_job_per_feature(engine):
-    from app.models import SAE
+    from store.models import SAE
 
     make_synthetic_sae(engine, n_features=5)
     with Session(engine, expire_on_commit=False) as s, s.begin():
@@ -160,7 +160,7 @@ def test_cancel_queued_and_running(engine):
         assert not queue.heartbeat(s, b, "w")  # the worker learns at its next heartbeat
         assert not queue.complete(s, b, "w")
         assert queue.fail(s, job, "w", "late") == "lost"
-        from app.errors import AtlasError
+        from store.errors import AtlasError
 
         with pytest.raises(AtlasError):
             queue.cancel_job(s, b)
@@ -243,7 +243,7 @@ def test_worker_drops_work_of_a_cancelled_job(sqlite_engine):
 
 def test_too_few_examples_is_skipped_without_retry(sqlite_engine):
     from app.autointerp.worker import run_worker
-    from app.models import Example
+    from store.models import Example
 
     (job_id,) = setup_jobs(sqlite_engine, n_features=3, n_jobs=1)
     with Session(sqlite_engine) as s, s.begin():

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from app import leases
 from app.autointerp import queue
-from app.autointerp.synthetic import make_synthetic_sae
-from app.errors import Conflict
-from app.models import Job, TrainingRun, utcnow
+from tests.synthetic_sae import make_synthetic_sae
+from store.errors import Conflict
+from store.models import Job, TrainingRun, utcnow
 
 
 def _queue_of(engine, n: int, name: str = "scale") -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.relate import RelateConfig, Side, order_pair, relate_saes
 from trainer.relate.candidates import decoder_candidates, match_vectors, pair_cost
 from trainer.relate.cofiring import PairStats

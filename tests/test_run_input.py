@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import TrainingRun
+from store.models import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def api(engine, tmp_path, monkeypatch, tiny_model_dir):
     """(client, auth headers, corpus root, model root) with runs confined to two fresh roots."""
     from app.main import create_app
     from app.security import create_key
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     corpora, models = tmp_path / "corpora", tmp_path / "models"
     corpora.mkdir()
@@ -146,7 +146,7 @@ def test_depth_from_a_gguf_header_written_by_the_gguf_package(tmp_path):
     import numpy as np
     from gguf import GGUFWriter
 
-    from app.errors import AtlasError
+    from store.errors import AtlasError
     from trainer.sources import _depth_from_gguf, check_sites
 
     path = tmp_path / "tiny.gguf"

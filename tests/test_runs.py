@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, RunMetric, TrainingRun
+from store.models import SAE, RunMetric, TrainingRun
 from app.runs.child import PAUSE_AT_STEP_ENV, PAUSED_FILE
 from app.runs.worker import HOLD_PUBLISH_ENV
 
@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def atlas(engine, tmp_path, monkeypatch, tiny_model_dir):
     """(engine, TestClient, API key, env for worker processes) over one store and data folder; runs
     may load models from the tiny model's folder and read corpora from DATA_DIR/corpora."""
-    from app.db import session_scope
+    from store.db import session_scope
     from app.main import create_app
     from app.security import create_key
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     url = engine.url.render_as_string(hide_password=False)
     data = tmp_path / "data"
@@ -212,7 +212,7 @@ def test_a_killed_workers_run_is_resumed_from_its_checkpoint_by_another(atlas, t
     wait_for(lambda: not child_processes(workdir), 10, "the orphaned trainer to die")
     saved_step = json.loads((workdir / "sae" / "run.json").read_text())["step"]
     assert saved_step == 16
-    from app.models import utcnow
+    from store.models import utcnow
 
     wait_for(lambda: run_row(engine, run_id).lease_expires_at < utcnow(), 30, "the dead worker's lease to expire")
     second = start_worker(env, "--once", log=tmp_path / "second.log")
@@ -248,7 +248,7 @@ def test_a_publish_longer_than_the_lease_completes_once_beside_a_second_trainer(
         wait_for(lambda: (hold / "publishing").is_file(), 240, "the publish to be written and held")
         second = start_worker(env, log=tmp_path / "second.log")
         held_since = time.monotonic()
-        from app.models import utcnow
+        from store.models import utcnow
 
         while time.monotonic() < held_since + 3 * lease_s:  # without heartbeats the lease would expire
             row = run_row(engine, run["id"])

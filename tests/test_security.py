@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import LM, SAE, APIKey, Explanation, Feature
+from store.models import LM, SAE, APIKey, Explanation, Feature
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
@@ -56,7 +56,7 @@ def make_client(engine) -> TestClient:
 @pytest.fixture
 def hostile(published):
     """(client, nasty token ids): the tiny SAE with a vocabulary full of hostile strings."""
-    from app import store
+    import store
 
     engine, name = published
     with make_client(engine) as c:
@@ -148,7 +148,7 @@ def test_hostile_tokens_round_trip_unchanged_in_json(hostile):
 
 
 def test_lone_surrogates_in_a_vocabulary_do_not_break_json_or_pages(published):
-    from app import store
+    import store
 
     engine, name = published
     with Session(engine) as s, s.begin():
@@ -167,7 +167,7 @@ def test_lone_surrogates_in_a_vocabulary_do_not_break_json_or_pages(published):
 
 
 def test_security_headers_everywhere(published):
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     engine, name = published
     htmx_url = get_settings().htmx_url
@@ -209,7 +209,7 @@ def test_api_keys_are_stored_hashed(engine):
 
 def test_no_stack_trace_in_any_error(published, monkeypatch):
     engine, name = published
-    from app import store
+    import store
 
     def boom(*a, **kw):
         raise ZeroDivisionError("do not show this: password=hunter2")

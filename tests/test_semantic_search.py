@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import store
-from app.autointerp.synthetic import make_synthetic_sae
-from app.models import SAE, Example, Explanation, ExplanationEmbedding, Feature
+import store
+from tests.synthetic_sae import make_synthetic_sae
+from store.models import SAE, Example, Explanation, ExplanationEmbedding, Feature
 from tests.test_api import assert_error, make_client
 from trainer.interpret import token_pattern
 from trainer.interpret.embedder import get_embedder
 from trainer.interpret.embedding_scorer import document_text
-from trainer.interpret.vectors import write_embeddings
+from store.vectors import write_embeddings
 
 # Crafted explanations in token_pattern's wording, and two an LM might write. The queries below
 # share no word with the one they must find, except "just", which is the token itself.
@@ -130,7 +130,7 @@ def test_the_floor_follows_the_query_when_every_explanation_says_the_word(engine
 
 
 def test_new_explanations_are_found_without_reloading_everything(searchable):
-    from app.store import search as search_store
+    from store import search as search_store
 
     with make_client(searchable) as c:
         assert c.get("/api/v1/search/explanations", params={"q": "colour of the sky"}).json()["items"] == []
@@ -145,7 +145,7 @@ def test_new_explanations_are_found_without_reloading_everything(searchable):
 
 
 def test_bad_queries_and_a_missing_model(searchable, monkeypatch):
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     with make_client(searchable) as c:
         url = "/api/v1/search/explanations"
@@ -189,8 +189,8 @@ class StopsAfter:
 
 def test_backfill_embeds_what_has_no_vector_resumably(searchable, monkeypatch, capsys):
     from app.cli import main
-    from app.db import get_engine
-    from app.settings import get_settings
+    from store.db import get_engine
+    from store.settings import get_settings
     from trainer.interpret.backfill import embed_missing
 
     add_explained(searchable, {18: "strings in double quotes", 19: "the colour of the sky", 2: "blue-green algae"},

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import APIKey, Job, WebSession
+from store.models import APIKey, Job, WebSession
 from tests.test_pages import make_client
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_the_session_cookie_is_secure_only_behind_a_trusted_tls_proxy(published)
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     settings = get_settings().model_copy(update={"trusted_proxies": ["127.0.0.1"]})
     app = create_app(engine=engine, settings=settings)

@@ -12,9 +12,9 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import check_schema, current_revision, head_revision, make_engine, upgrade
-from app.errors import AtlasError, SchemaOutOfDate
-from app.models import LM, SAE, APIKey, Example, Explanation, Feature, Job, Judgement, utcnow
+from store.db import check_schema, current_revision, head_revision, make_engine, upgrade
+from store.errors import AtlasError, SchemaOutOfDate
+from store.models import LM, SAE, APIKey, Example, Explanation, Feature, Job, Judgement, utcnow
 
 
 def test_migrations_create_every_table(engine):
@@ -121,7 +121,7 @@ def test_explanation_text_search_index_follows_writes(engine):
         s.add(f)
         s.flush()
         s.add(Explanation(feature_id=f.id, text="closing parentheses in function calls", method="m", explainer="x"))
-    from app.store import search_explanations
+    from store import search_explanations
 
     with Session(engine) as s:
         assert [r["index"] for r in search_explanations(s, "function call")] == [0]  # stemmed: calls ~ call
@@ -152,7 +152,7 @@ def test_unreachable_database_is_one_clear_error():
 
 
 def test_database_url_forms(monkeypatch):
-    from app.settings import Settings
+    from store.settings import Settings
 
     assert Settings(database_url="postgresql://u:p@h/db").sqlalchemy_url == "postgresql+psycopg://u:p@h/db"
     assert Settings(database_url="postgres://u@h/db").sqlalchemy_url == "postgresql+psycopg://u@h/db"
@@ -165,7 +165,7 @@ def test_models_match_the_migrations(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from app.models import Base
+    from store.models import Base
 
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -191,7 +191,7 @@ def test_run_deletion_unlinks_its_saes(published):
     from sqlalchemy import delete, select
     from sqlalchemy.orm import Session
 
-    from app.models import SAE, TrainingRun
+    from store.models import SAE, TrainingRun
 
     engine, name = published
     with Session(engine) as session, session.begin():
@@ -209,7 +209,7 @@ def test_run_deletion_unlinks_its_saes(published):
 def test_migrations_go_down_and_up_again(engine):
     from alembic import command
 
-    from app.db import alembic_config
+    from store.db import alembic_config
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:

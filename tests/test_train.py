@@ -182,7 +182,7 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, tiny_
     from trainer import train as train_module
 
     monkeypatch.setenv("SAE_ATLAS_DATA_DIR", str(tmp_path / "data"))
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     get_settings.cache_clear()
     cfg = dict(model=str(tiny_lm.source), site=["resid_post.1"], width=[32], k=[4], tokens=40 * 128, batch_size=128,

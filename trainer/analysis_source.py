@@ -50,7 +50,7 @@ class AnalysisSource:
     def _find_caches(self) -> list[ActivationCache]:
         """The caches that hold this analysis's split for this site (training's cache of a sweep serves
         every site it read); for split 'all', the eval and train caches together. Fills one when none does."""
-        from app.settings import get_settings
+        from store.settings import get_settings
 
         c = self.cfg
         root = get_settings().data_dir / "activations"

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.analysis_source import AnalysisSource
+from trainer.config import TOPK_FAMILY
 from trainer.darkmatter import DarkMatter, DarkMatterConfig, spliced_summary, spliced_token_losses
 from trainer.formats import LoadedSAE, check_native_hook, load_sae
 from trainer.progress import report as progress_report
@@ -614,7 +615,7 @@ class Analyzer:
         lm = self.lm
         return {
             "sae": {"architecture": self.loaded.architecture, "d_in": self.sae.cfg.d_in, "d_sae": self.d_sae,
-                    "k": self.sae.cfg.k if self.loaded.architecture in ("topk", "batchtopk", "matryoshka") else None,
+                    "k": self.sae.cfg.k if self.loaded.architecture in TOPK_FAMILY else None,
                     "site": c.site, "kind": self.loaded.kind, "output_site": self.loaded.output_site,
                     "source_format": self.loaded.source_format,
                     "norm_scale": float(self.loaded.meta.get("norm_scale_folded", 1.0)), "config": self.loaded.meta.get("sae", {}),

@@ -16,7 +16,7 @@ import shutil
 
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.config import TrainConfig
 from trainer.distributed import gather_objects
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 if TYPE_CHECKING:
     from trainer.sae import SAEConfig
@@ -177,9 +177,6 @@ class TrainConfig:
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def sae_name(site: str, cfg: SAEConfig) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from app.errors import AtlasError
-from app.settings import get_settings
+from store.errors import AtlasError
+from store.settings import get_settings
 from trainer.formats import load_sae, save_sae
 from trainer.sources import parse_site
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.errors import AtlasError
-from app.settings import get_settings
+from store.errors import AtlasError
+from store.settings import get_settings
 from trainer.sources import (  # noqa: F401  (re-exported: callers import them from here too)
     ALIASES,
     SITE_KINDS,
@@ -180,9 +180,6 @@ class LoadedLM:
 
     def site(self, name: str) -> Site:
         return parse_site(name, self.n_layers)
-
-    def valid_sites(self) -> list[str]:
-        return [f"{kind}.{layer}" for layer in range(self.n_layers) for kind in SITE_KINDS]
 
     def site_module(self, site: Site) -> nn.Module:
         """The module whose output is the site (for mlp_in: whose *input* is the site)."""

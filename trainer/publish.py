@@ -34,10 +34,10 @@ from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import check_schema, describe, get_engine
-from app.errors import AtlasError
-from app.models import LM, SAE, Feature, SAEDarkMatter, SAEStatus, utcnow
-from app.settings import get_settings
+from store.db import check_schema, describe, get_engine
+from store.errors import AtlasError
+from store.models import LM, SAE, Feature, SAEDarkMatter, SAEStatus, utcnow
+from store.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
 
 def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -> list:
     """The interpretation step (token-pattern explanations, embedding scores) of each analysis, or Nones."""
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     if not (get_settings().publish_explanations if explain is None else explain):
         return [None] * len(analyses)

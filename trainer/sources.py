@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 SITE_KINDS = ("resid_post", "mlp_out", "attn_out", "mlp_in")
 

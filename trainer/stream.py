@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from app.errors import AtlasError
-from app.settings import get_settings
+from store.errors import AtlasError
+from store.settings import get_settings
 from trainer.activations import (
     ActivationCache,
     ArrayActivations,

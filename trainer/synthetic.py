@@ -41,12 +41,6 @@ def superposition_data(n: int, d: int = 64, n_features: int = 256, mean_active: 
     return out, directions.astype(np.float32)
 
 
-def feature_probabilities(n_features: int = 256, mean_active: float = 6.0, freq_ratio: float = 9.0) -> np.ndarray:
-    """The firing probability of each true feature in superposition_data."""
-    base = np.geomspace(np.sqrt(freq_ratio), 1 / np.sqrt(freq_ratio), n_features)
-    return np.minimum(base / base.sum() * mean_active, 1.0)
-
-
 def max_cosines(learned: torch.Tensor | np.ndarray, true: np.ndarray | torch.Tensor) -> torch.Tensor:
     """For each true direction [n_features], the best cosine with any learned decoder row."""
     learned = torch.as_tensor(learned, dtype=torch.float32).detach()
@@ -55,7 +49,3 @@ def max_cosines(learned: torch.Tensor | np.ndarray, true: np.ndarray | torch.Ten
     true = true / true.norm(dim=1, keepdim=True)
     return (true @ learned.T).max(dim=1).values
 
-
-def mean_max_cosine(learned: torch.Tensor | np.ndarray, true: np.ndarray | torch.Tensor) -> float:
-    """For each true direction, the best cosine with a learned decoder row; averaged."""
-    return float(max_cosines(learned, true).mean())

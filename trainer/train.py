@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer import progress
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, prepare_output, save_checkpoint
-from trainer.config import TOPK_FAMILY, TrainConfig, sae_name  # noqa: F401  (re-exported)
+from trainer.config import TrainConfig, sae_name  # noqa: F401  (re-exported)
 from trainer.distributed import broadcast_flag, init_distributed, shutdown
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
 from trainer.formats import save_sae

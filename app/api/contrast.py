@@ -10,13 +10,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.api.live import admit, client
 from app.deps import get_session, read_access
 from app.inference.queries import load_query, save_query
 from app.inference.schemas import ContrastRequest, ContrastResponse, ServiceError
-from app.models import ContrastQuery
+from store.models import ContrastQuery
 from app.responses import JSON
 
 router = APIRouter(tags=["live model"], dependencies=[Depends(read_access)])

@@ -16,8 +16,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.errors import AtlasError, Conflict, NotFound
+from store.errors import AtlasError, Conflict, NotFound
 from app.responses import JSON
+from app.api_error import ApiError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +26,6 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
           406: "not_acceptable", 409: "conflict", 411: "length_required", 413: "too_large", 414: "uri_too_long",
           415: "unsupported_media_type", 422: "invalid_parameters", 429: "rate_limited", 500: "internal_error",
           503: "unavailable"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details=None, headers: dict | None = None):
-        self.status, self.code, self.message, self.details = status, code, message, details
-        self.headers = headers
-        if status == 401 and headers is None:
-            self.headers = {"WWW-Authenticate": 'Bearer realm="sae-atlas"'}
-        super().__init__(message)
-
-
-def error_body(status: int, code: str, message: str, details=None) -> dict:
-    body = {"status": status, "code": code, "message": message}
-    if details is not None:
-        body["details"] = details
-    return {"error": body}
 
 
 def is_api(path: str) -> bool:

@@ -9,11 +9,11 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.api.schemas import READ_ERRORS, FeatureExamplesOut, FeatureOut, FeaturePage, NeighborsOut
 from app.deps import get_session, read_access
-from app.models import ExampleKind
+from store.models import ExampleKind
 from app.responses import JSON, RawJSON, cache_headers, dumps, etag_matches, not_modified
 
 router = APIRouter(tags=["features"], dependencies=[Depends(read_access)], responses=READ_ERRORS)

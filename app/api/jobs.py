@@ -6,12 +6,12 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.orm import Session
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.api.schemas import READ_ERRORS, WRITE_ERRORS, JobOut, JobPage, JobsCreated, PageParams
 from app.autointerp import queue
 from app.deps import KeyFirstRoute, get_session, read_access, write_access
-from app.models import APIKey, Job
+from store.models import APIKey, Job
 from app.responses import JSON
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=KeyFirstRoute)

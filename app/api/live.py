@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 from starlette.responses import StreamingResponse
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.deps import get_session, read_access
 from app.inference.client import InferenceClient, client_for
 from app.inference.ratelimit import RateLimiter, retry_after_header

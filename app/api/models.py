@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
-from app import store
+import store
 from app.api.schemas import READ_ERRORS, LMOut, Page, PageParams
 from app.deps import get_session, read_access
 from app.responses import JSON

@@ -13,11 +13,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import store
+import store
 from app.deps import get_session, read_access
-from app.errors import NotFound
-from app.models import LM, SAE, FeatureLink
-from app.store import lineage
+from store.errors import NotFound
+from store.models import LM, SAE, FeatureLink
+from store import lineage
 
 router = APIRouter(tags=["lineage"], dependencies=[Depends(read_access)])
 

@@ -5,11 +5,11 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Path, Query
 from sqlalchemy.orm import Session
 
-from app.api.errors import ApiError
+from app.api_error import ApiError
 from app.api.schemas import READ_ERRORS, WRITE_ERRORS, PageParams, RunDetail, RunMetrics, RunPage
 from app.deps import KeyFirstRoute, get_session, read_access, write_access
-from app.errors import AtlasError, Conflict, NotFound
-from app.models import APIKey
+from store.errors import AtlasError, Conflict, NotFound
+from store.models import APIKey
 from app.responses import JSON
 from app.runs import service
 from app.runs.spec import RunSpec

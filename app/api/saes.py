@@ -3,10 +3,10 @@
 from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
-from app import store
+import store
 from app.api.schemas import READ_ERRORS, Page, PageParams, SAEDetail, SAEOut
 from app.deps import get_session, read_access
-from app.models import SAE
+from store.models import SAE
 from app.responses import JSON, cache_headers, etag_matches, not_modified
 
 router = APIRouter(tags=["saes"], dependencies=[Depends(read_access)], responses=READ_ERRORS)

@@ -283,10 +283,6 @@ class ExplanationHit(ExplanationOut):
     index: int
 
 
-class ExplanationHits(Page[ExplanationHit]):
-    q: str
-
-
 class TokenHit(FeatureSummary):
     sae: str
 

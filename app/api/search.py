@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.api.schemas import READ_ERRORS, PageParams, TokenHits
 from app.deps import get_session, read_access
 from app.responses import JSON
-from app.store import search as search_store
+from store import search as search_store
 
 router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(read_access)], responses=READ_ERRORS)
 

@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from app.errors import AtlasError
-from app.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
-from app.settings import get_settings
+from store.errors import AtlasError
+from store.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
+from store.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Backend(Protocol):
 
 # --- OpenAI-compatible HTTP -------------------------------------------------------------------
 
-# Retry rules shared with the embeddings client: app/retry.py
+# Retry rules shared with the embeddings client: store/retry.py
 
 
 @dataclass

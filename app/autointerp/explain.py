@@ -37,8 +37,8 @@ from app.autointerp.prompts import (
     zero_runs,
 )
 from app.autointerp.scoring import Score, detection, fuzzing
-from app.models import SAE, Example, Explanation, Feature, Judgement
-from app.store import vocab_for
+from store.models import SAE, Example, Explanation, Feature, Judgement
+from store import vocab_for
 from trainer.interpret import embedding_scorer, token_pattern
 from trainer.interpret.windows import centred_start, scoring_window
 
@@ -221,7 +221,7 @@ def store_result(engine: Engine, job: JobRef, worker_id: str, text: str, explain
                  embedding: EmbeddingResult | None = None) -> int:
     """Explanation + judgements + embedding + feature update + job done, in one transaction.
     Returns the explanation id."""
-    from trainer.interpret.vectors import write_embeddings
+    from store.vectors import write_embeddings
 
     scores = {"detection": det.summary(), "fuzzing": fuzz.summary()}
     if embedding is not None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from app.autointerp.backends import Message
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
 PROMPT_VERSION_STATS = "explain-v2"  # explain-v1 plus the token statistics (show_statistics)
 
-KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2  # app.models.ExampleKind
+KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2  # store.models.ExampleKind
 SOURCE_NAMES = {KIND_TOP: "top", KIND_INTERVAL: "interval", KIND_RANDOM: "random"}
 
 
@@ -97,7 +97,7 @@ def _as_bool(v) -> bool:
 
 @dataclass(frozen=True)
 class StoredExample:
-    """One row of the examples table, decoded (see app.models.Example)."""
+    """One row of the examples table, decoded (see store.models.Example)."""
 
     id: int | None
     kind: int

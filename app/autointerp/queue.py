@@ -17,7 +17,7 @@ from sqlalchemy import JSON, and_, exists, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError, Conflict, NotFound
+from store.errors import AtlasError, Conflict, NotFound
 from app.leases import (  # noqa: F401  (re-exported: the queue's public surface)
     BACKOFF_BASE_S,
     BACKOFF_MAX_S,
@@ -32,7 +32,7 @@ from app.leases import (  # noqa: F401  (re-exported: the queue's public surface
     retry_busy,
     write,
 )
-from app.models import (
+from store.models import (
     LIVE_JOB_STATUSES,
     SAE,
     Feature,
@@ -42,7 +42,7 @@ from app.models import (
     UTCDateTime,
     utcnow,
 )
-from app.settings import get_settings
+from store.settings import get_settings
 
 # Results keys that name a host and process (the worker id): kept in the store, never served.
 PRIVATE_RESULT_KEYS = frozenset(("worker",))

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from app.autointerp import queue
 from app.autointerp.backends import Backend, make_backend
 from app.autointerp.explain import JobRef, LeaseLost, run_explain_job
-from app.settings import get_settings
+from store.settings import get_settings
 
 log = logging.getLogger("app.autointerp.worker")
 
@@ -273,7 +273,7 @@ def run_worker(concurrency: int | None = None, once: bool = False, max_jobs: int
                backend: Backend | str | None = None, engine: Engine | None = None, worker_id: str | None = None,
                grace_s: float = DEFAULT_GRACE_S) -> int:
     """Run a worker until stopped (or, with once, until nothing is claimable); returns an exit code."""
-    from app.db import get_engine
+    from store.db import get_engine
 
     setup_logging()
     backend = backend if backend is not None and not isinstance(backend, str) else make_backend(backend)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-jobs", type=int, default=None)
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds running jobs get on SIGTERM")
     args = p.parse_args(argv)
-    from app.errors import AtlasError
+    from store.errors import AtlasError
 
     try:
         return run_worker(args.concurrency, args.once, args.max_jobs, backend=args.backend, grace_s=args.grace)

@@ -23,7 +23,7 @@ import sys
 from app.cli import admin, interpret, lineage, saes, service, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("SAE_ATLAS_DEBUG") == "1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_db(args) -> int:
-    from app.db import check_schema, current_revision, describe, get_engine, head_revision, upgrade
+    from store.db import check_schema, current_revision, describe, get_engine, head_revision, upgrade
 
     engine = get_engine()
     if args.db_command == "upgrade":
@@ -19,7 +19,7 @@ def cmd_db(args) -> int:
 
 
 def cmd_settings(args) -> int:
-    from app.settings import Settings, get_settings
+    from store.settings import Settings, get_settings
 
     s = get_settings()
     for name in Settings.model_fields:

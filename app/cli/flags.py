@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 
 def _field_type(f: dataclasses.Field, hints: dict) -> tuple[type, bool, bool]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_embed_explanations(args) -> int:
-    from app.db import check_schema, get_engine
+    from store.db import check_schema, get_engine
     from trainer.interpret.backfill import embed_missing
     from trainer.interpret.embedder import check_embedder
 

@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_relate(args) -> int:
-    from app.settings import get_settings
+    from store.settings import get_settings
     from trainer.relate import RelateConfig
     from trainer.relate.store import relate_published
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from app.cli.flags import build_config, load_toml
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 
 def cmd_analyze(args, extra: dict) -> int:

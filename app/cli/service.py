@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from app.db import check_schema
-    from app.settings import get_settings
+    from store.db import check_schema
+    from store.settings import get_settings
 
     check_schema()
     s = get_settings()
@@ -41,7 +41,7 @@ def start_inference_beside(settings, disabled: bool = False):
 
     if settings.inference != "on" or not settings.inference_spawn or disabled:
         return None
-    from app.api.errors import ApiError
+    from app.api_error import ApiError
 
     probe = InferenceClient(settings.inference_url, 5)
     try:
@@ -70,10 +70,10 @@ def stop_child(proc, grace: float = 15) -> None:
 
 
 def cmd_inference(args) -> int:
-    from app.db import check_schema
+    from store.db import check_schema
     from app.inference.client import parse_url
     from app.inference.service import serve_inference
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     s = get_settings()
     if s.inference != "on":
@@ -111,7 +111,7 @@ def _clear_stale_socket(path: str) -> None:
 
 def cmd_worker(args) -> int:
     from app.autointerp.worker import run_worker
-    from app.db import check_schema
+    from store.db import check_schema
 
     for flag, value in (("--concurrency", args.concurrency), ("--max-jobs", args.max_jobs)):
         if value is not None and value < 1:
@@ -125,7 +125,7 @@ def cmd_worker(args) -> int:
 
 def cmd_explain(args) -> int:
     from app.autointerp.queue import enqueue_for_sae
-    from app.db import check_schema, session_scope
+    from store.db import check_schema, session_scope
 
     check_schema()
     try:
@@ -147,8 +147,8 @@ def cmd_jobs(args) -> int:
     from sqlalchemy import func, select
 
     from app.autointerp.queue import cancel_job
-    from app.db import check_schema, session_scope
-    from app.models import Job
+    from store.db import check_schema, session_scope
+    from store.models import Job
 
     check_schema()
     with session_scope() as session:
@@ -168,7 +168,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from app.db import check_schema, session_scope
+    from store.db import check_schema, session_scope
     from app.security import create_key, list_keys, revoke_key
 
     check_schema()
@@ -197,7 +197,7 @@ def cmd_demo(args) -> int:
     import subprocess
 
     from app.demo import build_demo
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     build_demo(rebuild=args.rebuild, tokens=args.tokens)
     if args.no_serve:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from app.cli.flags import build_config, load_toml
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 # TrainConfig fields a submitted run carries over (as RunSpec fields); the rest are set by the worker.
 SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "width", "k": "k", "tokens": "tokens",
@@ -47,7 +47,7 @@ def submit_run(args, values: dict) -> int:
     """`sae-atlas train --submit ...`: validate and queue the run for a trainer worker."""
     from pydantic import ValidationError
 
-    from app.db import check_schema, session_scope
+    from store.db import check_schema, session_scope
     from app.runs.service import submit
     from app.runs.spec import RunSpec
     from trainer.config import TrainConfig
@@ -81,7 +81,7 @@ def submit_run(args, values: dict) -> int:
 
 
 def cmd_trainer_worker(args) -> int:
-    from app.db import check_schema, get_engine
+    from store.db import check_schema, get_engine
     from app.runs.worker import TrainerWorker
 
     for flag, value in (("--gpus", args.gpus), ("--max-runs", args.max_runs)):
@@ -92,7 +92,7 @@ def cmd_trainer_worker(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from app.db import check_schema, session_scope
+    from store.db import check_schema, session_scope
     from app.runs import service
 
     check_schema()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 
 def parse_url(url: str) -> tuple[str, object]:
@@ -32,7 +32,7 @@ def parse_url(url: str) -> tuple[str, object]:
 
 
 def ApiError(*args, **kwargs):
-    from app.api.errors import ApiError as _ApiError
+    from app.api_error import ApiError as _ApiError
 
     return _ApiError(*args, **kwargs)
 

@@ -9,9 +9,9 @@ import zlib
 
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
+from store.errors import NotFound
 from app.inference.schemas import MAX_TEXT_CHARS, ServiceError
-from app.models import ContrastQuery
+from store.models import ContrastQuery
 
 
 def save_query(session: Session, body, answer: dict, requested_by: str | None) -> ContrastQuery:

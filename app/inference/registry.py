@@ -24,9 +24,9 @@ import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from app.inference.schemas import ServiceError
-from app.models import LM, SAE, Feature, SAEStatus
+from store.models import LM, SAE, Feature, SAEStatus
 
 log = logging.getLogger(__name__)
 

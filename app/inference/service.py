@@ -33,7 +33,7 @@ from app.inference.schemas import (
     SteerRequest,
 )
 from app.inference.steering import GenerateJob
-from app.settings import Settings, get_settings
+from store.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from app.db import make_engine
+        from store.db import make_engine
 
         if settings.inference_threads:
             import torch

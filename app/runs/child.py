@@ -19,9 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from app.runs.spec import RunSpec
-from app.settings import get_settings
+from store.settings import get_settings
 from trainer import progress
 
 SAE_DIR = "sae"

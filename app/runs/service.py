@@ -13,10 +13,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, NotFound
-from app.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
+from store.errors import Conflict, NotFound
+from store.models import SAE, JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs.spec import RunSpec, public_spec, validate_spec
-from app.settings import get_settings
+from store.settings import get_settings
 
 LIVE = (JobStatus.queued.value, JobStatus.running.value)
 STATUSES = ("queued", "running", "done", "failed", "cancelled")

@@ -17,13 +17,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from app.errors import AtlasError
-from trainer.config import TrainConfig
+from store.errors import AtlasError
+from trainer.config import ARCHITECTURES, TrainConfig
 
 # Every default below is TrainConfig's (and through it SAEConfig's): one home for each, so the form,
 # the API, `--submit` and a local `sae-atlas train` train the same SAE.
 DEFAULTS = TrainConfig()
-Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
+Architecture = Literal[ARCHITECTURES]  # the trainer's own list, so a new architecture is offered everywhere
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 # The names trainer.publish accepts for an SAE (its _check_name): every name a run will publish
@@ -177,7 +177,7 @@ def shown_path(value: str, roots: list[Path]) -> str:
 def confine_spec(spec: RunSpec) -> RunSpec:
     """The spec with its local model and corpus paths resolved and checked against the roots
     (OutsideRoots otherwise). Aliases, Hub ids, pydoc and hf: corpora pass unchanged."""
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     s = get_settings()
     update = {}
@@ -190,7 +190,7 @@ def confine_spec(spec: RunSpec) -> RunSpec:
 
 def public_spec(spec: dict) -> dict:
     """A stored spec as API responses and pages show it: local paths relative to their roots."""
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     s = get_settings()
     out = dict(spec)

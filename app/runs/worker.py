@@ -42,12 +42,12 @@ from sqlalchemy.orm import Session
 
 from app import leases
 from app.autointerp.worker import new_worker_id
-from app.errors import AtlasError
-from app.models import JobStatus, RunMetric, TrainingRun, utcnow
+from store.errors import AtlasError
+from store.models import JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs import child
 from app.runs.service import METRIC_FIELDS
 from app.runs.spec import RunSpec, confine_spec
-from app.settings import get_settings
+from store.settings import get_settings
 from trainer import progress as progress_file
 
 log = logging.getLogger("app.runs.worker")

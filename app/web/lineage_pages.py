@@ -21,13 +21,13 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import store
-from app.api.errors import ApiError
+import store
+from app.api_error import ApiError
 from app.api.relations import layer_rows, pair_dark_matter
 from app.deps import get_session, read_access
-from app.errors import NotFound
-from app.models import LM
-from app.store import lineage
+from store.errors import NotFound
+from store.models import LM
+from store import lineage
 from app.web import charts
 from app.web.pages import env, examples_html, render
 

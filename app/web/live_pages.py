@@ -17,9 +17,9 @@ from markupsafe import Markup, escape
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from app import store
+import store
 from app.api.contrast import query_payload, run_contrast
-from app.api.errors import ApiError
+from app.api_error import ApiError
 from app.api.live import admit, inference_enabled, latent_on_text, search_by_text, steer_collect
 from app.deps import get_session, read_access
 from app.inference.queries import load_query, parse_upload, query_texts, split_texts

@@ -2,7 +2,7 @@
 hash) only swaps partials in place: the feature table, the job status, the jobs list, search results.
 
 Token strings are never trusted: each one is made visible (newlines, tabs, invisible characters)
-and HTML-escaped once per vocabulary (app.store.Vocab.html / .chips); everything else goes through
+and HTML-escaped once per vocabulary (store.Vocab.html / .chips); everything else goes through
 Jinja's autoescaping. Nothing here writes an inline script or a style attribute (the CSP forbids
 both): colours are classes, charts are SVG with classes.
 """
@@ -22,12 +22,13 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from sqlalchemy.orm import Session
 
-from app import __version__, store
-from app.api.errors import ApiError
+import store
+from app import __version__
+from app.api_error import ApiError
 from app.autointerp import queue
 from app.deps import get_session, read_access
-from app.models import Job
-from app.paths import resource_dir
+from store.models import Job
+from store.paths import resource_dir
 from app.responses import cache_headers, etag_matches, not_modified
 from app.security import (
     CSRF_COOKIE,
@@ -119,11 +120,6 @@ env.filters.update(pct=_pct, num=_num, score=_score, density=_density, density_s
                    vis=store.visible, chip=store.chip)
 
 _TOKEN_CLASSES = [f"t a{i}" for i in range(10)]
-
-
-def tokens_html(token_ids, acts, peak: int, vocab: store.Vocab, scale: float) -> Markup:
-    """One example: a span per token, coloured by its activation relative to the feature's max."""
-    return Markup(_examples_spans([(np.asarray(token_ids), np.asarray(acts, dtype=np.float32), peak)], vocab, scale)[0])
 
 
 def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> list[str]:

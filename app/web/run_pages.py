@@ -21,10 +21,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api.errors import ApiError
+from app.api_error import ApiError
 from app.deps import get_session, read_access
-from app.errors import AtlasError
-from app.models import SAEStatus, TrainingRun, utcnow
+from store.errors import AtlasError
+from store.models import SAEStatus, TrainingRun, utcnow
 from app.runs import service
 from app.runs.spec import Architecture, RunSpec, public_spec
 from app.security import CSRF_FIELD, csrf_valid

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.api.errors import ApiError
-from app.store import search as search_store
+from app.api_error import ApiError
+from store import search as search_store
 
 PAGE_RESULTS = 100
 

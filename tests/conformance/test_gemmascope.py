@@ -77,7 +77,7 @@ def test_imported_params_npz_reads_back_in_saelens_under_saelens_semantics(tmp_p
     """Done-when of issue 11: `sae-atlas import` of a params.npz writes a SAELens folder whose encode,
     computed as SAELens's JumpReLUSAE computes it from the files, is Gemma Scope's within 1e-4."""
     from app.cli import main
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     npz = tmp_path / "gemma-scope-2b-pt-res" / "layer_3" / "width_16k" / "average_l0_9" / "params.npz"
     p = params_npz(npz, seed=5)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from tests.conformance.layouts import saelens_cfg, saelens_weights, sparsify_folder, write_saelens
 from tests.conformance.references import saelens_forward, sparsify_forward
 from trainer.formats import export_folder, load_sae, save_sae

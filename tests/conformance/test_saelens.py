@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from tests.conformance.layouts import D, F, K, saelens_cfg, write_saelens
 from tests.conformance.layouts import saelens_weights as weights
 from tests.conformance.references import TRANSCODERS, saelens_forward

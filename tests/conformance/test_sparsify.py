@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from tests.conformance.layouts import sparsify_folder
 from tests.conformance.references import sparsify_forward
 from trainer.formats import load_sae

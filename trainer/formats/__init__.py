@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.formats.common import LoadedSAE, SiteIO, read_json
 from trainer.formats.gemmascope import load_gemmascope_npz
 from trainer.formats.saelens import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.sae import SAEConfig, SparseAutoencoder, build_sae
 
 # SAELens's run-time input normalisations (sae_lens.saes.sae.SAE._setup_activation_normalization).

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.formats.common import (
     LoadedSAE,
     assemble,

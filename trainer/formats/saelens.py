@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.config import ARCHITECTURES
 from trainer.formats.common import (
     LoadedSAE,

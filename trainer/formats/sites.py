@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 _TL_OUT = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out"}
 _BLOCK = r"(?:model\.|gpt_neox\.|transformer\.|model\.language_model\.)?(?:layers|h)\.(\d+)"

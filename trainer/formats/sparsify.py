@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.formats.common import (
     LoadedSAE,
     SiteIO,

@@ -16,10 +16,10 @@ import numpy as np
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Explanation, Feature
+from store.models import SAE, Explanation, Feature
 from trainer.interpret import embedding_scorer, token_pattern, windows
 from trainer.interpret.embedder import Embedder
-from trainer.interpret.vectors import write_embeddings
+from store.vectors import write_embeddings
 
 log = logging.getLogger(__name__)
 

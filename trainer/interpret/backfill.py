@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.errors import AtlasError
-from app.models import SAE, Explanation, ExplanationEmbedding, Feature
+from store.errors import AtlasError
+from store.models import SAE, Explanation, ExplanationEmbedding, Feature
 from trainer.interpret.embedding_scorer import document_text
-from trainer.interpret.vectors import write_embeddings
+from store.vectors import write_embeddings
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ from typing import Protocol
 
 import numpy as np
 
-from app.errors import AtlasError
-from app.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
-from app.settings import get_settings
+from store.errors import AtlasError
+from store.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
+from store.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def query_text(explanation: str, prefix: str | None = None) -> str:
     step widened the gap between true and shuffled explanations (BENCHMARKS.md,
     benchmarks/embedding_queries.py)."""
     if prefix is None:
-        from app.settings import get_settings
+        from store.settings import get_settings
 
         prefix = get_settings().embedding_query_prefix
     inputs = explanation.split(PROMOTES)[0]

@@ -68,7 +68,7 @@ class ScoringWindows:
 
 def scoring_window() -> int:
     """The window length the embedding scorer uses: the embedding_window setting, else WINDOW."""
-    from app.settings import get_settings
+    from store.settings import get_settings
 
     return get_settings().embedding_window or WINDOW
 

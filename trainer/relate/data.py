@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.settings import get_settings
+from store.settings import get_settings
 from trainer.activations import ActivationCache, LMActivations, LMStreamSpec, find_cache
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 from trainer.relate.candidates import decoder_candidates, match_vectors, pair_cost
 from trainer.relate.cofiring import PairStats
 from trainer.relate.matching import match

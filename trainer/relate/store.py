@@ -16,10 +16,10 @@ import numpy as np
 from sqlalchemy import Engine, delete, insert, or_, select
 from sqlalchemy.orm import Session
 
-from app.db import check_schema, get_engine
-from app.errors import AtlasError
-from app.models import SAE, FeatureLink, SAERelation, SAEStatus
-from app.settings import get_settings
+from store.db import check_schema, get_engine
+from store.errors import AtlasError
+from store.models import SAE, FeatureLink, SAERelation, SAEStatus
+from store.settings import get_settings
 from trainer.relate.data import DataSpec, pair_chunks
 from trainer.relate.pipeline import RelateConfig, Relation, Side, order_pair, relate_saes
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.errors import AtlasError
+from store.errors import AtlasError
 
 
 @dataclass
@@ -73,7 +73,7 @@ class SAEConfig:
     so that the EMA spans at most a tenth of the run)."""
 
     def __post_init__(self):
-        from trainer.sae import ARCHITECTURES
+        from trainer.config import ARCHITECTURES, TOPK_FAMILY
 
         if self.architecture not in ARCHITECTURES:
             raise AtlasError(f"unknown architecture {self.architecture!r}", f"use one of {', '.join(ARCHITECTURES)}")
@@ -81,7 +81,7 @@ class SAEConfig:
             raise AtlasError(f"SAE sizes must be positive (d_in={self.d_in}, width={self.d_sae})")
         # The TopK family's encoder needs k; JumpReLU's training reads it too (its L0 target and
         # initial thresholds), which TrainConfig checks, but a loaded JumpReLU SAE does not.
-        if self.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < self.k < self.d_sae:
+        if self.architecture in TOPK_FAMILY and not 0 < self.k < self.d_sae:
             raise AtlasError(f"k={self.k} must be between 1 and width-1 ({self.d_sae - 1})", "lower --k or raise --width")
         for name in ("aux_coefficient", "l1_coefficient", "target_l0_coefficient", "jumprelu_bandwidth"):
             if not getattr(self, name) >= 0:

@@ -62,13 +62,6 @@ def flat_to_codes(values: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     return Codes(v, i)
 
 
-def batch_topk_select(z: torch.Tensor, k: int, per_row: int = 4):
-    """Padded form of batch_topk_flat: (values [N, K], indices [N, K], mask [N, K], kth)."""
-    values, indices, offsets, kth = batch_topk_flat(z, k, per_row)
-    codes = flat_to_codes(values, indices, offsets)
-    return codes.values, codes.indices, (codes.values > 0).to(z.dtype), kth
-
-
 class BatchTopKSAE(SparseAutoencoder):
     architecture = "batchtopk"
     sparse_training = True

@@ -23,10 +23,10 @@ import orjson
 from sqlalchemy import Text, bindparam, cast, func, literal_column, select
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
-from app.models import SAE, Example, ExampleKind, Explanation, Feature, Job, SAEStatus
-from app.store.saes import SAEInfo, sae_by_name, sae_info
-from app.store.vocab import Vocab
+from store.errors import NotFound
+from store.models import SAE, Example, ExampleKind, Explanation, Feature, Job, SAEStatus
+from store.saes import SAEInfo, sae_by_name, sae_info
+from store.vocab import Vocab
 
 MAX_LATENT_INDEX = 2**31 - 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Feature, Job
+from store.models import SAE, Feature, Job
 
 
 def job_counts(session: Session) -> dict[str, int]:

@@ -15,8 +15,8 @@ from markupsafe import escape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
-from app.models import LM
+from store.errors import NotFound
+from store.models import LM
 
 _VISIBLE = {"\n": "↵", "\r": "⏎", "\t": "⇥", "": "∅"}
 _INVISIBLE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))

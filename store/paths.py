@@ -10,8 +10,8 @@ _PACKAGE = Path(__file__).resolve().parent
 def resource_dir(name: str) -> Path:
     """Return the folder `name` (templates, static or migrations).
 
-    A wheel carries them under app/_resources/ (see pyproject.toml); a source checkout or an
-    editable install has them at the top of the repository, next to app/.
+    A wheel carries them under store/_resources/ (see pyproject.toml); a source checkout or an
+    editable install has them at the top of the repository, next to store/.
     """
     for candidate in (_PACKAGE / "_resources" / name, _PACKAGE.parent / name):
         if candidate.is_dir():

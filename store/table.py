@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Feature
-from app.store.vocab import Vocab
+from store.models import SAE, Feature
+from store.vocab import Vocab
 
 SORTS = {
     "index": Feature.index,

@@ -13,9 +13,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import AtlasError, SchemaOutOfDate
-from app.paths import resource_dir
-from app.settings import get_settings
+from store.errors import AtlasError, SchemaOutOfDate
+from store.paths import resource_dir
+from store.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -257,7 +257,7 @@ class ExplanationEmbedding(Base):
 
     `model` names the vector space (trainer.interpret.embedder): search compares only vectors of the
     configured model. On PostgreSQL servers with pgvector, migration 0005 adds an `embedding vector`
-    column beside `vector` (kept in step by trainer.interpret.vectors) and search runs in the database.
+    column beside `vector` (kept in step by store.vectors) and search runs in the database.
     """
 
     __tablename__ = "explanation_embeddings"

@@ -1,4 +1,9 @@
-"""Read-side queries shared by the JSON API and the HTML pages, one module per concept:
+"""The store: the ground floor that the offline pipeline (trainer/) and the service (app/) both stand on.
+
+It holds the ORM models (models), the engine and sessions (db), the shared settings and errors
+(settings, errors), the retry rules for OpenAI-compatible servers (retry), where the packaged
+resources are (paths), the writes of explanation vectors (vectors), and the read-side queries that
+the JSON API and the HTML pages share, one module per concept:
 
 - vocab: token display and vocabularies (decoded once per process);
 - saes: published SAEs and LMs;
@@ -9,16 +14,17 @@
 - jobs: auto-interp jobs as pages list them.
 
 Every function reads only published (status = ready) SAEs, so a half-written SAE is never visible.
-Callers use `from app import store` and `store.name`; the names below are the public surface.
+Callers use `import store` and `store.name`; the names below are the public surface of the reads.
+Nothing here imports app/ or trainer/.
 """
 
 from __future__ import annotations
 
-from app.store import saes as _saes
-from app.store import search as _search
-from app.store import vocab as _vocab
-from app.store.cache import RENDERED, RenderCache
-from app.store.feature import (
+from store import saes as _saes
+from store import search as _search
+from store import vocab as _vocab
+from store.cache import RENDERED, RenderCache
+from store.feature import (
     EXAMPLES_QUERY,
     FEATURE_QUERY,
     FEATURE_QUERY_WITH_JOB,
@@ -35,8 +41,8 @@ from app.store.feature import (
     neighbor_explanations,
     shown_neighbor_explanations,
 )
-from app.store.jobs import count_jobs, job_counts, live_job_for, recent_jobs
-from app.store.saes import (
+from store.jobs import count_jobs, job_counts, live_job_for, recent_jobs
+from store.saes import (
     SAEInfo,
     feature_by_index,
     feature_etag,
@@ -45,9 +51,9 @@ from app.store.saes import (
     sae_by_name,
     sae_info,
 )
-from app.store.search import search_by_token, search_by_token_page, search_explanations
-from app.store.table import MAX_PAGE_SIZE, SORTS, TableQuery, feature_summary, feature_table
-from app.store.vocab import Vocab, chip, make_vocab, token_html, visible, vocab_for
+from store.search import search_by_token, search_by_token_page, search_explanations
+from store.table import MAX_PAGE_SIZE, SORTS, TableQuery, feature_summary, feature_table
+from store.vocab import Vocab, chip, make_vocab, token_html, visible, vocab_for
 
 
 def forget_caches() -> None:

@@ -1,4 +1,5 @@
-"""A synthetic SAE written straight into the store, for queue tests and the queue benchmark.
+"""A synthetic SAE written straight into the store, for queue tests and the queue benchmark
+(test support: it lives beside the tests, outside the packages that ship).
 
 No model and no analysis: a small vocabulary of words, and for every latent a handful of random
 example windows whose activation peaks on the latent's own "topic" word. Enough for the whole
@@ -16,7 +17,7 @@ import numpy as np
 from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
-from app.models import LM, SAE, Example, Feature, SAEStatus, utcnow
+from store.models import LM, SAE, Example, Feature, SAEStatus, utcnow
 
 WORDS = ("the cat dog house river tree blue red green run jump swim code list dict value key error file "
          "read write open close time day night year city road car train ship bird fish song music art "

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
-from app.models import LM, SAE, Explanation, Feature, SAEStatus
+from store.errors import NotFound
+from store.models import LM, SAE, Explanation, Feature, SAEStatus
 
 
 def list_lms(session: Session) -> list[LM]:

@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import delete, insert, text
 from sqlalchemy.orm import Session
 
-from app.models import ExplanationEmbedding
+from store.models import ExplanationEmbedding
 
 _PGVECTOR_QUERY = text("SELECT 1 FROM information_schema.columns WHERE table_name = 'explanation_embeddings' "
                        "AND column_name = 'embedding'")
@@ -40,7 +40,7 @@ def pgvector_literal(v: np.ndarray) -> str:
 
 
 # Bumped by every write in this process, so a search in the same process sees its own writes at once
-# (app.store.search caches the vectors' watermarks for a moment; other processes' writes show
+# (store.search caches the vectors' watermarks for a moment; other processes' writes show
 # within that moment).
 writes = 0
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from app.errors import NotFound
-from app.models import LM, SAE, Feature, FeatureLink, SAEDarkMatter, SAERelation, SAEStatus
+from store.errors import NotFound
+from store.models import LM, SAE, Feature, FeatureLink, SAEDarkMatter, SAERelation, SAEStatus
 
 MAX_HOPS = 12
 MATCH_LABELS = ("matched", "unconfirmed")

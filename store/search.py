@@ -32,11 +32,11 @@ import numpy as np
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.models import SAE, Explanation, ExplanationEmbedding, Feature, SAEStatus
-from app.store.feature import explanation_dict
-from app.store.saes import list_saes
-from app.store.table import feature_summary
-from app.store.vocab import vocab_for
+from store.models import SAE, Explanation, ExplanationEmbedding, Feature, SAEStatus
+from store.feature import explanation_dict
+from store.saes import list_saes
+from store.table import feature_summary
+from store.vocab import vocab_for
 
 MODES = ("merged", "keyword", "semantic")
 RRF_K = 60
@@ -135,7 +135,7 @@ def forget_matrices() -> None:
 def _watermarks(session: Session, model: str, sae_name: str | None) -> dict[int, tuple[str, tuple[int, int]]]:
     """{sae id: (version, (newest explanation id, rows))} of ready SAEs that have vectors of `model`
     (at most WATERMARK_TTL_S old, and never older than this process's last write of vectors)."""
-    from trainer.interpret import vectors
+    from store import vectors
 
     key = (str(session.get_bind().url), model, sae_name)
     cached = _watermark_cache.get(key)
@@ -208,7 +208,7 @@ def semantic_ids(session: Session, q: str, embedder, limit: int = MAX_RESULTS, s
                  min_similarity: float = DEFAULT_MIN_SIMILARITY,
                  min_above_typical: float = DEFAULT_MIN_ABOVE_TYPICAL) -> list[tuple[int, float]]:
     """[(explanation id, cosine similarity)] best first; raises EmbeddingUnavailable without a model."""
-    from trainer.interpret.vectors import has_pgvector, pgvector_literal
+    from store.vectors import has_pgvector, pgvector_literal
 
     q = _clean_query(q)
     if not q:
