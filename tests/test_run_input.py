@@ -112,7 +112,7 @@ def test_paths_inside_the_roots_are_accepted_and_shown_relative_to_them(api, eng
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 def test_a_sweep_whose_names_publish_would_refuse_is_refused_at_submission(api, tiny_model_dir):
     from app.runs.spec import RunSpec
-    from trainer.publish import _check_name
+    from store.publish import check_name
 
     client, auth, _, _ = api
     long_name = "n" * 96  # a valid run name, but the sweep's SAE names run past publish's 128 characters
@@ -123,7 +123,7 @@ def test_a_sweep_whose_names_publish_would_refuse_is_refused_at_submission(api, 
     for name in ("n" * 80, None, "a.b-c_d"):
         spec = RunSpec.model_validate({**sweep, "name": name})
         for _, published in spec.outputs(name or "run-2147483647"):
-            _check_name(published)
+            check_name(published)
 
 
 def test_step_counts_past_int32_round_trip(engine):

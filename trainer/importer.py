@@ -16,9 +16,9 @@ def import_sae(source: Path, model: str, site: str | None, name: str, overwrite:
     """Validate the folder, then save it in our SAELens layout with model and site(s) recorded.
 
     A transcoder reads `site` and predicts `output_site` (both default to what the folder says)."""
-    from trainer.publish import _check_name
+    from store.publish import check_name
 
-    _check_name(name)
+    check_name(name)
     loaded = load_sae(source)
     site = site or loaded.site
     if not site:

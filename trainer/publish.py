@@ -7,9 +7,8 @@ transaction rolls back and the store is as it was. Publishing an existing name i
 `replace=True`, in which case the old SAE is deleted inside the same transaction (readers keep
 seeing it until the commit).
 
-Examples go in with PostgreSQL COPY (binary) or SQLite's executemany; features with a batched
-INSERT ... RETURNING so that examples can point at their ids. What the SAE misses (the analysis's
-darkmatter.json) goes in with it.
+This module turns an analysis folder into rows; the writes themselves are the store's
+(store/publish.py). What the SAE misses (the analysis's darkmatter.json) goes in with it.
 
 After the commit, each new SAE is related to the published SAEs of the same model that share its
 site (a width pair) or sit one layer away (a layer pair), see trainer/relate/store.py. Relations
@@ -23,26 +22,25 @@ import logging
 import sqlite3
 import time
 import uuid
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psycopg
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from store import publish as writes
 from store.db import check_schema, describe, get_engine
 from store.errors import AtlasError
-from store.models import LM, SAE, Feature, SAEDarkMatter, SAEStatus, utcnow
+from store.models import SAE, SAEDarkMatter, SAEStatus
 from store.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_COLUMNS = ("feature_id", "kind", "rank", "interval", "activation", "peak", "doc_id", "doc_offset", "token_ids", "acts")
 
 
 @dataclass
@@ -114,7 +112,7 @@ def feature_rows(a: Analysis, sae_id: int) -> list[dict]:
 
 
 def example_tuples(a: Analysis, feature_ids: np.ndarray):
-    """Yield one tuple per example in EXAMPLE_COLUMNS order, windows trimmed to their valid tokens."""
+    """Yield one tuple per example in store.publish.EXAMPLE_COLUMNS order, windows trimmed to their valid tokens."""
     e = a.examples
     tokens, acts = e["tokens"], e["acts"]
     valid = tokens >= 0
@@ -130,52 +128,6 @@ def example_tuples(a: Analysis, feature_ids: np.ndarray):
             float(e["activation"][j]), int(e["peak"][j]) - lo, int(e["doc_id"][j]), int(e["doc_pos"][j]),
             tokens[j, lo:hi].astype("<i4").tobytes(), acts[j, lo:hi].astype("<f2").tobytes(),
         )
-
-
-def _get_or_create_lm(session: Session, a: Analysis) -> LM:
-    info = a.summary["lm"]
-    lm = session.scalar(select(LM).where(LM.name == info["name"]))
-    if lm is not None:
-        if lm.vocab_size != info["vocab_size"] or lm.d_model != info["d_model"]:
-            raise AtlasError(f"the store already has an LM named {info['name']!r} with another vocabulary or width",
-                             "publish with a different --model name")
-        return lm
-    lm = LM(name=info["name"], source=info["source"], architecture=info["architecture"], n_layers=info["n_layers"],
-            d_model=info["d_model"], vocab_size=info["vocab_size"], bos_token_id=info.get("bos_token_id"),
-            vocab=zlib.compress(json.dumps(a.vocab, ensure_ascii=False).encode(), 6))
-    session.add(lm)
-    session.flush()
-    return lm
-
-
-def _copy_examples_postgres(session: Session, rows) -> int:
-    raw = session.connection().connection.driver_connection
-    n = 0
-    with raw.cursor() as cur:
-        with cur.copy(f"COPY examples ({', '.join(EXAMPLE_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int2", "int2", "int2", "float8", "int2", "int4", "int4", "bytea", "bytea"])
-            for row in rows:
-                copy.write_row(row)
-                n += 1
-    return n
-
-
-def _insert_examples_sqlite(session: Session, rows, batch: int = 50_000) -> int:
-    raw = session.connection().connection.driver_connection
-    sql = f"INSERT INTO examples ({', '.join(EXAMPLE_COLUMNS)}) VALUES ({', '.join('?' * len(EXAMPLE_COLUMNS))})"
-    cur = raw.cursor()
-    n = 0
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= batch:
-            cur.executemany(sql, chunk)
-            n += len(chunk)
-            chunk = []
-    if chunk:
-        cur.executemany(sql, chunk)
-        n += len(chunk)
-    return n
 
 
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
@@ -200,7 +152,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     SAEs are related to their partners.
     """
     for _, name in items:
-        _check_name(name)
+        writes.check_name(name)
     engine = engine or get_engine()
     check_schema(engine)
     started = time.time()
@@ -226,11 +178,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
             f"({detail[0][:200] if detail else type(exc).__name__}); nothing was written",
             "check the database and run the same command again",
         ) from None
-    if engine.dialect.name == "postgresql":  # fresh statistics for the planner after a bulk load
-        with engine.connect() as conn:
-            conn.exec_driver_sql("ANALYZE features")
-            conn.exec_driver_sql("ANALYZE examples")
-            conn.commit()
+    writes.analyze_after_bulk_load(engine)
     log.info("published %s: %d features, %d examples in %.1f s", ", ".join(n for _, n in items), n_rows, n_examples,
              time.time() - started)
     if relate if relate is not None else get_settings().relate_at_publish:
@@ -261,13 +209,8 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
 def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, replace: bool, description: str,
                run_id: int | None, a: Analysis, interp=None) -> tuple[int, int, int]:
     s = a.summary
-    old = session.scalar(select(SAE).where(SAE.name == name))
-    if old is not None:
-        if not replace:
-            raise AtlasError(f"an SAE named {name!r} is already published", "pass --replace to replace it, or choose another --name")
-        session.execute(delete(SAE).where(SAE.id == old.id))
-        session.flush()
-    lm = _get_or_create_lm(session, a)
+    writes.clear_name(session, name, replace)
+    lm = writes.get_or_create_lm(session, s["lm"], a.vocab)
     sae_info = s["sae"]
     site = sae_info["site"]
     sae = SAE(
@@ -284,44 +227,13 @@ def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, repla
     session.add(sae)
     session.flush()
     rows = feature_rows(a, sae.id)
-    result = session.execute(insert(Feature).returning(Feature.id, Feature.index, sort_by_parameter_order=True), rows)
-    ids = np.zeros(len(rows), dtype=np.int64)
-    for fid, idx in result:
-        ids[idx] = fid
-    examples = example_tuples(a, ids)
-    if engine.dialect.name == "postgresql":
-        n_examples = _copy_examples_postgres(session, examples)
-    else:
-        n_examples = _insert_examples_sqlite(session, examples)
+    ids = writes.insert_features(session, rows)
+    n_examples = writes.insert_examples(session, engine, example_tuples(a, ids))
     if interp is not None:
         from trainer.interpret import at_publish
 
         at_publish.write(session, sae, ids, interp)
     if a.dark_matter is not None:
-        from trainer.relate.store import clean_json
-
-        session.add(SAEDarkMatter(sae_id=sae.id, data=clean_json(a.dark_matter)))
-    sae.status = SAEStatus.ready.value
-    sae.published_at = utcnow()
-    session.flush()
+        session.add(SAEDarkMatter(sae_id=sae.id, data=writes.clean_json(a.dark_matter)))
+    writes.mark_ready(session, sae)
     return sae.id, len(rows), n_examples
-
-
-def check_can_publish(name: str, replace: bool, engine: Engine | None = None) -> None:
-    """Fail before a long analysis, not after it: bad name, old schema, or a name already taken."""
-    _check_name(name)
-    engine = engine or get_engine()
-    check_schema(engine)
-    if not replace:
-        with Session(engine) as session:
-            if session.scalar(select(SAE.id).where(SAE.name == name)) is not None:
-                raise AtlasError(f"an SAE named {name!r} is already published",
-                                 "pass --replace to replace it, or choose another --name")
-
-
-def _check_name(name: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or ""):
-        raise AtlasError(f"invalid SAE name {name!r}",
-                         "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")

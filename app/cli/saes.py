@@ -21,7 +21,7 @@ def cmd_analyze(args, extra: dict) -> int:
     if args.publish and not args.name:
         raise AtlasError("--publish needs --name", "e.g. --name my-sae")
     if args.publish:  # fail before the long analysis, not after it
-        from trainer.publish import check_can_publish
+        from store.publish import check_can_publish
 
         check_can_publish(args.name, args.replace)
     out = analyze(cfg)
@@ -70,7 +70,7 @@ def cmd_export(args) -> int:
 def cmd_add(args) -> int:
     from trainer.analyze import AnalyzeConfig, analyze
     from trainer.importer import import_sae
-    from trainer.publish import check_can_publish
+    from store.publish import check_can_publish
 
     check_can_publish(args.name, args.replace)
     folder = import_sae(Path(args.source), model=args.model, site=args.site, name=args.name, overwrite=True,

@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from store.errors import AtlasError
+# every name a run will publish under is checked at submission, so a sweep never fails at its end
+from store.publish import PUBLISHED_NAME_RE
 from trainer.config import ARCHITECTURES, TrainConfig
 
 # Every default below is TrainConfig's (and through it SAEConfig's): one home for each, so the form,
@@ -26,9 +28,6 @@ DEFAULTS = TrainConfig()
 Architecture = Literal[ARCHITECTURES]  # the trainer's own list, so a new architecture is offered everywhere
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-# The names trainer.publish accepts for an SAE (its _check_name): every name a run will publish
-# under is checked against it at submission, so a sweep never fails at its very end.
-PUBLISHED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LONGEST_DEFAULT_NAME = f"run-{2**31 - 1}"  # runs without a name publish as run-<id>
 
 
