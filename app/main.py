@@ -19,7 +19,7 @@ from app.middleware import BodyLimit
 from store.paths import resource_dir
 from store.settings import Settings, get_settings
 from app.web.live_pages import router as live_pages_router
-from app.web.pages import html_error
+from app.web.rendering import html_error
 from app.web.lineage_pages import router as lineage_pages_router
 from app.web.pages import router as pages_router
 from app.web.run_pages import router as run_pages_router

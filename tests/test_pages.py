@@ -383,14 +383,14 @@ def raw_get(port: int, target: str) -> tuple[int, bytes]:
 
 TRAVERSALS = ["/static/../store/settings.py", "/static/%2e%2e/store/settings.py", "/static/%2E%2E/store/settings.py",
               "/static/..%2fstore/settings.py", "/static/%2e%2e%2fstore%2fsettings.py", "/static/....//store/settings.py",
-              "/static/..\\app\\settings.py", "/static/%2e%2e%5capp%5csettings.py", "/static//etc/passwd",
+              "/static/..\\store\\settings.py", "/static/%2e%2e%5cstore%5csettings.py", "/static//etc/passwd",
               "/static/%2fetc%2fpasswd", "/static/../../../../etc/passwd", "/static/.%2e/.%2e/.%2e/etc/passwd"]
 
 
 def test_static_files_cannot_be_left_over_a_raw_socket(live_server):
     status, body = raw_get(live_server, "/static/atlas.css")
     assert status == 200 and b"{" in body  # the server does serve its static folder
-    secret = (REPO / "app" / "settings.py").read_bytes()[:200]
+    secret = (REPO / "store" / "settings.py").read_bytes()[:200]
     for target in TRAVERSALS:
         status, body = raw_get(live_server, target)
         assert status in (400, 404), (target, status)

@@ -29,7 +29,7 @@ from store.errors import NotFound
 from store.models import LM
 from store import lineage
 from app.web import charts
-from app.web.pages import env, examples_html, render
+from app.web.rendering import env, examples_html, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 

@@ -34,7 +34,7 @@ from app.inference.schemas import (
     ServiceError,
     SteerRequest,
 )
-from app.web.pages import _is_htmx, render
+from app.web.rendering import is_htmx, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 NO_STORE = {"Cache-Control": "no-store", "Vary": "HX-Request"}
@@ -115,7 +115,7 @@ def try_text(request: Request, name: str = Path(max_length=200), index: int = Pa
     admit(request, session)
     result = latent_on_text(request, session, name, index, body)
     ctx = _try_context(request, session, name, index, text, result)
-    if _is_htmx(request):
+    if is_htmx(request):
         return render(request, "_try_result.html", ctx, headers=NO_STORE)
     return render(request, "try.html", ctx, headers=NO_STORE)
 
@@ -162,7 +162,7 @@ def search_text(request: Request, text: str = Form("", max_length=MAX_TEXT_CHARS
         lo, hi = max(0, p - 12), min(len(res["token_ids"]), p + 6)
         item["snippet"] = token_strip(vocab, res["token_ids"][lo:hi], item["activations"][lo:hi], res["masked"][lo:hi],
                                       item["max_activation"] or max(item["activations"]), p - lo)
-    if _is_htmx(request) and request.headers.get("hx-target") == "live-results":
+    if is_htmx(request) and request.headers.get("hx-target") == "live-results":
         return render(request, "_search_text_results.html", ctx, headers=NO_STORE)
     return render(request, "search_text.html", ctx, headers=NO_STORE)
 

@@ -11,30 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
-import typing
 from urllib.parse import urlencode
 
-import numpy as np
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
-from markupsafe import Markup, escape
+from fastapi.responses import HTMLResponse, RedirectResponse
+from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 import store
-from app import __version__
 from app.api_error import ApiError
 from app.autointerp import queue
 from app.deps import get_session, read_access
 from store.models import Job
-from store.paths import resource_dir
 from app.responses import cache_headers, etag_matches, not_modified
 from app.security import (
     CSRF_COOKIE,
-    CSRF_FIELD,
     SESSION_COOKIE,
-    can_write,
     csrf_token,
     csrf_valid,
     end_session,
@@ -44,205 +36,20 @@ from app.security import (
     start_session,
     verify_key,
 )
-from app.web import charts
+from app.web.rendering import (
+    CSRF_PLACEHOLDER,
+    form_key,
+    forbidden_form,
+    html_error,
+    is_htmx,
+    render,
+    render_bytes,
+    render_example_groups,
+)
 
 router = APIRouter(include_in_schema=False)
 pages = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
-templates = Jinja2Templates(directory=str(resource_dir("templates")))
-env = templates.env
-env.globals.update(version=__version__, charts=charts)
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-
-
-def _bad(x) -> bool:
-    return x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))
-
-
-def _pct(x, digits=1):
-    if _bad(x):
-        return "–"
-    v = 100 * x
-    if v != 0 and abs(v) < 10 ** -digits:
-        return f"<{10 ** -digits:g}%"
-    return f"{v:.{digits}f}%"
-
-
-def _num(x, digits=3):
-    """Numbers for people: thousands separators, 3 significant digits, no 1.23e-05 unless tiny."""
-    if _bad(x):
-        return "–"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return f"{x:,}"
-    if x == 0:
-        return "0"
-    a = abs(x)
-    if a < 1e-3 or a >= 1e6:
-        return f"{x:.{digits - 1}e}"
-    if a >= 10 ** digits:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def _density(x):
-    """Feature density as a share of tokens, plus '1 in N' for rare features."""
-    if _bad(x):
-        return "–"
-    if x <= 0:
-        return "never fired"
-    if x < 0.001:
-        return f"{x:.2e} · 1 in {1 / x:,.0f}"
-    if x < 0.01:
-        return f"{100 * x:.3f}% · 1 in {1 / x:,.0f}"
-    return f"{100 * x:.2f}%"
-
-
-def _density_short(x):
-    if _bad(x):
-        return "–"
-    if x <= 0:
-        return "0"
-    if x < 0.0001:
-        return f"{x:.1e}"
-    return f"{100 * x:.3g}%"
-
-
-def _score(x):
-    return "–" if _bad(x) else f"{x:.2f}"
-
-
-def _log10(x):
-    return "–" if _bad(x) or x <= 0 else f"{math.log10(x):.2f}"
-
-
-env.filters.update(pct=_pct, num=_num, score=_score, density=_density, density_short=_density_short, log10=_log10,
-                   vis=store.visible, chip=store.chip)
-
-_TOKEN_CLASSES = [f"t a{i}" for i in range(10)]
-
-
-def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> list[str]:
-    """The token spans of many examples [(ids, acts, peak)] in one vectorised pass.
-
-    Active tokens carry their value in `title` (a native tooltip without JavaScript; atlas.js shows
-    a nicer one) and a colour class a0..a9 (activation / scale in tenths); inactive tokens are
-    plain spans prebuilt once per vocabulary, which keeps a page of ~90 examples small and fast."""
-    if not examples:
-        return []
-    lengths = [len(e[0]) for e in examples]
-    ids = np.concatenate([e[0] for e in examples]).astype(np.int64, copy=False)
-    acts = np.concatenate([e[1] for e in examples]).astype(np.float32, copy=False)
-    html, spans = vocab.html, vocab.spans
-    n_vocab = len(html)
-    if len(ids) == 0:
-        return [""] * len(examples)
-    if int(ids.min()) >= 0 and int(ids.max()) < n_vocab:
-        out = list(operator.itemgetter(*ids.tolist())(spans)) if len(ids) > 1 else [spans[int(ids[0])]]
-    else:
-        out = [spans[t] if 0 <= t < n_vocab else f'<span class="t">&lt;{t}&gt;</span>' for t in ids.tolist()]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    peaks = {int(s0 + e[2]) for s0, e, n in zip(starts.tolist(), examples, lengths) if 0 <= e[2] < n}
-    inv = 10.0 / scale if scale and scale > 0 else 10.0
-    active = np.flatnonzero(acts > 0)
-    levels = np.minimum(9, (acts[active] * inv).astype(np.int64))
-    for i, v, t, lv in zip(active.tolist(), acts[active].tolist(), ids[active].tolist(), levels.tolist()):
-        label = html[t] if 0 <= t < n_vocab else f"&lt;{t}&gt;"
-        cls = _TOKEN_CLASSES[lv] + " pk" if i in peaks else _TOKEN_CLASSES[lv]
-        out[i] = f'<span class="{cls}" title="{v:.3g}">{label}</span>'
-    for i in peaks:
-        if not acts[i] > 0:
-            t = int(ids[i])
-            out[i] = f'<span class="t pk" title="0">{html[t] if 0 <= t < n_vocab else t}</span>'
-    result = []
-    pos = 0
-    for n in lengths:
-        result.append("".join(out[pos:pos + n]))
-        pos += n
-    return result
-
-
-def _example_row(ex: dict, spans: str) -> str:
-    return (f'<div class="ex"><span class="exval" title="activation at the bold token">{ex["activation"]:.3g}</span>'
-            f'<span class="extext">{spans}</span></div>')
-
-
-def render_example_groups(payload: dict, vocab: store.Vocab, scale: float) -> None:
-    """Every example of a feature page as HTML in one vectorised pass: sets examples.top_html,
-    examples.random_html and each interval's `html`."""
-    ex = payload["examples"]
-    groups = [ex["top"], *[g["examples"] for g in ex["intervals"]], ex["random"]]
-    flat = [e for g in groups for e in g]
-    spans = iter(_examples_spans([(e["token_ids"], e["acts"], e["peak"]) for e in flat], vocab, scale))
-    htmls = [Markup("\n".join(_example_row(e, next(spans)) for e in g)) for g in groups]
-    ex["top_html"], ex["random_html"] = htmls[0], htmls[-1]
-    for g, h in zip(ex["intervals"], htmls[1:-1]):
-        g["html"] = h
-
-
-def examples_html(examples: list[dict], vocab: store.Vocab, scale: float) -> Markup:
-    """Rows of examples (activation at the peak, then the coloured tokens), built in one go."""
-    spans = _examples_spans([(ex["token_ids"], ex["acts"], ex["peak"]) for ex in examples], vocab, scale)
-    return Markup("\n".join(
-        f'<div class="ex"><span class="exval" title="activation at the bold token">{ex["activation"]:.3g}</span>'
-        f'<span class="extext">{html}</span></div>' for ex, html in zip(examples, spans)))
-
-
-# Cached pages are rendered with this in place of the CSRF token, put in per response.
-CSRF_PLACEHOLDER = "__csrf_token_placeholder__"
-
-
-def render_bytes(request: Request, name: str, context: dict) -> bytes:
-    s = request.app.state.settings
-    ctx = {"request": request, "htmx_url": s.htmx_url, "htmx_integrity": s.htmx_integrity,
-           "htmx": _is_htmx(request), "csrf_field": CSRF_FIELD, **context}
-    if "csrf" not in ctx:
-        ctx["csrf"] = csrf_token(request)
-    return env.get_template(name).render(ctx).encode()
-
-
-def render(request: Request, name: str, context: dict, status: int = 200, headers: dict | None = None) -> HTMLResponse:
-    response = HTMLResponse(render_bytes(request, name, context), status_code=status, headers=headers)
-    set_csrf_cookie(request, response)
-    return response
-
-
-def forbidden_form(request: Request) -> HTMLResponse:
-    """A form without this browser's CSRF token: from another site, or a page older than the sign-in."""
-    return html_error(request, 403, "This form has expired or was sent from another site; reload the page and try again.")
-
-
-def form_key(session: Session, request: Request, typed: str, what: str) -> tuple[typing.Any, int, str]:
-    """(key, 0, "") for a form that may act: a write key typed into it, or else the sign-in
-    session's key; (None, status, message) otherwise."""
-    typed = typed.strip()
-    key = verify_key(session, typed) if typed else session_key(session, request)
-    if key is None:
-        if typed:
-            return None, 403, "That API key is not valid."
-        return None, 401, f"An API key is needed to {what} (or sign in with a key that can write)."
-    if not can_write(key):
-        return None, 403, f"The key {key.name!r} can only read; to {what}, use a key with scope write."
-    return key, 0, ""
-
-
-def html_error(request: Request, status: int, message: str) -> Response:
-    """The HTML error page; for an htmx request, just the message (htmx swaps it into the target)."""
-    try:
-        if _is_htmx(request) and not request.headers.get("hx-history-restore-request"):
-            return HTMLResponse(f'<p class="notice err" role="alert">{escape(message)}</p>', status_code=status)
-        ctx = {"status": status, "message": message, "title": {401: "API key needed", 403: "Not allowed",
-                                                                  404: "Not found", 422: "Bad request",
-                                                                  503: "Unavailable"}.get(status, "Error")}
-        if status in (401, 403) and request.method == "GET" and not request.url.path.startswith("/login"):
-            ctx["login_next"] = request.url.path
-        return render(request, "error.html", ctx, status=status)
-    except Exception:  # the error page itself must never fail with a traceback
-        return HTMLResponse(f"<!doctype html><title>{status}</title><h1>{status}</h1>", status_code=status)
-
-
-def _is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
 
 
 # --- pages ------------------------------------------------------------------------------------
@@ -310,7 +117,7 @@ def sae_page(request: Request, name: str = Path(max_length=200), sort: str = Que
     sae = store.sae_by_name(session, name)
     q = _parse_table_query(sort, order, density_min, density_max, has_explanation, score_min, page, per_page)
     ctx = _table_context(session, sae, q)
-    if _is_htmx(request) and request.headers.get("hx-target") == "feature-table":
+    if is_htmx(request) and request.headers.get("hx-target") == "feature-table":
         return render(request, "_feature_table.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
     ctx["lm"] = sae.lm
     ctx["m"] = sae.metrics or {}
@@ -389,12 +196,12 @@ def request_explanation(request: Request, name: str = Path(max_length=200),
     f = store.feature_by_index(session, sae, index)
     key, status, message = form_key(session, request, api_key, "request an explanation")
     if key is None:
-        if _is_htmx(request):
+        if is_htmx(request):
             return render(request, "_job_status.html", {"sae": sae, "f": f, "job": None, "error": message}, status=status)
         return html_error(request, status, message)
     job, created = queue.enqueue(session, sae, f, priority=10, requested_by=key.name)
     session.commit()
-    if _is_htmx(request):
+    if is_htmx(request):
         return render(request, "_job_status.html", {"sae": sae, "f": f, "job": job, "created": created})
     return RedirectResponse(f"/saes/{sae.name}/features/{index}?queued=1#explanations", status_code=303)
 
@@ -419,7 +226,7 @@ def search(request: Request, q: str = Query("", max_length=200), token: str = Qu
             r["peak_html"] = Markup(v.chip_html(r["peak_token_id"])) if v and r["peak_token_id"] is not None else ""
     ctx = {"q": q, "token": token, "sae_name": sae or "", "explanations": explanations, "tokens": tokens,
            "saes": store.list_saes(session), "search": search_info}
-    if _is_htmx(request) and request.headers.get("hx-target") == "results":
+    if is_htmx(request) and request.headers.get("hx-target") == "results":
         return render(request, "_search_results.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
     return render(request, "search.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
 
@@ -430,7 +237,7 @@ def jobs_page(request: Request, status: str | None = Query(None, max_length=20),
         raise ApiError(422, "invalid_parameters", "status must be queued, running, done, failed or cancelled")
     jobs = store.recent_jobs(session, 100, status or None)
     ctx = {"counts": store.job_counts(session), "jobs": jobs, "status": status or "", "statuses": JOB_STATUSES}
-    if _is_htmx(request) and request.headers.get("hx-target") == "jobs-table":
+    if is_htmx(request) and request.headers.get("hx-target") == "jobs-table":
         return render(request, "_jobs_table.html", ctx, headers={"Cache-Control": "no-store", "Vary": "HX-Request, HX-Target"})
     return render(request, "jobs.html", ctx, headers={"Cache-Control": "no-store", "Vary": "HX-Request, HX-Target"})
 

@@ -29,7 +29,7 @@ from app.runs import service
 from app.runs.spec import Architecture, RunSpec, public_spec
 from app.security import CSRF_FIELD, csrf_valid
 from app.web import charts
-from app.web.pages import _is_htmx, _num, _pct, forbidden_form, form_key, render
+from app.web.rendering import forbidden_form, form_key, is_htmx, num, pct, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 
@@ -38,8 +38,8 @@ PER_PAGE = 50
 NO_STORE = {"Cache-Control": "no-store"}
 ARCHITECTURES = typing.get_args(Architecture)
 # (metric, chart title, log axis: None = automatic)
-CURVES = (("loss", "loss", None, _num), ("fvu", "FVU", False, _num), ("l0", "L0", False, _num),
-          ("dead_frac", "dead fraction", False, lambda v: _pct(v, 1)))
+CURVES = (("loss", "loss", None, num), ("fvu", "FVU", False, num), ("l0", "L0", False, num),
+          ("dead_frac", "dead fraction", False, lambda v: pct(v, 1)))
 
 # The form's fields: name -> (label, kind). Kinds: text, int (one whole number; 2M, 1e6 and
 # 1_000 are fine), tokens (an int that also takes k/M/B), ints (comma-separated whole numbers),
@@ -266,7 +266,7 @@ def runs_page(request: Request, status: str | None = Query(None, max_length=20),
            "statuses": service.STATUSES, "counts": service.counts(session), "best": best_latest, "when": _when,
            "qs": lambda **kw: urlencode({**params, **kw}), "self_url": "/runs?" + urlencode({**params, "page": page})}
     headers = {**NO_STORE, "Vary": "HX-Request, HX-Target"}
-    if _is_htmx(request) and request.headers.get("hx-target") == "runs-table":
+    if is_htmx(request) and request.headers.get("hx-target") == "runs-table":
         return render(request, "_runs_table.html", ctx, headers=headers)
     return render(request, "runs.html", ctx, headers=headers)
 
