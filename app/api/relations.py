@@ -26,7 +26,8 @@ def sae_name(what: str = "name of a published SAE"):
     return Path(min_length=1, max_length=200, description=what)
 
 Kind = Literal["width", "layer", "seed"]
-Label = Literal["matched", "unconfirmed", "persisted", "split", "novel", "reconstruction", "vanished"]
+Label = Literal["matched", "unconfirmed", "persisted", "split", "persisted_split", "novel", "reconstruction", "vanished"]
+LinkKind = Literal["direction", "cofiring"]
 MAX_PER_PAGE = 500
 
 
@@ -62,7 +63,12 @@ class RelationList(BaseModel):
 class LinkOut(BaseModel):
     a_index: int | None = Field(description="latent of A; null for a child without a parent")
     b_index: int | None = Field(description="latent of B; null for a parent that vanished")
-    label: Label
+    label: Label = Field(description="width pairs: the parent's fate (persisted_split: it survives in B and gains "
+                                     "children), or novel / reconstruction / vanished; layer and seed pairs: "
+                                     "matched or unconfirmed")
+    kind: LinkKind | None = Field(None, description="how a width link was made: direction (decoder cosine and "
+                                                    "co-firing) or cofiring (co-firing alone, the child pointing "
+                                                    "elsewhere); null for matches and one-sided rows")
     cos: float | None = Field(description="decoder cosine (the best cosine when one side is empty)")
     rho: float | None = Field(description="Pearson correlation of the two latents' activations over all tokens")
     p_b_given_a: float | None = Field(description="share of A's firings on which B fires too")
@@ -168,7 +174,8 @@ def relation_dict(v: lineage.RelationView, detail: bool = False) -> dict:
 
 
 def link_dict(link: FeatureLink, a: str, b: str) -> dict:
-    return {"a_index": link.a_index, "b_index": link.b_index, "label": link.label, "cos": link.cos, "rho": link.rho,
+    return {"a_index": link.a_index, "b_index": link.b_index, "label": link.label, "kind": link.kind, "cos": link.cos,
+            "rho": link.rho,
             "p_b_given_a": link.p_b_given_a, "p_a_given_b": link.p_a_given_b, "stitch_gain": link.stitch_gain,
             "a_page": f"/saes/{a}/features/{link.a_index}" if link.a_index is not None else None,
             "b_page": f"/saes/{b}/features/{link.b_index}" if link.b_index is not None else None}

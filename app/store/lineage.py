@@ -17,7 +17,7 @@ from app.models import LM, SAE, Feature, FeatureLink, SAEDarkMatter, SAERelation
 
 MAX_HOPS = 12
 MATCH_LABELS = ("matched", "unconfirmed")
-WIDTH_LABELS = ("persisted", "split", "novel", "reconstruction", "vanished")
+WIDTH_LABELS = ("persisted", "split", "persisted_split", "novel", "reconstruction", "vanished")
 LINK_SORTS = {"a": FeatureLink.a_index, "b": FeatureLink.b_index, "cos": FeatureLink.cos, "rho": FeatureLink.rho,
               "p_b_given_a": FeatureLink.p_b_given_a, "p_a_given_b": FeatureLink.p_a_given_b,
               "stitch_gain": FeatureLink.stitch_gain}

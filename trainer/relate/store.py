@@ -115,10 +115,11 @@ def write_relation(engine: Engine, rel: Relation) -> int:
             return None if v is None or not math.isfinite(float(v)) else float(v)
 
         rows = [{"relation_id": row.id, "a_index": int(i) if i >= 0 else None, "b_index": int(j) if j >= 0 else None,
-                 "label": str(lab), "cos": opt(c), "rho": opt(r), "p_b_given_a": opt(pba), "p_a_given_b": opt(pab),
-                 "stitch_gain": opt(g)}
-                for i, j, lab, c, r, pba, pab, g in zip(links["a"], links["b"], links["label"], links["cos"], links["rho"],
-                                                       links["p_b_given_a"], links["p_a_given_b"], links["stitch_gain"])]
+                 "label": str(lab), "kind": str(kind) or None, "cos": opt(c), "rho": opt(r), "p_b_given_a": opt(pba),
+                 "p_a_given_b": opt(pab), "stitch_gain": opt(g)}
+                for i, j, lab, kind, c, r, pba, pab, g in zip(links["a"], links["b"], links["label"], links["kind"],
+                                                             links["cos"], links["rho"], links["p_b_given_a"],
+                                                             links["p_a_given_b"], links["stitch_gain"])]
         for s in range(0, len(rows), 20_000):
             session.execute(insert(FeatureLink), rows[s:s + 20_000])
         a.version, b.version = uuid.uuid4().hex, uuid.uuid4().hex  # their pages now show this relation
