@@ -7,6 +7,8 @@ one-to-one matches hop by hop (indexed reads of feature_links by relation and la
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 from sqlalchemy import and_, func, or_, select
@@ -17,7 +19,7 @@ from store.models import LM, SAE, Feature, FeatureLink, SAEDarkMatter, SAERelati
 
 MAX_HOPS = 12
 MATCH_LABELS = ("matched", "unconfirmed")
-WIDTH_LABELS = ("persisted", "split", "novel", "reconstruction", "vanished")
+WIDTH_LABELS = ("persisted", "split", "persisted_split", "novel", "reconstruction", "vanished")
 LINK_SORTS = {"a": FeatureLink.a_index, "b": FeatureLink.b_index, "cos": FeatureLink.cos, "rho": FeatureLink.rho,
               "p_b_given_a": FeatureLink.p_b_given_a, "p_a_given_b": FeatureLink.p_a_given_b,
               "stitch_gain": FeatureLink.stitch_gain}
@@ -218,3 +220,37 @@ def layer_map(session: Session, lm_id: int) -> dict:
         rows.setdefault((s.site.split(".")[0], s.d_sae), []).append(s)
     layers = sorted({s.layer for s in saes if s.layer is not None})
     return {"saes": saes, "rows": rows, "layers": layers, "relations": views}
+
+
+# --- shared by the API and the pages ---
+
+def sae_ref(s: SAE) -> dict:
+    return {"name": s.name, "site": s.site, "layer": s.layer, "d_sae": s.d_sae, "architecture": s.architecture,
+            "page": f"/saes/{s.name}"}
+
+
+def pair_dark_matter(session: Session, sae: SAE) -> list[dict]:
+    out = []
+    for v in relations_of(session, sae.id):
+        if v.kind == "width" and v.a.id == sae.id:
+            dm = (v.relation.summary or {}).get("dark_matter") or {}
+            out.append({"wider": v.b.name, "relation": f"/relations/{v.a.name}/{v.b.name}", **dm})
+    return out
+
+
+def layer_rows(session: Session, lm: LM) -> tuple[list[int], list[dict]]:
+    m = layer_map(session, lm.id)
+    by_pair = {(v.a.id, v.b.id): v for v in m["relations"] if v.kind == "layer"}
+    rows = []
+    for (kind, width), saes in sorted(m["rows"].items()):
+        cells = []
+        for x, y in itertools.pairwise(saes):
+            v = by_pair.get((x.id, y.id))
+            if v is None:
+                continue
+            mm = (v.relation.summary or {}).get("matching", {})
+            cells.append({"a": x.name, "b": y.name, "layer_a": x.layer, "layer_b": y.layer,
+                          "persistence": mm.get("persistence"), "matched_share": mm.get("matched_share"),
+                          "mean_cos": mm.get("mean_cos"), "page": f"/relations/{x.name}/{y.name}"})
+        rows.append({"site_kind": kind, "d_sae": width, "saes": [sae_ref(s) for s in saes], "pairs": cells})
+    return m["layers"], rows

@@ -498,7 +498,11 @@ class FeatureLink(Base):
     relation_id: Mapped[int] = mapped_column(ForeignKey("sae_relations.id", ondelete="CASCADE"))
     a_index: Mapped[int | None] = mapped_column(Integer)
     b_index: Mapped[int | None] = mapped_column(Integer)
-    label: Mapped[str] = mapped_column(String(16), doc="matched, unconfirmed, persisted, split, novel, reconstruction, vanished")
+    label: Mapped[str] = mapped_column(String(16), doc="matched, unconfirmed, persisted, split, persisted_split, novel, "
+                                                       "reconstruction, vanished")
+    kind: Mapped[str | None] = mapped_column(String(16), doc="how a width link was made: direction (decoder cosine "
+                                                             "and co-firing) or cofiring (co-firing alone); null for "
+                                                             "matches and rows with one side empty")
     cos: Mapped[float | None] = mapped_column(Float, doc="decoder cosine (best cosine when one side is empty)")
     rho: Mapped[float | None] = mapped_column(Float, doc="Pearson correlation of the two activations over all tokens")
     p_b_given_a: Mapped[float | None] = mapped_column(Float, doc="share of A's firings on which B fires too")

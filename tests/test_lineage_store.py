@@ -89,6 +89,11 @@ def test_publishing_relates_width_and_layer_pairs_from_the_cache(related, sweep)
             n_links = s.scalar(select(func.count()).select_from(FeatureLink).where(FeatureLink.relation_id == r.id))
             if r.kind == "width":  # every live child of B has exactly one row
                 assert n_links == r.summary["b"]["alive"] + r.summary["splitting"]["parents"]["vanished"]
+                # each parent link records how it was made, as the relation counted them
+                kinds = dict(s.execute(select(FeatureLink.kind, func.count()).where(
+                    FeatureLink.relation_id == r.id, FeatureLink.a_index.is_not(None),
+                    FeatureLink.b_index.is_not(None)).group_by(FeatureLink.kind)).all())
+                assert kinds == {k: v for k, v in r.summary["splitting"]["links"].items() if v}
             else:
                 assert n_links == r.summary["matching"]["pairs"]
         assert s.scalar(select(func.count()).select_from(SAEDarkMatter)) == 4
@@ -125,6 +130,8 @@ def test_the_api_serves_relations_links_lineage_and_dark_matter(related):
                                                                           "order": "desc"}).json()
         assert links["total"] >= len(links["items"]) > 0 and links["per_page"] == 5
         child = next(i for i in links["items"] if i["b_index"] is not None)
+        assert all(i["kind"] in ("direction", "cofiring") if i["a_index"] is not None and i["b_index"] is not None
+                   else i["kind"] is None for i in links["items"])
         lin = c.get(f"/api/v1/saes/{wide}/features/{child['b_index']}/lineage").json()
         family = next(w for w in lin["widths"] if w["role"] == "child")
         assert family["other"]["name"] == narrow and family["parent"]["b_index"] == child["b_index"]
@@ -164,6 +171,11 @@ def test_the_pages_show_lineage_pairs_the_layer_map_and_what_an_sae_misses(relat
             assert r.status_code == 200 and text in r.text, (url, r.status_code)
             check_page(r)
             assert "<svg" in r.text or url.endswith("/features/0") or "relations" in url
+        assert c.get(f"/relations/{narrow}/{wide}?view=persisted_split").status_code == 200
+        assert "persisted and split" in c.get(f"/relations/{narrow}/{wide}").text
+        # the layer map's bars name their width: both widths have a 1 -> 2 pair
+        page = c.get(f"/models/{lm}").text
+        assert "1→2 · 32" in page and "1→2 · 96" in page
         assert c.get(f"/relations/{narrow}/{wide}?view=matched").status_code == 422
         assert c.get(f"/relations/{narrow}/{narrow}").status_code == 404
         assert c.get(f"/saes/{narrow}/misses").text.count('class="ex"') > 0  # the nonlinear-error contexts

@@ -287,3 +287,204 @@ def test_a_bfloat16_encoder_barely_moves_the_statistics(pair):
     diffs = [abs(r - rho_b[j]) for j, r in zip(f["b"].tolist(), f["rho"].tolist()) if j in rho_b and np.isfinite(r)
              and np.isfinite(rho_b[j])]
     assert diffs and max(diffs) < 0.02
+
+
+# --- imported SAEs, dead latents, folds, co-firing links -------------------------------------------
+
+def imported_topk(d: int, width: int, k: int, io_kind: str, seed: int):
+    """A random TopK SAE with what imported SAEs add around it: SAELens's constant_norm_rescale, or a
+    skip term W_skip x (sparsify's skip_connection)."""
+    from trainer.formats.common import SiteIO
+    from trainer.sae import SAEConfig, build_sae
+
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(d_in=d, d_sae=width, architecture="topk", k=k)).eval().requires_grad_(False)
+    with torch.no_grad():
+        sae.b_dec.copy_(0.3 * torch.randn(d))
+        sae.b_enc.copy_(0.1 * torch.randn(width))
+    if io_kind == "norm":
+        sae.io = SiteIO("constant_norm_rescale")
+    else:
+        sae.io = SiteIO(w_skip=0.2 * torch.randn(d, d))
+    return sae
+
+
+def brute_force(sae, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x_hat, dense f, raw-unit scale per token) of a TopK SAE with a SiteIO, from its definition."""
+    w_enc, b_enc = sae.W_enc.double().numpy(), sae.b_enc.double().numpy()
+    w_dec, b_dec = sae.W_dec.double().numpy(), sae.b_dec.double().numpy()
+    x = x.astype(np.float64)
+    d = x.shape[1]
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    scale = norm / np.sqrt(d) if sae.io.input_norm == "constant_norm_rescale" else np.ones_like(norm)
+    z = (x / scale - b_dec) @ w_enc.T + b_enc
+    f = np.zeros_like(z)
+    top = np.argsort(-z, axis=1)[:, :sae.cfg.k]
+    np.put_along_axis(f, top, np.maximum(np.take_along_axis(z, top, 1), 0), 1)
+    x_hat = (f @ w_dec + b_dec) * scale
+    if sae.io.W_skip is not None:
+        x_hat += x @ sae.io.W_skip.double().numpy().T
+    return x_hat, f, scale
+
+
+@pytest.mark.parametrize("io_kind", ["norm", "skip"])
+def test_relate_measures_errors_with_the_saes_own_reconstruction(io_kind):
+    """Errors, their norms' correlation and the stitching gains of imported SAEs (input normalisation,
+    skip term) against their definitions; x - decode(f) ignored both (FVU 0.922 for 0.986)."""
+    d, n, batch = 12, 3000, 500
+    narrow, wide = imported_topk(d, 16, 3, io_kind, 0), imported_topk(d, 40, 4, io_kind, 1)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, (n, 1)) + 1.0).astype(np.float32)
+    rel = relate_saes(Side("n", narrow, "resid_post.0", "m"), Side("w", wide, "resid_post.0", "m"),
+                      [{"resid_post.0": torch.from_numpy(x)}], RelateConfig(tokens=n, batch_tokens=batch,
+                                                                             encode_dtype="float32"), progress=False)
+    xa, _, _ = brute_force(narrow, x)
+    xb, fb, scale_b = brute_force(wide, x)
+    ea, eb = x - xa, x - xb
+    dm = rel.summary["dark_matter"]
+    assert dm["narrow_mse"] == pytest.approx((ea**2).sum(1).mean(), rel=1e-4)
+    assert dm["wide_mse"] == pytest.approx((eb**2).sum(1).mean(), rel=1e-4)
+    na, nb = np.linalg.norm(ea, axis=1), np.linalg.norm(eb, axis=1)
+    assert dm["error_norm_correlation"] == pytest.approx(np.corrcoef(na, nb)[0, 1], abs=1e-4)
+    # the stitching test: B's latent j adds c f_j d_j in raw units (f_j times B's output scale); each
+    # batch's first half fits c, its second half measures the gain
+    fold = np.tile(np.arange(batch) >= batch // 2, n // batch)
+    dec = wide.W_dec.double().numpy()
+    contrib = fb * scale_b  # [n, F_B] raw-unit activations
+    u = contrib * (ea @ dec.T)
+    w = contrib**2 * (dec**2).sum(1)
+    c = u[~fold].sum(0) / np.where(w[~fold].sum(0) > 0, w[~fold].sum(0), 1)
+    gain = 2 * c * u[fold].sum(0) - c**2 * w[fold].sum(0)
+    rel_gain = gain / (ea[fold] ** 2).sum()
+    L = rel.links
+    rows = L["b"] >= 0
+    assert rows.sum() > 10
+    np.testing.assert_allclose(L["stitch_gain"][rows], rel_gain[L["b"][rows]], rtol=1e-3, atol=1e-7)
+
+
+def test_the_analysis_pass_gives_dark_matter_the_saes_own_error(tiny_lm, tiny_sae_dir, tmp_path, monkeypatch):
+    """The analysis feeds dark matter e = x - x_hat with x_hat from the SAE's own output (here with
+    SAELens's constant_norm_rescale and with a skip term), checked row by row against brute force."""
+    from trainer.analyze import AnalyzeConfig, Analyzer
+    from trainer.darkmatter import DarkMatter
+    from trainer.formats import load_sae
+    from trainer.formats.common import SiteIO
+
+    seen = []
+    real = DarkMatter.update
+
+    def spy(self, x, e, *args, **kwargs):
+        seen.append((x.detach().cpu().numpy().copy(), e.detach().cpu().numpy().copy()))
+        return real(self, x, e, *args, **kwargs)
+
+    monkeypatch.setattr(DarkMatter, "update", spy)
+    for io in (SiteIO("constant_norm_rescale"), SiteIO(w_skip=0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))):
+        loaded = load_sae(tiny_sae_dir)
+        loaded.sae.io = io
+        seen.clear()
+        Analyzer(AnalyzeConfig(sae_dir=tiny_sae_dir, tokens=600, device="cpu", lm_dtype="float32", shard_contexts=8,
+                               out=tmp_path / io.input_norm, dm_ce_contexts=0, dm_warmup_tokens=200), tiny_lm,
+                 loaded).run(progress=False)
+        assert seen
+        for x, e in seen:
+            x_hat, _, _ = brute_force(loaded.sae, x)
+            np.testing.assert_allclose(e, x - x_hat, rtol=1e-3, atol=1e-3 * np.abs(x).max())
+
+
+def test_dead_latents_never_take_a_live_latents_match():
+    """Seed pair: B holds a live, perturbed copy of each of A's first latents and a dead exact copy
+    (it never fires). The dead copies are closer in direction; they must not take the matches."""
+    from trainer.sae import SAEConfig, build_sae
+
+    d, width, n_dead = 16, 32, 8
+    torch.manual_seed(3)
+    a = build_sae(SAEConfig(d_in=d, d_sae=width, architecture="topk", k=4)).eval().requires_grad_(False)
+    b = build_sae(SAEConfig(d_in=d, d_sae=width, architecture="topk", k=4)).eval().requires_grad_(False)
+    with torch.no_grad():
+        noisy = a.W_dec[:width - n_dead] + 0.25 * torch.randn(width - n_dead, d) / d**0.5  # cos ~0.97
+        noisy /= noisy.norm(dim=1, keepdim=True)
+        b.W_dec[:width - n_dead] = noisy
+        b.W_enc[:width - n_dead] = noisy
+        b.W_dec[width - n_dead:] = a.W_dec[:n_dead]  # exact copies of A's first latents...
+        b.W_enc[width - n_dead:] = a.W_enc[:n_dead]
+        b.b_enc[width - n_dead:] = -1e4  # ...that never fire
+    x = torch.randn(6000, d)
+    rel = relate_saes(Side("a", a, "resid_post.0", "m"), Side("b", b, "resid_post.0", "m"), [{"resid_post.0": x}],
+                      RelateConfig(tokens=6000, encode_dtype="float32"), progress=False)
+    assert rel.kind == "seed"
+    pairs = dict(zip(rel.links["a"].tolist(), rel.links["b"].tolist()))
+    assert not set(pairs.values()) & set(range(width - n_dead, width))
+    assert all(pairs.get(i) == i for i in range(n_dead)), pairs
+    assert rel.summary["matching"]["excluded_dead"]["b"] == n_dead
+
+
+def test_data_in_one_chunk_still_has_an_evaluation_fold(pair):
+    """One chunk, one batch: half of it evaluates the stitching test (novel latents are found) and
+    the share the novel latents capture is measured on the other half, the fit fold."""
+    narrow, wide = pair
+    n = 20_000
+    x = sample(n, 4)
+    rel = relate_saes(Side("narrow", narrow, "resid_post.0", "m"), Side("wide", wide, "resid_post.0", "m"),
+                      [{"resid_post.0": torch.from_numpy(x)}], RelateConfig(tokens=n, batch_tokens=n,
+                                                                             encode_dtype="float32"), progress=False)
+    sp, cap = rel.summary["splitting"], rel.summary["dark_matter"]["novel_capture"]
+    assert sp["stitch"]["eval_tokens"] == n // 2 and sp["children"]["novel"] > 0
+    # brute force on the fit fold (rows [:n/2]): A's error, the novel latents' sum, one least-squares gain
+    with torch.no_grad():
+        fit = torch.from_numpy(x[:n // 2])
+        e = (fit - narrow(fit)).double().numpy()
+        novel = [j for j, lab in zip(rel.links["b"].tolist(), rel.links["label"].tolist()) if lab == "novel"]
+        f = wide.encode(fit).dense(wide.cfg.d_sae).double().numpy()
+    added = f[:, novel] @ wide.W_dec.detach().double().numpy()[novel]
+    half = len(e) // 2
+    c = (e[:half] * added[:half]).sum() / (added[:half] ** 2).sum()
+    share = 1 - ((e[half:] - c * added[half:]) ** 2).sum() / (e[half:] ** 2).sum()
+    assert cap["tokens"] == n // 2 and cap["share"] == pytest.approx(share, rel=1e-4)
+
+
+def test_cofiring_q_values_are_benjamini_hochberg_by_hand():
+    from trainer.relate.splitting import cofire_q
+
+    # P(X >= n_ab), X ~ Binomial(count_b, rate): 4 of 4 at 0.5 -> 1/16; 1 of 2 at 0.5 -> 3/4; 3 of 3 at 0.1 -> 0.001.
+    # Sorted 0.001, 0.0625, 0.75 (m = 3): p m / rank = 0.003, 0.09375, 0.75; running minimum from the
+    # largest, in the original order: 0.09375, 0.75, 0.003.
+    q = cofire_q(np.array([4, 1, 3]), np.array([4, 2, 3]), np.array([0.5, 0.5, 0.1]))
+    assert q == pytest.approx([0.09375, 0.75, 0.003])
+
+
+def test_children_are_linked_by_cofiring_and_a_surviving_parent_is_persisted_and_split():
+    from trainer.relate.splitting import split_forest
+
+    # A latent 0 (fires on 10% of 1000 tokens); B: 0 = its copy, 1 = a child pointing elsewhere that
+    # fires only inside it, 2 = like 1 but not significant, 3 = inside a parent that fires everywhere
+    a, b = np.array([0, 0, 0, 1]), np.array([0, 1, 2, 3])
+    cos = np.array([0.97, 0.05, 0.05, 0.1])
+    p_ab, p_ba = np.array([0.95, 0.9, 0.9, 0.95]), np.array([0.9, 0.3, 0.3, 0.1])
+    q = np.array([1e-9, 1e-6, 0.2, 1e-9])
+    forest = split_forest(2, 4, a, b, cos, p_ab, p_ba, q, count_a=np.array([100, 900]), count_b=np.array([95, 33, 5, 80]),
+                          tokens=1000, novel_ok=np.zeros(4, bool))
+    assert forest.parent.tolist() == [0, 0, -1, -1]
+    assert forest.kind.tolist() == ["direction", "cofiring", "", ""]
+    assert forest.parent_label[0] == "persisted_split" and forest.child_label[1] == "persisted_split"
+    assert forest.child_label[2] == forest.child_label[3] == "reconstruction"
+    # without the surviving copy, the same children make a plain split
+    forest = split_forest(1, 3, np.array([0, 0]), np.array([1, 2]), np.array([0.05, 0.9]), np.array([0.9, 0.9]),
+                          np.array([0.3, 0.3]), np.array([1e-6, 1e-6]), count_a=np.array([100]),
+                          count_b=np.array([0, 33, 30]), tokens=1000, novel_ok=np.zeros(3, bool))
+    assert forest.parent_label[0] == "split" and forest.kind.tolist() == ["", "cofiring", "direction"]
+
+
+def test_relate_recovers_saelens_hierarchy_of_children_in_new_directions():
+    """SAELens's sae_lens.synthetic hierarchy (tests/fixtures/hierarchy.npz, written by
+    benchmarks/relate_hierarchy.py generate): two SAEs of our trainer, related; parent -> child links
+    among recovered latents are scored against SAELens's ground-truth tree."""
+    from pathlib import Path
+
+    from benchmarks.relate_hierarchy import load, measure
+
+    path = Path(__file__).parent / "fixtures" / "hierarchy.npz"
+    data = load(path)
+    np.testing.assert_allclose(data["x"][:len(data["check"])], data["check"], atol=1e-5)  # the rows SAELens made
+    out = measure(path)
+    assert out["truth"] >= 8 and out["precision"] >= 0.8 and out["recall"] >= 0.8, out
+    assert out["correct_by_kind"].get("cofiring", 0) >= 1, out  # children linked whatever their direction

@@ -345,7 +345,7 @@ class Analyzer:
             val = values[active]
             stats.update(lat, val, int(mask.sum()))
             if dm is not None:  # the SAE's error on the same tokens, for what it misses
-                dm.update(x, x - self.sae.decode(codes), mask, tokens, ctx0, doc_ids, doc_pos)
+                dm.update(x, x - self.sae.output(codes, x), mask, tokens, ctx0, doc_ids, doc_pos)
             buf["tokens"].append(tokens.numpy().astype(np.int32))
             buf["doc_ids"].append(doc_ids.numpy())
             buf["doc_pos"].append(doc_pos.numpy())

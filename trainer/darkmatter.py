@@ -78,6 +78,21 @@ def ridge_sse(w: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, sxx: torch.Te
     return float(svv - 2 * torch.sum(w * suv) + torch.sum(w * (suu @ w)))
 
 
+def fold_cut(n_rows: int, mask: torch.Tensor | None = None) -> int | None:
+    """The two held-out folds of one batch of rows: rows [:cut] go to the first (fit) fold, rows
+    [cut:] to the second. With the batch's context mask [B, T] (rows in context order), the cut is
+    at the first row of the second half of its contexts, so a context's tokens stay together;
+    None for a batch of one context (alternate by context instead). Without contexts (rows of
+    valid tokens, as relate reads them) the cut is at half the rows. Either way every batch fills
+    both folds, so even data that arrives as one batch has something to evaluate on; each part is
+    a view (no per-row copies)."""
+    if mask is None:
+        return n_rows // 2
+    if mask.shape[0] < 2:
+        return None
+    return int(mask[:mask.shape[0] // 2].sum())
+
+
 class _Fold:
     """Float64 sums over one fold's tokens, x and e shifted by fixed reference vectors."""
 
@@ -164,12 +179,9 @@ class DarkMatter:
         ok = tok < self.V
         self.tok_count.index_add_(0, tok[ok], torch.ones_like(err2d[ok]))
         self.tok_err.index_add_(0, tok[ok], err2d[ok])
-        # folds by context: the first half of the batch's contexts goes to one fold, the rest to the
-        # other (rows are in context order, so each part is a view: no per-row copies). A context's
-        # tokens stay together, and even a pass of one batch fills both folds.
         es2, r = torch.linalg.vector_norm(es, dim=1).pow_(2), err2.sqrt()
-        if mask.shape[0] >= 2:
-            cut = int(mask[:mask.shape[0] // 2].sum())
+        cut = fold_cut(x.shape[0], mask)
+        if cut is not None:
             self.folds[0].add(xs[:cut], es[:cut], es2[:cut], r[:cut])
             self.folds[1].add(xs[cut:], es[cut:], es2[cut:], r[cut:])
         else:  # one context per batch: alternate

@@ -11,7 +11,7 @@ This module turns an analysis folder into rows; the writes themselves are the st
 (store/publish.py). What the SAE misses (the analysis's darkmatter.json) goes in with it.
 
 After the commit, each new SAE is related to the published SAEs of the same model that share its
-site (a width pair) or sit one layer away (a layer pair), see trainer/relate/store.py. Relations
+site (a width pair) or sit one layer away (a layer pair), see trainer/relate/published.py. Relations
 are written in their own transactions: a failed relation is reported, and the SAE stays published.
 """
 
@@ -182,7 +182,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     log.info("published %s: %d features, %d examples in %.1f s", ", ".join(n for _, n in items), n_rows, n_examples,
              time.time() - started)
     if relate if relate is not None else get_settings().relate_at_publish:
-        from trainer.relate.store import relate_new
+        from trainer.relate.published import relate_new
 
         relate_new([n for _, n in items], engine, lm=lm, progress=progress)
     return ids

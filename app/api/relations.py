@@ -4,7 +4,6 @@ made by `sae-atlas relate` and at publish."""
 
 from __future__ import annotations
 
-import itertools
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 import store
 from app.deps import get_session, read_access
 from store.errors import NotFound
-from store.models import LM, SAE, FeatureLink
+from store.models import LM, FeatureLink
 from store import lineage
 
 router = APIRouter(tags=["lineage"], dependencies=[Depends(read_access)])
@@ -26,7 +25,8 @@ def sae_name(what: str = "name of a published SAE"):
     return Path(min_length=1, max_length=200, description=what)
 
 Kind = Literal["width", "layer", "seed"]
-Label = Literal["matched", "unconfirmed", "persisted", "split", "novel", "reconstruction", "vanished"]
+Label = Literal["matched", "unconfirmed", "persisted", "split", "persisted_split", "novel", "reconstruction", "vanished"]
+LinkKind = Literal["direction", "cofiring"]
 MAX_PER_PAGE = 500
 
 
@@ -62,7 +62,12 @@ class RelationList(BaseModel):
 class LinkOut(BaseModel):
     a_index: int | None = Field(description="latent of A; null for a child without a parent")
     b_index: int | None = Field(description="latent of B; null for a parent that vanished")
-    label: Label
+    label: Label = Field(description="width pairs: the parent's fate (persisted_split: it survives in B and gains "
+                                     "children), or novel / reconstruction / vanished; layer and seed pairs: "
+                                     "matched or unconfirmed")
+    kind: LinkKind | None = Field(None, description="how a width link was made: direction (decoder cosine and "
+                                                    "co-firing) or cofiring (co-firing alone, the child pointing "
+                                                    "elsewhere); null for matches and one-sided rows")
     cos: float | None = Field(description="decoder cosine (the best cosine when one side is empty)")
     rho: float | None = Field(description="Pearson correlation of the two latents' activations over all tokens")
     p_b_given_a: float | None = Field(description="share of A's firings on which B fires too")
@@ -144,11 +149,6 @@ class LayerMapOut(BaseModel):
     rows: list[LayerRow]
 
 
-def sae_ref(s: SAE) -> dict:
-    return {"name": s.name, "site": s.site, "layer": s.layer, "d_sae": s.d_sae, "architecture": s.architecture,
-            "page": f"/saes/{s.name}"}
-
-
 def headline(v: lineage.RelationView) -> dict:
     s = v.relation.summary or {}
     if v.kind == "width":
@@ -161,14 +161,15 @@ def headline(v: lineage.RelationView) -> dict:
 
 def relation_dict(v: lineage.RelationView, detail: bool = False) -> dict:
     a, b = v.a.name, v.b.name
-    return {"a": sae_ref(v.a), "b": sae_ref(v.b), "kind": v.kind, "tokens": v.relation.n_tokens,
+    return {"a": lineage.sae_ref(v.a), "b": lineage.sae_ref(v.b), "kind": v.kind, "tokens": v.relation.n_tokens,
             "created_at": v.relation.created_at, "headline": headline(v),
             "summary": v.relation.summary if detail else None, "page": f"/relations/{a}/{b}",
             "links": f"/api/v1/relations/{a}/{b}/links"}
 
 
 def link_dict(link: FeatureLink, a: str, b: str) -> dict:
-    return {"a_index": link.a_index, "b_index": link.b_index, "label": link.label, "cos": link.cos, "rho": link.rho,
+    return {"a_index": link.a_index, "b_index": link.b_index, "label": link.label, "kind": link.kind, "cos": link.cos,
+            "rho": link.rho,
             "p_b_given_a": link.p_b_given_a, "p_a_given_b": link.p_a_given_b, "stitch_gain": link.stitch_gain,
             "a_page": f"/saes/{a}/features/{link.a_index}" if link.a_index is not None else None,
             "b_page": f"/saes/{b}/features/{link.b_index}" if link.b_index is not None else None}
@@ -223,7 +224,7 @@ def get_lineage(sae: str = sae_name(), index: int = Path(ge=0, le=store.MAX_LATE
     for w in lin["widths"]:
         v = w["relation"]
         a, b = v.a.name, v.b.name
-        item = {"role": w["role"], "other": sae_ref(w["other"]), "relation": f"/relations/{a}/{b}"}
+        item = {"role": w["role"], "other": lineage.sae_ref(w["other"]), "relation": f"/relations/{a}/{b}"}
         if w["role"] == "parent":
             item.update(children=[link_dict(k, a, b) for k in w["children"]], vanished=w["vanished"])
         else:
@@ -234,15 +235,6 @@ def get_lineage(sae: str = sae_name(), index: int = Path(ge=0, le=store.MAX_LATE
             "forward": [hop(h) for h in lin["layers"]["forward"]], "widths": widths}
 
 
-def pair_dark_matter(session: Session, sae: SAE) -> list[dict]:
-    out = []
-    for v in lineage.relations_of(session, sae.id):
-        if v.kind == "width" and v.a.id == sae.id:
-            dm = (v.relation.summary or {}).get("dark_matter") or {}
-            out.append({"wider": v.b.name, "relation": f"/relations/{v.a.name}/{v.b.name}", **dm})
-    return out
-
-
 @router.get("/saes/{sae}/dark-matter", response_model=DarkMatterOut, summary="What an SAE misses (dark matter)")
 def get_dark_matter(sae: str = sae_name(), session: Session = Depends(get_session)):
     s = store.sae_by_name(session, sae)
@@ -250,25 +242,7 @@ def get_dark_matter(sae: str = sae_name(), session: Session = Depends(get_sessio
     if data is None:
         raise NotFound(f"{s.name!r} was published without dark-matter statistics",
                        "analyse it again (sae-atlas analyze, dark_matter on) and republish it")
-    return {"sae": s.name, "data": data, "pairs": pair_dark_matter(session, s)}
-
-
-def layer_rows(session: Session, lm: LM) -> tuple[list[int], list[dict]]:
-    m = lineage.layer_map(session, lm.id)
-    by_pair = {(v.a.id, v.b.id): v for v in m["relations"] if v.kind == "layer"}
-    rows = []
-    for (kind, width), saes in sorted(m["rows"].items()):
-        cells = []
-        for x, y in itertools.pairwise(saes):
-            v = by_pair.get((x.id, y.id))
-            if v is None:
-                continue
-            mm = (v.relation.summary or {}).get("matching", {})
-            cells.append({"a": x.name, "b": y.name, "layer_a": x.layer, "layer_b": y.layer,
-                          "persistence": mm.get("persistence"), "matched_share": mm.get("matched_share"),
-                          "mean_cos": mm.get("mean_cos"), "page": f"/relations/{x.name}/{y.name}"})
-        rows.append({"site_kind": kind, "d_sae": width, "saes": [sae_ref(s) for s in saes], "pairs": cells})
-    return m["layers"], rows
+    return {"sae": s.name, "data": data, "pairs": lineage.pair_dark_matter(session, s)}
 
 
 @router.get("/models/{model:path}/layer-map", response_model=LayerMapOut,
@@ -277,5 +251,5 @@ def get_layer_map(model: str = Path(min_length=1, max_length=200), session: Sess
     lm = session.scalar(select(LM).where(LM.name == model))
     if lm is None:
         raise NotFound(f"no model named {model!r}")
-    layers, rows = layer_rows(session, lm)
+    layers, rows = lineage.layer_rows(session, lm)
     return {"model": lm.name, "layers": layers, "rows": rows}

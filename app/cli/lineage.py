@@ -19,7 +19,7 @@ def add_parsers(sub) -> None:
 def cmd_relate(args) -> int:
     from store.settings import get_settings
     from trainer.relate import RelateConfig
-    from trainer.relate.store import relate_published
+    from trainer.relate.published import relate_published
 
     names = {"sae_a", "sae_b", "command"}
     values = {k: v for k, v in vars(args).items() if k not in names}
@@ -30,8 +30,10 @@ def cmd_relate(args) -> int:
           f"({s['data']['source']}) in {s['timings']['total_s']:.1f} s; {s['candidates']:,} candidate pairs")
     if rel.kind == "width":
         sp = s["splitting"]
-        print(f"  A latents: {sp['parents']['persisted']:,} persisted, {sp['parents']['split']:,} split "
-              f"(mean {sp['children_per_split'] or 0:.1f} children), {sp['parents']['vanished']:,} vanished")
+        print(f"  A latents: {sp['parents']['persisted']:,} persisted, {sp['parents']['split']:,} split, "
+              f"{sp['parents']['persisted_split']:,} persisted and split (mean {sp['children_per_split'] or 0:.1f} "
+              f"children), {sp['parents']['vanished']:,} vanished; links: {sp['links']['direction']:,} by direction, "
+              f"{sp['links']['cofiring']:,} by co-firing alone")
         print(f"  B latents: {sp['children']['novel']:,} novel, {sp['children']['reconstruction']:,} reconstruction")
         dm = s["dark_matter"]
         if dm.get("novel_capture") and dm["novel_capture"].get("share") is not None:

@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 
 import store
 from app.api_error import ApiError
-from app.api.relations import layer_rows, pair_dark_matter
 from app.deps import get_session, read_access
 from store.errors import NotFound
 from store.models import LM
@@ -33,8 +32,9 @@ from app.web.rendering import env, examples_html, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 
-VIEWS = {"width": ("split", "persisted", "novel", "reconstruction", "vanished"), "layer": ("matched", "unconfirmed"),
-         "seed": ("matched", "unconfirmed")}
+VIEWS = {"width": ("split", "persisted_split", "persisted", "novel", "reconstruction", "vanished"),
+         "layer": ("matched", "unconfirmed"), "seed": ("matched", "unconfirmed")}
+TREE_VIEWS = ("split", "persisted_split", "persisted")  # parents of A with their children in B
 PER_PAGE = 25
 
 
@@ -49,7 +49,7 @@ def _brief(f, vocab: store.Vocab) -> dict:
 
 
 def _link(link, v: lineage.RelationView, briefs_a: dict, briefs_b: dict, vocab) -> dict:
-    return {"a": link.a_index, "b": link.b_index, "label": link.label, "cos": link.cos, "rho": link.rho,
+    return {"a": link.a_index, "b": link.b_index, "label": link.label, "kind": link.kind, "cos": link.cos, "rho": link.rho,
             "p_b_given_a": link.p_b_given_a, "p_a_given_b": link.p_a_given_b, "stitch_gain": link.stitch_gain,
             "a_url": f"/saes/{v.a.name}/features/{link.a_index}" if link.a_index is not None else None,
             "b_url": f"/saes/{v.b.name}/features/{link.b_index}" if link.b_index is not None else None,
@@ -105,7 +105,8 @@ def sae_relations(request: Request, sae) -> list[dict]:
             s = v.relation.summary or {}
             if v.kind == "width":
                 sp = s.get("splitting", {})
-                head = (f"{sp.get('parents', {}).get('split', 0):,} latents split, "
+                parents = sp.get("parents", {})
+                head = (f"{parents.get('split', 0) + parents.get('persisted_split', 0):,} latents split, "
                         f"{sp.get('children', {}).get('novel', 0):,} novel in the wider one")
             else:
                 persistence = (s.get("matching") or {}).get("persistence")
@@ -141,7 +142,7 @@ def relation_page(request: Request, a: str = Path(max_length=200), b: str = Path
     s = v.relation.summary or {}
     if v.kind == "width":
         sp = s.get("splitting", {})
-        counts = {**{k: sp.get("parents", {}).get(k, 0) for k in ("split", "persisted", "vanished")},
+        counts = {**{k: sp.get("parents", {}).get(k, 0) for k in ("split", "persisted_split", "persisted", "vanished")},
                   **{k: sp.get("children", {}).get(k, 0) for k in ("novel", "reconstruction")}}
     else:
         _, n_matched = lineage.links(session, v.relation.id, "matched", per_page=1)
@@ -149,7 +150,7 @@ def relation_page(request: Request, a: str = Path(max_length=200), b: str = Path
         counts = {"matched": n_matched, "unconfirmed": n_unconf}
     view = view or next((name for name in views if counts.get(name)), views[0])  # the first view with something in it
     ctx = {"v": v, "s": s, "view": view, "views": views, "page": page, "vocab": vocab, "counts": counts}
-    if view in ("split", "persisted"):
+    if view in TREE_VIEWS:
         forest, total = lineage.split_forest(session, v, view, page, PER_PAGE)
         briefs_a = lineage.feature_briefs(session, v.a.id, [p for p, _ in forest])
         briefs_b = lineage.feature_briefs(session, v.b.id, [k.b_index for _, kids in forest for k in kids])
@@ -177,7 +178,7 @@ def model_page(request: Request, model: str = Path(max_length=200), session: Ses
     lm = session.scalar(select(LM).where(LM.name == model))
     if lm is None:
         raise NotFound(f"no model named {model!r}")
-    layers, rows = layer_rows(session, lm)
+    layers, rows = lineage.layer_rows(session, lm)
     widths = [v for v in lineage.list_relations(session, model=lm.name, kind="width", per_page=500)[0]]
     saes = [s for s in store.list_saes(session) if s.lm_id == lm.id]
     for row in rows:
@@ -189,9 +190,12 @@ def model_page(request: Request, model: str = Path(max_length=200), session: Ses
             if layer != layers[-1]:
                 cells.append({"kind": "pair", "pair": pair_after.get(layer) if layer in by_layer else None})
         row["cells"] = cells
-    chart_pairs = [c for r in rows for c in r["pairs"]]
-    chart = charts.value_bars([c["persistence"] for c in chart_pairs],
-                              [f"{c['layer_a']}→{c['layer_b']}" for c in chart_pairs], label="persistence at each adjacent pair",
+    # one bar per adjacent pair of each row; rows differ by width (and site kind), so say which
+    kinds = {r["site_kind"] for r in rows}
+    chart_pairs = [(r, c) for r in rows for c in r["pairs"]]
+    chart = charts.value_bars([c["persistence"] for _, c in chart_pairs],
+                              [f"{r['site_kind'] + ' ' if len(kinds) > 1 else ''}{c['layer_a']}→{c['layer_b']} · "
+                               f"{r['d_sae']:,}" for r, c in chart_pairs], label="persistence at each adjacent pair",
                               y_format=lambda x: f"{100 * x:.0f}%") if chart_pairs else None
     return render(request, "model.html", {"lm": lm, "layers": layers, "rows": rows, "widths": widths, "saes": saes,
                                           "chart": chart})
@@ -208,7 +212,7 @@ def misses_page(request: Request, name: str = Path(max_length=200), session: Ses
     sae = store.sae_by_name(session, name)
     data = lineage.dark_matter(session, sae.id)
     vocab = store.vocab_for(session, sae.lm_id)
-    ctx = {"sae": sae, "lm": sae.lm, "d": data, "pairs": pair_dark_matter(session, sae), "vocab": vocab}
+    ctx = {"sae": sae, "lm": sae.lm, "d": data, "pairs": lineage.pair_dark_matter(session, sae), "vocab": vocab}
     if data:
         pos = data.get("by_position", {}).get("fvu", [])
         ctx["position_chart"] = charts.value_bars(pos, [str(i) for i in range(len(pos))], label="FVU by position in the context",

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 import store
-from app.api.contrast import query_payload, run_contrast
 from app.api_error import ApiError
-from app.api.live import admit, inference_enabled, latent_on_text, search_by_text, steer_collect
+from app.live import admit, inference_enabled, latent_on_text, query_payload, run_contrast, search_by_text, steer_collect
 from app.deps import get_session, read_access
 from app.inference.queries import load_query, parse_upload, query_texts, split_texts
 from app.inference.schemas import (

@@ -91,13 +91,23 @@ class SiteIO(nn.Module):
             out = centred / (centred.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
         return out.to(x.dtype)
 
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[n, 1] raw units per unit of the decoder's output (the normalisation undone), or None
+        when the output is not rescaled: a latent's contribution at the site is f_i d_i times it."""
+        if not self.restore_output or self.input_norm == "none":
+            return None
+        xf = x.float()
+        if self.input_norm == "constant_norm_rescale":
+            return xf.norm(dim=-1, keepdim=True) / math.sqrt(xf.shape[-1])
+        return (xf - xf.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+
     def finish(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.restore_output and self.input_norm == "constant_norm_rescale":
-            x_hat = x_hat / (math.sqrt(xf.shape[-1]) / xf.norm(dim=-1, keepdim=True))
-        elif self.restore_output and self.input_norm == "layer_norm":
-            mu = xf.mean(dim=-1, keepdim=True)
-            x_hat = x_hat * (xf - mu).std(dim=-1, keepdim=True) + mu
+        scale = self.output_scale(x)
+        if scale is not None:
+            x_hat = x_hat * scale
+            if self.input_norm == "layer_norm":
+                x_hat = x_hat + xf.mean(dim=-1, keepdim=True)
         if self.W_skip is not None:
             x_hat = x_hat + xf @ self.W_skip.T
         return x_hat

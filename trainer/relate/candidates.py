@@ -98,3 +98,20 @@ def pair_cost(va: torch.Tensor, vb: torch.Tensor, a: np.ndarray, b: np.ndarray, 
         den = (x.pow(2).sum(1) + y.pow(2).sum(1)).clamp_min(1e-30)
         out[s:s + chunk] = (num / den).double().cpu().numpy()
     return out
+
+
+def with_pairs(cand: Candidates, a: np.ndarray, b: np.ndarray, dec_a: torch.Tensor, dec_b: torch.Tensor) -> Candidates:
+    """The candidates plus the pairs (a, b) not already among them (with their decoder cosines)."""
+    fb = len(cand.best_b)
+    key = np.concatenate([cand.a * fb + cand.b, a.astype(np.int64) * fb + b.astype(np.int64)])
+    key, first = np.unique(key, return_index=True)
+    na, nb = key // fb, key % fb
+    old = first < len(cand.a)
+    cos = np.zeros(len(key), np.float32)
+    cos[old] = cand.cos[first[old]]
+    if (~old).any():
+        ua, ub = unit_rows(dec_a), unit_rows(dec_b)
+        ia, ib = torch.from_numpy(na[~old]).to(ua.device), torch.from_numpy(nb[~old]).to(ub.device)
+        cos[~old] = (ua[ia] * ub[ib]).sum(1).cpu().numpy()
+    return Candidates(a=na, b=nb, cos=cos, best_a_cos=cand.best_a_cos, best_a=cand.best_a, best_b_cos=cand.best_b_cos,
+                      best_b=cand.best_b)

@@ -107,3 +107,35 @@ class PairStats:
             p_ab = np.where(count_b[b] > 0, self.count_ab / np.maximum(count_b[b], 1), 0.0)
         return {"n_ab": self.count_ab.copy(), "rho": np.clip(rho, -1, 1), "p_b_given_a": p_ba, "p_a_given_b": p_ab,
                 "count_a": count_a, "count_b": count_b, "tokens": self.tokens}
+
+
+def cofiring_pairs(codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], n_a: int, n_b: int,
+                   min_share: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) where A's latent i fires on at least `min_share` of the tokens where B's latent j
+    fires, from the codes (values and indices of A, then of B) of a sample of tokens; each j keeps
+    its k most frequent partners. These are the candidates no decoder cosine proposes: a child
+    whose direction is unrelated to its parent's (on SAELens's hierarchical synthetic data the
+    children's directions are drawn independently of their parents'). Counts come from one sparse
+    product A^T B of the binary firing matrices (scipy), so the cost is the co-firing pairs seen."""
+    from scipy.sparse import csr_matrix
+
+    def firing(values, indices, n):
+        v, i = torch.cat(values).float().cpu().numpy(), torch.cat(indices).long().cpu().numpy()
+        rows, cols = np.nonzero(v > 0)
+        return csr_matrix((np.ones(len(rows), np.float32), (rows, i[rows, cols])), shape=(v.shape[0], n))
+
+    if not codes:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    fa = firing([c[0] for c in codes], [c[1] for c in codes], n_a)
+    fb = firing([c[2] for c in codes], [c[3] for c in codes], n_b)
+    fa.sum_duplicates()
+    fb.sum_duplicates()
+    both = (fa.T @ fb).tocoo()  # [F_A, F_B] co-firing counts of the pairs that co-fire at all
+    fires_b = np.asarray(fb.sum(0)).ravel()
+    keep = both.data >= min_share * fires_b[both.col]
+    a, b, n = both.row[keep].astype(np.int64), both.col[keep].astype(np.int64), both.data[keep]
+    order = np.lexsort((-n, b))  # by child, most co-firings first
+    a, b = a[order], b[order]
+    rank = np.arange(len(b)) - np.searchsorted(b, b)  # position within its child's list
+    top = rank < k
+    return a[top], b[top]

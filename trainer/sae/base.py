@@ -263,12 +263,18 @@ class SparseAutoencoder(nn.Module):
 
     def output(self, codes: Codes, x: torch.Tensor) -> torch.Tensor:
         """What the SAE predicts for input x, given codes = encode(x): decode(codes), plus what an
-        imported SAE adds after its decoder (see `io`)."""
+        imported SAE adds after its decoder (see `io`). The one home of x_hat: every error x - x_hat
+        (evaluation, dark matter, relate) comes from here, never from decode(), which ignores `io`."""
         x_hat = self.decode(codes)
         return x_hat if self.io is None else self.io.finish(x_hat, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.encode(x), x)
+
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[n, 1]: what one unit of decode()'s output is worth in output(), per token (an imported
+        SAE's undone input normalisation), or None for 1. Latent i adds f_i * W_dec,i times this."""
+        return None if self.io is None else self.io.output_scale(x)
 
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)

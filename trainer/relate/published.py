@@ -1,5 +1,5 @@
-"""Relations in the store: relate two published SAEs, write the result, and find the pairs to
-relate automatically when an SAE is published.
+"""Relate two published SAEs and store the result (store/relations.py writes it), and relate a
+just-published SAE with its partners automatically.
 
 Automatic pairs (same model): the same site with another width (a width pair), or the same kind of
 site and width one layer up or down (a layer pair). A relation changes what the pages of both
@@ -8,44 +8,20 @@ SAEs show, so writing one gives both SAEs a new version (their ETags change with
 from __future__ import annotations
 
 import logging
-import math
-import uuid
 from pathlib import Path
 
-import numpy as np
-from sqlalchemy import Engine, delete, insert, or_, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from store import relations
 from store.db import check_schema, get_engine
 from store.errors import AtlasError
-from store.models import SAE, FeatureLink, SAERelation, SAEStatus
+from store.models import SAE, SAEStatus
 from store.settings import get_settings
 from trainer.relate.data import DataSpec, pair_chunks
 from trainer.relate.pipeline import RelateConfig, Relation, Side, order_pair, relate_saes
 
 log = logging.getLogger(__name__)
-
-
-def clean_json(value):
-    """NaN and infinities become None (JSON has neither); numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return clean_json(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _ready(session: Session, name: str) -> SAE:
-    sae = session.scalar(select(SAE).where(SAE.name == name, SAE.status == SAEStatus.ready.value))
-    if sae is None:
-        raise AtlasError(f"no published SAE named {name!r}", "list them with `sae-atlas` at /api/v1/saes or publish it first")
-    return sae
 
 
 def side_of(sae: SAE) -> Side:
@@ -83,7 +59,7 @@ def relate_published(name_a: str, name_b: str, cfg: RelateConfig | None = None, 
     engine = engine or get_engine()
     check_schema(engine)
     with Session(engine) as session:
-        ra, rb = _ready(session, name_a), _ready(session, name_b)
+        ra, rb = relations.ready_sae(session, name_a), relations.ready_sae(session, name_b)
         check_pair(ra, rb)
         x, y = side_of(ra), side_of(rb)
         analysis = {ra.name: (ra.config or {}).get("analysis", {}), rb.name: (rb.config or {}).get("analysis", {})}
@@ -100,46 +76,8 @@ def relate_published(name_a: str, name_b: str, cfg: RelateConfig | None = None, 
 
 
 def write_relation(engine: Engine, rel: Relation) -> int:
-    """Store a relation and its links in one transaction; returns its id."""
-    links = rel.links
-    with Session(engine) as session, session.begin():
-        a, b = _ready(session, rel.a.name), _ready(session, rel.b.name)
-        session.execute(delete(SAERelation).where(or_((SAERelation.sae_a_id == a.id) & (SAERelation.sae_b_id == b.id),
-                                                      (SAERelation.sae_a_id == b.id) & (SAERelation.sae_b_id == a.id))))
-        row = SAERelation(sae_a_id=a.id, sae_b_id=b.id, kind=rel.kind, n_tokens=int(rel.summary.get("tokens", 0)),
-                          summary=clean_json(rel.summary))
-        session.add(row)
-        session.flush()
-
-        def opt(v):
-            return None if v is None or not math.isfinite(float(v)) else float(v)
-
-        rows = [{"relation_id": row.id, "a_index": int(i) if i >= 0 else None, "b_index": int(j) if j >= 0 else None,
-                 "label": str(lab), "cos": opt(c), "rho": opt(r), "p_b_given_a": opt(pba), "p_a_given_b": opt(pab),
-                 "stitch_gain": opt(g)}
-                for i, j, lab, c, r, pba, pab, g in zip(links["a"], links["b"], links["label"], links["cos"], links["rho"],
-                                                       links["p_b_given_a"], links["p_a_given_b"], links["stitch_gain"])]
-        for s in range(0, len(rows), 20_000):
-            session.execute(insert(FeatureLink), rows[s:s + 20_000])
-        a.version, b.version = uuid.uuid4().hex, uuid.uuid4().hex  # their pages now show this relation
-        return row.id
-
-
-def partners(session: Session, sae: SAE) -> list[SAE]:
-    """Published SAEs to relate `sae` with automatically: same model, and the same site at another
-    width, or the same kind of site and width one layer away."""
-    kind = sae.site.split(".")[0]
-    out = []
-    for other in session.scalars(select(SAE).where(SAE.lm_id == sae.lm_id, SAE.id != sae.id,
-                                                   SAE.status == SAEStatus.ready.value).order_by(SAE.name)):
-        if other.d_in != sae.d_in:
-            continue
-        width_pair = other.site == sae.site and other.d_sae != sae.d_sae
-        layer_pair = (other.site.split(".")[0] == kind and other.d_sae == sae.d_sae and other.layer is not None
-                      and sae.layer is not None and abs(other.layer - sae.layer) == 1)
-        if width_pair or layer_pair:
-            out.append(other)
-    return out
+    """Store a relation and its links (replacing an older one of the pair); returns its id."""
+    return relations.write_relation(engine, rel.a.name, rel.b.name, rel.kind, rel.summary, rel.links)
 
 
 def relate_new(names: list[str], engine: Engine | None = None, lm=None, cfg: RelateConfig | None = None,
@@ -153,7 +91,7 @@ def relate_new(names: list[str], engine: Engine | None = None, lm=None, cfg: Rel
             sae = session.scalar(select(SAE).where(SAE.name == name, SAE.status == SAEStatus.ready.value))
             if sae is None:
                 continue
-            for other in partners(session, sae):
+            for other in relations.partners(session, sae):
                 pair = tuple(sorted((sae.name, other.name)))
                 if pair not in pairs:
                     pairs.append(pair)
