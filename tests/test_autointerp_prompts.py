@@ -163,6 +163,18 @@ def test_unparsable_answers_count_as_wrong():
     assert Score("x", [JudgedExample("x", 1, "a", True, True, "")]).balanced_accuracy is None  # no negatives
 
 
+def test_a_judge_nobody_can_read_scores_chance():
+    """The module's documented rule: a judge that gives every example the same answer, nothing
+    readable included, scores 0.5 and is flagged uninformative (one unreadable answer among
+    readable ones still counts as wrong)."""
+    truths = [True] * 4 + [False] * 3
+    unread = Score("detection", [JudgedExample("detection", k, "t", t, None, "???") for k, t in enumerate(truths)])
+    assert unread.balanced_accuracy == 0.5 and unread.uninformative and unread.constant_answer == "unreadable"
+    assert unread.summary()["balanced_accuracy"] == 0.5 and unread.f1 == 0.0
+    one_read = Score("detection", unread.items[:-1] + [JudgedExample("detection", 9, "t", False, False, "no")])
+    assert one_read.balanced_accuracy == pytest.approx((0 / 4 + 1 / 3) / 2)
+
+
 def test_scorers_judge_every_example_and_keep_answers():
     cfg = PromptConfig(per_prompt=5)
     split = split_examples(feature_examples(), vocab_text, cfg, seed=1)
