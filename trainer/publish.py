@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from app.db import check_schema, describe, get_engine
 from app.errors import AtlasError
-from app.models import LM, SAE, Feature, SAEDarkMatter, SAEStatus, utcnow
+from app.models import LM, SAE, ExampleKind, Feature, SAEDarkMatter, SAEStatus, utcnow
 from app.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
 
@@ -126,7 +126,7 @@ def example_tuples(a: Analysis, feature_ids: np.ndarray):
         lo, hi = int(first[j]), int(last[j]) + 1
         kind = int(e["kind"][j])
         yield (
-            int(feat[j]), kind, int(e["rank"][j]), int(e["interval"][j]) if kind == 1 else None,
+            int(feat[j]), kind, int(e["rank"][j]), int(e["interval"][j]) if kind == ExampleKind.interval else None,
             float(e["activation"][j]), int(e["peak"][j]) - lo, int(e["doc_id"][j]), int(e["doc_pos"][j]),
             tokens[j, lo:hi].astype("<i4").tobytes(), acts[j, lo:hi].astype("<f2").tobytes(),
         )
@@ -251,7 +251,7 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
 
     try:
         embedder = check_embedder()
-        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress, summary=a.summary)
+        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress)
                 for a in analyses]
     except EmbeddingModelMissing as exc:
         raise AtlasError(f"cannot explain the latents at publish: {exc.message}",
