@@ -189,7 +189,7 @@ def main() -> None:
 
         embedder = check_embedder()
         start = time.perf_counter()
-        done = prepare(a.examples, a.features, a.vocab, embedder, progress=False, summary=summary)
+        done = prepare(a.examples, a.features, a.vocab, embedder, progress=False)
         interp = {**done.summary, "wall_s": time.perf_counter() - start}
         print(f"interpretation at publish: {interp['wall_s']:.1f} s for {args.width:,} latents "
               f"({interp['texts_embedded']:,} texts embedded); embedding AUROC {interp['true_mean']} vs shuffled "

@@ -199,7 +199,7 @@ def embedding_vs_shuffled(folder: Path) -> dict:
     embedder.embed(["load the model before the clock starts"])
     load = Path("/proc/loadavg").read_text().split()[:3]
     t, c = time.perf_counter(), time.process_time()
-    interp = at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress=True, summary=a.summary)
+    interp = at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress=True)
     out = dict(interp.summary)
     out["wall_s"] = round(time.perf_counter() - t, 1)
     out["cpu_s"] = round(time.process_time() - c, 1)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from store.errors import AtlasError
+from store.models import ExampleKind
 from trainer.activations import valid_token_mask
-from trainer.analyze import KIND_INTERVAL, KIND_RANDOM, KIND_TOP, AnalyzeConfig, Analyzer, analyze
+from trainer.analyze import AnalyzeConfig, Analyzer, analyze
 from trainer.formats import load_sae, save_sae
 from trainer.sae import SAEConfig, build_sae
 
@@ -61,7 +62,7 @@ def test_streamed_dashboards_equal_brute_force(tiny_lm, tiny_sae_dir, tmp_path):
             if d not in best or v > best[d][0] or (v == best[d][0] and t < best[d][1]):
                 best[d] = (v, t)
         expected = sorted(best.values(), key=lambda p: (-p[0], p[1]))[:6]
-        sel = (ex["feature"] == j) & (ex["kind"] == KIND_TOP)
+        sel = (ex["feature"] == j) & (ex["kind"] == ExampleKind.top)
         got = sorted(zip(ex["rank"][sel], ex["token"][sel], ex["activation"][sel]))
         assert [t for _, t, _ in got] == [t for _, t in expected]
         assert np.allclose([v for _, _, v in got], [v for v, _ in expected], rtol=1e-3)  # windows hold float16
@@ -71,14 +72,14 @@ def test_streamed_dashboards_equal_brute_force(tiny_lm, tiny_sae_dir, tmp_path):
         assert feats["interval_count"][j].tolist() == np.bincount(bins, minlength=4).tolist()
         assert feats["hist"][j].sum() == on.sum()
         # interval and random examples: real activations of this latent, in the right interval
-        for kind in (KIND_INTERVAL, KIND_RANDOM):
+        for kind in (ExampleKind.interval, ExampleKind.random):
             sel = (ex["feature"] == j) & (ex["kind"] == kind)
             lookup = dict(zip(tok[on], a[on]))
             for t, interval in zip(ex["token"][sel], ex["interval"][sel]):
                 assert t in lookup
-                if kind == KIND_INTERVAL:
+                if kind == ExampleKind.interval:
                     assert min(int(lookup[t] / a.max() * 4), 3) == interval
-        sel = (feats is not None) & (ex["feature"] == j) & (ex["kind"] == KIND_RANDOM)
+        sel = (feats is not None) & (ex["feature"] == j) & (ex["kind"] == ExampleKind.random)
         assert sel.sum() == min(5, on.sum())
     # every window's activations are that latent's activations on those tokens
     pos = {t: i for i, t in enumerate(tok)}
@@ -133,7 +134,7 @@ def test_planted_feature_peaks_on_its_token_and_its_logits_match_by_hand(tiny_lm
     out = analyze(AnalyzeConfig(sae_dir=folder, tokens=6000, device="cpu", lm_dtype="float32"), lm=tiny_lm, progress=False)
     with np.load(out / "features.npz") as f, np.load(out / "examples.npz") as e:
         feats, ex = dict(f), dict(e)
-    sel = (ex["feature"] == 0) & (ex["kind"] == KIND_TOP)
+    sel = (ex["feature"] == 0) & (ex["kind"] == ExampleKind.top)
     assert sel.sum() >= 3
     peaks = ex["tokens"][sel][:, ex["peak"][0]]
     assert (peaks == target).all()

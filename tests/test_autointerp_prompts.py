@@ -9,9 +9,6 @@ import pytest
 
 from app.autointerp.backends import InstantBackend
 from app.autointerp.prompts import (
-    KIND_INTERVAL,
-    KIND_RANDOM,
-    KIND_TOP,
     InvalidExplanation,
     InvalidParams,
     PromptConfig,
@@ -19,14 +16,16 @@ from app.autointerp.prompts import (
     TooFewExamples,
     Window,
     clean_explanation,
-    cut_window,
     explain_messages,
     render,
     split_examples,
+    to_window,
     token_text,
-    zero_runs,
 )
 from app.autointerp.scoring import JudgedExample, Score, detection, fuzzing, parse_answers
+from store.models import ExampleKind
+
+KIND_TOP, KIND_INTERVAL, KIND_RANDOM = ExampleKind.top, ExampleKind.interval, ExampleKind.random
 
 VOCAB = [f" w{i}" for i in range(100)] + ["\n", "<|im_end|>"]
 
@@ -56,25 +55,30 @@ def feature_examples() -> list[StoredExample]:
 
 
 def test_window_puts_the_peak_three_quarters_in():
-    assert cut_window(45, 32, 32, 0.75) == (9, 41)  # peak at index 23 of 32
-    assert cut_window(45, 3, 32, 0.75) == (0, 32)  # near the start: slide right
-    assert cut_window(45, 44, 32, 0.75) == (13, 45)
-    assert cut_window(20, 10, 32, 0.75) == (0, 20)
+    # the one centred-window rule (trainer.interpret.windows.centred_start), as the explainer's windows use it
+    for n, peak, lo in ((45, 32, 9), (45, 3, 0), (45, 40, 13), (20, 10, 0)):  # peak at index 23 of 32 when it can
+        ex = example(KIND_TOP, 0, doc=1, n=n, peak=peak)
+        w = to_window(ex, vocab_text, PromptConfig())
+        assert w.tokens == tuple(vocab_text(int(t)) for t in ex.token_ids[lo:lo + 32]) and w.start == ex.span[0] + lo
 
 
 def test_split_keeps_held_out_examples_away_from_the_explainer():
     cfg = PromptConfig()
-    split = split_examples(feature_examples(), vocab_text, cfg, seed=1)
+    split = split_examples(feature_examples(), vocab_text, cfg, latent=0)
     assert split.n_distinct == 60  # the duplicated activation counted once
     explain_docs = {w.doc_id for w in split.explain}
     held_docs = {w.doc_id for w in split.held_out}
     assert not explain_docs & held_docs
     tops = [w for w in split.explain if w.source == "top"]
-    assert [w.doc_id for w in tops] == list(range(0, 20, 2))[: cfg.n_explain_top]  # every other top example
-    intervals = [w for w in split.explain if w.source == "interval"]
-    assert len(intervals) == cfg.n_explain_interval and len({w.doc_id // 10 for w in intervals}) == 10
+    assert [w.doc_id for w in tops] == list(range(cfg.n_explain_top))  # the very top: never held out
+    # held out as publish holds out (trainer.interpret.windows): the random sample (docs 500-509;
+    # the one that repeats top rank 3 overlaps it), then the highest intervals (9, 8, 7, then 6)
     assert len(split.held_out) == cfg.n_score
-    assert {w.source for w in split.held_out} == {"top", "interval", "random"}
+    assert [w.doc_id for w in split.held_out] == (list(range(500, 510)) + [190, 191, 192, 180, 181, 182, 170, 171,
+                                                                            172, 160])
+    # the explainer gets the intervals left, spread over their groups from the top
+    intervals = [w for w in split.explain if w.source == "interval"]
+    assert [w.doc_id for w in intervals] == [161, 150, 140, 130, 120, 110, 100, 162, 151, 141, 131, 121]
     for w in split.explain + split.held_out:
         assert len(w.tokens) == cfg.window and w.activating
         assert w.acts.index(max(w.acts)) == 23
@@ -82,7 +86,7 @@ def test_split_keeps_held_out_examples_away_from_the_explainer():
 
 def test_too_few_examples():
     with pytest.raises(TooFewExamples, match="3 distinct activating examples"):
-        split_examples([example(KIND_TOP, r, doc=r) for r in range(3)], vocab_text, PromptConfig(), 0)
+        split_examples([example(KIND_TOP, r, doc=r) for r in range(3)], vocab_text, PromptConfig(), latent=0)
 
 
 def test_render_marks_active_tokens_and_escapes():
@@ -95,7 +99,7 @@ def test_render_marks_active_tokens_and_escapes():
 
 def test_explainer_prompt_lists_examples_and_activations():
     cfg = PromptConfig(show_activations=True)
-    split = split_examples(feature_examples(), vocab_text, cfg, seed=1)
+    split = split_examples(feature_examples(), vocab_text, cfg, latent=0)
     messages = explain_messages(split.explain, cfg, scale=10.0)
     user = messages[-1]["content"]
     assert messages[0]["role"] == "system" and [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]
@@ -106,13 +110,6 @@ def test_explainer_prompt_lists_examples_and_activations():
     with pytest.raises(InvalidParams, match="n_score='many' is not a valid int"):
         PromptConfig.for_backend("openai", {"n_score": "many"})
     assert "Activations" not in explain_messages(split.explain, small, 10.0)[-1]["content"]
-
-
-def test_zero_runs_are_certain_negatives():
-    ex = example(KIND_TOP, 0, doc=7)
-    runs = zero_runs(ex, vocab_text, PromptConfig(), min_len=16)
-    assert runs and all(not w.activating and max(w.acts) == 0 for w in runs)
-    assert all(ex.acts[w.start - ex.span[0]: w.start - ex.span[0] + len(w.tokens)].max() == 0 for w in runs)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -163,11 +160,23 @@ def test_unparsable_answers_count_as_wrong():
     assert Score("x", [JudgedExample("x", 1, "a", True, True, "")]).balanced_accuracy is None  # no negatives
 
 
+def test_a_judge_nobody_can_read_scores_chance():
+    """The module's documented rule: a judge that gives every example the same answer, nothing
+    readable included, scores 0.5 and is flagged uninformative (one unreadable answer among
+    readable ones still counts as wrong)."""
+    truths = [True] * 4 + [False] * 3
+    unread = Score("detection", [JudgedExample("detection", k, "t", t, None, "???") for k, t in enumerate(truths)])
+    assert unread.balanced_accuracy == 0.5 and unread.uninformative and unread.constant_answer == "unreadable"
+    assert unread.summary()["balanced_accuracy"] == 0.5 and unread.f1 == 0.0
+    one_read = Score("detection", unread.items[:-1] + [JudgedExample("detection", 9, "t", False, False, "no")])
+    assert one_read.balanced_accuracy == pytest.approx((0 / 4 + 1 / 3) / 2)
+
+
 def test_scorers_judge_every_example_and_keep_answers():
     cfg = PromptConfig(per_prompt=5)
-    split = split_examples(feature_examples(), vocab_text, cfg, seed=1)
-    negatives = [w for d in (900, 901) for w in zero_runs(example(KIND_TOP, 0, doc=d), vocab_text, cfg, 8)][:3]
-    assert len(negatives) == 3
+    split = split_examples(feature_examples(), vocab_text, cfg, latent=0)
+    negatives = [to_window(example(KIND_TOP, 0, doc=d), vocab_text, cfg, activating=False, source="negative",
+                           zero_acts=True) for d in (900, 901, 902)]
     positives = split.held_out[:7]
     backend = InstantBackend()
 

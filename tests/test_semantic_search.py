@@ -228,11 +228,11 @@ def test_backfill_embeds_what_has_no_vector_resumably(searchable, monkeypatch, c
 
 
 def test_publish_explains_and_scores_every_latent(engine, tiny_sae_dir, one_torch_thread, monkeypatch):
-    from trainer.interpret import at_publish
+    from trainer.interpret import windows
     from trainer.publish import publish
 
-    monkeypatch.setattr(at_publish, "N_POS", 2)  # few windows: this checks the wiring, not the scores
-    monkeypatch.setattr(at_publish, "N_NEG", 2)
+    monkeypatch.setattr(windows, "N_POS", 2)  # few windows: this checks the wiring, not the scores
+    monkeypatch.setattr(windows, "N_NEG", 2)
     store.forget_caches()
     publish(tiny_sae_dir, "tiny", engine=engine, progress=False, explain=True)
     with Session(engine) as s:

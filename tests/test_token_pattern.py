@@ -171,9 +171,10 @@ T, BEFORE, AFTER = 128, 32, 12  # context length, example window: 32 tokens befo
 
 
 def _stream_analysis(rows: list[tuple[int, int, int, int]], density: list[float]):
-    """An analysis over 3 contexts of 128 tokens (BOS excluded), stream token g = g % 997; rows are
-    (latent, kind, rank, stream position of the activation), each latent firing only there."""
-    out = {k: [] for k in ("feature", "kind", "rank", "interval", "token", "tokens", "acts")}
+    """An analysis of one document cut into contexts of 128 tokens (BOS excluded), token at document
+    position g = g % 997; rows are (latent, kind, rank, position of the activation), each latent
+    firing only there."""
+    out = {k: [] for k in ("feature", "kind", "rank", "interval", "doc_id", "doc_pos", "tokens", "acts")}
     fires = {}
     for lat, kind, rank, g in rows:
         fires.setdefault(lat, set()).add(g)
@@ -184,7 +185,7 @@ def _stream_analysis(rows: list[tuple[int, int, int, int]], density: list[float]
         out["tokens"].append(np.where(inside, pos % 997, -1))
         out["acts"].append(np.where(inside & np.isin(pos, list(fires[lat])), 1.0, 0.0))
         for k, v in (("feature", lat), ("kind", kind), ("rank", rank), ("interval", 3 if kind == 1 else -1),
-                     ("token", g)):
+                     ("doc_id", 0), ("doc_pos", g)):
             out[k].append(v)
     ex = {k: np.asarray(v) for k, v in out.items()}
     ex["tokens"] = ex["tokens"].astype(np.int32)
@@ -195,52 +196,33 @@ def _stream_analysis(rows: list[tuple[int, int, int, int]], density: list[float]
     return ex, feats
 
 
-def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_unknown():
+def test_fixed_block_windows_are_shared_held_out_and_fall_back_when_cut():
     top, interval, rand = 0, 1, 2
-    rows = [(0, top, 0, 40), (0, rand, 0, 70), (0, rand, 1, 75), (0, rand, 2, 45), (0, rand, 3, 200),
-            (1, rand, 0, 72), (1, rand, 1, 300), (1, interval, 0, 220), (1, top, 0, 350),
-            (2, top, 0, 10), (2, rand, 0, 60), (2, rand, 1, 105)]
-    ex, feats = _stream_analysis(rows, density=[1e-4, 1e-4, 0.5])
+    rows = [(0, top, 0, 40), (0, rand, 0, 66), (0, rand, 1, 70), (0, rand, 2, 45), (0, rand, 3, 200),
+            (1, rand, 0, 68), (1, rand, 1, 258), (1, interval, 0, 220), (1, top, 0, 350),
+            (2, top, 0, 10), (2, rand, 0, 60), (2, rand, 1, 105), (3, rand, 0, 350)]
+    ex, feats = _stream_analysis(rows, density=[1e-4, 1e-4, 0.5, 1e-4])
     vocab = [f"w{i} " for i in range(997)]
-    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=32, ctx_len=T)
-    span = [sw.spans[k] for k in range(len(sw.spans))]
-    # latent 0: the blocks [64, 96) (activations at 70 and 75: one window) and [192, 224); its
-    # activation at 45 is in the block [32, 64), which overlaps its top example's window [8, 53)
-    assert [span[k] for k in sw.pos[0]] == [(64, 96), (192, 224)]
-    # latent 1 fires in the same block at 72: the same window, embedded once
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=8)
+    span = [sw.spans[k][1:] for k in range(len(sw.spans))]
+    # latent 0: the block [64, 72) (activations at 66 and 70: one window) and [200, 208); its
+    # activation at 45 is in the block [40, 48), which overlaps its top example's window [8, 53)
+    assert [span[k] for k in sw.pos[0]] == [(64, 72), (200, 208)]
+    assert sw.texts[sw.pos[0][0]] == "".join(f"w{g} " for g in range(64, 72))
+    # latent 1 fires in the same block at 68: the same window, embedded once
     assert sw.pos[1][0] == sw.pos[0][0]
-    # ... and at 300, in the block [288, 320) that no example shows to its end (313..317): the window
-    # centred on the activation (23 tokens before it) instead; then its interval example's block
-    assert [span[k] for k in sw.pos[1]] == [(64, 96), (277, 309), (192, 224)]
-    assert sw.texts[sw.pos[0][0]] == "".join(f"w{g} " for g in range(64, 96))
+    # ... and at 258, in the block [256, 264) whose first token is the context's excluded BOS: the
+    # window centred on the activation, moved to start at the window's first token; then its
+    # interval example's block
+    assert [span[k] for k in sw.pos[1]] == [(64, 72), (257, 265), (216, 224)]
     assert len(set(sw.spans)) == len(sw.spans) == len(sw.texts)
-    # negatives of sparse latents: other latents' windows away from every window of their own
-    assert sw.neg_source[0] == "other_latents" and [span[k] for k in sw.neg[0]] == [(277, 309)]
-    own0 = [(g - BEFORE, g + AFTER + 1) for lat, _, _, g in rows if lat == 0]
-    assert all(not (lo < b and hi > a) for k in sw.neg[0] for lo, hi in [span[k]] for a, b in own0)
-    # the dense latent 2: blocks its own windows show completely without an activation, the one
-    # already embedded first ([64, 96): its windows [28, 73) and [73, 118) show it, all zero)
-    assert sw.neg_source[2] == "own_zero_runs" and span[sw.neg[2][0]] == (64, 96)
-    assert not set(sw.neg[2]) & set(sw.pos[2])
+    # negatives of sparse latents: other latents' first windows away from every window of their own:
+    # latent 1's [64, 72) and latent 2's [56, 64) overlap latent 0's windows, latent 3's [344, 352) does not
+    assert sw.neg_source[0] == "other_latents" and [span[k] for k in sw.neg[0]] == [(344, 352)]
+    # the dense latent 2 (firing at 10, 60, 105): blocks its windows [1, 23), [28, 73), [73, 118) show all 0
+    assert sw.neg_source[2] == "own_zero_runs" and len(sw.neg[2]) == 3
+    assert {span[k] for k in sw.neg[2]} <= {(b, b + 8) for b in (32, 40, 48, 64, 80, 88, 96)}
     # a decoder neighbour's windows are never negatives: then latent 0 has its own zero stretches
-    feats["neighbor_ids"][0] = [1, -1]
-    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=32, ctx_len=T)
-    assert sw.neg_source[0] == "own_zero_runs" and not set(sw.neg[0]) & set(sw.pos[1])
-
-
-def test_lm_explanations_are_embedding_scored_on_windows_as_long_as_at_publish():
-    from app.autointerp.explain import window_plain_text
-    from app.autointerp.prompts import Window
-
-    tokens = tuple(f" t{i}" for i in range(32))
-    acts = [0.0] * 32
-    acts[20] = 2.0
-    acts[25] = 1.0
-    hit = Window(tokens, tuple(acts), True, "random", 1, 0, 0)
-    # 6 tokens with the strongest activation (t20) 3/4 of the way in: t16 .. t21
-    assert window_plain_text(hit, 6) == "".join(tokens[16:22])
-    miss = Window(tokens, (0.0,) * 32, False, "negative:other", None, 0, 0)
-    assert window_plain_text(miss, 6) == "".join(tokens[12:18])  # the middle of a non-activating one
-    edge = Window(tokens, tuple([3.0] + [0.0] * 31), True, "top", 2, 0, 0)
-    assert window_plain_text(edge, 6) == "".join(tokens[:6])  # never past the window's start
-    assert window_plain_text(hit) == "".join(tokens) and window_plain_text(hit, 64) == "".join(tokens)
+    feats["neighbor_ids"][0] = [3, -1]
+    sw = windows.select(ex, feats, vocab, n_pos=3, n_neg=3, seed=0, window=8)
+    assert sw.neg_source[0] == "own_zero_runs" and not set(sw.neg[0]) & set(sw.pos[3])

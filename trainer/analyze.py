@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from store.errors import AtlasError
+from store.models import ExampleKind
 from trainer.analysis_source import AnalysisSource
 from trainer.config import TOPK_FAMILY
 from trainer.darkmatter import DarkMatter, DarkMatterConfig, spliced_summary, spliced_token_losses
@@ -43,7 +44,6 @@ from trainer.selection import TopPerGroup, uniform_key
 log = logging.getLogger(__name__)
 
 ANALYSIS_DIR = "analysis"
-KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2
 
 
 @dataclass
@@ -448,14 +448,14 @@ class Analyzer:
             g, r = torch.nonzero(tpg.token >= 0, as_tuple=True)
             feats.append((g // per_group_interval if per_group_interval else g).cpu())
             ints.append((g % per_group_interval if per_group_interval else torch.full_like(g, -1)).cpu())
-            kinds.append(torch.full_like(g, kind).cpu())
+            kinds.append(torch.full_like(g, int(kind)).cpu())
             ranks.append(r.cpu())
             toks.append(tpg.token[g, r].cpu())
 
-        add(sel["top"], KIND_TOP, None)
-        add(sel["intervals"], KIND_INTERVAL, c.n_intervals)
+        add(sel["top"], ExampleKind.top, None)
+        add(sel["intervals"], ExampleKind.interval, c.n_intervals)
         if c.n_random:
-            add(sel["sample"], KIND_RANDOM, None)
+            add(sel["sample"], ExampleKind.random, None)
         feat = torch.cat(feats).numpy().astype(np.int32)
         kind = torch.cat(kinds).numpy().astype(np.int8)
         rank = torch.cat(ranks).numpy().astype(np.int16)
@@ -636,7 +636,7 @@ def _peak_tokens(examples: dict[str, np.ndarray], d_sae: int) -> tuple[np.ndarra
     """Per latent: the token most of its top examples peak on, and the share that do."""
     peak_token = np.full(d_sae, -1, dtype=np.int32)
     share = np.zeros(d_sae, dtype=np.float32)
-    top = examples["kind"] == KIND_TOP
+    top = examples["kind"] == ExampleKind.top
     if not top.any():
         return peak_token, share
     f = examples["feature"][top].astype(np.int64)

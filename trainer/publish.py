@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from store import publish as writes
 from store.db import check_schema, describe, get_engine
 from store.errors import AtlasError
-from store.models import SAE, SAEDarkMatter, SAEStatus
+from store.models import SAE, ExampleKind, SAEDarkMatter, SAEStatus
 from store.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
 
@@ -124,7 +124,7 @@ def example_tuples(a: Analysis, feature_ids: np.ndarray):
         lo, hi = int(first[j]), int(last[j]) + 1
         kind = int(e["kind"][j])
         yield (
-            int(feat[j]), kind, int(e["rank"][j]), int(e["interval"][j]) if kind == 1 else None,
+            int(feat[j]), kind, int(e["rank"][j]), int(e["interval"][j]) if kind == ExampleKind.interval else None,
             float(e["activation"][j]), int(e["peak"][j]) - lo, int(e["doc_id"][j]), int(e["doc_pos"][j]),
             tokens[j, lo:hi].astype("<i4").tobytes(), acts[j, lo:hi].astype("<f2").tobytes(),
         )
@@ -199,7 +199,7 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
 
     try:
         embedder = check_embedder()
-        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress, summary=a.summary)
+        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress)
                 for a in analyses]
     except EmbeddingModelMissing as exc:
         raise AtlasError(f"cannot explain the latents at publish: {exc.message}",

@@ -99,7 +99,7 @@ def get_neighbors(request: Request, sae: str = SaeName, index: int = Index,
 @router.get("/saes/{sae}/features/{index}/examples", summary="A feature's examples with per-token activations",
             response_model=FeatureExamplesOut, responses={304: {"description": "Not modified (If-None-Match)"}})
 def get_examples(request: Request, sae: str = SaeName, index: int = Index,
-                       kind: Literal["top", "interval", "random", "all"] = "all",
+                       kind: Literal[(*ExampleKind.__members__, "all")] = "all",
                        session: Session = Depends(get_session)):
     f = store.load_feature(session, sae, index)
     etag = f'W/"{f.sae.version[:16]}-{index}-ex-{kind}"'  # examples change only when the SAE is republished

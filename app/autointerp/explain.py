@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -21,8 +20,6 @@ from sqlalchemy.orm import Session
 from app.autointerp import queue
 from app.autointerp.backends import Backend
 from app.autointerp.prompts import (
-    KIND_RANDOM,
-    KIND_TOP,
     ExampleSplit,
     PromptConfig,
     StoredExample,
@@ -34,20 +31,16 @@ from app.autointerp.prompts import (
     method_name,
     split_examples,
     to_window,
-    zero_runs,
 )
 from app.autointerp.scoring import Score, detection, fuzzing
-from store.models import SAE, Example, Explanation, Feature, Judgement
+from store.models import SAE, Example, ExampleKind, Explanation, Feature, Judgement
 from store import vocab_for
-from trainer.interpret import embedding_scorer, token_pattern
-from trainer.interpret.windows import centred_start, scoring_window
+from trainer.interpret import embedding_scorer, token_pattern, windows
 
 log = logging.getLogger(__name__)
 
 # Greedy decoding repeats itself: when a job is retried after an unusable answer, sample instead.
 RETRY_TEMPERATURE = 0.7
-# Other features' windows are used as negatives only when this feature is unlikely to fire in them.
-MAX_NEGATIVE_CONTAMINATION = 0.2
 
 
 @dataclass(frozen=True)
@@ -80,9 +73,12 @@ class FeatureData:
     max_act: float
     density: float
     split: ExampleSplit
-    negatives: list[Window]
+    negatives: list[Window]  # the judges'
     negative_sources: dict[str, int]
     statistics: list[str] = field(default_factory=list)  # token_pattern.prompt_lines
+    # the embedding scorer's windows: the same as the token-pattern explanation's (windows.select)
+    scoring_pos: list[str] = field(default_factory=list)
+    scoring_neg: list[str] = field(default_factory=list)
     baseline: dict | None = None  # the SAE's shuffled-explanation baseline (metrics["autointerp"])
 
 
@@ -104,23 +100,25 @@ def load_feature_data(engine: Engine, job: JobRef, cfg: PromptConfig) -> Feature
         vocab = vocab_for(session, sae.lm_id)
         rows = session.scalars(select(Example).where(Example.feature_id == feature.id)).all()
         own = [_stored(r) for r in rows]
-        seed = cfg.seed * 1_000_003 + feature.id
-        split = split_examples(own, vocab.text, cfg, seed)
-        negatives, sources = pick_negatives(session, sae, feature, own, vocab.text, cfg,
-                                            max(1, len(split.held_out)), random.Random(seed))
-        if not negatives:
+        window = windows.scoring_window()
+        split = split_examples(own, vocab.text, cfg, feature.index, window)
+        data = FeatureData(sae_name=sae.name, index=feature.index, feature_id=feature.id, max_act=feature.max_act,
+                           density=feature.density, split=split, negatives=[], negative_sources={},
+                           statistics=feature_statistics(feature, split.shown, vocab.text))
+        pick_negatives(session, sae, feature, data, vocab, cfg, window)
+        if not data.negatives:
             raise TooFewExamples(f"latent {feature.index} of {sae.name!r}: no non-activating contexts to score against")
         auto = (sae.metrics or {}).get("autointerp") or {}
-        baseline = {k: auto.get(k) for k in ("shuffled_mean", "shuffled_std", "true_mean", "n", "explainer")} \
+        data.baseline = {k: auto.get(k) for k in ("shuffled_mean", "shuffled_std", "true_mean", "n", "explainer")} \
             if auto else None
-        return FeatureData(sae_name=sae.name, index=feature.index, feature_id=feature.id, max_act=feature.max_act,
-                           density=feature.density, split=split, negatives=negatives, negative_sources=sources,
-                           statistics=feature_statistics(feature, own, vocab.text), baseline=baseline)
+        return data
 
 
-def feature_statistics(feature: Feature, own: list[StoredExample], vocab_text) -> list[str]:
-    """The token statistics of the feature's top examples, as lines for the explainer's prompt."""
-    tops = [e for e in own if e.kind == KIND_TOP and len(e.token_ids)]
+def feature_statistics(feature: Feature, shown: list[StoredExample], vocab_text) -> list[str]:
+    """The token statistics of the top examples the explainer is shown (never of held-out ones), as
+    lines for its prompt."""
+    tops = [e for e in shown if e.kind == ExampleKind.top and len(e.token_ids)] \
+        or [e for e in shown if len(e.token_ids)]
     promotes = np.asarray([[int(t) for t, _ in (feature.logits or {}).get("top", [])][:token_pattern.MAX_PROMOTED]
                            or [-1]], np.int64)
     if not tops:
@@ -134,70 +132,62 @@ def feature_statistics(feature: Feature, own: list[StoredExample], vocab_text) -
     return token_pattern.prompt_lines(stats, vocab_text)
 
 
-def pick_negatives(session: Session, sae: SAE, feature: Feature, own: list[StoredExample], vocab_text,
-                   cfg: PromptConfig, n: int, rng: random.Random) -> tuple[list[Window], dict[str, int]]:
-    """Non-activating windows for scoring.
+def pick_negatives(session: Session, sae: SAE, feature: Feature, data: FeatureData, vocab, cfg: PromptConfig,
+                   window: int) -> None:
+    """Non-activating windows for the judges and the embedding scorer (data.negatives, scoring_*),
+    by the picker publish scores token-pattern explanations with (trainer.interpret.windows).
 
-    The store keeps no separate negatives, so they come from (1) other features' stored windows,
-    cut like the positives, and (2) stretches of this feature's own windows where it is exactly 0.
-    For (1) this feature's activation is NOT stored: it is assumed 0. That is true unless it fires
-    somewhere in the window, which has probability ~1-(1-density)^window; so (1) is used only for
-    sparse features (MAX_NEGATIVE_CONTAMINATION), never from near neighbours (similar directions
-    co-fire), and never where a window overlaps one of this feature's own activating windows.
-    (2) is certain but shares documents with the positives (hard negatives); it fills the rest.
+    The embedding scorer gets exactly publish's windows. The judges read cfg.window tokens of each
+    negative, where another latent's window is likelier to hold an unseen activation of this one,
+    so theirs are picked again with the contamination limit applied to that length.
     """
-    out: list[Window] = []
-    sources = {"other_features": 0, "own_zero_runs": 0}
-    own_spans = [(e.doc_id, *e.span) for e in own]
-    neg_spans: list[tuple[int, int, int]] = []
+    split = data.split
+    own, rows = split.own, np.arange(len(split.examples))
+    neighbors = [int(j) for j, _ in (feature.neighbors or [])]
+    others: dict[int, tuple[windows.Examples, list[StoredExample], windows.Win | None]] = {}
 
-    def overlaps(span: tuple[int, int, int], spans) -> bool:
-        return any(d == span[0] and span[1] < h and lo < span[2] for d, lo, h in spans)
+    def first_positive(latents: list[int]) -> dict[int, windows.Win]:
+        todo = [j for j in latents if j not in others]
+        if todo:
+            found: dict[int, list[StoredExample]] = {j: [] for j in todo}
+            for ex, idx in session.execute(
+                    select(Example, Feature.index).join(Feature, Example.feature_id == Feature.id)
+                    .where(Feature.sae_id == sae.id, Feature.index.in_(todo))).all():
+                found[idx].append(_stored(ex))
+            for j, exs in found.items():
+                ex = windows.Examples.from_rows(exs, [j] * len(exs))
+                first = windows.positives(ex, np.arange(len(exs)), 1, window)
+                others[j] = (ex, exs, first[0] if first else None)
+        return {j: others[j][2] for j in latents if others[j][2] is not None}
 
-    def add(w: Window, source: str) -> None:
-        out.append(w)
-        neg_spans.append((w.doc_id, w.start, w.start + len(w.tokens)))
-        sources[source] += 1
+    def pick(n: int, shown: int | None) -> tuple[list[windows.Win], str]:
+        return windows.negatives(own, rows, feature.index, feature.density, neighbors, sae.d_sae, n,
+                                 first_positive, cfg.seed, window, exclude=[w.key for w in split.positives],
+                                 shown=shown)
 
-    contamination = 1.0 - (1.0 - min(max(feature.density, 0.0), 1.0)) ** cfg.window
-    if contamination <= MAX_NEGATIVE_CONTAMINATION and sae.d_sae > 1:
-        exclude = {feature.index} | {int(j) for j, _ in (feature.neighbors or [])[:10]}
-        wanted = min(4 * n, sae.d_sae - len(exclude))
-        picks: list[int] = []
-        for _ in range(20 * n):
-            if len(picks) >= wanted:
-                break
-            i = rng.randrange(sae.d_sae)
-            if i not in exclude and i not in picks:
-                picks.append(i)
-        if picks:
-            rows = session.execute(
-                select(Example, Feature.index).join(Feature, Example.feature_id == Feature.id)
-                .where(Feature.sae_id == sae.id, Feature.index.in_(picks), Example.kind.in_([KIND_TOP, KIND_RANDOM]),
-                       Example.rank < 2)).all()
-            by_feature: dict[int, list[StoredExample]] = {}
-            for ex, idx in rows:
-                by_feature.setdefault(idx, []).append(_stored(ex))
-            for idx in picks:  # in the random order of picks, at most one window per other feature
-                if len(out) >= n:
-                    break
-                for ex in by_feature.get(idx, []):
-                    w = to_window(ex, vocab_text, cfg, activating=False, source=f"negative:feature {idx}",
-                                  zero_acts=True)
-                    w = Window(w.tokens, w.acts, False, w.source, None, w.doc_id, w.start)  # not this feature's example
-                    span = (w.doc_id, w.start, w.start + len(w.tokens))
-                    if not overlaps(span, own_spans) and not overlaps(span, neg_spans):
-                        add(w, "other_features")
-                        break
-    if len(out) < n:
-        runs = [w for e in own for w in zero_runs(e, vocab_text, cfg, min_len=max(8, cfg.window // 2))]
-        rng.shuffle(runs)
-        for w in runs:
-            if len(out) >= n:
-                break
-            if not overlaps((w.doc_id, w.start, w.start + len(w.tokens)), neg_spans):
-                add(w, "own_zero_runs")
-    return out, sources
+    def examples_of(w: windows.Win) -> tuple[windows.Examples, list[StoredExample]]:
+        return (own, split.examples) if w.latent == feature.index else others[w.latent][:2]
+
+    scoring, _ = pick(windows.N_NEG, None)
+    data.scoring_pos = [own.text(w, vocab.raw) for w in split.positives[:windows.N_POS]]
+    data.scoring_neg = [examples_of(w)[0].text(w, vocab.raw) for w in scoring]
+    n = max(1, len(split.held_out))
+    judged, source = pick(4 * n, max(cfg.window, window))  # spares: short zero stretches are left out
+    for w in judged:
+        if len(data.negatives) >= n:
+            break
+        ex, stored = examples_of(w)
+        if w.latent == feature.index:  # a stretch of its own window where it is 0, as long as the judges read
+            lo, hi = windows.zero_stretch(ex, w, cfg.window)
+            if hi - lo < max(8, cfg.window // 2):  # much shorter than a positive: its length would give it away
+                continue
+            win = to_window(stored[w.row], vocab.text, cfg, activating=False, source="negative:own-zero-run",
+                            zero_acts=True, cut=(lo, hi))
+        else:
+            win = to_window(stored[w.row], vocab.text, cfg, activating=False, source=f"negative:feature {w.latent}",
+                            zero_acts=True)
+        data.negatives.append(Window(win.tokens, win.acts, False, win.source, None, win.doc_id, win.start))
+    data.negative_sources = {source: len(data.negatives)} if data.negatives else {}
 
 
 # --- storing ----------------------------------------------------------------------------------
@@ -270,7 +260,7 @@ async def run_explain_job(job: JobRef, backend: Backend, engine: Engine, worker_
     # Both scorers at once: an HTTP backend overlaps their requests (up to llm_concurrency).
     det, fuzz = await asyncio.gather(detection(backend, text, positives, data.negatives, cfg, seed),
                                      fuzzing(backend, text, positives, data.negatives, cfg, seed))
-    embedding = await asyncio.to_thread(embedding_score, text, positives, data.negatives, data.baseline)
+    embedding = await asyncio.to_thread(embedding_score, text, data.scoring_pos, data.scoring_neg, data.baseline)
     result = {
         "text": text,
         "detection": det.summary(), "fuzzing": fuzz.summary(),
@@ -298,39 +288,25 @@ class EmbeddingResult:
     summary: dict
 
 
-def window_plain_text(w: Window, length: int | None = None) -> str:
-    """A window as the embedding scorer sees it: its tokens joined, no marks, cut to `length` tokens
-    around its strongest activation (peak 3/4 of the way in; the middle of a non-activating one),
-    so that an LM's explanation is scored on windows as long as the token-pattern ones scored at
-    publish (windows.py), and the two scores and the SAE's shuffled baseline compare."""
-    tokens = list(w.tokens)
-    if length is not None and len(tokens) > length:
-        acts = list(w.acts)
-        peak = max(range(len(acts)), key=acts.__getitem__) if acts and max(acts) > 0 else len(tokens) // 2
-        lo = int(centred_start(peak, len(tokens), length))
-        tokens = tokens[lo:lo + length]
-    return "".join(tokens).replace("\\n", "\n").replace("\\t", "\t")
-
-
-def embedding_score(text: str, positives: list[Window], negatives: list[Window],
+def embedding_score(text: str, positives: list[str], negatives: list[str],
                     baseline: dict | None) -> EmbeddingResult | None:
-    """The embedding scorer on the job's held-out windows; None (logged) when no embedding model is available."""
+    """The embedding scorer on the feature's scoring windows (the token-pattern explanation's); None
+    (logged) when no embedding model is available."""
     from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
 
     embedder = get_embedder()
-    length = scoring_window()
     try:
         vecs = embedder.embed([embedding_scorer.query_text(text), embedding_scorer.document_text(text)]
-                              + [window_plain_text(w, length) for w in positives + negatives])
+                              + positives + negatives)
     except EmbeddingUnavailable as exc:
         log.warning("no embedding score or search vector for this explanation: %s", exc.one_line())
         return None
-    query, doc, windows = vecs[0], vecs[1], vecs[2:]
-    sims = windows @ query
+    query, doc, wins = vecs[0], vecs[1], vecs[2:]
+    sims = wins @ query
     auroc = embedding_scorer.auroc(sims[:len(positives)], sims[len(positives):])
     return EmbeddingResult(auroc=auroc, vector=doc, model=embedder.name, summary={
-        "auroc": auroc, "n_pos": len(positives), "n_neg": len(negatives), "model": embedder.name, "window": length,
-        "baseline": baseline})
+        "auroc": auroc, "n_pos": len(positives), "n_neg": len(negatives), "model": embedder.name,
+        "window": windows.scoring_window(), "baseline": baseline})
 
 
 def _fmt(x: float | None) -> str:

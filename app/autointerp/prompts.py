@@ -2,16 +2,16 @@
 
 The explainer sees top examples plus examples sampled across the interval groups, each cut to a
 ~32-token window with the peak about 3/4 of the way in, activating tokens (> 0.3 x the example's
-max) marked <<like this>>, optionally followed by (token, activation 0-10) lists. Examples it saw
-are never used for scoring: the rest (held-out) are the positives the judge sees, next to
-non-activating windows (negatives).
+max) marked <<like this>>, optionally followed by (token, activation 0-10) lists. The held-out
+positives the judges and the embedding scorer see are picked first, by the same picker as the
+token-pattern explanations' (trainer.interpret.windows); the explainer never sees an example that
+overlaps one, and everything in its prompt comes from the examples it is shown.
 
 Everything here is pure (no database, no model) so it can be unit-tested and reused.
 """
 
 from __future__ import annotations
 
-import random
 import re
 import unicodedata
 from dataclasses import dataclass, field, fields, replace
@@ -20,12 +20,12 @@ import numpy as np
 
 from app.autointerp.backends import Message
 from store.errors import AtlasError
+from store.models import ExampleKind
+from trainer.interpret import windows
 
 PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
 PROMPT_VERSION_STATS = "explain-v2"  # explain-v1 plus the token statistics (show_statistics)
 
-KIND_TOP, KIND_INTERVAL, KIND_RANDOM = 0, 1, 2  # store.models.ExampleKind
-SOURCE_NAMES = {KIND_TOP: "top", KIND_INTERVAL: "interval", KIND_RANDOM: "random"}
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,12 @@ class Window:
 @dataclass
 class ExampleSplit:
     explain: list[Window] = field(default_factory=list)
-    held_out: list[Window] = field(default_factory=list)
+    held_out: list[Window] = field(default_factory=list)  # the judges' positives: the first positives, shown
     n_distinct: int = 0
+    shown: list[StoredExample] = field(default_factory=list)  # what `explain` is cut from
+    examples: list[StoredExample] = field(default_factory=list)  # all of them, as given
+    own: windows.Examples | None = None  # `examples` as the picker reads it (row k: examples[k])
+    positives: list[windows.Win] = field(default_factory=list)  # held-out activating windows, best first
 
 
 class InvalidParams(AtlasError):
@@ -160,16 +164,6 @@ class TooFewExamples(Exception):
 
 
 # --- windows ----------------------------------------------------------------------------------
-
-def cut_window(n_tokens: int, peak: int, length: int, peak_frac: float) -> tuple[int, int]:
-    """[lo, hi) of a `length`-token window of a stored window with the peak ~peak_frac of the way in."""
-    if n_tokens <= length:
-        return 0, n_tokens
-    before = int(round(peak_frac * (length - 1)))
-    lo = max(0, peak - before)
-    hi = min(n_tokens, lo + length)
-    return max(0, hi - length), hi
-
 
 _SPECIAL = re.compile(r"^<\|([^|<>]{1,40})\|>$|^<(/?s|bos|eos|pad|unk|start_of_turn|end_of_turn)>$")
 
@@ -188,13 +182,20 @@ def token_text(t: str) -> str:
 
 
 def to_window(ex: StoredExample, vocab_text, cfg: PromptConfig, activating: bool = True,
-              source: str | None = None, zero_acts: bool = False) -> Window:
-    lo, hi = cut_window(len(ex.token_ids), ex.peak, cfg.window, cfg.peak_frac)
+              source: str | None = None, zero_acts: bool = False, cut: tuple[int, int] | None = None) -> Window:
+    """The stored window cut to cfg.window tokens around its peak (or to `cut`, [lo, hi) of it)."""
+    if cut is None:
+        lo = int(windows.centred_start(ex.peak, len(ex.token_ids), cfg.window, cfg.peak_frac))
+        cut = lo, min(len(ex.token_ids), lo + cfg.window)
+    lo, hi = cut
     ids = ex.token_ids[lo:hi]
     acts = [0.0] * len(ids) if zero_acts else [max(0.0, float(a)) for a in ex.acts[lo:hi]]
     return Window(tokens=tuple(token_text(vocab_text(int(i))) for i in ids), acts=tuple(acts), activating=activating,
-                  source=source or SOURCE_NAMES.get(ex.kind, "example"), example_id=ex.id, doc_id=ex.doc_id,
-                  start=ex.span[0] + lo)
+                  source=source or _kind_name(ex.kind), example_id=ex.id, doc_id=ex.doc_id, start=ex.span[0] + lo)
+
+
+def _kind_name(kind: int) -> str:
+    return ExampleKind(kind).name if kind in ExampleKind._value2member_map_ else "example"
 
 
 def render(w: Window, marks: set[int] | list[int] | None = None) -> str:
@@ -232,9 +233,11 @@ def _overlaps(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
     return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
-def split_examples(examples: list[StoredExample], vocab_text, cfg: PromptConfig, seed: int) -> ExampleSplit:
-    """Explainer set (top + interval samples) and held-out activating windows, never overlapping."""
-    rng = random.Random(seed)
+def split_examples(examples: list[StoredExample], vocab_text, cfg: PromptConfig, latent: int,
+                   window: int = windows.WINDOW) -> ExampleSplit:
+    """Held-out activating windows (trainer.interpret.windows.positives: the same picker, and so the
+    same windows, as the token-pattern explanation's score) and the explainer's examples: top
+    examples plus interval samples, none overlapping a held-out one."""
     # top, interval and random lists can hold the same activation: one copy of each.
     seen: set[tuple[int, int]] = set()
     distinct: list[StoredExample] = []
@@ -246,59 +249,46 @@ def split_examples(examples: list[StoredExample], vocab_text, cfg: PromptConfig,
     if len(distinct) < cfg.min_examples:
         raise TooFewExamples(f"the feature has {len(distinct)} distinct activating examples; "
                              f"explaining needs at least {cfg.min_examples}")
-    tops = [e for e in distinct if e.kind == KIND_TOP]
-    groups: dict[int, list[StoredExample]] = {}
-    for e in distinct:
-        if e.kind == KIND_INTERVAL:
-            groups.setdefault(e.interval or 0, []).append(e)
-    # Every other top example: the explainer sees the very top, and held-out keeps strong examples too.
-    chosen = tops[0::2][: cfg.n_explain_top]
-    picked_interval: list[StoredExample] = []
-    order = sorted(groups, reverse=True)
-    depth = 0
-    while len(picked_interval) < cfg.n_explain_interval and any(len(groups[g]) > depth for g in order):
-        for g in order:
-            if depth < len(groups[g]) and len(picked_interval) < cfg.n_explain_interval:
-                picked_interval.append(groups[g][depth])
-        depth += 1
-    chosen += picked_interval
-    if not chosen:  # no top list (imported data): fall back to whatever there is
-        chosen = distinct[: max(1, len(distinct) // 2)]
-    ids = {id(e) for e in chosen}
-    shown = [(e.doc_id, *e.span) for e in chosen]
-    rest = [e for e in distinct if id(e) not in ids and not any(_overlaps((e.doc_id, *e.span), s) for s in shown)]
-    if not rest:  # everything overlaps what the explainer saw: hold back the weakest shown examples
-        k = max(1, len(chosen) // 3)
-        rest, chosen = chosen[-k:], chosen[:-k]
-    # Held-out: mix strong and weak activations, round-robin over top / interval / random.
-    pools = [[e for e in rest if e.kind == k] for k in (KIND_TOP, KIND_INTERVAL, KIND_RANDOM)]
-    for p in pools[1:]:
-        rng.shuffle(p)
-    held: list[StoredExample] = []
-    while len(held) < cfg.n_score and any(pools):
-        for p in pools:
-            if p and len(held) < cfg.n_score:
-                held.append(p.pop(0))
+    # the picker reads every example as given, exactly as publish reads the analysis's
+    own = windows.Examples.from_rows(examples, [latent] * len(examples))
+    tops = [e for e in distinct if e.kind == ExampleKind.top]
+    n_pos = max(cfg.n_score, windows.N_POS)
+    if tops:
+        positives = windows.positives(own, np.arange(len(examples)), n_pos, window)
+    else:  # no top list (imported data): show every other example, hold out what overlaps none of them
+        shown = distinct[0::2]
+        positives = windows.positives(own, np.arange(len(examples)), n_pos, window, held_back=(
+            np.asarray([e.doc_id for e in shown]), *(np.asarray([e.span[k] for e in shown]) for k in (0, 1))))
+    if not positives:
+        raise TooFewExamples("every activating example overlaps one the explainer is shown: none left to score on")
+    held = [examples[w.row] for w in positives]
+    held_spans = [(e.doc_id, *e.span) for e in held]
+
+    def free(e: StoredExample) -> bool:
+        return not any(_overlaps((e.doc_id, *e.span), h) for h in held_spans)
+
+    if tops:
+        groups: dict[int, list[StoredExample]] = {}
+        for e in distinct:
+            if e.kind == ExampleKind.interval and free(e):
+                groups.setdefault(e.interval or 0, []).append(e)
+        chosen = [e for e in tops if free(e)][: cfg.n_explain_top]  # a held-out window may reach into a top one
+        picked_interval: list[StoredExample] = []
+        order = sorted(groups, reverse=True)
+        depth = 0
+        while len(picked_interval) < cfg.n_explain_interval and any(len(groups[g]) > depth for g in order):
+            for g in order:
+                if depth < len(groups[g]) and len(picked_interval) < cfg.n_explain_interval:
+                    picked_interval.append(groups[g][depth])
+            depth += 1
+        chosen += picked_interval
+    else:
+        chosen = distinct[0::2]
+    if not chosen:
+        raise TooFewExamples("every example the explainer could be shown overlaps a held-out one")
     return ExampleSplit(explain=[to_window(e, vocab_text, cfg) for e in chosen],
-                        held_out=[to_window(e, vocab_text, cfg) for e in held], n_distinct=len(distinct))
-
-
-def zero_runs(ex: StoredExample, vocab_text, cfg: PromptConfig, min_len: int) -> list[Window]:
-    """Stretches of a feature's own stored windows where it is exactly 0: certain negatives."""
-    out, start = [], None
-    acts = list(ex.acts) + [1.0]  # sentinel closes the last run
-    for i, a in enumerate(acts):
-        if a <= 0 and start is None:
-            start = i
-        elif a > 0 and start is not None:
-            if i - start >= min_len:
-                lo, hi = start, min(i, start + cfg.window)
-                ids = ex.token_ids[lo:hi]
-                out.append(Window(tokens=tuple(token_text(vocab_text(int(t))) for t in ids), acts=(0.0,) * len(ids),
-                                  activating=False, source="negative:own-zero-run", example_id=None,
-                                  doc_id=ex.doc_id, start=ex.span[0] + lo))
-            start = None
-    return out
+                        held_out=[to_window(e, vocab_text, cfg) for e in held[: cfg.n_score]],
+                        n_distinct=len(distinct), shown=chosen, examples=list(examples), own=own, positives=positives)
 
 
 # --- explainer prompt -------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 
 Both report balanced accuracy (TPR + TNR) / 2 and F1. An answer that cannot be parsed counts as
 wrong (a missed positive or a false alarm) and is recorded with prediction = None: never dropped,
-so a judge that rambles scores badly instead of silently scoring on fewer examples.
+so a judge that rambles scores badly instead of silently scoring on fewer examples. (delphi drops
+unparsed answers and counts them as failed; with none left its zero-denominator guards give 0.)
+When no answer at all can be read the score is 0.5, as for any judge that answers everything alike.
 
 Scores you can trust:
 - A 95 % Wilson score interval comes with every balanced accuracy (`wilson_interval`). With as
@@ -90,6 +92,10 @@ class Score:
     def balanced_accuracy(self) -> float | None:
         if not self.positives or not self.negatives:
             return None
+        if self.unparsed == len(self.items):
+            # Nothing readable is no information, like all-yes or all-no: chance (0.5), flagged
+            # uninformative. Counting each as wrong would give 0, a judge that is always wrong.
+            return 0.5
         return (self.tp / self.positives + self.tn / self.negatives) / 2
 
     @property

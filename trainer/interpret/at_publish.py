@@ -23,8 +23,6 @@ from store.vectors import write_embeddings
 
 log = logging.getLogger(__name__)
 
-N_POS = 8  # held-out activating windows per latent
-N_NEG = 8  # non-activating windows per latent
 EMBED_CHUNK = 4096  # texts per embed call: long enough to batch by length, short enough for a live progress bar
 
 
@@ -83,17 +81,12 @@ def embed_distinct(embedder: Embedder, texts: list[str], progress: bool, what: s
 
 
 def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder, progress: bool = True,
-            seed: int = 0, n_pos: int | None = None, n_neg: int | None = None,
-            summary: dict | None = None) -> Interpretation:
-    """Token-pattern explanations, scoring windows and every embedding, from an analysis's files.
-
-    summary (the analysis's summary.json) gives the context length the scoring windows are aligned to.
-    """
+            seed: int = 0, n_pos: int | None = None, n_neg: int | None = None) -> Interpretation:
+    """Token-pattern explanations, scoring windows and every embedding, from an analysis's files."""
     started = time.perf_counter()
-    n_pos = N_POS if n_pos is None else n_pos
-    n_neg = N_NEG if n_neg is None else n_neg
+    n_pos = windows.N_POS if n_pos is None else n_pos
+    n_neg = windows.N_NEG if n_neg is None else n_neg
     n = len(features["count"])
-    analysis = (summary or {}).get("analysis") or {}
 
     def text(t: int) -> str:
         return vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
@@ -102,8 +95,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     texts = [token_pattern.describe(st, text) for st in stats]
     t_explain = time.perf_counter() - started
     window = windows.scoring_window()
-    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed, window=window,
-                          ctx_len=analysis.get("ctx_len"), exclude_bos=bool(analysis.get("exclude_bos", True)))
+    wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed, window=window)
     t_windows = time.perf_counter() - started - t_explain
     explained = [i for i, t in enumerate(texts) if t]
     n_win, n_expl = len(wins.texts), len(explained)

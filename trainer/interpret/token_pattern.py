@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from store.models import ExampleKind
+
 EXPLAINER = "token-pattern"
 METHOD = "token-pattern-v3"  # Explanation.method; bump when the wording changes (v2: "the word ‹…›"; v3: up to 5 peak tokens)
 
-KIND_TOP = 0
 # Up to 5 peak tokens down to 5 % of the top examples (v2: 3, down to 10 %): held-out activations
 # peak on more tokens than the top examples' favourite few, and naming them raised the demo SAE's
 # embedding-scorer AUROC over the shuffled baseline (BENCHMARKS.md, benchmarks/embedding_queries.py).
@@ -109,7 +110,7 @@ def stats_from_windows(feature: np.ndarray, tokens: np.ndarray, peak: np.ndarray
 def stats_from_analysis(examples: dict[str, np.ndarray], features: dict[str, np.ndarray]) -> list[TokenStats]:
     """TokenStats for every latent of an analysis (trainer.analyze's examples.npz / features.npz)."""
     n = len(features["count"])
-    top = examples["kind"] == KIND_TOP
+    top = examples["kind"] == ExampleKind.top
     promotes = features.get("logit_top_ids")
     return stats_from_windows(examples["feature"][top], examples["tokens"][top], examples["peak"][top], n,
                               promotes)
