@@ -214,7 +214,7 @@ def search_check(interp, stats, vocab, embedder) -> dict:
     """Rank the explanations by cosine similarity to each SEARCH_CHECKS query (semantic search's
     ranking) and report where the first latent that should match lands, with the top hits."""
     from store.search import DEFAULT_MIN_SIMILARITY
-    from trainer.interpret.embedding_scorer import document_text
+    from store.vectors import document_text
 
     explained = [i for i, t in enumerate(interp.texts) if t]
     out = {}

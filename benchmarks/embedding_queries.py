@@ -47,13 +47,14 @@ def sae_folder(arg: str) -> Path:
 
 
 def query_forms() -> dict:
+    from store.vectors import plain
     from trainer.interpret import embedding_scorer as es
     from trainer.interpret import token_pattern as tp
 
     return {
-        "delphi prefix + whole explanation": lambda t: es.DELPHI_QUERY_PREFIX + tp.plain(t),
-        "whole explanation, chips as quotes": lambda t: tp.plain(t),
-        "input side, chips as quotes": lambda t: tp.plain(t.split(tp.PROMOTES)[0]),
+        "delphi prefix + whole explanation": lambda t: es.DELPHI_QUERY_PREFIX + plain(t),
+        "whole explanation, chips as quotes": lambda t: plain(t),
+        "input side, chips as quotes": lambda t: plain(t.split(tp.PROMOTES)[0]),
         "input side, bare tokens (query_text)": lambda t: es.query_text(t, prefix=""),
     }
 

@@ -25,3 +25,15 @@ class SchemaOutOfDate(AtlasError):
 
 class Conflict(AtlasError):
     """The request contradicts the current state (a name in use, cancelling what has ended): 409."""
+
+
+class EmbeddingUnavailable(AtlasError):
+    """Texts cannot be embedded now: the model is missing or the endpoint does not answer."""
+
+    retryable = True
+
+
+class EmbeddingModelMissing(EmbeddingUnavailable):
+    """The configured embedding model is not installed / not found: retrying cannot help."""
+
+    retryable = False

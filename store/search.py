@@ -32,10 +32,12 @@ import numpy as np
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from store.errors import EmbeddingUnavailable
 from store.models import SAE, Explanation, ExplanationEmbedding, Feature, SAEStatus
 from store.feature import explanation_dict
 from store.saes import list_saes
 from store.table import feature_summary
+from store.vectors import document_text
 from store.vocab import vocab_for
 
 MODES = ("merged", "keyword", "semantic")
@@ -188,8 +190,6 @@ def sae_matrix(session: Session, sae_id: int, version: str, model: str, watermar
 
 
 def query_vector(embedder, q: str) -> np.ndarray:
-    from trainer.interpret.embedding_scorer import document_text
-
     key = (embedder.name, q)
     with _matrices_lock:
         v = _query_vectors.get(key)
@@ -281,12 +281,16 @@ def rrf(*ranked: list[int], k: int = RRF_K) -> list[tuple[int, float]]:
     return sorted(scores.items(), key=lambda x: (-x[1], x[0]))
 
 
+def _require(embedder):
+    if embedder is None:
+        raise EmbeddingUnavailable("no embedding model was given to the search", "pass the configured embedder")
+    return embedder
+
+
 def search(session: Session, q: str, mode: str = "merged", sae_name: str | None = None, offset: int = 0,
            limit: int = 50, min_similarity: float = DEFAULT_MIN_SIMILARITY, embedder=None,
            min_above_typical: float = DEFAULT_MIN_ABOVE_TYPICAL) -> SearchResult:
     """Explanations for q in the given mode; semantic mode raises EmbeddingUnavailable without a model."""
-    from trainer.interpret.embedder import EmbeddingUnavailable, get_embedder
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     keyword: list[int] = []
@@ -296,7 +300,7 @@ def search(session: Session, q: str, mode: str = "merged", sae_name: str | None 
         keyword = keyword_ids(session, q, MAX_RESULTS, sae_name)
     if mode in ("semantic", "merged"):
         try:
-            semantic = semantic_ids(session, q, embedder or get_embedder(), MAX_RESULTS, sae_name, min_similarity,
+            semantic = semantic_ids(session, q, _require(embedder), MAX_RESULTS, sae_name, min_similarity,
                                     min_above_typical)
         except EmbeddingUnavailable as exc:
             if mode == "semantic":

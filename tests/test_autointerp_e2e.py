@@ -66,7 +66,7 @@ def test_local_model_explains_and_scores_a_feature(smollm_sae_dir, sqlite_engine
         j = s.get(Job, job_id)
         assert j.status == "done", j.error
         expl = s.get(Explanation, j.result["explanation_id"])
-        assert expl.text.strip() and expl.explainer == "local:smollm2-135m" and expl.method == "explain-v2"
+        assert expl.text.strip() and expl.explainer == "local:smollm2-135m" and expl.method == "explain-v4"
         assert expl.raw_response and "<<" in expl.prompt
         for score in (expl.detection_score, expl.fuzzing_score):
             assert score is not None and 0.0 <= score <= 1.0

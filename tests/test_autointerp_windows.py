@@ -22,7 +22,8 @@ from app.autointerp.explain import JobRef, load_feature_data
 from app.autointerp.prompts import PromptConfig, explain_messages, messages_text
 from store.models import LM, SAE, Example, ExampleKind, Feature, SAEStatus
 from trainer.interpret import windows
-from trainer.publish import EXAMPLE_COLUMNS, example_tuples
+from store.publish import EXAMPLE_COLUMNS
+from trainer.publish import example_tuples
 
 DOC_LEN, BEFORE, AFTER = 400, 32, 12  # documents of 400 tokens; windows: 32 tokens before the peak, 12 after
 

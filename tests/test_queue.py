@@ -200,7 +200,7 @@ def test_worker_explains_scores_and_stores(engine):
             r = job.result
             expl = s.get(Explanation, r["explanation_id"])
             assert expl.feature_id == job.feature_id and expl.text == INSTANT_EXPLANATION
-            assert expl.method == "explain-v2" and expl.explainer == "instant:instant"
+            assert expl.method == "explain-v4" and expl.explainer == "instant:instant"
             assert expl.prompt and "<<" in expl.prompt and expl.raw_response == INSTANT_EXPLANATION
             judgements = list(s.scalars(select(Judgement).where(Judgement.explanation_id == expl.id)))
             for method in ("detection", "fuzzing"):

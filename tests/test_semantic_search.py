@@ -16,7 +16,7 @@ from store.models import SAE, Example, Explanation, ExplanationEmbedding, Featur
 from tests.test_api import assert_error, make_client
 from trainer.interpret import token_pattern
 from trainer.interpret.embedder import get_embedder
-from trainer.interpret.embedding_scorer import document_text
+from store.vectors import document_text
 from store.vectors import write_embeddings
 
 # Crafted explanations in token_pattern's wording, and two an LM might write. The queries below

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from app.autointerp.scoring import JudgedExample, Score, wilson_interval
+from store.vectors import plain
 from trainer.interpret import embedding_scorer, token_pattern, windows
 
 VOCAB = ["<s>", "This", "It", " just", " simply", "accred", "ited", "itation", ")", " x", "(", " the", "\n"]
@@ -34,14 +35,13 @@ def test_describe_matches_the_issue_wording():
     lines = token_pattern.prompt_lines(st, vt)
     assert lines[0] == "Tokens the top examples peak on: ‹ just› (100 %)" and "‹accred›" in lines[2]
     # what the embedding model reads: chips as quotes (it has no ‹), shares left out
-    assert token_pattern.plain(text) == 'the word "just", after "This"/"It"; promotes "accred", "ited", "itation"'
-    assert embedding_scorer.document_text(text) == token_pattern.plain(text)
+    assert plain(text) == 'the word "just", after "This"/"It"; promotes "accred", "ited", "itation"'
     # the scorer's query: the bare tokens of the input side (what the windows can show), the ones
     # before the peak first; nothing it promotes, no instruction for MiniLM
     assert embedding_scorer.query_text(text) == "This It just"
     assert embedding_scorer.query_text("‹)› right parenthesis (60 % of top examples), ‹↵› newline (5 %)") == ") \n"
     assert embedding_scorer.query_text("fires on commas", prefix="Query:") == "Query:fires on commas"
-    assert token_pattern.plain("fires on (5 %) of lines") == "fires on (5 %) of lines"  # no chips: untouched
+    assert plain("fires on (5 %) of lines") == "fires on (5 %) of lines"  # no chips: untouched
 
 
 def test_describe_names_up_to_five_peak_tokens_above_five_percent():

@@ -35,6 +35,7 @@ from app.autointerp.prompts import (
 from app.autointerp.scoring import Score, detection, fuzzing
 from store.models import SAE, Example, ExampleKind, Explanation, Feature, Judgement
 from store import vocab_for
+from store.vectors import document_text
 from trainer.interpret import embedding_scorer, token_pattern, windows
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def update_feature_best(session: Session, feature_id: int) -> None:
 
 
 def store_result(engine: Engine, job: JobRef, worker_id: str, text: str, explainer: str, prompt: str, raw: str,
-                 det: Score, fuzz: Score, result: dict, method: str = "explain-v1",
+                 det: Score, fuzz: Score, result: dict, method: str,
                  embedding: EmbeddingResult | None = None) -> int:
     """Explanation + judgements + embedding + feature update + job done, in one transaction.
     Returns the explanation id."""
@@ -296,7 +297,7 @@ def embedding_score(text: str, positives: list[str], negatives: list[str],
 
     embedder = get_embedder()
     try:
-        vecs = embedder.embed([embedding_scorer.query_text(text), embedding_scorer.document_text(text)]
+        vecs = embedder.embed([embedding_scorer.query_text(text), document_text(text)]
                               + positives + negatives)
     except EmbeddingUnavailable as exc:
         log.warning("no embedding score or search vector for this explanation: %s", exc.one_line())

@@ -23,8 +23,11 @@ from store.errors import AtlasError
 from store.models import ExampleKind
 from trainer.interpret import windows
 
-PROMPT_VERSION = "explain-v1"  # stored as Explanation.method; bump when the prompts change meaning
-PROMPT_VERSION_STATS = "explain-v2"  # explain-v1 plus the token statistics (show_statistics)
+# Stored as Explanation.method; bump when the prompts or the examples they show change meaning.
+# v1/v2 showed every other top example and statistics over all of them, some of which were the
+# held-out scoring positives; v3/v4 show only examples disjoint from the scoring set.
+PROMPT_VERSION = "explain-v3"
+PROMPT_VERSION_STATS = "explain-v4"  # explain-v3 plus the token statistics (show_statistics)
 
 
 

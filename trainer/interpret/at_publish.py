@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Session
 
-from store.models import SAE, Explanation, Feature
+from store import explanations
+from store.models import SAE
+from store.vectors import document_text
 from trainer.interpret import embedding_scorer, token_pattern, windows
 from trainer.interpret.embedder import Embedder
-from store.vectors import write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     n_win, n_expl = len(wins.texts), len(explained)
     # one pass over every text, so they batch by length together; the explanation as a search
     # document and as the scorer's query (delphi's prefix) are two texts
-    everything = (wins.texts + [embedding_scorer.document_text(texts[i]) for i in explained]
+    everything = (wins.texts + [document_text(texts[i]) for i in explained]
                   + [embedding_scorer.query_text(texts[i]) for i in explained])
     vecs, distinct, embedded = embed_distinct(embedder, everything, progress, "embedding windows and explanations")
     window_vecs, docs, queries = vecs[:n_win], vecs[n_win:n_win + n_expl], vecs[n_win + n_expl:]
@@ -158,12 +158,7 @@ def write(session: Session, sae: SAE, feature_ids: np.ndarray, interp: Interpret
         })
     if not rows:
         return 0
-    ids = [eid for (eid,) in session.execute(
-        insert(Explanation).returning(Explanation.id, sort_by_parameter_order=True), rows)]
-    write_embeddings(session, ids, [sae.id] * len(ids), interp.vectors, s["model"])
-    table = Feature.__table__
-    session.connection().execute(
-        update(table).where(table.c.id == bindparam("b_id")).values(explanation=bindparam("b_text")),
-        [{"b_id": int(feature_ids[i]), "b_text": interp.texts[i]} for i in latents])
+    explanations.insert_explanations(session, sae.id, rows, interp.vectors, s["model"])
+    explanations.set_feature_explanations(session, {int(feature_ids[i]): interp.texts[i] for i in latents})
     sae.metrics = {**(sae.metrics or {}), "autointerp": s}
     return len(rows)

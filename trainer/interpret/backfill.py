@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from store import explanations
 from store.errors import AtlasError
-from store.models import SAE, Explanation, ExplanationEmbedding, Feature
-from trainer.interpret.embedding_scorer import document_text
-from store.vectors import write_embeddings
+from store.vectors import document_text, write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +33,6 @@ class BackfillResult:
     already: int  # explanations (in scope) that had a vector of the model before
 
 
-def _needs_vector(model: str, replace: bool):
-    """Explanations without a vector; with replace, also those with a vector of another model."""
-    none = ExplanationEmbedding.explanation_id.is_(None)
-    return or_(none, ExplanationEmbedding.model != model) if replace else none
-
-
-def _scope(stmt, sae_id: int | None):
-    stmt = stmt.join(Feature, Explanation.feature_id == Feature.id).outerjoin(
-        ExplanationEmbedding, ExplanationEmbedding.explanation_id == Explanation.id)
-    return stmt.where(Feature.sae_id == sae_id) if sae_id is not None else stmt
-
-
-def count_missing(session: Session, model: str, sae_id: int | None = None, replace: bool = False) -> tuple[int, int]:
-    """(explanations needing a vector, explanations already having one of `model`) in scope."""
-    missing = session.scalar(_scope(select(func.count(Explanation.id)), sae_id).where(_needs_vector(model, replace)))
-    have = session.scalar(_scope(select(func.count(Explanation.id)), sae_id).where(
-        and_(ExplanationEmbedding.explanation_id.is_not(None), ExplanationEmbedding.model == model)))
-    return int(missing or 0), int(have or 0)
-
-
 def embed_missing(engine: Engine, embedder, sae_name: str | None = None, chunk: int = DEFAULT_CHUNK,
                   replace: bool = False, progress: bool = True) -> BackfillResult:
     """Give every explanation in scope (all SAEs, or one) a vector of the embedder's model."""
@@ -65,20 +44,15 @@ def embed_missing(engine: Engine, embedder, sae_name: str | None = None, chunk: 
     with Session(engine) as session:
         sae_id = None
         if sae_name is not None:
-            sae_id = session.scalar(select(SAE.id).where(SAE.name == sae_name))
-            if sae_id is None:
-                raise AtlasError(f"no SAE named {sae_name!r} in the store", "`sae-atlas` lists them on /saes; check the name")
-        total, already = count_missing(session, embedder.name, sae_id, replace)
+            sae_id = explanations.sae_id_by_name(session, sae_name)
+        total, already = explanations.count_missing(session, embedder.name, sae_id, replace)
     done, last = 0, 0
     bar = tqdm(total=total, desc=f"embedding explanations ({embedder.name})", unit="expl", disable=not progress,
                mininterval=1.0)
     try:
         while True:
             with Session(engine) as session:
-                rows = session.execute(
-                    _scope(select(Explanation.id, Explanation.text, Feature.sae_id), sae_id)
-                    .where(_needs_vector(embedder.name, replace), Explanation.id > last)
-                    .order_by(Explanation.id).limit(chunk)).all()
+                rows = explanations.missing_chunk(session, embedder.name, sae_id, replace, last, chunk)
             if not rows:
                 break
             vectors = embedder.embed([document_text(text) for _, text, _ in rows])
@@ -92,6 +66,6 @@ def embed_missing(engine: Engine, embedder, sae_name: str | None = None, chunk: 
     finally:
         bar.close()
     with Session(engine) as session:
-        remaining, _ = count_missing(session, embedder.name, sae_id, replace)
+        remaining, _ = explanations.count_missing(session, embedder.name, sae_id, replace)
     log.info("embedded %d explanations with %s (%d already had a vector)", done, embedder.name, already)
     return BackfillResult(embedded=done, remaining=remaining, model=embedder.name, already=already)

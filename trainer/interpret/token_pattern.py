@@ -19,12 +19,12 @@ anything is embedded: search vectors, scorer queries and search queries all go t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from store.models import ExampleKind
+from store.vectors import CHIP
 
 EXPLAINER = "token-pattern"
 METHOD = "token-pattern-v3"  # Explanation.method; bump when the wording changes (v2: "the word ‹…›"; v3: up to 5 peak tokens)
@@ -155,25 +155,11 @@ def kind_of(text: str) -> str | None:
     return "the token"
 
 
-_CHIP = re.compile("‹([^‹›]*)›")
-_SHARE = re.compile(r"\s*\(\d{1,3} %(?: of top examples)?\)")
-
-
-def plain(text: str) -> str:
-    """The text as the embedding model should read it: token chips ‹ just› as "just", and without
-    the shares "(100 % of top examples)", which are for people (they dilute the meaning: measured,
-    "the word just" is 0.05 closer to an explanation without them)."""
-    if "‹" not in text:
-        return text
-    text = _SHARE.sub("", text)
-    return _CHIP.sub(lambda m: '"' + (m.group(1).strip() or m.group(1)) + '"', text)
-
-
 def chip_tokens(text: str) -> list[str]:
     """The tokens the chips of `text` show, in order, as the model's text reads them without the
     surrounding spaces (‹ just› -> "just", ‹↵› -> a line break)."""
     out = []
-    for m in _CHIP.finditer(text):
+    for m in CHIP.finditer(text):
         t = m.group(1).replace("↵", "\n").replace("⇥", "\t")
         out.append(t.strip() or t)
     return out
