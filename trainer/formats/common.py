@@ -91,13 +91,23 @@ class SiteIO(nn.Module):
             out = centred / (centred.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
         return out.to(x.dtype)
 
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[..., 1]: the factor finish() multiplies the decoder output by to undo normalise() (None
+        when it does not), so a change d of the decoder output is a change d * scale of the output."""
+        if not self.restore_output or self.input_norm == "none":
+            return None
+        xf = x.float()
+        if self.input_norm == "constant_norm_rescale":
+            return 1 / (math.sqrt(xf.shape[-1]) / xf.norm(dim=-1, keepdim=True))
+        return (xf - xf.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+
     def finish(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.restore_output and self.input_norm == "constant_norm_rescale":
-            x_hat = x_hat / (math.sqrt(xf.shape[-1]) / xf.norm(dim=-1, keepdim=True))
-        elif self.restore_output and self.input_norm == "layer_norm":
-            mu = xf.mean(dim=-1, keepdim=True)
-            x_hat = x_hat * (xf - mu).std(dim=-1, keepdim=True) + mu
+        scale = self.output_scale(x)
+        if scale is not None:
+            x_hat = x_hat * scale
+            if self.input_norm == "layer_norm":
+                x_hat = x_hat + xf.mean(dim=-1, keepdim=True)
         if self.W_skip is not None:
             x_hat = x_hat + xf @ self.W_skip.T
         return x_hat
