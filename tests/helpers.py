@@ -66,6 +66,25 @@ def make_tiny_model(folder: Path, family: str = "llama", seed: int = 0) -> Path:
     return folder
 
 
+def load_family_lm(folder: Path, tiny_model_dir: Path, family: str):
+    """A tiny random model of `family` in `folder`, sharing the session's tiny tokenizer (training
+    one per family would cost more than the models), loaded in float32 on the CPU."""
+    import transformers
+
+    from trainer.lm import load_lm
+
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    cls_name, kwargs = FAMILY_CONFIGS[family]
+    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, **kwargs)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return load_lm(str(folder), "cpu", "float32")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -130,3 +130,9 @@ def test_pages_say_when_inference_is_off(store, tmp_path, web):
                 assert "<textarea" not in page.text, path
             assert c.post("/saes/tiny/features/5/try", data={"text": "x"}).status_code == 503
             assert c.get(url).status_code == 200
+
+
+def test_steer_page_title_is_plain_text(web):
+    page = web.get("/steer").text
+    assert re.search(r"<title>(.*?)</title>", page, re.DOTALL).group(1) == "Steer · SAE Atlas"
+    assert page.count('<script src="/static/live.js') == 1  # loaded once, in the body

@@ -5,6 +5,7 @@ bounded queue and deadlines, the rate limiter, URLs and uploads."""
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 
 import numpy as np
@@ -314,3 +315,88 @@ def test_cli_inference_command_and_serve_spawning(tmp_path, monkeypatch, capsys)
             _clear_stale_socket(path)
     finally:
         live.close()
+
+
+# --- live activations and the registry ---------------------------------------------------------
+
+def test_sink_mask_is_the_running_median_rule_by_brute_force():
+    """valid_token_mask drops BOS and every token whose norm exceeds the ratio times the lower median
+    of the norms after BOS up to and including it (non-finite tokens kept, not counted)."""
+    import torch
+
+    from trainer.activations import valid_token_mask
+
+    gen = torch.Generator().manual_seed(0)
+    norms = torch.rand(3, 40, generator=gen) + 1
+    norms[0, 5] = norms[1, 1] = norms[2, 30] = 50.0  # sinks, one right after BOS
+    norms[1, 10:14] = 1.5  # ties
+    norms[2, 7] = float("nan")
+    acts = norms[..., None] * torch.nn.functional.normalize(torch.randn(3, 40, 8, generator=gen), dim=-1)
+    got = valid_token_mask(acts, 1.4, True)
+    n = acts.norm(dim=-1).tolist()
+    for b in range(3):
+        for t in range(40):
+            before = sorted(v for v in n[b][1:t + 1] if math.isfinite(v))
+            keep = t > 0 and (not math.isfinite(n[b][t]) or n[b][t] <= 1.4 * before[(len(before) - 1) // 2])
+            assert bool(got[b, t]) == keep, (b, t)
+    assert not got[0, 5] and not got[2, 30] and got[1, 1] and got[2, 7]  # the first token after BOS has no past
+    assert torch.equal(valid_token_mask(acts[:, :20], 1.4, True), got[:, :20])  # causal
+
+
+def test_a_short_texts_live_activations_equal_the_analysis_paths(tiny_lm, tiny_sae_dir):
+    """The analysis masks BOS and attention sinks over a batch of contexts; live inference sees one
+    short text, the start of one of those contexts. Its masked tokens and activations must be the
+    ones the analysis path keeps for those positions. (The tiny random model has no real sinks; a
+    ratio this low masks a few of its tokens, so the rule matters.)"""
+    import torch
+
+    from app.inference.encode import encode_texts
+    from app.inference.registry import ModelHandle, SAEHandle, SAEMeta
+    from trainer.analyze import AnalyzeConfig, Analyzer
+    from trainer.formats import load_sae
+
+    ratio = 1.05
+    loaded = load_sae(tiny_sae_dir)
+    analyzer = Analyzer(AnalyzeConfig(sae_dir=tiny_sae_dir, tokens=4000, lm_batch_size=8, device="cpu",
+                                      lm_dtype="float32", sink_norm_ratio=ratio), lm=tiny_lm, loaded=loaded)
+    batches, _ = analyzer.source.batches(0)
+    _, tokens, _, _, load = next(iter(batches))
+    mask, acts = load()
+    sae = analyzer.sae
+    dec_norm = sae.W_dec.norm(dim=1)
+    with torch.no_grad():
+        codes = sae.encode(acts.float())
+        shown = codes.values * dec_norm[codes.indices]
+        analysed = torch.zeros(acts.shape[0], sae.cfg.d_sae).scatter_add_(1, codes.indices, shown)
+    first_row = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
+    assert 0 < int((~mask[:, 1:]).sum()) < mask[:, 1:].numel() // 2  # some sinks, not most tokens
+
+    model = ModelHandle(("model", "tiny", "float32"), tiny_lm, 0, False)
+    meta = SAEMeta(1, "tiny", "1", 1, "tiny", loaded.site, sae.cfg.d_in, sae.cfg.d_sae, str(tiny_sae_dir), "float32",
+                   ratio, True)
+    handle = SAEHandle(meta, sae, tiny_lm.site(loaded.site), dec_norm.float(), np.ones(sae.cfg.d_sae),
+                       np.zeros(sae.cfg.d_sae), 0)
+    differs = 0
+    for b in range(tokens.shape[0]):
+        for length in (5, 12, 40):
+            live = encode_texts(model, [tokens[b, :length].tolist()], [[handle]])[0][meta.key]
+            keep = mask[b, :length]
+            assert torch.equal(live.masked, ~keep), (b, length)
+            want = analysed[first_row[b]:first_row[b] + int(keep.sum())]
+            got = torch.zeros_like(want).scatter_add_(1, live.indices, live.values)
+            assert torch.allclose(got, want, atol=1e-5), (b, length)
+            differs += int(keep.sum()) < length - 1
+    assert differs  # some of the short texts had a sink masked
+
+
+def test_the_registry_steers_a_transcoder_at_its_output_site(tmp_path, tiny_lm, tiny_model_dir, sqlite_engine):
+    from app.inference.registry import Registry, SAEMeta
+    from trainer.formats import save_sae
+    from trainer.sae import SAEConfig, build_sae
+
+    d = tiny_lm.d_model
+    save_sae(tmp_path / "tc", build_sae(SAEConfig(d_in=d, d_sae=32, architecture="topk", k=4)), 1.0, "mlp_in.1",
+             str(tiny_model_dir), output_site="mlp_out.1", transcoder=True)
+    meta = SAEMeta(1, "tc", "1", 1, str(tiny_model_dir), "mlp_in.1", d, 32, str(tmp_path / "tc"), "float32", 10.0, True)
+    handle = Registry(sqlite_engine, "cpu").sae(meta, tiny_lm)
+    assert (handle.site.name, handle.target_site.name) == ("mlp_in.1", "mlp_out.1")

@@ -13,25 +13,9 @@ FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma", "gemma2", "gemma3", "olmo2"]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_lm(request, tmp_path_factory, tiny_model_dir):
-    """A tiny random model of each family, sharing the session's tiny tokenizer (training one per
-    family would cost more than the models)."""
-    import shutil
+    from tests.helpers import load_family_lm
 
-    import transformers
-
-    from tests.helpers import FAMILY_CONFIGS
-
-    folder = tmp_path_factory.mktemp(request.param)
-    for f in tiny_model_dir.iterdir():
-        if "token" in f.name or f.name == "special_tokens_map.json":
-            shutil.copy(f, folder / f.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    cls_name, kwargs = FAMILY_CONFIGS[request.param]
-    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, **kwargs)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return load_lm(str(folder), "cpu", "float32")
+    return load_family_lm(tmp_path_factory.mktemp(request.param), tiny_model_dir, request.param)
 
 
 def test_sites_read_the_right_tensors(family_lm):

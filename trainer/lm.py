@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from store.errors import AtlasError
 from store.settings import get_settings
@@ -231,6 +232,31 @@ class LoadedLM:
 
     # --- reading and replacing activations ---------------------------------------------------
 
+    def hook_site(self, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """The one place that hooks a site: fn(a) sees the site's activations a [B, T, D] on every
+        forward pass and returns their replacement, or None to leave them as they are. mlp_in is
+        the MLP module's input (a pre-hook); the other kinds are a module's output, whose first
+        element it is when the module returns a tuple (blocks, attention)."""
+        module = self.site_module(site)
+        if site.kind == "mlp_in":
+            def pre_hook(_module, args, kwargs):
+                if args:
+                    new = fn(args[0])
+                    return None if new is None else ((new.to(args[0].dtype),) + tuple(args[1:]), kwargs)
+                key = next(iter(kwargs))
+                new = fn(kwargs[key])
+                return None if new is None else (args, {**kwargs, key: new.to(kwargs[key].dtype)})
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module, _inputs, output):
+            a = output[0] if isinstance(output, tuple) else output
+            new = fn(a)
+            if new is None:
+                return None
+            new = new.to(a.dtype)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return module.register_forward_hook(hook)
+
     @torch.inference_mode()
     def read(self, input_ids: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
         """Activations [B, T, D] at each site; the forward pass stops after the deepest block."""
@@ -239,12 +265,13 @@ class LoadedLM:
         handles = []
 
         for site in sites:
-            handles.append(self._capture(site, captured))
-        # Registered last, so it runs after the capture hooks of the deepest block.
-        def stop(_module, _inputs, _output):
+            handles.append(self.capture(site, captured))
+        # Registered last, so it runs after the capture hooks of the deepest block (its output is
+        # resid_post.deepest, the last of the block's sites).
+        def stop(_a):
             if len(captured) == len(sites):
                 raise _StopForward
-        handles.append(self.blocks[deepest].register_forward_hook(stop))
+        handles.append(self.hook_site(Site("resid_post", deepest), stop))
         try:
             self.model(input_ids=input_ids.to(self.device), use_cache=False)
         except _StopForward:
@@ -257,34 +284,9 @@ class LoadedLM:
             raise RuntimeError(f"hooks did not fire for {missing}")
         return captured
 
-    def _capture(self, site: Site, into: dict[str, torch.Tensor]):
+    def capture(self, site: Site, into: dict[str, torch.Tensor]) -> RemovableHandle:
         """Register a hook that stores the site's activations [B, T, D] in into[site.name]."""
-        module = self.site_module(site)
-        if site.kind == "mlp_in":
-            def pre_hook(_module, args, kwargs):
-                into[site.name] = args[0] if args else next(iter(kwargs.values()))
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def hook(_module, _inputs, output):
-            into[site.name] = output[0] if isinstance(output, tuple) else output
-        return module.register_forward_hook(hook)
-
-    def _replace(self, site: Site, replace: Callable[[torch.Tensor], torch.Tensor]):
-        """Register a hook that replaces the site's activations a by replace(a)."""
-        module = self.site_module(site)
-        if site.kind == "mlp_in":
-            def pre_hook(_module, args, kwargs):
-                if args:
-                    return (replace(args[0]).to(args[0].dtype),) + tuple(args[1:]), kwargs
-                key = next(iter(kwargs))
-                return args, {**kwargs, key: replace(kwargs[key]).to(kwargs[key].dtype)}
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def hook(_module, _inputs, output):
-            if isinstance(output, tuple):
-                return (replace(output[0]).to(output[0].dtype),) + tuple(output[1:])
-            return replace(output).to(output.dtype)
-        return module.register_forward_hook(hook)
+        return self.hook_site(site, lambda a: into.__setitem__(site.name, a))
 
     @torch.inference_mode()
     def logits_with(self, input_ids: torch.Tensor, site: Site | None = None,
@@ -301,9 +303,9 @@ class LoadedLM:
                 if (source.layer, SITE_ORDER[source.kind]) >= (site.layer, SITE_ORDER[site.kind]):
                     raise AtlasError(f"{source} is not computed before {site}", "a source site must come earlier")
                 seen: dict[str, torch.Tensor] = {}
-                handles.append(self._capture(source, seen))
+                handles.append(self.capture(source, seen))
                 fn = lambda a: replace(a, seen[source.name])  # noqa: E731
-            handles.append(self._replace(site, fn))
+            handles.append(self.hook_site(site, fn))
         try:
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
         finally:

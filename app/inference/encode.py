@@ -3,10 +3,11 @@
 Texts are right-padded into one batch: the model is causal, so padding after a text never
 changes that text's activations, and positions stay 0..T-1 as in the analysis. The pass hooks
 every site that the batch's SAEs read and stops after the deepest block (LoadedLM.read). Each
-text is masked like the analysis masks a context (BOS, and attention sinks by the norm ratio the
-analysis used, against the text's own median norm), and the SAE encodes the kept tokens in
-float32 exactly as `sae-atlas analyze` does, so the shown activation f_i * ||W_dec,i|| matches
-the stored examples.
+text is masked by the analysis's own rule (valid_token_mask: BOS, and attention sinks by the norm
+ratio the analysis used; causal, so neither the padding nor the other texts change it, and a text
+that starts like an analysed context is masked as that context was), and the SAE encodes the kept
+tokens in float32 exactly as `sae-atlas analyze` does, so the shown activation f_i * ||W_dec,i||
+matches the stored examples.
 """
 
 from __future__ import annotations
@@ -67,12 +68,9 @@ def encode_texts(model: ModelHandle, texts: list[list[int]], needs: list[list[SA
     for key, sae in saes.items():
         site_acts = acts[sae.site.name]
         rows = [b for b, group in enumerate(needs) if any(s.meta.key == key for s in group)]
-        xs, kept = [], []
-        for b in rows:
-            a = site_acts[b:b + 1, :lengths[b]]
-            mask = valid_token_mask(a, sae.meta.sink_norm_ratio, sae.meta.exclude_bos)[0]
-            xs.append(a[0][mask])
-            kept.append(mask)
+        masks = valid_token_mask(site_acts[rows], sae.meta.sink_norm_ratio, sae.meta.exclude_bos)
+        kept = [m[:lengths[b]] for b, m in zip(rows, masks)]
+        xs = [site_acts[b, :lengths[b]][m] for b, m in zip(rows, kept)]
         x = torch.cat(xs).float().to(sae.dec_norm.device)
         codes = sae.sae.encode(x)
         shown = sae.shown(codes.values, codes.indices)

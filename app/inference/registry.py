@@ -109,22 +109,21 @@ class ModelHandle:
 class SAEHandle:
     meta: SAEMeta
     sae: torch.nn.Module
-    site: object  # trainer.lm.Site
+    site: object  # trainer.lm.Site: what the encoder reads
     dec_norm: torch.Tensor  # [F] float32 on the device: shown activation = f * ||W_dec,i||
     max_act: np.ndarray  # [F] float64: the analysed max of the shown activation
     density: np.ndarray  # [F] float64: share of analysed tokens where it fires
     nbytes: int
+    target_site: object = None  # trainer.lm.Site: where the decoder writes (a transcoder's output site; default `site`)
     max_act_t: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.max_act_t = torch.as_tensor(self.max_act, dtype=torch.float32, device=self.dec_norm.device)
+        if self.target_site is None:
+            self.target_site = self.site
 
     def shown(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return values.float() * self.dec_norm[indices]
-
-    def unit_direction(self, index: int) -> torch.Tensor:
-        d = self.sae.W_dec[index].detach().float()
-        return d / d.norm().clamp_min(1e-12)
 
 
 def _nbytes(module: torch.nn.Module) -> int:
@@ -264,7 +263,13 @@ class Registry:
         sae = sae.to(self.device).eval().requires_grad_(False)
         nbytes = _nbytes(sae) + max_act.nbytes * 2
         self._make_room(nbytes, f"SAE {meta.name}")
-        handle = SAEHandle(meta, sae, lm.site(meta.site), sae.W_dec.detach().norm(dim=1).float(), max_act, density, nbytes)
+        if loaded.transcoder and not loaded.output_site:
+            raise ServiceError(409, "conflict", f"transcoder {meta.name!r} does not say which site it predicts; "
+                                                "re-import it with --output-site and republish")
+        # A transcoder's decoder writes its output site: steering pushes there, not at the site it reads.
+        target = lm.site(loaded.output_site) if loaded.transcoder else None
+        handle = SAEHandle(meta, sae, lm.site(meta.site), sae.W_dec.detach().norm(dim=1).float(), max_act, density,
+                           nbytes, target)
         self._add(meta.key, handle)
         log.info("loaded SAE %s (%d latents, %.0f MiB)", meta.name, meta.d_sae, nbytes / 2**20)
         return handle

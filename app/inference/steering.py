@@ -4,9 +4,14 @@ Each request becomes two rows of one generation batch with the same prompt and t
 row 0 runs the model as it is, row 1 with the interventions, applied by forward hooks at the
 SAEs' sites on every position (the prompt's and each new token's):
 
-- add:   x' = x + s * m_i * d_i / ||d_i||      (s in units of m_i, the latent's analysed max)
-- clamp: x' = x + (v - f_i(x)) * d_i,  v = s * m_i / ||d_i||  (f_i in the SAE's own units, so the
-         latent reads s * m_i in shown units, and the SAE's error term x - x_hat is kept)
+- add:   x' = x + v * d_i,  v = s * m_i / ||d_i||  (s in units of m_i, the latent's analysed max,
+         so the push is s * m_i along the unit direction d_i / ||d_i||)
+- clamp: x' = x + (v - f_i(x)) * d_i  (f_i in the SAE's own units, so the latent reads s * m_i in
+         shown units, and the SAE's error term x - x_hat is kept)
+
+d_i is the decoder row W_dec,i; the push is made where the decoder writes (a transcoder's output
+site, with f_i read from its input site in the same pass) and in the model's units (an SAE that
+normalises its input scales its decoder output back per token, SparseAutoencoder.output_delta).
 
 Several requests for the same model share a batch (prompts left-padded with an attention mask,
 positions counted from each row's first real token), and the engine advances the batch one token
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -139,52 +145,62 @@ class GenerationBatch:
     # --- interventions -------------------------------------------------------------------------
 
     def _hook_plan(self) -> dict[str, tuple[object, list[tuple[int, str, list]]]]:
-        """site name -> (Site, [(row, method, [(SAEHandle, latent, strength)])])."""
+        """target site name -> (Site, [(row, method, [(SAEHandle, latent, strength)])]). The push goes
+        where the SAE's decoder writes: its own site, or a transcoder's output site."""
         plan: dict[str, tuple[object, list]] = {}
         for r, row in enumerate(self.rows):
             if not row.steered:
                 continue
             by_site: dict[str, list] = {}
             for s, i, strength in row.job.interventions:
-                by_site.setdefault(s.site.name, []).append((s, i, strength))
+                by_site.setdefault(s.target_site.name, []).append((s, i, strength))
             for site_name, items in by_site.items():
-                site = items[0][0].site
+                site = items[0][0].target_site
                 plan.setdefault(site_name, (site, []))[1].append((r, row.job.request.method, items))
         return plan
 
+    def _source_sites(self) -> dict[str, object]:
+        """The input sites of the planned transcoders (read earlier in the same forward pass)."""
+        return {s.site.name: s.site for _, rows_plan in self.hooks.values() for _, _, items in rows_plan
+                for s, _, _ in items if s.site != s.target_site}
+
     @torch.inference_mode()
-    def _apply(self, rows_plan: list, out: torch.Tensor) -> torch.Tensor:
+    def _apply(self, rows_plan: list, out: torch.Tensor, sources: dict[str, torch.Tensor]) -> torch.Tensor:
+        """out [rows, T, D] at one target site, with each steered row's push added. A latent held at
+        SAE activation c adds c * W_dec,i to the decoder output (add: c = v; clamp: c = v - f_i(x)),
+        which output_delta turns into the model's units (an SAE that normalises its input)."""
         out = out.clone()
         for r, method, items in rows_plan:
             x = out[r].float()  # [T, D]
-            if method == "add":
-                delta = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
-                for s, i, strength in items:
-                    delta += strength * float(s.max_act[i]) * s.unit_direction(i).to(x.device)
-                out[r] = (x + delta).to(out.dtype)
-            else:
-                by_sae: dict[tuple, list] = {}
-                for s, i, strength in items:
-                    by_sae.setdefault(s.meta.key, []).append((s, i, strength))
-                new = x
-                for group in by_sae.values():
-                    s = group[0][0]
-                    codes = s.sae.encode(x.to(s.dec_norm.device))
-                    for _, i, strength in group:
-                        f_i = (codes.values * (codes.indices == i)).sum(-1).float()  # [T], the SAE's units
-                        v = strength * float(s.max_act[i]) / float(s.dec_norm[i])
-                        new = new + (v - f_i)[:, None].to(x.device) * s.sae.W_dec[i].detach().float().to(x.device)
-                out[r] = new.to(out.dtype)
+            by_sae: dict[tuple, list] = {}
+            for s, i, strength in items:
+                by_sae.setdefault(s.meta.key, []).append((s, i, strength))
+            new = x
+            for group in by_sae.values():
+                s = group[0][0]
+                dev = s.dec_norm.device
+                # What the encoder reads: this site, or a transcoder's input site.
+                x_in = (x if s.site == s.target_site else sources[s.site.name][r].float()).to(dev)
+                latents = torch.tensor([i for _, i, _ in group], device=dev)
+                # v: the SAE activation at which the latent shows strength x its analysed max
+                shown = torch.tensor([strength * float(s.max_act[i]) for _, i, strength in group], device=dev)
+                v = shown / s.dec_norm[latents]
+                coef = v.expand(x_in.shape[0], -1)  # [T, n]
+                if method != "add":
+                    codes = s.sae.encode(x_in)
+                    coef = coef - torch.stack([(codes.values * (codes.indices == i)).sum(-1).float()
+                                               for i in latents.tolist()], -1)
+                push = coef @ s.sae.W_dec.detach()[latents].float()
+                new = new + s.sae.output_delta(push, x_in).to(x.device)
+            out[r] = new.to(out.dtype)
         return out
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        handles = []
-        for site, rows_plan in self.hooks.values():
-            def hook(_module, _inputs, output, rows_plan=rows_plan):
-                if isinstance(output, tuple):
-                    return (self._apply(rows_plan, output[0]),) + tuple(output[1:])
-                return self._apply(rows_plan, output)
-            handles.append(self.lm.site_module(site).register_forward_hook(hook))
+        sources: dict[str, torch.Tensor] = {}
+        handles = [self.lm.hook_site(site, partial(self._apply, rows_plan, sources=sources))
+                   for site, rows_plan in self.hooks.values()]
+        # Registered after the pushes, so a transcoder reads what the model computes with at its input.
+        handles += [self.lm.capture(site, sources) for site in self._source_sites().values()]
         try:
             positions = (self.mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
             out = self.lm.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,

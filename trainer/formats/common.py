@@ -92,13 +92,13 @@ class SiteIO(nn.Module):
         return out.to(x.dtype)
 
     def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[n, 1] raw units per unit of the decoder's output (the normalisation undone), or None
-        when the output is not rescaled: a latent's contribution at the site is f_i d_i times it."""
+        """[..., 1]: the factor finish() multiplies the decoder output by to undo normalise() (None
+        when it does not), so a change d of the decoder output is a change d * scale of the output."""
         if not self.restore_output or self.input_norm == "none":
             return None
         xf = x.float()
         if self.input_norm == "constant_norm_rescale":
-            return xf.norm(dim=-1, keepdim=True) / math.sqrt(xf.shape[-1])
+            return 1 / (math.sqrt(xf.shape[-1]) / xf.norm(dim=-1, keepdim=True))
         return (xf - xf.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
 
     def finish(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -276,6 +276,13 @@ class SparseAutoencoder(nn.Module):
         SAE's undone input normalisation), or None for 1. Latent i adds f_i * W_dec,i times this."""
         return None if self.io is None else self.io.output_scale(x)
 
+    def output_delta(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The change of output(codes, x) that a change `delta` of the decoder output (e.g. latent
+        activations times W_dec rows, in the SAE's normalised units) makes: the de-normalisation of
+        `io` scales the decoder output per token of x, and the rest of output() does not depend on it."""
+        scale = self.output_scale(x)
+        return delta if scale is None else delta * scale
+
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 
