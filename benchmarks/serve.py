@@ -8,6 +8,8 @@
     SAE_ATLAS_DATA_DIR=/work/demo-data python benchmarks/serve.py --sae smollm2-135m-resid15-topk \
         --baseline /tmp/base --rounds 3
     SAE_ATLAS_DATA_DIR=/work/demo-data python benchmarks/serve.py --sae smollm2-135m-resid15-topk --profile 300
+    # the same shapes without the demo (random numbers, built in about a minute):
+    python benchmarks/serve.py --synthetic --baseline /tmp/base --rounds 3
 
 What it does:
 1. Builds (once; reused from data/bench afterwards) a TopK SAE of width 16384, k=32 on the bundled
@@ -126,13 +128,13 @@ def build_sae_dir(tokens: int) -> Path:
     return folder
 
 
-def published_in(url: str) -> bool:
+def published_in(url: str, name: str = SAE_NAME) -> bool:
     from sqlalchemy import create_engine, text
 
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT status FROM saes WHERE name = :n"), {"n": SAE_NAME}).first()
+            row = conn.execute(text("SELECT status FROM saes WHERE name = :n"), {"n": name}).first()
             return bool(row and row[0] == "ready")
     except Exception:
         return False
@@ -205,6 +207,98 @@ class BenchPostgres:
     def stop(self) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "stop", check=False)
         shutil.rmtree(self.sock, ignore_errors=True)
+
+
+# --- 1b. a synthetic atlas shaped like the demo's ---------------------------------------------------
+
+SYNTH_DB = BENCH / "synthetic" / "atlas.db"
+SYNTH_SAE = "synth-4608"
+SYNTH_PARTNERS = {"synth-4608-w1152": (1152, "resid_post.15"), "synth-4608-l14": (4608, "resid_post.14")}
+
+
+def _synthetic_analysis(folder: Path, width: int, site: str, lm, vocab: list[str], seed: int) -> Path:
+    """An analysis folder (what trainer.analyze writes) with random numbers in the demo's shapes: per
+    latent 20 top, 10 x 5 interval and 20 random examples of 45 tokens, 32 neighbours, 10 + 10 logits."""
+    import numpy as np
+
+    from store.models import ExampleKind
+    from trainer.analyze import ANALYSIS_DIR
+
+    out = folder / ANALYSIS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    V, F, W = len(vocab), width, 45
+    count = rng.integers(1, 20_000, F)
+    count[: F // 100] = 0  # a few dead latents
+    mx = rng.gamma(2.0, 3.0, F).astype(np.float32)
+    np.savez(out / "features.npz", count=count, density=count / 1e6, max=mx, mean=mx / 3, e_a2=mx, std=mx / 4,
+             skew=mx / 5, kurtosis=mx, hist=rng.integers(0, 1000, (F, 50)).astype(np.int32),
+             interval_count=rng.integers(0, 1000, (F, 10)).astype(np.int32),
+             peak_token=rng.integers(0, V, F).astype(np.int32), peak_token_share=rng.random(F).astype(np.float32),
+             logit_top_ids=rng.integers(0, V, (F, 10)).astype(np.int32), logit_top=rng.random((F, 10)).astype(np.float32),
+             logit_bottom_ids=rng.integers(0, V, (F, 10)).astype(np.int32),
+             logit_bottom=-rng.random((F, 10)).astype(np.float32), logit_hist=rng.integers(0, 5000, (F, 40)).astype(np.int32),
+             logit_range=np.tile([-1.0, 1.0], (F, 1)).astype(np.float32),
+             neighbor_ids=rng.integers(0, F, (F, 32)).astype(np.int32), neighbor_cos=rng.random((F, 32)).astype(np.float32))
+    kinds = np.array([ExampleKind.top] * 20 + [ExampleKind.interval] * 50 + [ExampleKind.random] * 20)
+    alive = np.flatnonzero(count > 0)
+    E = len(alive) * len(kinds)
+    tokens = rng.integers(0, V, (E, W)).astype(np.int32)
+    acts = (rng.random((E, W)) * (rng.random((E, W)) < 0.15) * 5).astype(np.float16)  # ~15% of tokens fire
+    np.savez(out / "examples.npz", feature=np.repeat(alive, len(kinds)), kind=np.tile(kinds, len(alive)),
+             rank=np.tile(np.r_[np.arange(20), np.tile(np.arange(5), 10), np.arange(20)], len(alive)),
+             interval=np.tile(np.r_[np.zeros(20), np.repeat(np.arange(10), 5), np.zeros(20)], len(alive)).astype(np.int16),
+             token=tokens[:, 32], activation=acts[:, 32].astype(np.float32) + 1.0,
+             doc_id=rng.integers(0, 5000, E).astype(np.int32), doc_pos=rng.integers(0, 500, E).astype(np.int32),
+             tokens=tokens, acts=acts, peak=np.full(E, 32, np.int16))
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    summary = {"sae": {"architecture": "topk", "d_in": lm.d_model, "d_sae": F, "k": K, "site": site, "norm_scale": 1.0},
+               "metrics": {}, "lm": {"name": MODEL, "source": lm.source, "architecture": "llama", "n_layers": lm.n_layers,
+                                     "d_model": lm.d_model, "vocab_size": V, "bos_token_id": lm.bos_token_id},
+               "analysis": {"n_tokens": 1_000_000},
+               "log_density_hist": {"edges": np.linspace(-8, 0, 49).tolist(), "counts": [0] * 48, "dead": F // 100},
+               "dead": list(range(F // 100)), "dense": []}
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "DONE").write_text("{}")
+    return folder
+
+
+def build_synthetic() -> str:
+    """A SQLite atlas shaped like the demo's (data/bench/synthetic; built once, ~1 min): the 4,608-wide
+    SAE at resid_post.15 of smollm2-135m, a 1,152-wide one at the same site (a width pair: each wide
+    latent has a parent) and a 4,608-wide one at resid_post.14 (a layer pair: every latent matched).
+    Nothing is trained: numbers are random, only their shapes (and SmolLM2's vocabulary) are the demo's."""
+    import numpy as np
+
+    url = f"sqlite:///{SYNTH_DB}"
+    if published_in(url, SYNTH_SAE):
+        log(f"reusing the synthetic atlas {SYNTH_DB}")
+        return url
+    from store.db import make_engine, upgrade
+    from store.relations import write_relation
+    from trainer.lm import load_lm
+    from trainer.publish import publish
+
+    log(f"building the synthetic atlas {SYNTH_DB}")
+    lm = load_lm(MODEL, "cpu", "auto")
+    vocab = lm.vocab_strings()
+    engine = make_engine(url)
+    upgrade(engine)
+    for seed, (name, (width, site)) in enumerate({**SYNTH_PARTNERS, SYNTH_SAE: (4608, SITE)}.items()):
+        folder = _synthetic_analysis(SYNTH_DB.parent / name, width, site, lm, vocab, seed)
+        publish(folder, name, replace=True, engine=engine, progress=False, explain=False, relate=False)
+    rng = np.random.default_rng(0)
+    n, blank = 4608, np.full(4608, np.nan)
+    parents = rng.integers(0, 1152, n)
+    label = np.where(np.bincount(parents, minlength=1152)[parents] > 1, "split", "persisted")
+    write_relation(engine, "synth-4608-w1152", SYNTH_SAE, "width", {"tokens": 1_000_000},
+                   {"a": parents, "b": np.arange(n), "label": label, "kind": np.full(n, "direction"), "cos": rng.random(n),
+                    "rho": rng.random(n), "p_b_given_a": rng.random(n), "p_a_given_b": rng.random(n), "stitch_gain": blank})
+    write_relation(engine, "synth-4608-l14", SYNTH_SAE, "layer", {"tokens": 1_000_000},
+                   {"a": rng.permutation(n), "b": np.arange(n), "label": np.full(n, "matched"), "kind": np.full(n, ""),
+                    "cos": rng.random(n), "rho": rng.random(n), "p_b_given_a": blank, "p_a_given_b": blank, "stitch_gain": blank})
+    engine.dispose()
+    return url
 
 
 # --- 2. the server --------------------------------------------------------------------------------
@@ -399,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoints", default=",".join(ENDPOINTS))
     ap.add_argument("--sae", metavar="NAME", help="measure this published SAE of the atlas the settings name "
                     "(SAE_ATLAS_DATABASE_URL, else SAE_ATLAS_DATA_DIR/atlas.db) instead of building bench-16k")
+    ap.add_argument("--synthetic", action="store_true", help=f"measure {SYNTH_SAE} of a synthetic SQLite atlas shaped "
+                    "like the demo's (built once into data/bench/synthetic): the 4,608-wide SAE and its relations")
     ap.add_argument("--baseline", type=Path, metavar="DIR", help="another checkout of the repository (e.g. a "
                     "worktree of the base commit): every round serves it and this one, in alternating order")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of every cell (medians are reported)")
@@ -412,9 +508,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pg = None
     urls = {}
-    sae = args.sae or SAE_NAME
+    sae = args.sae or (SYNTH_SAE if args.synthetic else SAE_NAME)
     try:
-        if args.sae:
+        if args.synthetic:
+            urls["sqlite"] = build_synthetic()
+        elif args.sae:
             from store.settings import get_settings
 
             url = get_settings().sqlalchemy_url
@@ -482,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             "wrk_threads": args.threads, "duration_s": args.duration, "rounds": args.rounds, "workers": args.workers,
             "uvicorn_args": args.uvicorn_args, "sae": sae, "trees": {k: str(v) for k, v in trees.items()},
             "commits": commits, "load_average_at_end": os.getloadavg()}
-    if not args.sae:
+    if not args.sae and not args.synthetic:
         meta["built"] = {"name": SAE_NAME, "model": MODEL, "site": SITE, "width": WIDTH, "k": K}
     (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "summary": summary, "results": results}, indent=2))
     log(f"wrote {RESULTS / 'serve.json'}")
