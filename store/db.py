@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+import orjson
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +30,35 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def raw_rows(session: Session, sql: str, params: tuple) -> list[tuple]:
+    """Run `sql` (written with ? placeholders) on the session's DBAPI connection and fetch every row.
+
+    The feature page's small indexed reads go this way: SQLAlchemy's statement execution (cache
+    lookup, result processing) cost more than the queries themselves. JSON columns come back as
+    text (SQLite) or parsed (psycopg): see json_value."""
+    conn = session.connection()
+    style = conn.dialect.paramstyle
+    if style in ("format", "pyformat"):
+        sql = sql.replace("?", "%s")
+    elif style != "qmark":  # a driver of another style: through SQLAlchemy with named parameters
+        parts = sql.split("?")
+        named = "".join(f"{part}:p{i}" for i, part in enumerate(parts[:-1])) + parts[-1]
+        return [tuple(r) for r in session.execute(text(named), {f"p{i}": v for i, v in enumerate(params)})]
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        cur.execute(sql, params)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
+def json_value(v):
+    """A JSON column's value as raw_rows (or a cast to text) returns it: text parsed, else as is."""
+    if v is None or isinstance(v, (dict, list)):
+        return v
+    return orjson.loads(v)
 
 
 def make_engine(url: str | None = None) -> Engine:

@@ -23,6 +23,7 @@ import orjson
 from sqlalchemy import Text, bindparam, cast, func, literal_column, select
 from sqlalchemy.orm import Session
 
+from store.db import json_value, raw_rows
 from store.errors import NotFound
 from store.models import SAE, Example, ExampleKind, Explanation, Feature, Job, SAEStatus
 from store.saes import SAEInfo, sae_by_name, sae_info
@@ -65,18 +66,7 @@ FEATURE_QUERY_WITH_JOB = select(*_FEATURE_COLS, _live_job).select_from(_FEATURE_
 EXAMPLES_QUERY = (select(_X.id, _X.kind, _X.rank, _X.interval, _X.activation, _X.peak, _X.doc_id, _X.doc_offset,
                          _X.token_ids, _X.acts)
                   .where(_X.feature_id == bindparam("fid")).order_by(_X.kind, _X.interval, _X.rank))
-NEIGHBOR_EXPL_QUERY = (select(_F.index, _F.explanation)
-                       .where(_F.sae_id == bindparam("sid"), _F.index.in_(bindparam("idx", expanding=True)),
-                              _F.explanation.is_not(None)))
-
-
-def _loads(v):
-    """JSON columns come back as text (see the casts above) and are parsed with orjson."""
-    if v is None:
-        return None
-    if isinstance(v, (dict, list)):
-        return v
-    return orjson.loads(v)
+_loads = json_value  # JSON columns come back as text (see the casts above) and are parsed with orjson
 
 
 @dataclass
@@ -103,17 +93,21 @@ class FeatureRow:
     last_explanation: int
     live_job: str | None = None
 
-    def etag(self, page: bool = False, neighbors: dict[int, str] | None = None, k: int | None = None) -> str:
+    def etag(self, page: bool = False, neighbors: dict[int, str] | None = None, k: int | None = None,
+             lineage: str | None = None) -> str:
         """Keyed on what the response shows: the SAE's version (republishing), this feature's own
         explanations, the explanations of the neighbours it lists (`neighbors`, from
-        shown_neighbor_explanations), and for the page its explanation job. An explanation of any
-        other latent changes nothing here."""
+        shown_neighbor_explanations), for the page its explanation job and, when its SAE has
+        relations, the tag of the relation graph its lineage panel walks (`lineage`, from
+        store.lineage.RelationGraph.tag). An explanation of any other latent changes nothing here."""
         tag = f"{self.sae.version[:16]}-{self.index}-{self.n_explanations}-{self.last_explanation}"
         if neighbors:
             digest = zlib.crc32(orjson.dumps(sorted(neighbors.items())))
             tag += f"-n{len(neighbors)}.{digest:08x}"
         if k is not None:
             tag += f"-k{k}"
+        if lineage:
+            tag += f"-g{lineage}"
         if page:
             tag += f"-{(self.live_job or '0').replace(':', '')}"
         return f'W/"{tag}"'
@@ -215,23 +209,6 @@ def example_dicts(rows, vocab: Vocab, with_text: bool = True) -> list[dict]:
     return out
 
 
-def _raw_rows(session: Session, sql: str, params: tuple) -> list[tuple] | None:
-    """Run `sql` (written with ? placeholders) on the session's DBAPI connection; None when the
-    driver's placeholder style is not one we translate (then callers use SQLAlchemy)."""
-    conn = session.connection()
-    style = conn.dialect.paramstyle
-    if style in ("format", "pyformat"):
-        sql = sql.replace("?", "%s")
-    elif style != "qmark":
-        return None
-    cur = conn.connection.driver_connection.cursor()
-    try:
-        cur.execute(sql, params)
-        return cur.fetchall()
-    finally:
-        cur.close()
-
-
 def neighbor_explanations(session: Session, sae_id: int, indices: list[int]) -> dict[int, str]:
     """{latent index: best explanation} for those of `indices` that have one: one read of the
     (sae_id, index) unique index, a few dozen rows at most."""
@@ -240,10 +217,7 @@ def neighbor_explanations(session: Session, sae_id: int, indices: list[int]) -> 
         return {}
     sql = (f'SELECT "index", explanation FROM features WHERE sae_id = ? AND "index" IN ({", ".join("?" * len(indices))}) '
            "AND explanation IS NOT NULL")
-    rows = _raw_rows(session, sql, (sae_id, *indices))
-    if rows is None:
-        rows = session.execute(NEIGHBOR_EXPL_QUERY, {"sid": sae_id, "idx": indices}).all()
-    return {int(i): e for i, e in rows}
+    return {int(i): e for i, e in raw_rows(session, sql, (sae_id, *indices))}
 
 
 def shown_neighbor_explanations(session: Session, f: FeatureRow, k: int | None = None) -> dict[int, str]:
@@ -275,10 +249,7 @@ def examples_for(session: Session, feature_id: int) -> list[ExampleRow]:
 
     This is the largest read of a page (~70 rows), so it goes through the DBAPI cursor directly
     (uses the index ix_examples_feature_kind_rank)."""
-    rows = _raw_rows(session, _EXAMPLES_SQL, (feature_id,))
-    if rows is None:
-        rows = session.execute(EXAMPLES_QUERY, {"fid": feature_id}).all()
-    return [ExampleRow(*r) for r in rows]
+    return [ExampleRow(*r) for r in raw_rows(session, _EXAMPLES_SQL, (feature_id,))]
 
 
 def explanation_dict(e: Explanation) -> dict:

@@ -3,19 +3,28 @@ a model, and what an SAE misses. Every query reads only published (ready) SAEs.
 
 A relation is stored once, with A the narrower SAE of a width pair or the earlier layer of a
 layer pair; readers ask for it in either order. A latent's chain across layers follows the stored
-one-to-one matches hop by hop (indexed reads of feature_links by relation and latent)."""
+one-to-one matches hop by hop (indexed reads of feature_links by relation and latent).
+
+A feature page walks the relation graph of its SAE on every view, so the graph (every relation
+between published SAEs, as plain data) is read once per process and kept while no published SAE
+changes: one tiny read of the published SAEs' versions per view checks that. Writing a relation
+gives both its SAEs new versions, and republishing or deleting an SAE changes the set, so a kept
+graph is never stale; only the links of the latent itself are read per view."""
 
 from __future__ import annotations
 
 import itertools
-
-from dataclasses import dataclass
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from store.db import json_value, raw_rows
 from store.errors import NotFound
-from store.models import LM, SAE, Feature, FeatureLink, SAEDarkMatter, SAERelation, SAEStatus
+from store.models import LM, SAE, FeatureLink, SAEDarkMatter, SAERelation, SAEStatus
 
 MAX_HOPS = 12
 MATCH_LABELS = ("matched", "unconfirmed")
@@ -107,12 +116,24 @@ def links(session: Session, relation_id: int, label: str | None = None, a_index:
     return list(rows), total
 
 
-def feature_briefs(session: Session, sae_id: int, indices) -> dict[int, Feature]:
-    """Feature rows of some latents of one SAE (density, peak token, logits, explanation) by index."""
+class Brief(NamedTuple):
+    """What a link to a latent shows beside its number."""
+
+    index: int
+    explanation: str | None
+    density: float | None
+    peak_token_id: int | None
+    logits: dict | None
+
+
+def feature_briefs(session: Session, sae_id: int, indices) -> dict[int, Brief]:
+    """Some latents of one SAE by index (one indexed read, no ORM objects: feature pages show a few)."""
     indices = sorted({int(i) for i in indices if i is not None})[:2000]
     if not indices:
         return {}
-    return {f.index: f for f in session.scalars(select(Feature).where(Feature.sae_id == sae_id, Feature.index.in_(indices)))}
+    sql = ('SELECT "index", explanation, density, peak_token_id, logits FROM features '
+           f'WHERE sae_id = ? AND "index" IN ({", ".join("?" * len(indices))})')
+    return {r[0]: Brief(r[0], r[1], r[2], r[3], json_value(r[4])) for r in raw_rows(session, sql, (sae_id, *indices))}
 
 
 def split_forest(session: Session, view: RelationView, label: str = "split", page: int = 1,
@@ -135,44 +156,140 @@ def split_forest(session: Session, view: RelationView, label: str = "split", pag
     return [(p, children[p]) for p in ids], total
 
 
-def _hop(session: Session, views: list[RelationView], sae_id: int, index: int, forward: bool):
+# --- the relation graph a feature's lineage walks ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SAERef:
+    """What lineage shows of a published SAE: plain data, shared across requests and threads."""
+
+    id: int
+    name: str
+    site: str
+    layer: int | None
+    d_sae: int
+    architecture: str
+    lm_id: int
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A relation as lineage walks it: its id, its kind and its two SAEs (A narrower or earlier)."""
+
+    id: int
+    kind: str
+    a: SAERef
+    b: SAERef
+
+
+@dataclass(frozen=True)
+class RelationGraph:
+    """Every relation between published SAEs, by SAE, for one state of the published SAEs."""
+
+    versions: dict[int, str]  # id -> version of every published SAE: what the graph was read for
+    edges: dict[int, tuple[Edge, ...]]  # SAE id -> its relations, in relations_of's order
+    _tags: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def of(self, sae_id: int) -> tuple[Edge, ...]:
+        return self.edges.get(sae_id, ())
+
+    def tag(self, sae_id: int) -> str:
+        """A digest of the versions of every SAE connected to sae_id through relations: it changes
+        whenever a relation anywhere along its chains is written, or one of those SAEs republished."""
+        tag = self._tags.get(sae_id)
+        if tag is None:
+            seen, todo = {sae_id}, [sae_id]
+            while todo:
+                for e in self.of(todo.pop()):
+                    for other in (e.a.id, e.b.id):
+                        if other not in seen:
+                            seen.add(other)
+                            todo.append(other)
+            tag = self._tags[sae_id] = f"{zlib.crc32(repr(sorted((i, self.versions.get(i)) for i in seen)).encode()):08x}"
+        return tag
+
+
+_READY_VERSIONS = f"SELECT id, version FROM saes WHERE status = '{SAEStatus.ready.value}' ORDER BY id"
+_GRAPH = (select(SAERelation.id, SAERelation.kind,
+                 *(c for s in (_A, _B) for c in (s.id, s.name, s.site, s.layer, s.d_sae, s.architecture, s.lm_id)))
+          .join(_A, SAERelation.sae_a_id == _A.id).join(_B, SAERelation.sae_b_id == _B.id).where(_ready(_A, _B))
+          .order_by(_A.layer, _A.name, _B.name))
+_graphs: dict[tuple, RelationGraph] = {}
+_graphs_lock = threading.Lock()
+
+
+def relation_graph(session: Session) -> RelationGraph:
+    """The relation graph of the published SAEs as they are now: read once per state of their
+    versions (one small read of those per call), then served from memory."""
+    key = tuple(tuple(r) for r in raw_rows(session, _READY_VERSIONS, ()))
+    graph = _graphs.get(key)
+    if graph is None:
+        edges: dict[int, list[Edge]] = {}
+        for r in session.execute(_GRAPH):
+            e = Edge(r[0], r[1], SAERef(*r[2:9]), SAERef(*r[9:16]))
+            edges.setdefault(e.a.id, []).append(e)
+            if e.b.id != e.a.id:
+                edges.setdefault(e.b.id, []).append(e)
+        graph = RelationGraph(dict(key), {k: tuple(v) for k, v in edges.items()})
+        with _graphs_lock:
+            if len(_graphs) >= 8:  # older states of the atlas: nothing asks for them again
+                _graphs.clear()
+            _graphs[key] = graph
+    return graph
+
+
+class Link(NamedTuple):
+    """One link of a latent, as its lineage shows it (FeatureLink's columns without the ids)."""
+
+    a_index: int | None
+    b_index: int | None
+    label: str
+    kind: str | None
+    cos: float | None
+    rho: float | None
+    p_b_given_a: float | None
+    p_a_given_b: float | None
+    stitch_gain: float | None
+
+
+_LINKS = f"SELECT {', '.join(Link._fields)} FROM feature_links WHERE relation_id = ? AND "
+_BY_SHARE = " ORDER BY p_b_given_a DESC NULLS LAST"
+_MATCHED = f" AND label IN ({', '.join('?' * len(MATCH_LABELS))}) LIMIT 1"
+
+
+def _links(session: Session, where: str, params: tuple) -> list[Link]:
+    """A latent's links of one relation: `where` follows "relation_id = ? AND" (indexed reads)."""
+    return [Link(*r) for r in raw_rows(session, _LINKS + where, params)]
+
+
+def _hop(session: Session, edges: tuple[Edge, ...], sae_id: int, index: int, forward: bool):
     """The matched latent one layer after (forward) or before `index` of SAE sae_id, if any."""
-    for v in views:
-        if v.kind != "layer":
+    for e in edges:
+        if e.kind != "layer":
             continue
-        if forward and v.a.id == sae_id:
-            link = session.scalar(select(FeatureLink).where(FeatureLink.relation_id == v.relation.id,
-                                                            FeatureLink.a_index == index,
-                                                            FeatureLink.label.in_(MATCH_LABELS)).limit(1))
-            if link is not None:
-                return v.b, link.b_index, link
-        if not forward and v.b.id == sae_id:
-            link = session.scalar(select(FeatureLink).where(FeatureLink.relation_id == v.relation.id,
-                                                            FeatureLink.b_index == index,
-                                                            FeatureLink.label.in_(MATCH_LABELS)).limit(1))
-            if link is not None:
-                return v.a, link.a_index, link
+        if forward and e.a.id == sae_id:
+            found = _links(session, "a_index = ?" + _MATCHED, (e.id, index, *MATCH_LABELS))
+            if found:
+                return e.b, found[0].b_index, found[0]
+        if not forward and e.b.id == sae_id:
+            found = _links(session, "b_index = ?" + _MATCHED, (e.id, index, *MATCH_LABELS))
+            if found:
+                return e.a, found[0].a_index, found[0]
     return None
 
 
-def feature_lineage(session: Session, sae_id: int, index: int) -> dict:
+def feature_lineage(session: Session, sae_id: int, index: int, graph: RelationGraph | None = None) -> dict:
     """A latent's chain across layers (backward and forward through stored matches) and its family
-    across widths (its children in wider SAEs, its parent and siblings in narrower ones)."""
-    own = relations_of(session, sae_id)
+    across widths (its children in wider SAEs, its parent and siblings in narrower ones). SAEs are
+    SAERefs, relations Edges and links rows of FeatureLink's columns."""
+    graph = graph or relation_graph(session)
+    own = graph.of(sae_id)
     if not own:
         return {"layers": {"backward": [], "forward": []}, "widths": [], "related": False}
-    cache: dict[int, list[RelationView]] = {sae_id: own}
-
-    def views_of(sid):
-        if sid not in cache:
-            cache[sid] = relations_of(session, sid)
-        return cache[sid]
-
     chains = {}
     for direction, forward in (("backward", False), ("forward", True)):
         chain, sid, idx, seen = [], sae_id, index, {sae_id}
         for _ in range(MAX_HOPS):
-            step = _hop(session, views_of(sid), sid, idx, forward)
+            step = _hop(session, graph.of(sid), sid, idx, forward)
             if step is None or step[0].id in seen:
                 break
             sae, idx, link = step
@@ -181,26 +298,23 @@ def feature_lineage(session: Session, sae_id: int, index: int) -> dict:
             sid = sae.id
         chains[direction] = chain[::-1] if direction == "backward" else chain
     widths = []
-    for v in own:
-        if v.kind != "width":
+    for e in own:
+        if e.kind != "width":
             continue
-        rid = v.relation.id
-        if v.a.id == sae_id:  # this latent is a parent: its children in the wider SAE
-            kids = list(session.scalars(select(FeatureLink).where(FeatureLink.relation_id == rid, FeatureLink.a_index == index,
-                                                                  FeatureLink.b_index.is_not(None))
-                                        .order_by(FeatureLink.p_b_given_a.desc().nulls_last())))
-            vanished = session.scalar(select(FeatureLink.id).where(FeatureLink.relation_id == rid, FeatureLink.a_index == index,
-                                                                   FeatureLink.label == "vanished").limit(1)) is not None
-            widths.append({"role": "parent", "relation": v, "other": v.b, "children": kids, "vanished": vanished})
+        if e.a.id == sae_id:  # this latent is a parent: its children in the wider SAE, or a vanished row
+            rows = _links(session, "a_index = ?" + _BY_SHARE, (e.id, index))
+            kids = [r for r in rows if r.b_index is not None]
+            vanished = any(r.label == "vanished" for r in rows)
+            widths.append({"role": "parent", "relation": e, "other": e.b, "children": kids, "vanished": vanished})
         else:  # a child: its parent in the narrower SAE and its siblings
-            mine = session.scalar(select(FeatureLink).where(FeatureLink.relation_id == rid, FeatureLink.b_index == index)
-                                  .limit(1))
+            found = _links(session, "b_index = ? LIMIT 1", (e.id, index))
+            mine = found[0] if found else None
             siblings = []
             if mine is not None and mine.a_index is not None:
-                siblings = list(session.scalars(select(FeatureLink).where(
-                    FeatureLink.relation_id == rid, FeatureLink.a_index == mine.a_index, FeatureLink.b_index != index,
-                    FeatureLink.b_index.is_not(None)).order_by(FeatureLink.p_b_given_a.desc().nulls_last())))
-            widths.append({"role": "child", "relation": v, "other": v.a, "link": mine, "siblings": siblings})
+                # filtered here, not in SQL: a "b_index <> ?" there made SQLite scan the relation by b_index
+                siblings = [r for r in _links(session, "a_index = ?" + _BY_SHARE, (e.id, mine.a_index))
+                            if r.b_index is not None and r.b_index != index]
+            widths.append({"role": "child", "relation": e, "other": e.a, "link": mine, "siblings": siblings})
     return {"layers": chains, "widths": widths, "related": True}
 
 

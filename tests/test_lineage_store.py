@@ -181,6 +181,50 @@ def test_the_pages_show_lineage_pairs_the_layer_map_and_what_an_sae_misses(relat
         assert c.get(f"/saes/{narrow}/misses").text.count('class="ex"') > 0  # the nonlinear-error contexts
 
 
+def test_feature_pages_follow_their_relations_from_the_render_cache(related):
+    """The feature page keeps the relation graph in memory while no published SAE changes: a page
+    from the render cache equals a fresh render, a rewritten relation (a new row, new links) shows
+    at once under a new ETag, and so does a relation written further along an SAE's chains (its
+    own version unchanged)."""
+    import numpy as np
+
+    import store
+    from store import lineage
+    from store.relations import write_relation
+
+    low, high, side = name(SITES[0], 96), name(SITES[1], 96), name(SITES[0], 32)
+    with make_client(related) as c:
+        url, side_url = f"/saes/{high}/features/0", f"/saes/{side}/features/0"
+        first, side_first = c.get(url), c.get(side_url)
+        assert first.status_code == 200 and "Lineage" in first.text
+        assert c.get(url).text == first.text  # the same browser (CSRF cookie): the cached page
+        store.RENDERED.clear()
+        assert c.get(url).text == first.text  # ... equals a fresh render
+        with Session(related) as s:
+            side_version = s.scalar(select(SAE.version).where(SAE.name == side))
+            side_tag = lineage.relation_graph(s).tag(s.scalar(select(SAE.id).where(SAE.name == side)))
+        # the layer pair rewritten: latent 0 of the upper SAE now matches latent 95 of the lower one
+        one = {"a": np.array([95]), "b": np.array([0]), "label": np.array(["matched"]), "kind": np.array([""]),
+               "cos": np.array([0.987]), "rho": np.array([0.5])}
+        one.update({k: np.array([np.nan]) for k in ("p_b_given_a", "p_a_given_b", "stitch_gain")})
+        write_relation(related, low, high, "layer", {"tokens": 1}, one)
+        again = c.get(url, headers={"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 200 and again.headers["etag"] != first.headers["etag"]
+        assert f'href="/saes/{low}/features/95"' in again.text and "cos 0.99" in again.text
+        store.RENDERED.clear()
+        assert c.get(url).text == again.text
+        # the narrower SAE at the lower layer is not part of that relation, but its chains run through it
+        with Session(related) as s:
+            assert s.scalar(select(SAE.version).where(SAE.name == side)) == side_version
+            assert lineage.relation_graph(s).tag(s.scalar(select(SAE.id).where(SAE.name == side))) != side_tag
+        side_again = c.get(side_url, headers={"If-None-Match": side_first.headers["etag"]})
+        assert side_again.status_code == 200 and side_again.headers["etag"] != side_first.headers["etag"]
+        # the API's lineage reads the same graph
+        back = c.get(f"/api/v1/saes/{high}/features/0/lineage").json()["backward"]
+        assert back == [{"sae": low, "site": SITES[0], "layer": 1, "index": 95, "cos": 0.987, "rho": 0.5,
+                         "label": "matched", "page": f"/saes/{low}/features/95"}]
+
+
 def test_relate_command_and_its_one_line_errors(related, sweep, capsys, monkeypatch, tmp_path):
     from app.cli import main
     from store.db import get_engine

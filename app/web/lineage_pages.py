@@ -60,10 +60,11 @@ def _link(link, v: lineage.RelationView, briefs_a: dict, briefs_b: dict, vocab) 
 
 def feature_lineage(request: Request, sae, index: int) -> dict | None:
     """Context of templates/_feature_lineage.html: None when the SAE has no relations. Reads with its
-    own session (the feature page renders from cached rows); a relation gives both SAEs a new
-    version, so a cached page never outlives the relations it shows."""
+    own session (the feature page renders from cached rows); the page's ETag carries the relation
+    graph's tag (store.lineage.RelationGraph.tag), so a cached page never outlives what it shows."""
     with request.app.state.read_sessionmaker() as session:
-        lin = lineage.feature_lineage(session, sae.id, index)
+        graph = lineage.relation_graph(session)
+        lin = lineage.feature_lineage(session, sae.id, index, graph)
         if not lin["related"]:
             return None
         vocab = store.vocab_for(session, sae.lm_id)
@@ -89,7 +90,7 @@ def feature_lineage(request: Request, sae, index: int) -> dict | None:
                 widths.append({"role": "child", "other": v.a, "url": f"/relations/{v.a.name}/{v.b.name}",
                                "link": _link(mine, v, briefs_a, {}, vocab) if mine is not None else None,
                                "siblings": [_link(s, v, {}, briefs_b, vocab) for s in sibs]})
-        layers = [v for v in lineage.relations_of(session, sae.id) if v.kind == "layer"]
+        layers = [v for v in graph.of(sae.id) if v.kind == "layer"]
         return {"backward": [hop(h) for h in lin["layers"]["backward"]],
                 "forward": [hop(h) for h in lin["layers"]["forward"]],
                 "layer_relations": [{"other": v.b if v.a.id == sae.id else v.a, "url": f"/relations/{v.a.name}/{v.b.name}"}

@@ -22,6 +22,7 @@ import store
 from app.api_error import ApiError
 from app.autointerp import queue
 from app.deps import get_session, read_access
+from store import lineage
 from store.models import Job
 from app.responses import cache_headers, etag_matches, not_modified
 from app.security import (
@@ -142,10 +143,11 @@ def feature_page(request: Request, name: str = Path(max_length=200),
                  queued: str | None = Query(None, max_length=10), session: Session = Depends(get_session)):
     f = store.load_feature(session, name, index, with_job=True)
     neighbor_expl = store.shown_neighbor_explanations(session, f)
+    graph = lineage.relation_graph(session)
     token = csrf_token(request)
     # The page's ETag: what it shows (store.FeatureRow.etag), and the browser's CSRF token, which
     # its form carries (a browser keeps its own copy; the server's cache holds the page without it).
-    shown = f.etag(page=True, neighbors=neighbor_expl)
+    shown = f.etag(page=True, neighbors=neighbor_expl, lineage=graph.tag(f.sae.id) if graph.of(f.sae.id) else None)
     etag = shown[:-1] + "-" + hashlib.sha256(token.encode()).hexdigest()[:8] + '"'
     headers = cache_headers(etag)
     if queued:  # the "explanation requested" notice is for this one view only

@@ -92,7 +92,20 @@ def _log10(x):
 env.filters.update(pct=pct, num=num, score=_score, density=_density, density_short=_density_short, log10=_log10,
                    vis=store.visible, chip=store.chip)
 
-_TOKEN_CLASSES = [f"t a{i}" for i in range(10)]
+# The class of an active token by level (activation / scale in tenths), plus 10 for the peak token.
+_TOKEN_CLASSES = [f"t a{i}" for i in range(10)] + [f"t a{i} pk" for i in range(10)]
+# Tooltip text by activation: examples store float16 activations, so there are few distinct values
+# and each is formatted once per process rather than once per token of every page.
+_TITLES: dict[float, str] = {}
+
+
+def _title(v: float) -> str:
+    t = _TITLES.get(v)
+    if t is None:
+        t = f"{v:.3g}"
+        if len(_TITLES) < 200_000:
+            _TITLES[v] = t
+    return t
 
 
 def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> list[str]:
@@ -103,35 +116,39 @@ def _examples_spans(examples: list[tuple], vocab: store.Vocab, scale: float) -> 
     plain spans prebuilt once per vocabulary, which keeps a page of ~90 examples small and fast."""
     if not examples:
         return []
-    lengths = [len(e[0]) for e in examples]
+    lengths = np.array([len(e[0]) for e in examples], dtype=np.int64)
     ids = np.concatenate([e[0] for e in examples]).astype(np.int64, copy=False)
     acts = np.concatenate([e[1] for e in examples]).astype(np.float32, copy=False)
     html, spans = vocab.html, vocab.spans
     n_vocab = len(html)
     if len(ids) == 0:
         return [""] * len(examples)
-    if int(ids.min()) >= 0 and int(ids.max()) < n_vocab:
+    in_vocab = int(ids.min()) >= 0 and int(ids.max()) < n_vocab
+    if in_vocab:
         out = list(operator.itemgetter(*ids.tolist())(spans)) if len(ids) > 1 else [spans[int(ids[0])]]
     else:
         out = [spans[t] if 0 <= t < n_vocab else f'<span class="t">&lt;{t}&gt;</span>' for t in ids.tolist()]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    peaks = {int(s0 + e[2]) for s0, e, n in zip(starts.tolist(), examples, lengths) if 0 <= e[2] < n}
+    ends = np.cumsum(lengths)
+    peaks = np.array([e[2] for e in examples], dtype=np.int64)
+    has_peak = (peaks >= 0) & (peaks < lengths)
+    is_peak = np.zeros(len(ids), dtype=bool)
+    is_peak[(ends - lengths + peaks)[has_peak]] = True
     inv = 10.0 / scale if scale and scale > 0 else 10.0
-    active = np.flatnonzero(acts > 0)
-    levels = np.minimum(9, (acts[active] * inv).astype(np.int64))
+    fired = acts > 0
+    active = np.flatnonzero(fired)
+    levels = np.minimum(9, (acts[active] * inv).astype(np.int64)) + 10 * is_peak[active]
+    classes = _TOKEN_CLASSES
     for i, v, t, lv in zip(active.tolist(), acts[active].tolist(), ids[active].tolist(), levels.tolist()):
-        label = html[t] if 0 <= t < n_vocab else f"&lt;{t}&gt;"
-        cls = _TOKEN_CLASSES[lv] + " pk" if i in peaks else _TOKEN_CLASSES[lv]
-        out[i] = f'<span class="{cls}" title="{v:.3g}">{label}</span>'
-    for i in peaks:
-        if not acts[i] > 0:
-            t = int(ids[i])
-            out[i] = f'<span class="t pk" title="0">{html[t] if 0 <= t < n_vocab else t}</span>'
+        label = html[t] if in_vocab or 0 <= t < n_vocab else f"&lt;{t}&gt;"
+        out[i] = f'<span class="{classes[lv]}" title="{_title(v)}">{label}</span>'
+    for i in np.flatnonzero(is_peak & ~fired).tolist():
+        t = int(ids[i])
+        out[i] = f'<span class="t pk" title="0">{html[t] if 0 <= t < n_vocab else t}</span>'
     result = []
     pos = 0
-    for n in lengths:
-        result.append("".join(out[pos:pos + n]))
-        pos += n
+    for end in ends.tolist():
+        result.append("".join(out[pos:end]))
+        pos = end
     return result
 
 
