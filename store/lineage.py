@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, inspect, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from store.db import json_value, raw_rows
@@ -34,6 +34,11 @@ LINK_SORTS = {"a": FeatureLink.a_index, "b": FeatureLink.b_index, "cos": Feature
               "stitch_gain": FeatureLink.stitch_gain}
 
 _A, _B = aliased(SAE), aliased(SAE)
+# Build each alias's column collection now, before request threads share it: its lazy first
+# build can race, and a request then fails with NoSuchColumnError (sqlalchemy issue 12302; seen
+# here as intermittent 500s on relation pages under concurrent load).
+for _alias in (_A, _B):
+    inspect(_alias).selectable.c
 
 
 @dataclass
