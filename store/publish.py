@@ -151,3 +151,33 @@ def clean_json(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def insert_structure(session: Session, sae_id: int, partners: list[list], xy: np.ndarray | None = None,
+                     cluster: np.ndarray | None = None) -> None:
+    """One latent_structure row per latent: its co-firing partners and, with a map, its place on it."""
+    from store.models import LatentStructure
+
+    rows = [{"sae_id": sae_id, "latent_index": i, "partners": p,
+             "x": float(xy[i, 0]) if xy is not None else None, "y": float(xy[i, 1]) if xy is not None else None,
+             "cluster": int(cluster[i]) if cluster is not None else None} for i, p in enumerate(partners)]
+    if rows:
+        session.execute(insert(LatentStructure), rows)
+
+
+def insert_map(session: Session, sae_id: int, config: dict, clusters: list[dict]) -> None:
+    from store.models import SAEMap
+
+    session.add(SAEMap(sae_id=sae_id, config=clean_json(config), clusters=clean_json(clusters)))
+
+
+def insert_groups(session: Session, sae_id: int, groups: list[dict]) -> None:
+    """Feature groups in the order given (most irreducible first): rank 0, 1, ..."""
+    from store.models import FeatureGroup
+
+    rows = [{"sae_id": sae_id, "rank": r, "latents": g["latents"], "n_tokens": g["n_tokens"],
+             "separability": g["separability"], "mixture": g["mixture"], "circle_residual": g["circle_residual"],
+             "variance_share": clean_json(g["variance_share"]), "scatter": clean_json(g["scatter"])}
+            for r, g in enumerate(groups)]
+    if rows:
+        session.execute(insert(FeatureGroup), rows)
