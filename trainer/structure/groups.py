@@ -23,10 +23,14 @@ from trainer.relate.cofiring import Partners
 class GroupConfig:
     """How groups are found and measured (defaults suit SAEs of a few thousand to 100k latents)."""
 
-    min_cos: float = 0.3
-    """Two latents are linked only if their decoder directions have at least this cosine similarity."""
+    min_cos: float = 0.0
+    """Two latents are linked only if their decoder directions have at least this cosine similarity
+    (not pointing apart: a circle tiled by four latents has neighbours at 90 degrees) ..."""
     min_lift: float = 2.0
-    """... and they co-fire at least this many times more often than independent latents would."""
+    """... they co-fire at least this many times more often than independent latents would ..."""
+    min_share: float = 0.2
+    """... and one fires on at least this share of the other's tokens (max of P(j | i), P(i | j)):
+    pieces of one feature fire together often, not just more often than chance."""
     min_size: int = 2
     """Smallest group (latents)."""
     max_size: int = 12
@@ -49,14 +53,14 @@ class GroupConfig:
     def validate(self) -> None:
         if not (-1 <= self.min_cos <= 1 and self.min_lift > 0 and 2 <= self.min_size <= self.max_size
                 and self.max_groups >= 0 and self.max_points >= 10 and self.scatter_points >= 1
-                and 0 < self.epsilon < 1 and self.mi_bins >= 2 and self.angles >= 4):
+                and 0 <= self.min_share <= 1 and 0 < self.epsilon < 1 and self.mi_bins >= 2 and self.angles >= 4):
             raise ValueError(f"invalid group settings {self}")
 
 
 def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig) -> list[np.ndarray]:
-    """Groups of latents linked by (cosine >= min_cos and lift >= min_lift) edges between co-firing
-    partners: the connected sets of min_size..max_size latents, larger sets split by Leiden on the
-    cosine-weighted edges. Returns sorted latent arrays, the most firing groups first."""
+    """Groups of latents linked by edges between co-firing partners (cosine >= min_cos, lift >= min_lift,
+    max(P(j | i), P(i | j)) >= min_share): the connected sets of min_size..max_size latents, larger sets split by Leiden on the
+    cosine-weighted edges (shifted to stay positive). Returns sorted latent arrays, the most firing groups first."""
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
@@ -66,11 +70,13 @@ def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig) ->
     i, slot = np.nonzero(partners.ids >= 0)
     j = partners.ids[i, slot].astype(np.int64)
     n = partners.n_ij[i, slot].astype(np.float64)
-    lift = n * partners.n_tokens / np.maximum(partners.counts[i] * partners.counts[j], 1)
+    ci, cj = partners.counts[i].astype(np.float64), partners.counts[j].astype(np.float64)
+    lift = n * partners.n_tokens / np.maximum(ci * cj, 1)
+    share = n / np.maximum(np.minimum(ci, cj), 1)
     cos = np.einsum("ij,ij->i", d[i], d[j]) if len(i) else np.zeros(0)
-    keep = (lift >= cfg.min_lift) & (cos >= cfg.min_cos)
+    keep = (lift >= cfg.min_lift) & (share >= cfg.min_share) & (cos >= cfg.min_cos)
     i, j, cos = i[keep], j[keep], cos[keep]
-    adj = sparse.coo_matrix((cos, (i, j)), shape=(F, F)).tocsr()
+    adj = sparse.coo_matrix((1.0 + cos, (i, j)), shape=(F, F)).tocsr()  # weights > 0 even at cos 0
     adj = adj.maximum(adj.T)
     _, label = connected_components(adj, directed=False)
     sizes = np.bincount(label)
