@@ -210,3 +210,30 @@ def test_planted_circle_is_found_as_one_irreducible_group(tmp_path):
     for p, m in ((pts, m_circle), (pts2, m_pair)):
         assert mixture_index(p, 0.1, 180) == pytest.approx(m, abs=0.03)
         assert separability_index(p, 12, 90) == pytest.approx(_paper_separability_index(p), abs=0.05)
+
+
+def test_map_is_deterministic_for_a_seed():
+    """Same seed, same layout and clusters; labels come from the members' explanations."""
+    from trainer.structure.layout import MapConfig, build_map
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 24))
+    d = np.repeat(centres, 50, 0) + 0.3 * rng.standard_normal((300, 24))  # six families of directions
+    unit = d / np.linalg.norm(d, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    ids = np.argsort(-cos, 1)[:, :16]  # exact neighbours, as the analysis gives them
+    ncos = np.take_along_axis(cos, ids, 1)
+    texts = [f"family{i // 50} words" for i in range(300)]
+    a = build_map(d, ids, ncos, None, texts, MapConfig(seed=3, n_epochs=50))
+    b = build_map(d, ids, ncos, None, texts, MapConfig(seed=3, n_epochs=50))
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(a["cluster"], b["cluster"])
+    c = build_map(d, ids, ncos, None, texts, MapConfig(seed=4, n_epochs=50))
+    assert not np.array_equal(a["x"], c["x"])
+    # the six families come out as six clusters, each labelled by its own word
+    assert len(a["clusters"]) == 6
+    for cl in a["clusters"]:
+        members = np.nonzero(a["cluster"] == cl["id"])[0]
+        fam = members[0] // 50
+        assert (members // 50 == fam).all() and cl["words"][0] == f"family{fam}"
