@@ -113,28 +113,39 @@ class PairStats:
 
 # --- co-firing within one SAE ----------------------------------------------------------------------
 
-_COUNT_CELLS = 1 << 24  # cells of one block of the co-occurrence matrix (128 MiB of int64, as much of lift)
+_COUNT_CELLS = 1 << 25  # cells of one block of the co-occurrence matrix (128 MiB of int32 counts, as much of float32 lift)
 
 
-def cooccurrence_blocks(codes, n_latents: int, cells: int = _COUNT_CELLS):
+def _token_rows(tok: np.ndarray) -> np.ndarray:
+    """0-based row per entry, one row per distinct token: a running count when the entries come in
+    token order (the analysis shards do), else np.unique."""
+    tok = np.asarray(tok)
+    step = tok[1:] != tok[:-1]
+    if len(tok) and (tok[1:] >= tok[:-1]).all():
+        return np.concatenate([[0], np.cumsum(step)])
+    return np.unique(tok, return_inverse=True)[1].ravel()
+
+
+def cooccurrence_blocks(codes, n_latents: int, cells: int = _COUNT_CELLS, dtype=np.int64):
     """Exact co-occurrence counts N_ij (tokens on which latents i and j both fire) of one SAE, a block
     of rows at a time: yields (first row, int64 array [rows, n_latents]); the diagonal holds N_i.
 
     codes() returns a fresh iterator of (token ids, latent ids) pairs, one entry per active latent of a
     token (the analysis shards). Each block is a dense [rows, n_latents] array of at most `cells`
     cells, so memory is bounded whatever the width; a wide SAE re-reads the codes once per block.
-    Per chunk of codes the counts are AᵀA of its sparse token x latent incidence matrix A."""
+    Per chunk of codes the counts are AᵀA of its sparse token x latent incidence matrix A.
+    dtype: of the counts; int32 halves the memory where no pair can fire together 2^31 times."""
     from scipy import sparse
 
     rows = max(1, min(n_latents, cells // max(n_latents, 1)))
     for first in range(0, n_latents, rows):
         last = min(n_latents, first + rows)
-        acc = np.zeros((last - first, n_latents), np.int64)
+        acc = np.zeros((last - first, n_latents), dtype)
         for tok, lat in codes():
             if len(tok) == 0:
                 continue
-            _, row = np.unique(tok, return_inverse=True)
-            a = sparse.csr_matrix((np.ones(len(lat), np.int32), (row.ravel(), np.asarray(lat, np.int64))),
+            row = _token_rows(tok)
+            a = sparse.csr_matrix((np.ones(len(lat), np.int32), (row, np.asarray(lat, np.int64))),
                                   shape=(int(row.max()) + 1, n_latents))
             block = a[:, first:last] if (first, last) != (0, n_latents) else a
             c = (block.T @ a).tocoo()
@@ -192,18 +203,20 @@ def cofiring_partners(codes, n_latents: int, n_tokens: int, m: int = 16, min_cou
         for tok, lat in codes():
             counts += np.bincount(np.asarray(lat, np.int64), minlength=n_latents)
     counts = np.asarray(counts, np.int64)
-    for first, acc in cooccurrence_blocks(codes, n_latents, cells):
+    small = np.int32 if n_tokens < 2**31 else np.int64
+    for first, acc in cooccurrence_blocks(codes, n_latents, cells, small):
         r = np.arange(acc.shape[0])
         acc[r, first + r] = 0  # not its own partner
-        with np.errstate(divide="ignore", invalid="ignore"):
-            key = acc * float(n_tokens) / (counts[first + r][:, None].astype(np.float64) * counts[None, :])
-        key[(acc < min_count) | ~(key > 1)] = -np.inf  # lift, or -inf where the pair does not qualify
-        k = min(m, n_latents)
-        top = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < n_latents else np.tile(np.arange(n_latents), (len(r), 1))
-        tk, tn = np.take_along_axis(key, top, 1), np.take_along_axis(acc, top, 1)
-        order = np.lexsort((-tn, -tk), axis=1)
-        top, tk, tn = (np.take_along_axis(a, order, 1) for a in (top, tk, tn))
-        ok = np.isfinite(tk)
-        ids[first + r, :k] = np.where(ok, top, -1)
-        nij[first + r, :k] = np.where(ok, tn, 0)
+        # only the pairs frequent enough to qualify: far fewer than rows x latents
+        rr, cc = np.nonzero(acc >= min_count)
+        nn = acc[rr, cc].astype(np.int64)
+        lift = nn * float(n_tokens) / (counts[first + rr].astype(np.float64) * counts[cc])
+        ok = lift > 1
+        rr, cc, nn, lift = rr[ok], cc[ok], nn[ok], lift[ok]
+        order = np.lexsort((-nn, -lift, rr))  # per row: lift, then N_ij
+        rr, cc, nn = rr[order], cc[order], nn[order]
+        rank = np.arange(len(rr)) - np.searchsorted(rr, rr)  # place within its row
+        top = rank < m
+        ids[first + rr[top], rank[top]] = cc[top]
+        nij[first + rr[top], rank[top]] = nn[top]
     return Partners(ids, nij, counts, int(n_tokens))
