@@ -16,7 +16,10 @@ activations. Each step is the code publish and the analysis run, on the same arr
               UMAP's one-off numba compilation when it is the process's first call
 
 The goal (issue 22) is map + groups <= 60 s on 2 cores; "structure_s" is cofiring + groups + map.
-Results go to benchmarks/results/structure.json with the load average and the CPU model.
+With --page, the map is also stored (with a synthetic SAE of as many latents, tests/synthetic_sae.py),
+served, and opened in headless Chromium: "map_page_first_paint_ms" is the time from navigation
+to the canvas's first paint of every point (the page sets data-ready after drawing), the median of
+3 loads (goal: <= 1 s for 16k points). Results go to benchmarks/results/structure.json with the load average and the CPU model.
 """
 
 from __future__ import annotations
@@ -68,6 +71,51 @@ def synthetic(F: int, d: int, n_tokens: int, k: int, families: int, seed: int = 
     return directions, chunks
 
 
+def page_first_paint(m: dict, n_latents: int) -> float:
+    """Median milliseconds from navigation to the map's first full paint, over 3 loads."""
+    import tempfile
+    import threading
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+    from sqlalchemy.orm import Session
+
+    from app.main import create_app
+    from store import publish as writes
+    from store.db import make_engine, upgrade
+    from store.settings import get_settings
+    from tests.helpers import free_port
+    from tests.synthetic_sae import make_synthetic_sae
+
+    engine = make_engine(f"sqlite:///{tempfile.mkdtemp()}/atlas.db")
+    upgrade(engine)
+    sae_id = make_synthetic_sae(engine, name="bench", n_features=n_latents, examples_per_feature=0)
+    with Session(engine) as s, s.begin():
+        writes.insert_structure(s, sae_id, [[] for _ in range(n_latents)], np.column_stack([m["x"], m["y"]]), m["cluster"])
+        writes.insert_map(s, sae_id, m["config"], m["clusters"])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine, settings=get_settings()), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    times = []
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update"])
+        for _ in range(3):
+            pg = b.new_page(viewport={"width": 1400, "height": 1000})
+            pg.route("**/*", lambda r: r.continue_() if r.request.url.startswith(f"http://127.0.0.1:{port}") else r.abort())
+            pg.goto(f"http://127.0.0.1:{port}/saes/bench/map")
+            pg.wait_for_selector("#atlasmap[data-ready='1']", timeout=60_000)
+            times.append(pg.evaluate("() => window.atlasMap.firstPaintMs"))
+            pg.close()
+        b.close()
+    server.should_exit = True
+    return float(np.median(times))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latents", type=int, default=16_384)
@@ -75,6 +123,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--families", type=int, default=512)
+    ap.add_argument("--page", action="store_true", help="also time the map page in Chromium (/usr/bin/chromium)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "structure.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -104,6 +153,8 @@ def main() -> None:
     m = build_map(directions, nb["neighbor_ids"], nb["neighbor_cos"], partners, texts)
     t["map_s"] = time.perf_counter() - s
     t["structure_s"] = t["cofiring_s"] + t["groups_s"] + t["map_s"]
+    if args.page:
+        t["map_page_first_paint_ms"] = page_first_paint(m, args.latents)
     result = {"latents": args.latents, "d": args.d, "tokens": args.tokens, "k": args.k, "timings": t,
               "groups": len(measured), "clusters": len(m["clusters"]),
               "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),

@@ -150,6 +150,6 @@
     draw();
     canvas.dataset.ready = "1";
     // for tests and scripts: where a latent is drawn, in CSS pixels relative to the canvas
-    window.atlasMap = { screenOf: (latent) => { const i = idx.indexOf(latent); return i < 0 ? null : [sx(i), sy(i)]; } };
+    window.atlasMap = { firstPaintMs: performance.now(), screenOf: (latent) => { const i = idx.indexOf(latent); return i < 0 ? null : [sx(i), sy(i)]; } };
   }).catch((err) => { status.textContent = String(err.message || err); });
 })();
