@@ -390,7 +390,7 @@ TRAVERSALS = ["/static/../store/settings.py", "/static/%2e%2e/store/settings.py"
 def test_static_files_cannot_be_left_over_a_raw_socket(live_server):
     status, body = raw_get(live_server, "/static/atlas.css")
     assert status == 200 and b"{" in body  # the server does serve its static folder
-    secret = (REPO / "app" / "settings.py").read_bytes()[:200]
+    secret = (REPO / "store" / "settings.py").read_bytes()[:200]
     for target in TRAVERSALS:
         status, body = raw_get(live_server, target)
         assert status in (400, 404), (target, status)
