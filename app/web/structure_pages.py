@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 import store
 from app.api.structure import group_summary
 from app.deps import get_session, read_access
+from app.web import charts
 from app.web.pages import env, render
 from store import structure
 
@@ -40,7 +41,7 @@ def feature_structure(request: Request, sae, index: int) -> dict | None:
         cluster = next((c for c in (m.clusters if m else []) if c["id"] == place.cluster), None)
         return {"partners": structure.partner_dicts(session, sae.id, place.partners),
                 "map": m is not None, "cluster": cluster,
-                "thumbnail": env.globals["charts"].map_thumbnail(
+                "thumbnail": charts.map_thumbnail(
                     m.clusters, (place.x, place.y) if place.x is not None else None,
                     href=f"/saes/{sae.name}/map?focus={index}") if m else None,
                 "groups": structure.groups_of_latent(session, sae.id, index)}
@@ -82,7 +83,7 @@ def group_page(request: Request, name: str = Path(max_length=200), rank: int = P
     top = [t for t, _ in Counter(tokens).most_common(TOKEN_COLOURS)]
     colour = {t: i for i, t in enumerate(top)}
     titles = [f"{vocab.text(t)!r} · latent #{lat}" for t, lat in zip(tokens, sc.get("latent", []))]
-    chart = env.globals["charts"].scatter(sc.get("x", []), sc.get("y", []), [colour.get(t, -1) for t in tokens], titles,
+    chart = charts.scatter(sc.get("x", []), sc.get("y", []), [colour.get(t, -1) for t in tokens], titles,
                                           label=f"group {rank}: reconstructions on the top two principal components")
     counts = Counter(tokens)
     legend = [{"k": colour[t], "text": vocab.text(t), "count": counts[t]} for t in top]

@@ -64,7 +64,7 @@ def layout(directions: np.ndarray, neighbor_ids: np.ndarray, neighbor_cos: np.nd
     """[F, 2] UMAP coordinates of the decoder directions (cosine metric) from their exact neighbours."""
     F = directions.shape[0]
     k = min(cfg.n_neighbors, neighbor_ids.shape[1] + 1, F - 1)
-    if k < 2:  # too few latents for a neighbourhood graph: a straight line is the honest layout
+    if k < 2 or F < 8:  # too few latents for UMAP's neighbourhood graph: a straight line is the honest layout
         return np.column_stack([np.arange(F, dtype=np.float64), np.zeros(F)])
     import umap
 
