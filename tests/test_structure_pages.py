@@ -136,3 +136,35 @@ def test_map_renders_and_a_click_opens_the_latent(structure_db):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_map_command_remakes_the_map_with_current_explanations(structure_db, client):
+    """`sae-atlas map NAME --seed 1`: a new layout from the store, labels from the stored
+    explanations, and a new SAE version; a bad setting is one line."""
+    from sqlalchemy.orm import Session
+
+    from app.cli import main
+    from store.models import SAE
+    from trainer.structure.layout import MapConfig
+    from trainer.structure.remap import remap_published
+
+    from store.models import Feature
+
+    engine, _ = structure_db
+    before = client.get("/api/v1/saes/tiny/map").json()
+    members = [i for i, c in zip(before["points"]["index"], before["points"]["cluster"]) if c == 0]
+    with Session(engine) as s, s.begin():  # explanations written since publish: the labels must follow them
+        version = s.query(SAE).one().version
+        for f in s.query(Feature).filter(Feature.index.in_(members)):
+            f.explanation = "closing brackets of a call"
+    out = remap_published("tiny", MapConfig(seed=1), engine=engine)
+    after = client.get("/api/v1/saes/tiny/map").json()
+    assert after["config"]["seed"] == 1 and out["latents"] == 128
+    assert after["points"]["x"] != before["points"]["x"]
+    now = after["points"]["cluster"][members[0]]
+    assert now >= 0
+    words = next(c["words"] for c in after["clusters"] if c["id"] == now)
+    assert words[0] in {"closing", "brackets", "call"}
+    with Session(engine) as s:
+        assert s.query(SAE).one().version != version
+    assert main(["map", "tiny", "--resolution", "-1"]) != 0  # rejected before any work

@@ -229,7 +229,7 @@ def _map(sae_dir: Path, a: Analysis, interp) -> dict | None:
     """The SAE's map (trainer/structure/layout.py), labelled from the explanations written at publish,
     else from each latent's peak token; None when the SAE's weights are not beside the analysis."""
     from trainer.formats import load_sae
-    from trainer.structure.layout import build_map
+    from trainer.structure.layout import build_map, label_texts
 
     started = time.time()
     try:
@@ -238,8 +238,8 @@ def _map(sae_dir: Path, a: Analysis, interp) -> dict | None:
         log.warning("no map for %s: its weights cannot be read (%s)", sae_dir, exc)
         return None
     peak = a.features["peak_token"]
-    texts = [t if t else (a.vocab[p].strip() if 0 <= p < len(a.vocab) else None)
-             for t, p in zip(interp.texts if interp is not None else [None] * len(peak), peak.tolist())]
+    texts = label_texts(interp.texts if interp is not None else [None] * len(peak),
+                        [a.vocab[p] if 0 <= p < len(a.vocab) else None for p in peak.tolist()])
     m = build_map(directions, a.features["neighbor_ids"], a.features["neighbor_cos"], a.partners, texts)
     log.info("map of %s: %d latents, %d clusters in %.1f s", sae_dir, len(peak), len(m["clusters"]), time.time() - started)
     return m

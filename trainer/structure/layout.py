@@ -151,6 +151,12 @@ def cluster_labels(cluster: np.ndarray, explanations: list[str | None], n_words:
     return out
 
 
+def label_texts(explanations: list[str | None], peak_tokens: list[str | None]) -> list[str | None]:
+    """What each latent contributes to its cluster's label: its explanation, else the token its top
+    examples peak on (an SAE published without explanations still gets readable labels)."""
+    return [e if e else (t.strip() or None if t else None) for e, t in zip(explanations, peak_tokens)]
+
+
 def build_map(directions: np.ndarray, neighbor_ids: np.ndarray, neighbor_cos: np.ndarray,
               partners: Partners | None, explanations: list[str | None] | None, cfg: MapConfig | None = None) -> dict:
     """The whole map: {"x", "y", "cluster"} arrays per latent, "clusters" [{id, size, label, words,
