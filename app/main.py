@@ -23,6 +23,7 @@ from app.web.rendering import html_error
 from app.web.lineage_pages import router as lineage_pages_router
 from app.web.pages import router as pages_router
 from app.web.run_pages import router as run_pages_router
+from app.web.structure_pages import router as structure_pages_router
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.include_router(run_pages_router)
     app.include_router(live_pages_router)
     app.include_router(lineage_pages_router)
+    app.include_router(structure_pages_router)
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
     # Outermost last: security headers on everything, then the body limit, then the write-key
     # gate, both before any body is read.

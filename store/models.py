@@ -519,3 +519,50 @@ class SAEDarkMatter(Base):
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
     data: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LatentStructure(Base):
+    """Where one latent sits in its SAE's structure: its place on the map (x, y, cluster; empty
+    until a map is made) and its co-firing partners within the SAE, measured by the analysis:
+    [[j, N_ij, P(j | i), P(i | j), lift], ...], most lift first."""
+
+    __tablename__ = "latent_structure"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    latent_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    x: Mapped[float | None] = mapped_column(Float)
+    y: Mapped[float | None] = mapped_column(Float)
+    cluster: Mapped[int | None] = mapped_column(Integer)
+    partners: Mapped[list] = mapped_column(JSON, default=list)
+
+
+class SAEMap(Base):
+    """The map of an SAE's latents: how it was made (UMAP and Leiden settings) and its clusters
+    ([{id, size, label, x, y, words}]); the points are rows of latent_structure."""
+
+    __tablename__ = "sae_maps"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    clusters: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FeatureGroup(Base):
+    """A group of latents that may act as one multi-dimensional feature (Engels et al. 2024): the
+    PCA scatter of its reconstructions and its irreducibility. rank 0 is the most irreducible."""
+
+    __tablename__ = "feature_groups"
+    __table_args__ = (UniqueConstraint("sae_id", "rank", name="uq_feature_groups_sae_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    rank: Mapped[int] = mapped_column(Integer)
+    latents: Mapped[list] = mapped_column(JSON, default=list)
+    n_tokens: Mapped[int] = mapped_column(Integer, doc="sampled tokens the scatter and the indices were computed on")
+    separability: Mapped[float] = mapped_column(Float, doc="separability index S, bits (high: not separable)")
+    mixture: Mapped[float] = mapped_column(Float, doc="epsilon-mixture index M (low: not a mixture)")
+    circle_residual: Mapped[float] = mapped_column(Float, doc="RMS distance of the scatter to its best circle / radius")
+    variance_share: Mapped[list] = mapped_column(JSON, default=list)
+    scatter: Mapped[dict] = mapped_column(JSON, default=dict, doc="{x, y, token, latent}: a sample of the 2-D projection")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

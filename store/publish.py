@@ -151,3 +151,56 @@ def clean_json(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def insert_structure(session: Session, sae_id: int, partners: list[list], xy: np.ndarray | None = None,
+                     cluster: np.ndarray | None = None) -> None:
+    """One latent_structure row per latent: its co-firing partners and, with a map, its place on it."""
+    from store.models import LatentStructure
+
+    rows = [{"sae_id": sae_id, "latent_index": i, "partners": p,
+             "x": float(xy[i, 0]) if xy is not None else None, "y": float(xy[i, 1]) if xy is not None else None,
+             "cluster": int(cluster[i]) if cluster is not None else None} for i, p in enumerate(partners)]
+    if rows:
+        session.execute(insert(LatentStructure), rows)
+
+
+def insert_map(session: Session, sae_id: int, config: dict, clusters: list[dict]) -> None:
+    from store.models import SAEMap
+
+    session.add(SAEMap(sae_id=sae_id, config=clean_json(config), clusters=clean_json(clusters)))
+
+
+def insert_groups(session: Session, sae_id: int, groups: list[dict]) -> None:
+    """Feature groups in the order given (most irreducible first): rank 0, 1, ..."""
+    from store.models import FeatureGroup
+
+    rows = [{"sae_id": sae_id, "rank": r, "latents": g["latents"], "n_tokens": g["n_tokens"],
+             "separability": g["separability"], "mixture": g["mixture"], "circle_residual": g["circle_residual"],
+             "variance_share": clean_json(g["variance_share"]), "scatter": clean_json(g["scatter"])}
+            for r, g in enumerate(groups)]
+    if rows:
+        session.execute(insert(FeatureGroup), rows)
+
+
+def replace_map(session: Session, sae: SAE, xy: np.ndarray, cluster: np.ndarray, config: dict, clusters: list[dict]) -> None:
+    """Put a new map in place of an SAE's old one (`sae-atlas map`): every latent's place, the
+    clusters, and a new SAE version so that cached pages and ETags move on."""
+    from sqlalchemy import bindparam, update
+
+    from store.models import LatentStructure, SAEMap
+
+    t = LatentStructure.__table__
+    have = set(session.scalars(select(LatentStructure.latent_index).where(LatentStructure.sae_id == sae.id)))
+    missing = [i for i in range(len(xy)) if i not in have]
+    if missing:  # published before co-firing partners existed: rows without partners
+        session.execute(insert(LatentStructure), [{"sae_id": sae.id, "latent_index": i, "partners": []} for i in missing])
+    session.connection().execute(
+        update(t).where(t.c.sae_id == sae.id, t.c.latent_index == bindparam("b_i"))
+        .values(x=bindparam("b_x"), y=bindparam("b_y"), cluster=bindparam("b_c")),
+        [{"b_i": i, "b_x": float(xy[i, 0]), "b_y": float(xy[i, 1]), "b_c": int(cluster[i])} for i in range(len(xy))])
+    session.execute(delete(SAEMap).where(SAEMap.sae_id == sae.id))
+    insert_map(session, sae.id, config, clusters)
+    import uuid
+
+    sae.version = uuid.uuid4().hex

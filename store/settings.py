@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     inference_contrast_max_bytes: int = Field(
         default=2_000_000, ge=1000, description="Largest set of texts (bytes of UTF-8, pasted or uploaded) of a contrastive query."
     )
+    map_at_publish: bool = Field(
+        default=True, description="Publishing an SAE makes its map: a UMAP layout of the decoder directions, Leiden "
+        "clusters of the cosine and co-firing graph, and a label per cluster from its explanations.")
     relate_at_publish: bool = Field(
         default=True, description="Publishing an SAE relates it to the published SAEs of the same model that share its "
         "site (a width pair) or sit one layer away (a layer pair).")

@@ -23,6 +23,9 @@ def pytest_configure(config):
     # Publishing explains every latent with the embedding model; tests that want it ask for it
     # (publish(..., explain=True)), the rest keep the tiny SAEs unexplained as their checks expect.
     os.environ.setdefault("SAE_ATLAS_PUBLISH_EXPLANATIONS", "false")
+    # Likewise the map (UMAP's first call in a process spends seconds compiling): tests that want
+    # one ask for it (publish(..., make_map=True)).
+    os.environ.setdefault("SAE_ATLAS_MAP_AT_PUBLISH", "false")
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("SAE_ATLAS_DATABASE_URL", None)
     from store.settings import get_settings

@@ -94,6 +94,13 @@ class AnalyzeConfig:
     """Bins of the logit-effect histogram over the vocabulary."""
     n_neighbors: int = 32
     """Nearest latents by decoder cosine similarity."""
+    n_cofire: int = 16
+    """Co-firing partners kept per latent (most lift first; trainer/relate/cofiring.py)."""
+    cofire_min_count: int = 5
+    """Tokens two latents must fire on together to count as co-firing partners."""
+    groups: bool = True
+    """Find multi-dimensional feature groups among co-firing, similar latents and measure their
+    irreducibility (trainer/structure/groups.py) from the same codes."""
     dense_threshold: float = 0.1
     """A latent active on more than this share of tokens is listed as dense."""
     exclude_bos: bool = True
@@ -140,7 +147,7 @@ class AnalyzeConfig:
 
     def validate(self) -> None:
         for name in ("tokens", "lm_batch_size", "shard_contexts", "n_top", "n_intervals", "per_interval", "hist_bins",
-                     "n_logits", "logit_hist_bins", "n_neighbors"):
+                     "n_logits", "logit_hist_bins", "n_neighbors", "n_cofire", "cofire_min_count"):
             if getattr(self, name) <= 0:
                 raise AtlasError(f"--{name.replace('_', '-')} must be positive")
         if self.n_random < 0 or self.window_before < 0 or self.window_after < 0:
@@ -555,6 +562,35 @@ class Analyzer:
             ids[s:s + block], cos[s:s + block] = i.cpu().numpy(), v.cpu().numpy()
         return {"neighbor_ids": ids, "neighbor_cos": cos}
 
+    # --- what fires together, and groups of latents that act as one feature -------------------
+
+    def _codes(self, with_vocab: bool = False):
+        """A fresh iterator over the shards' codes: (token index, latent[, activation, vocabulary id])."""
+        T = self.cfg.ctx_len
+        for sh, z in self._iter_shards():
+            if not with_vocab:
+                yield z["tok"], z["lat"]
+            else:
+                flat = z["tokens"].reshape(-1)
+                yield z["tok"], z["lat"], z["act"], flat[z["tok"] - sh["first_context"] * T] if len(z["tok"]) else z["tok"]
+
+    def structure(self, stats: RunningStats):
+        """Co-firing partners of every latent and, unless --no-groups, the measured groups."""
+        from trainer.relate.cofiring import cofiring_partners
+        from trainer.structure.groups import GroupConfig, collect_group_codes, find_groups, measure_groups
+
+        c = self.cfg
+        counts = stats.count.cpu().numpy()
+        partners = cofiring_partners(self._codes, self.d_sae, stats.n_tokens, c.n_cofire, c.cofire_min_count,
+                                     counts=counts)
+        if not c.groups:
+            return partners, None
+        gcfg = GroupConfig(seed=c.seed)
+        directions = self.sae.W_dec.detach().float().cpu().numpy()
+        groups = find_groups(directions, partners, gcfg)
+        sampled = collect_group_codes(groups, self.d_sae, counts, lambda: self._codes(True), gcfg)
+        return partners, {"config": asdict(gcfg), "groups": measure_groups(groups, directions, sampled, gcfg)}
+
     # --- the whole analysis ----------------------------------------------------------------------
 
     def run(self, progress: bool = True) -> Path:
@@ -578,6 +614,8 @@ class Analyzer:
         logits = self.logit_effects()
         neighbors = self.neighbors()
         t3 = time.time()
+        partners, groups = self.structure(stats)
+        t4 = time.time()
         n_tok = max(stats.n_tokens, 1)
         count = stats.count.cpu().numpy()
         density = count / n_tok
@@ -591,12 +629,15 @@ class Analyzer:
         }
         _atomic_savez(self.out / "features.npz", **features)
         _atomic_savez(self.out / "examples.npz", **examples)
+        _atomic_savez(self.out / "cofiring.npz", **partners.arrays())
+        if groups is not None:
+            _atomic_json(self.out / "groups.json", groups)
         vocab = self.lm.vocab_strings()
         _atomic_json(self.out / "vocab.json", vocab)
         summary = self.summary(density, n_tok)
         summary["analysis"]["source"] = self.source.describe()
         summary["timings"] = {"pass1_s": self.timings.get("pass1_s", t1 - t0), "select_and_windows_s": t2 - t1,
-                              "logits_and_neighbors_s": t3 - t2, "total_s": time.time() - t0}
+                              "logits_and_neighbors_s": t3 - t2, "cofiring_and_groups_s": t4 - t3, "total_s": time.time() - t0}
         if dark is not None:
             summary["timings"]["dark_matter_s"] = dark["timings"]["in_pass_s"] + dark["timings"]["finish_s"]
             _atomic_json(self.out / "darkmatter.json", dark)

@@ -38,6 +38,7 @@ from store.errors import AtlasError
 from store.models import SAE, ExampleKind, SAEDarkMatter, SAEStatus
 from store.settings import get_settings
 from trainer.analyze import ANALYSIS_DIR
+from trainer.relate.cofiring import Partners
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class Analysis:
     examples: dict[str, np.ndarray]
     vocab: list[str]
     dark_matter: dict | None = None
+    partners: Partners | None = None
+    """Co-firing partners (cofiring.npz; absent in analyses made before it existed)."""
+    groups: dict | None = None
+    """Feature groups (groups.json), when the analysis looked for them."""
 
     @classmethod
     def load(cls, sae_dir: Path) -> Analysis:
@@ -66,9 +71,14 @@ class Analysis:
             summary = json.loads((folder / "summary.json").read_text())
             vocab = json.loads((folder / "vocab.json").read_text())
             dark = json.loads((folder / "darkmatter.json").read_text()) if (folder / "darkmatter.json").is_file() else None
+            partners = None
+            if (folder / "cofiring.npz").is_file():
+                with np.load(folder / "cofiring.npz") as z:
+                    partners = Partners.from_arrays(z)
+            groups = json.loads((folder / "groups.json").read_text()) if (folder / "groups.json").is_file() else None
         except (OSError, ValueError, KeyError) as exc:
             raise AtlasError(f"the analysis in {folder} is damaged ({exc})", f"run `sae-atlas analyze {sae_dir} --restart`") from None
-        return cls(folder, summary, features, examples, vocab, dark)
+        return cls(folder, summary, features, examples, vocab, dark, partners, groups)
 
 
 def _r(x: float, digits: int = 5) -> float:
@@ -111,6 +121,12 @@ def feature_rows(a: Analysis, sae_id: int) -> list[dict]:
     return rows
 
 
+def partner_rows(p: Partners) -> list[list]:
+    """Per latent, [[j, N_ij, P(j | i), P(i | j), lift], ...] for latent_structure.partners."""
+    return [[[j, n, _r(pji, 4), _r(pij, 4), _r(lift, 4)] for j, n, pji, pij, lift in p.stats(i)]
+            for i in range(len(p.counts))]
+
+
 def example_tuples(a: Analysis, feature_ids: np.ndarray):
     """Yield one tuple per example in store.publish.EXAMPLE_COLUMNS order, windows trimmed to their valid tokens."""
     e = a.examples
@@ -132,23 +148,24 @@ def example_tuples(a: Analysis, feature_ids: np.ndarray):
 
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
             description: str = "", progress: bool = True, explain: bool | None = None,
-            relate: bool | None = None, lm=None) -> int:
+            relate: bool | None = None, lm=None, make_map: bool | None = None) -> int:
     """Write an analysed SAE into the store; returns the new SAE's id."""
     return publish_many([(sae_dir, name)], replace, engine, description, progress, explain=explain,
-                        relate=relate, lm=lm)[0]
+                        relate=relate, lm=lm, make_map=make_map)[0]
 
 
 def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, engine: Engine | None = None,
                  description: str = "", progress: bool = True, run_id: int | None = None,
                  before_commit: Callable[[Session], None] | None = None, explain: bool | None = None,
-                 relate: bool | None = None, lm=None) -> list[int]:
+                 relate: bool | None = None, lm=None, make_map: bool | None = None) -> list[int]:
     """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
 
     before_commit(session) runs last inside the transaction; raising there rolls everything back
     (the trainer worker uses it to mark its run done only if the run is still its own).
     explain (default: the publish_explanations setting) writes a token-pattern explanation for
     every latent with its embedding score (trainer.interpret.at_publish), computed before the
-    transaction opens. Then, unless relate is False (None: the relate_at_publish setting), the new
+    transaction opens. make_map (default: the map_at_publish setting) lays out and clusters the
+    latents (trainer/structure/layout.py), also before. Then, unless relate is False (None: the relate_at_publish setting), the new
     SAEs are related to their partners.
     """
     for _, name in items:
@@ -158,12 +175,14 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     started = time.time()
     analyses = [Analysis.load(Path(sae_dir)) for sae_dir, _ in items]
     interpretations = _interpret(analyses, explain, progress)
+    make_map = get_settings().map_at_publish if make_map is None else make_map
+    maps = [_map(Path(d), a, i) if make_map else None for (d, _), a, i in zip(items, analyses, interpretations)]
     ids, n_rows, n_examples = [], 0, 0
     try:
         with Session(engine) as session, session.begin():
-            for (sae_dir, name), a, interp in zip(items, analyses, interpretations):
+            for (sae_dir, name), a, interp, m in zip(items, analyses, interpretations, maps):
                 sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id,
-                                                    a, interp)
+                                                    a, interp, m)
                 ids.append(sae_id)
                 n_rows += rows
                 n_examples += examples
@@ -206,8 +225,28 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
                          f"{exc.hint}; or publish without explanations (SAE_ATLAS_PUBLISH_EXPLANATIONS=false)") from None
 
 
+def _map(sae_dir: Path, a: Analysis, interp) -> dict | None:
+    """The SAE's map (trainer/structure/layout.py), labelled from the explanations written at publish,
+    else from each latent's peak token; None when the SAE's weights are not beside the analysis."""
+    from trainer.formats import load_sae
+    from trainer.structure.layout import build_map, label_texts
+
+    started = time.time()
+    try:
+        directions = load_sae(sae_dir).sae.W_dec.detach().float().cpu().numpy()
+    except (AtlasError, OSError) as exc:
+        log.warning("no map for %s: its weights cannot be read (%s)", sae_dir, exc)
+        return None
+    peak = a.features["peak_token"]
+    texts = label_texts(interp.texts if interp is not None else [None] * len(peak),
+                        [a.vocab[p] if 0 <= p < len(a.vocab) else None for p in peak.tolist()])
+    m = build_map(directions, a.features["neighbor_ids"], a.features["neighbor_cos"], a.partners, texts)
+    log.info("map of %s: %d latents, %d clusters in %.1f s", sae_dir, len(peak), len(m["clusters"]), time.time() - started)
+    return m
+
+
 def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, replace: bool, description: str,
-               run_id: int | None, a: Analysis, interp=None) -> tuple[int, int, int]:
+               run_id: int | None, a: Analysis, interp=None, structure_map: dict | None = None) -> tuple[int, int, int]:
     s = a.summary
     writes.clear_name(session, name, replace)
     lm = writes.get_or_create_lm(session, s["lm"], a.vocab)
@@ -235,5 +274,14 @@ def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, repla
         at_publish.write(session, sae, ids, interp)
     if a.dark_matter is not None:
         session.add(SAEDarkMatter(sae_id=sae.id, data=writes.clean_json(a.dark_matter)))
+    m = structure_map
+    if a.partners is not None or m is not None:
+        partners = partner_rows(a.partners) if a.partners is not None else [[] for _ in rows]
+        writes.insert_structure(session, sae.id, partners, np.column_stack([m["x"], m["y"]]) if m else None,
+                                m["cluster"] if m else None)
+    if m is not None:
+        writes.insert_map(session, sae.id, m["config"], m["clusters"])
+    if a.groups:
+        writes.insert_groups(session, sae.id, a.groups["groups"])
     writes.mark_ready(session, sae)
     return sae.id, len(rows), n_examples

@@ -6,7 +6,8 @@
 - service: serve, inference, worker, explain, jobs, keys, demo;
 - interpret: embed-explanations;
 - admin: db, settings, models, sites;
-- lineage: relate.
+- lineage: relate;
+- structure: map.
 
 Every user mistake ends in one line on stderr (`error: what is wrong (what to do)`) and a non-zero
 exit status, never a traceback; set SAE_ATLAS_DEBUG=1 to see tracebacks of unexpected errors.
@@ -20,14 +21,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, interpret, lineage, saes, service, training
+from app.cli import admin, interpret, lineage, saes, service, structure, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from store.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, lineage, saes, service, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, lineage, saes, service, structure, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default write)")
 
     lineage.add_parsers(sub)
+    structure.add_parsers(sub)
 
     demo = sub.add_parser("demo", help="build the demo atlas on the bundled model (first run) and serve it")
     demo.add_argument("--rebuild", action="store_true")

@@ -323,3 +323,55 @@ def share_bar(share: float | None, *, width: int = 80) -> Markup:
     frac = min(1.0, max(0.0, float(share)))
     return Markup(f'<svg class="sbar" viewBox="0 0 {width} 8" aria-hidden="true"><rect class="track" width="{width}" height="8"/>'
                   f'<rect class="fill" width="{width * frac:.1f}" height="8"/></svg>')
+
+
+def _scale(xs: list[float], ys: list[float], width: int, height: int, pad: float):
+    """A function mapping data (x, y) into the box, keeping the aspect ratio (maps and scatters are geometry)."""
+    lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
+    s = min((width - 2 * pad) / ((hi_x - lo_x) or 1.0), (height - 2 * pad) / ((hi_y - lo_y) or 1.0))
+    ox = pad + ((width - 2 * pad) - (hi_x - lo_x) * s) / 2
+    oy = pad + ((height - 2 * pad) - (hi_y - lo_y) * s) / 2
+    return lambda x, y: (ox + (x - lo_x) * s, height - (oy + (y - lo_y) * s))
+
+
+def map_thumbnail(clusters: list[dict], here: tuple[float, float] | None, *, href: str, width: int = 300,
+                  height: int = 200) -> Markup:
+    """The map in miniature: each cluster a disc at its centroid (area ∝ its size, its label on hover),
+    and `here` (a latent's place) marked."""
+    if not clusters:
+        return Markup('<p class="muted small nodata">no map</p>')
+    xs = [c["x"] for c in clusters] + ([here[0]] if here else [])
+    ys = [c["y"] for c in clusters] + ([here[1]] if here else [])
+    to = _scale(xs, ys, width, height, 14)
+    top = max(c["size"] for c in clusters) or 1
+    parts = [f'<a href="{escape(href)}"><svg class="chart minimap" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="map of the SAE\'s latents">']
+    for c in clusters:
+        x, y = to(c["x"], c["y"])
+        r = 2 + 10 * math.sqrt(c["size"] / top)
+        parts.append(f'<circle class="cl k{c["id"] % 10}" cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}">'
+                     f'<title>{escape(c["label"])} ({c["size"]} latents)</title></circle>')
+    if here:
+        x, y = to(*here)
+        parts.append(f'<circle class="here" cx="{x:.1f}" cy="{y:.1f}" r="5"><title>this latent</title></circle>')
+    parts.append("</svg></a>")
+    return Markup("".join(parts))
+
+
+def scatter(xs: list[float], ys: list[float], classes: list[int], titles: list[str], *, width: int = 520,
+            height: int = 520, label: str = "") -> Markup:
+    """A 2-D scatter with equal axes; point i gets class k{classes[i]} (k0-k9, or kx for the rest) and
+    titles[i] on hover."""
+    if not xs:
+        return Markup('<p class="muted small nodata">no data</p>')
+    to = _scale(xs, ys, width, height, 12)
+    parts = [f'<svg class="chart scatter" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">']
+    cx, cy = to(0.0, 0.0)
+    parts.append(f'<line class="axis" x1="0" y1="{cy:.1f}" x2="{width}" y2="{cy:.1f}"/>'
+                 f'<line class="axis" x1="{cx:.1f}" y1="0" x2="{cx:.1f}" y2="{height}"/>')
+    for x, y, k, t in zip(xs, ys, classes, titles):
+        px, py = to(x, y)
+        parts.append(f'<circle class="pt k{k if 0 <= k < 10 else "x"}" cx="{px:.1f}" cy="{py:.1f}" r="3">'
+                     f'<title>{escape(t)}</title></circle>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -14,6 +14,8 @@ counters per candidate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -139,3 +141,114 @@ def cofiring_pairs(codes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     rank = np.arange(len(b)) - np.searchsorted(b, b)  # position within its child's list
     top = rank < k
     return a[top], b[top]
+
+
+# --- co-firing within one SAE ----------------------------------------------------------------------
+
+_COUNT_CELLS = 1 << 25  # cells of one block of the co-occurrence matrix (128 MiB of int32 counts, as much of float32 lift)
+
+
+def _token_rows(tok: np.ndarray) -> np.ndarray:
+    """0-based row per entry, one row per distinct token: a running count when the entries come in
+    token order (the analysis shards do), else np.unique."""
+    tok = np.asarray(tok)
+    step = tok[1:] != tok[:-1]
+    if len(tok) and (tok[1:] >= tok[:-1]).all():
+        return np.concatenate([[0], np.cumsum(step)])
+    return np.unique(tok, return_inverse=True)[1].ravel()
+
+
+def cooccurrence_blocks(codes, n_latents: int, cells: int = _COUNT_CELLS, dtype=np.int64):
+    """Exact co-occurrence counts N_ij (tokens on which latents i and j both fire) of one SAE, a block
+    of rows at a time: yields (first row, int64 array [rows, n_latents]); the diagonal holds N_i.
+
+    codes() returns a fresh iterator of (token ids, latent ids) pairs, one entry per active latent of a
+    token (the analysis shards). Each block is a dense [rows, n_latents] array of at most `cells`
+    cells, so memory is bounded whatever the width; a wide SAE re-reads the codes once per block.
+    Per chunk of codes the counts are AᵀA of its sparse token x latent incidence matrix A.
+    dtype: of the counts; int32 halves the memory where no pair can fire together 2^31 times."""
+    from scipy import sparse
+
+    rows = max(1, min(n_latents, cells // max(n_latents, 1)))
+    for first in range(0, n_latents, rows):
+        last = min(n_latents, first + rows)
+        acc = np.zeros((last - first, n_latents), dtype)
+        for tok, lat in codes():
+            if len(tok) == 0:
+                continue
+            row = _token_rows(tok)
+            a = sparse.csr_matrix((np.ones(len(lat), np.int32), (row, np.asarray(lat, np.int64))),
+                                  shape=(int(row.max()) + 1, n_latents))
+            block = a[:, first:last] if (first, last) != (0, n_latents) else a
+            c = (block.T @ a).tocoo()
+            acc[c.row, c.col] += c.data  # one entry per (i, j): no repeated indices
+        yield first, acc
+
+
+@dataclass
+class Partners:
+    """Each latent's co-firing partners within its SAE, best first (padding: id -1, count 0)."""
+
+    ids: np.ndarray
+    """[F, m] int32 partner latents, by decreasing lift."""
+    n_ij: np.ndarray
+    """[F, m] int64 tokens on which the latent and the partner both fire."""
+    counts: np.ndarray
+    """[F] int64 tokens on which each latent fires (N_i)."""
+    n_tokens: int
+    """Tokens counted (N)."""
+
+    def stats(self, i: int) -> list[tuple[int, int, float, float, float]]:
+        """(j, N_ij, P(j | i), P(i | j), lift) of latent i's partners."""
+        out = []
+        for j, nij in zip(self.ids[i].tolist(), self.n_ij[i].tolist()):
+            if j < 0:
+                break
+            ni, nj = int(self.counts[i]), int(self.counts[j])
+            out.append((j, nij, nij / ni, nij / nj, nij * self.n_tokens / (ni * nj)))
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"cofire_ids": self.ids, "cofire_n": self.n_ij, "cofire_counts": self.counts,
+                "cofire_tokens": np.array(self.n_tokens)}
+
+    @classmethod
+    def from_arrays(cls, z) -> Partners:
+        return cls(z["cofire_ids"], z["cofire_n"], z["cofire_counts"], int(z["cofire_tokens"]))
+
+
+def cofiring_partners(codes, n_latents: int, n_tokens: int, m: int = 16, min_count: int = 5,
+                      counts: np.ndarray | None = None, cells: int = _COUNT_CELLS) -> Partners:
+    """For every latent i, the m latents j that co-fire with it most beyond chance:
+
+        lift_ij = P(i, j) / (P(i) P(j)) = N_ij N / (N_i N_j),   P(j | i) = N_ij / N_i,
+
+    over N tokens, keeping pairs with N_ij >= min_count (rarer pairs make lift noise) and lift > 1
+    (more often together than independent latents would be), ranked by lift, ties by N_ij.
+    counts: N_i when the caller has them (the analysis's running statistics); else one more pass."""
+    if m <= 0 or min_count < 1:
+        raise ValueError("m must be positive and min_count at least 1")
+    ids = np.full((n_latents, m), -1, np.int32)
+    nij = np.zeros((n_latents, m), np.int64)
+    if counts is None:
+        counts = np.zeros(n_latents, np.int64)
+        for tok, lat in codes():
+            counts += np.bincount(np.asarray(lat, np.int64), minlength=n_latents)
+    counts = np.asarray(counts, np.int64)
+    small = np.int32 if n_tokens < 2**31 else np.int64
+    for first, acc in cooccurrence_blocks(codes, n_latents, cells, small):
+        r = np.arange(acc.shape[0])
+        acc[r, first + r] = 0  # not its own partner
+        # only the pairs frequent enough to qualify: far fewer than rows x latents
+        rr, cc = np.nonzero(acc >= min_count)
+        nn = acc[rr, cc].astype(np.int64)
+        lift = nn * float(n_tokens) / (counts[first + rr].astype(np.float64) * counts[cc])
+        ok = lift > 1
+        rr, cc, nn, lift = rr[ok], cc[ok], nn[ok], lift[ok]
+        order = np.lexsort((-nn, -lift, rr))  # per row: lift, then N_ij
+        rr, cc, nn = rr[order], cc[order], nn[order]
+        rank = np.arange(len(rr)) - np.searchsorted(rr, rr)  # place within its row
+        top = rank < m
+        ids[first + rr[top], rank[top]] = cc[top]
+        nij[first + rr[top], rank[top]] = nn[top]
+    return Partners(ids, nij, counts, int(n_tokens))
