@@ -16,11 +16,6 @@ Index = Path(ge=0, le=store.MAX_LATENT_INDEX, description="latent index (0-based
 SaeName = Path(min_length=1, max_length=200, description="name of a published SAE")
 
 
-def group_summary(g) -> dict:
-    return {"rank": g.rank, "latents": g.latents, "n_tokens": g.n_tokens, "separability": g.separability,
-            "mixture": g.mixture, "circle_residual": g.circle_residual, "variance_share": g.variance_share}
-
-
 @router.get("/saes/{sae}/features/{index}/cofiring", response_model=CofiringOut,
             summary="Latents of the same SAE that fire together with this one beyond chance (lift, P(j | i))")
 def get_cofiring(sae: str = SaeName, index: int = Index, k: int = Query(16, ge=1, le=100, description="how many partners"),
@@ -51,7 +46,7 @@ def get_map(sae: str = SaeName, session: Session = Depends(get_session)):
 def list_groups(sae: str = SaeName, p: PageParams = Depends(), session: Session = Depends(get_session)):
     s = store.sae_by_name(session, sae)
     rows = structure.list_groups(session, s.id, p.offset, p.per_page)
-    return JSON(p.body([group_summary(g) for g in rows], structure.count_groups(session, s.id)))
+    return JSON(p.body([structure.group_summary(g) for g in rows], structure.count_groups(session, s.id)))
 
 
 @router.get("/saes/{sae}/groups/{rank}", response_model=GroupOut,
@@ -63,4 +58,4 @@ def get_group(sae: str = SaeName, rank: int = Path(ge=0, le=1_000_000, descripti
     vocab = store.vocab_for(session, s.lm_id)
     scatter = dict(g.scatter)
     scatter["token_text"] = [vocab.text(t) for t in scatter.get("token", [])]
-    return JSON({"sae": sae, **group_summary(g), "scatter": scatter})
+    return JSON({"sae": sae, **structure.group_summary(g), "scatter": scatter})

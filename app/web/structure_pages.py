@@ -20,10 +20,9 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 import store
-from app.api.structure import group_summary
 from app.deps import get_session, read_access
 from app.web import charts
-from app.web.pages import env, render
+from app.web.rendering import env, render
 from store import structure
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
@@ -69,7 +68,7 @@ def groups_page(request: Request, name: str = Path(max_length=200), page: int = 
     expl = store.neighbor_explanations(session, sae.id, latents)
     return render(request, "groups.html", {"sae": sae, "lm": sae.lm, "page": page, "total": total,
                                            "pages": max(1, math.ceil(total / GROUPS_PER_PAGE)),
-                                           "groups": [group_summary(g) for g in rows], "expl": expl})
+                                           "groups": [structure.group_summary(g) for g in rows], "expl": expl})
 
 
 @router.get("/saes/{name}/groups/{rank}", response_class=HTMLResponse)
@@ -88,5 +87,5 @@ def group_page(request: Request, name: str = Path(max_length=200), rank: int = P
     counts = Counter(tokens)
     legend = [{"k": colour[t], "text": vocab.text(t), "count": counts[t]} for t in top]
     expl = store.neighbor_explanations(session, sae.id, g.latents)
-    return render(request, "group.html", {"sae": sae, "lm": sae.lm, "g": group_summary(g), "chart": chart,
+    return render(request, "group.html", {"sae": sae, "lm": sae.lm, "g": structure.group_summary(g), "chart": chart,
                                           "legend": legend, "expl": expl, "total": structure.count_groups(session, sae.id)})
