@@ -5,11 +5,13 @@ queue columns (status, priority, run_after, attempts, max_attempts, lease_owner,
 heartbeat_at); workers claim them with the functions here, passing `model=`.
 
 - claim: PostgreSQL uses `SELECT ... FOR UPDATE SKIP LOCKED` inside an UPDATE ... RETURNING, so
-  many workers on many machines never take the same row; SQLite runs one atomic
-  `UPDATE ... WHERE id IN (SELECT ...) RETURNING` (SQLite serialises writers).
+  many workers on many machines never take the same row, and the sweep of expired leases rides in
+  the same statement as a CTE: one statement in autocommit, one round trip per claim. SQLite runs
+  the sweep, then one atomic `UPDATE ... WHERE id IN (SELECT ...) RETURNING` (SQLite serialises
+  writers).
 - leases: a claimed row carries lease_owner and lease_expires_at; heartbeats extend it; a row
-  whose lease expires (its worker died) goes back to the queue. Every later state change is
-  conditional on (status = running, lease_owner = me): `owned()`.
+  whose lease expires (its worker died) goes back to the queue, and counts as an attempt. Every
+  later state change is conditional on (status = running, lease_owner = me): `owned()`.
 - failures retry with exponential backoff and jitter up to max_attempts, then the row is
   `failed` with its error kept; `release` gives a row back without counting the attempt.
 """
@@ -20,7 +22,7 @@ import random
 import time
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import and_, bindparam, case, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -45,8 +47,10 @@ def retry_busy(fn, attempts: int = 20):
 
 # Statements built once per (dialect, model, ...) with bound parameters: building SQLAlchemy
 # expressions anew on every claim cost more Python time than the database spends on the claim.
-_STATEMENTS: dict[tuple, tuple] = {}
+_STATEMENTS: dict[tuple, object] = {}
 _PLAIN = {"synchronize_session": False}  # nothing in the session needs these rows refreshed
+# a claim's RETURNING rows replace whatever the session holds of them
+_RETURNING = {"synchronize_session": False, "populate_existing": True}
 
 
 def _now_param(name: str = "p_now"):
@@ -60,40 +64,44 @@ def _pick(dialect: str, M, cond):
     return M.id.in_(ids.scalar_subquery())
 
 
-def _requeue_statements(dialect: str, M) -> tuple:
-    key = ("requeue", dialect, M)
-    found = _STATEMENTS.get(key)
-    if found is None:
-        now = _now_param()
-        expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
-        fail = update(M).where(_pick(dialect, M, and_(expired, M.attempts >= M.max_attempts))).values(
-            status=JobStatus.failed.value, finished_at=now, lease_owner=None, lease_expires_at=None,
-            error=func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding")
-        back = update(M).where(_pick(dialect, M, expired)).values(
-            status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None, run_after=now)
-        found = _STATEMENTS[key] = (fail, back)
-    return found
+def _sweep(dialect: str, M, now):
+    """Expired leases (their worker stopped heartbeating), in ONE statement: back to the queue, or
+    `failed` with the error kept when out of attempts. One statement, so that a row is judged once:
+    with two (fail, then requeue), a row the first skipped as locked could be requeued by the second
+    although out of attempts."""
+    spent = M.attempts >= M.max_attempts
+    expired = and_(M.status == JobStatus.running.value, M.lease_expires_at < now)
+    return update(M).where(_pick(dialect, M, expired)).values(
+        status=case((spent, JobStatus.failed.value), else_=JobStatus.queued.value),
+        finished_at=case((spent, now), else_=M.finished_at),
+        error=case((spent, func.coalesce(M.error + "; ", "") + "lease expired: the worker stopped responding"),
+                   else_=M.error),
+        run_after=case((spent, M.run_after), else_=now),
+        lease_owner=None, lease_expires_at=None)
 
 
 def requeue_expired(session: Session, now: datetime | None = None, model=Job) -> int:
-    """Jobs whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
+    """Rows whose worker stopped heartbeating go back to the queue (or fail after max_attempts).
 
     On PostgreSQL the rows are picked with SKIP LOCKED, so workers sweeping at the same moment
     never wait on (or deadlock over) each other's rows; whoever locks a row first requeues it.
+    (claim runs this sweep itself: inside its own statement on PostgreSQL.)
     """
-    fail, back = _requeue_statements(session.get_bind().dialect.name, model)
-    params = {"p_now": now or utcnow()}
-    failed = session.execute(fail, params, execution_options=_PLAIN).rowcount
-    requeued = session.execute(back, params, execution_options=_PLAIN).rowcount
-    return (failed or 0) + (requeued or 0)
+    dialect = session.get_bind().dialect.name
+    key = ("sweep", dialect, model)
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = _STATEMENTS[key] = _sweep(dialect, model, _now_param())
+    return session.execute(stmt, {"p_now": now or utcnow()}, execution_options=_PLAIN).rowcount or 0
 
 
 def claim_template(dialect: str, limit: int, model=Job, conds=(), values: dict | None = None):
-    """The claim as one UPDATE ... RETURNING over the first `limit` runnable rows in claim order
-    (priority DESC, id), with parameters p_now, p_expires and p_worker (or, given `values`, with
-    those values written in). The subquery's order is the order of the ix_jobs_claim /
-    ix_runs_claim index, so the database reads the first rows of the index instead of sorting the
-    queue."""
+    """The claim as one UPDATE ... RETURNING (the whole rows) over the first `limit` runnable rows
+    in claim order (priority DESC, id), with parameters p_now, p_expires and p_worker (or, given
+    `values`, with those values written in). The subquery's order is the order of the ix_jobs_claim
+    / ix_runs_claim index, so the database reads the first rows of the index instead of sorting the
+    queue. On PostgreSQL the sweep of expired leases rides along as a CTE: a claim is one statement,
+    one round trip."""
     M = model
     now = values["p_now"] if values else _now_param()
     expires = values["p_expires"] if values else _now_param("p_expires")
@@ -102,11 +110,14 @@ def claim_template(dialect: str, limit: int, model=Job, conds=(), values: dict |
              .order_by(M.priority.desc(), M.id).limit(limit))
     if dialect == "postgresql":
         ready = ready.with_for_update(skip_locked=True)
-    return (update(M).where(M.id.in_(ready.scalar_subquery()))
+    stmt = (update(M).where(M.id.in_(ready.scalar_subquery()))
             .values(status=JobStatus.running.value, lease_owner=worker,
                     lease_expires_at=expires, heartbeat_at=now,
                     attempts=M.attempts + 1, started_at=now)
-            .returning(M.id))
+            .returning(M))
+    if dialect == "postgresql":
+        stmt = stmt.add_cte(_sweep(dialect, M, now).cte("swept"))
+    return stmt
 
 
 def _claim_params(worker_id: str, now: datetime, lease_s: float) -> dict:
@@ -127,29 +138,39 @@ def claim(session: Session, worker_id: str, limit: int = 1, lease_s: float | Non
     lease_s = lease_s or get_settings().job_lease_s
     M = model
     dialect = session.get_bind().dialect.name
-    if where:  # conditions with their own values (a trainer's free GPUs): built per call
-        conds = [*where, *((Job.kind.in_(kinds),) if M is Job else ())]
-        stmt = claim_template(dialect, limit, M, conds)
-    else:
-        key = ("claim", dialect, M, tuple(kinds) if M is Job else (), limit)
+    conds = (Job.kind.in_(kinds),) if M is Job else ()
+
+    def statement(n: int):
+        if where:  # conditions with their own values (a trainer's free GPUs): built per call
+            return claim_template(dialect, n, M, [*where, *conds])
+        key = ("claim", dialect, M, tuple(kinds) if M is Job else (), n)
         stmt = _STATEMENTS.get(key)
         if stmt is None:
-            stmt = _STATEMENTS[key] = claim_template(dialect, limit, M, (Job.kind.in_(kinds),) if M is Job else ())
+            stmt = _STATEMENTS[key] = claim_template(dialect, n, M, conds)
+        return stmt
 
     def attempt() -> list:
         now = utcnow()
+        params = _claim_params(worker_id, now, lease_s)
         try:
-            requeue_expired(session, now, M)
-            ids = [row[0] for row in session.execute(stmt, _claim_params(worker_id, now, lease_s),
-                                                     execution_options=_PLAIN)]
+            if dialect == "postgresql" and not session.in_transaction():
+                # Each statement is a whole claim: autocommit spares the BEGIN and COMMIT round trips.
+                session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            if dialect != "postgresql":
+                requeue_expired(session, now, M)
+            rows = list(session.scalars(statement(limit), params, execution_options=_RETURNING))
+            if dialect == "postgresql" and len(rows) < limit:
+                # The rows this statement's sweep requeued were invisible to its own claim (one
+                # snapshot); a second statement sees them, so an expired job is taken over at once.
+                rows += session.scalars(statement(limit - len(rows)), params, execution_options=_RETURNING)
+            ids = [r.id for r in rows]
             session.commit()
         except BaseException:
             session.rollback()
             raise
-        if not ids:
-            return []
-        return list(session.scalars(select(M).where(M.id.in_(ids)).order_by(M.priority.desc(), M.id)
-                                    .execution_options(populate_existing=True)))
+        if session.expire_on_commit and ids:  # the commit expired what RETURNING loaded
+            rows = list(session.scalars(select(M).where(M.id.in_(ids))))
+        return sorted(rows, key=lambda r: (-r.priority, r.id))
 
     return retry_busy(attempt)
 

@@ -148,6 +148,41 @@ def test_lease_expiring_on_the_last_attempt_fails_the_job(engine):
     assert after.status == "failed" and "lease expired" in after.error
 
 
+def test_one_sweep_fails_the_spent_and_requeues_the_rest_then_the_claim_takes_them(engine):
+    """Two leases expire at once, one on its last attempt: the claim's sweep fails that one (its
+    error kept) and hands the other to the claimer in the same call (on PostgreSQL the sweep rides
+    in the claim's statement, whose snapshot cannot see what it requeued: the claim looks again)."""
+    spent, alive = setup_jobs(engine, n_features=2)
+    with Session(engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == spent).values(attempts=2, error="boom"))
+    assert {j.id for j in claim(engine, "dead", limit=2, lease_s=0.05)} == {spent, alive}
+    time.sleep(0.1)
+    (job,) = claim(engine, "next", limit=2)
+    assert job.id == alive and job.attempts == 2 and job.lease_owner == "next" and job.status == "running"
+    failed = get_job(engine, spent)
+    assert failed.status == "failed" and failed.attempts == 3 and failed.lease_owner is None
+    assert failed.error == "boom; lease expired: the worker stopped responding" and failed.finished_at is not None
+
+
+def test_claim_rows_are_whole_and_the_session_stays_transactional(engine):
+    """The claim returns its rows from the statement itself, readable after the session closes
+    (also where the commit expires them); inside a transaction it still commits; and the pooled
+    connection it used (autocommit on PostgreSQL) is transactional again for the next user."""
+    a, b = setup_jobs(engine, n_features=2)
+    with Session(engine) as s:  # expire_on_commit=True
+        (job,) = queue.claim(s, "w", lease_s=60)
+    assert job.id == a and job.status == "running" and job.attempts == 1 and job.started_at is not None
+    with Session(engine, expire_on_commit=False) as s:
+        assert s.get(Job, b).status == "queued"  # a transaction is open: the claim commits it
+        (job,) = queue.claim(s, "w", lease_s=60)
+        assert job.id == b and not s.in_transaction()
+    with Session(engine) as s:
+        s.execute(update(Job).values(priority=99))
+        s.rollback()
+    with Session(engine) as s:
+        assert set(s.scalars(select(Job.priority))) == {0}
+
+
 def test_cancel_queued_and_running(engine):
     a, b = setup_jobs(engine, n_features=2)
     with Session(engine) as s, s.begin():
