@@ -129,8 +129,8 @@ if [[ -n "$TOPK_DIR" ]] && "$PY" -m app.cli db upgrade > "$WORK/analyze.log" 2>&
         --publish --name gpu-check-topk >> "$WORK/analyze.log" 2>&1; then
   DETAIL=$("$PY" - <<'EOF'
 import sys
-from app.db import session_scope
-from app.models import SAE, Feature
+from store.db import session_scope
+from store.models import SAE, Feature
 from sqlalchemy import func, select
 with session_scope() as s:
     sae = s.scalar(select(SAE).where(SAE.name == "gpu-check-topk"))

@@ -32,7 +32,7 @@ from store.errors import AtlasError
 from trainer import progress
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, prepare_output, save_checkpoint
 from trainer.config import TrainConfig, sae_name  # noqa: F401  (re-exported)
-from trainer.distributed import broadcast_flag, init_distributed, shutdown
+from trainer.distributed import barrier, broadcast_flag, init_distributed, shutdown
 from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
 from trainer.formats import save_sae
 from trainer.sae import Codes, SparseAutoencoder, StepContext, build_sae, default_lr
@@ -354,6 +354,10 @@ class Trainer:
 def train(cfg: TrainConfig, lm=None) -> list[Path]:
     """Train the SAE(s) described by cfg; returns their folders (empty on non-zero DDP ranks)."""
     try:
-        return Trainer(cfg, lm).fit()
+        folders = Trainer(cfg, lm).fit()
+        # Rank 0 evaluates and saves after the other ranks are done; tearing the group down on one
+        # rank while another still holds its connections can abort that rank's gloo threads at exit.
+        barrier()
+        return folders
     finally:
         shutdown()
