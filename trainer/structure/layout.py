@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from trainer.interpret.token_pattern import PROMOTES, chip_tokens
 from trainer.relate.cofiring import Partners
 
 # Words that say nothing about what a latent does (explanation boilerplate and English glue).
@@ -139,8 +140,7 @@ def cluster_labels(cluster: np.ndarray, explanations: list[str | None], n_words:
     for c, text in zip(cluster.tolist(), explanations):
         if c < 0 or not text:
             continue
-        words = [w.strip("'-") for w in WORD_RE.findall(text.lower())]
-        per.setdefault(c, Counter()).update(w for w in words if len(w) > 1 and w not in STOPWORDS)
+        per.setdefault(c, Counter()).update(label_words(text))
     df = Counter(w for counts in per.values() for w in counts)
     n = max(len(per), 1)
     out = {}
@@ -149,6 +149,17 @@ def cluster_labels(cluster: np.ndarray, explanations: list[str | None], n_words:
         score = {w: (k / total) * math.log(1 + n / df[w]) for w, k in counts.items()}
         out[c] = sorted(score, key=lambda w: (-score[w], w))[:n_words]
     return out
+
+
+def label_words(text: str) -> list[str]:
+    """The words an explanation gives its cluster's label. A token-pattern explanation ("the word
+    ‹ meta› (40 % of top examples) …; promotes ‹class›") gives the tokens its chips name on the input
+    side, whole (punctuation and numbers included): its template words would otherwise label every
+    cluster "top · examples · promotes"."""
+    if "‹" in text:
+        return [t.strip().lower() for t in chip_tokens(text.split(PROMOTES)[0]) if t.strip()]
+    words = [w.strip("'-") for w in WORD_RE.findall(text.lower())]
+    return [w for w in words if len(w) > 1 and w not in STOPWORDS]
 
 
 def label_texts(explanations: list[str | None], peak_tokens: list[str | None]) -> list[str | None]:
