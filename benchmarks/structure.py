@@ -8,7 +8,7 @@ so cosine neighbours and clusters exist), and per token k active latents, a quar
 from one family (so partners co-fire) and the rest by a Zipf-like frequency, with log-normal
 activations. Each step is the code publish and the analysis run, on the same arrays:
 
-  neighbours  the analysis's exact decoder-cosine neighbours (Analyzer.neighbors; already paid by
+  neighbours  the analysis's exact decoder-cosine neighbours (decoder_neighbors; already paid by
               every analysis, shown for scale)
   cofiring    exact co-occurrence counts and each latent's partners (trainer/relate/cofiring.py)
   groups      find, sample and measure the groups (trainer/structure/groups.py)
@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu_model  # noqa: E402
-from trainer.analyze import Analyzer  # noqa: E402
+from trainer.analyze import decoder_neighbors  # noqa: E402
 from trainer.relate.cofiring import cofiring_partners  # noqa: E402
 from trainer.structure.groups import GroupConfig, collect_group_codes, find_groups, measure_groups  # noqa: E402
 from trainer.structure.layout import build_map  # noqa: E402
@@ -132,8 +131,7 @@ def main() -> None:
     t = {"synthetic_data_s": time.perf_counter() - started}
 
     s = time.perf_counter()
-    fake = SimpleNamespace(sae=SimpleNamespace(W_dec=torch.from_numpy(directions)), cfg=SimpleNamespace(n_neighbors=32))
-    nb = Analyzer.neighbors(fake)
+    nb = decoder_neighbors(torch.from_numpy(directions), 32)
     t["neighbours_s"] = time.perf_counter() - s
 
     s = time.perf_counter()
@@ -143,7 +141,7 @@ def main() -> None:
 
     s = time.perf_counter()
     gcfg = GroupConfig()
-    groups = find_groups(directions, partners, gcfg)
+    groups = find_groups(directions, partners, gcfg, (nb["neighbor_ids"], nb["neighbor_cos"]))
     sampled = collect_group_codes(groups, args.latents, counts, lambda: iter(chunks), gcfg)
     measured = measure_groups(groups, directions, sampled, gcfg)
     t["groups_s"] = time.perf_counter() - s

@@ -7,11 +7,13 @@ sae_by_name / sae_info, which already filtered on status.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from store.db import json_value, raw_rows
 from store.errors import NotFound
 from store.feature import neighbor_explanations
 from store.models import Feature, FeatureGroup, LatentStructure, SAEMap
@@ -30,11 +32,61 @@ class LatentPlace:
     cluster: int | None
 
 
+_PLACE = "SELECT partners, x, y, cluster FROM latent_structure WHERE sae_id = ? AND latent_index = ?"
+
+
 def latent_place(session: Session, sae_id: int, index: int) -> LatentPlace | None:
-    """None when the SAE was published without structure (an older analysis)."""
-    row = session.execute(select(_L.partners, _L.x, _L.y, _L.cluster)
-                          .where(_L.sae_id == sae_id, _L.latent_index == index)).first()
-    return LatentPlace(list(row[0] or []), row[1], row[2], row[3]) if row else None
+    """None when the SAE was published without structure (an older analysis). One read of the
+    primary key through the DBAPI cursor (the feature page makes it on every uncached view)."""
+    rows = raw_rows(session, _PLACE, (sae_id, index))
+    if not rows:
+        return None
+    partners, x, y, cluster = rows[0]
+    return LatentPlace(list(json_value(partners) or []), x, y, cluster)
+
+
+@dataclass(frozen=True)
+class SAEStructure:
+    """What every feature page of one SAE version shares: the map's clusters and extent, and which
+    groups each latent belongs to. Read once per (SAE, version) and kept in memory: publishing and
+    `sae-atlas map` both give the SAE a new version (store.publish)."""
+
+    has_map: bool
+    clusters: dict  # cluster id -> {id, size, label, x, y, words}
+    bounds: tuple[float, float, float, float] | None  # min x, min y, max x, max y over clusters and latents
+    groups_by_latent: dict  # latent index -> ranks of its groups, ascending
+
+
+_structures: dict[tuple[int, str], SAEStructure] = {}
+_structures_lock = threading.Lock()
+
+
+def sae_structure(session: Session, sae) -> SAEStructure:
+    """The shared part of an SAE's structure (see SAEStructure), for the SAE row's own version."""
+    key = (sae.id, sae.version)
+    found = _structures.get(key)
+    if found is not None:
+        return found
+    m = sae_map(session, sae.id)
+    clusters = {c["id"]: c for c in (m.clusters if m else [])}
+    bounds = None
+    if m is not None:
+        lo = session.execute(select(func.min(_L.x), func.min(_L.y), func.max(_L.x), func.max(_L.y))
+                             .where(_L.sae_id == sae.id)).first()
+        xs = [c["x"] for c in clusters.values()] + [v for v in (lo[0], lo[2]) if v is not None]
+        ys = [c["y"] for c in clusters.values()] + [v for v in (lo[1], lo[3]) if v is not None]
+        bounds = (min(xs), min(ys), max(xs), max(ys)) if xs else None
+    by_latent: dict[int, list[int]] = {}
+    for rank, latents in session.execute(select(FeatureGroup.rank, FeatureGroup.latents)
+                                         .where(FeatureGroup.sae_id == sae.id).order_by(FeatureGroup.rank)):
+        for i in latents or []:
+            by_latent.setdefault(int(i), []).append(rank)
+    found = SAEStructure(m is not None, clusters, bounds, by_latent)
+    with _structures_lock:
+        if len(_structures) >= 64:  # older versions: nothing asks for them again
+            _structures.clear()
+        _structures[key] = found
+    return found
 
 
 def partner_dicts(session: Session, sae_id: int, partners: list) -> list[dict]:

@@ -159,6 +159,7 @@ def _circle_residual(p):
 
 
 def test_planted_circle_is_found_as_one_irreducible_group(tmp_path):
+    from trainer.analyze import decoder_neighbors
     from trainer.formats import load_sae
     from trainer.structure.groups import (GroupConfig, collect_group_codes, find_groups, measure_groups,
                                           mixture_index, project, separability_index)
@@ -186,7 +187,8 @@ def test_planted_circle_is_found_as_one_irreducible_group(tmp_path):
 
     gcfg = GroupConfig()
     partners = cofiring_partners(lambda: iter([(tok, lat)]), WIDTH_PLANT, len(xt))
-    groups = find_groups(directions, partners, gcfg)
+    nb = decoder_neighbors(torch.from_numpy(directions), 16)
+    groups = find_groups(directions, partners, gcfg, (nb["neighbor_ids"], nb["neighbor_cos"]))
     found = max(groups, key=lambda g: len(circle & set(g.tolist())))
     assert len(circle & set(found.tolist())) >= 0.8 * len(circle)  # the circle's latents, together
     assert len(circle & set(found.tolist())) >= 0.8 * len(found)  # and little else
@@ -210,6 +212,54 @@ def test_planted_circle_is_found_as_one_irreducible_group(tmp_path):
     for p, m in ((pts, m_circle), (pts2, m_pair)):
         assert mixture_index(p, 0.1, 180) == pytest.approx(m, abs=0.03)
         assert separability_index(p, 12, 90) == pytest.approx(_paper_separability_index(p), abs=0.05)
+
+
+def test_days_of_the_week_that_never_co_fire_are_one_group_by_their_directions():
+    """Engels et al.'s weekdays: seven latents, one per day, whose decoder directions lie near one
+    plane at the day's angle (plus a direction of their own), and that never fire on one token. The
+    co-firing rule cannot link them; cos_alone links them by their directions alone, their group's
+    scatter is seven spots on a circle (not a mixture, not separable), and latents that are similar
+    to nothing stay out of it."""
+    from trainer.analyze import decoder_neighbors
+    from trainer.structure.groups import GroupConfig, collect_group_codes, find_groups, measure_groups
+
+    rng = np.random.default_rng(0)
+    D, F, N = 48, 40, 14_000
+    q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    u, w = q[:, 0], q[:, 1]
+    own = q[:, 2:2 + F]  # every latent's own direction, orthogonal to the plane and to each other
+    days = np.arange(7)
+    angle = 2 * np.pi * days / 7
+    directions = own.T.copy()
+    directions[days] = np.cos(angle)[:, None] * u + np.sin(angle)[:, None] * w + 0.35 * own.T[days]
+    # tokens: a weekday on one in five (its latent alone), and two of the other 33 latents on every token
+    tok, lat, act = [], [], []
+    for t in range(N):
+        fire = list(rng.choice(np.arange(7, F), 2, replace=False))
+        if rng.random() < 0.2:
+            fire.append(int(rng.integers(7)))
+        tok += [t] * len(fire)
+        lat += fire
+        act += list(rng.lognormal(0, 0.1, len(fire)))
+    tok, lat, act = np.array(tok), np.array(lat), np.array(act)
+    partners = cofiring_partners(lambda: iter([(tok, lat)]), F, N)
+    nb = decoder_neighbors(torch.from_numpy(directions.astype(np.float32)), 8)
+    week = set(days.tolist())
+
+    assert not any(week & set(g.tolist()) for g in find_groups(directions, partners, GroupConfig()))  # co-firing only
+    # adjacent days: cos = cos(2 pi / 7) / (1 + 0.35^2) = 0.556; every other pair of latents: below 0.1
+    cfg = GroupConfig(cos_alone=0.4)
+    groups = find_groups(directions, partners, cfg, (nb["neighbor_ids"], nb["neighbor_cos"]))
+    assert [g.tolist() for g in groups] == [days.tolist()]
+    with pytest.raises(ValueError, match="neighbours"):
+        find_groups(directions, partners, cfg)
+    counts = np.bincount(lat, minlength=F)
+    codes_of = lambda: iter([(tok, lat, act, tok)])  # noqa: E731
+    (g,) = measure_groups(groups, directions, collect_group_codes(groups, F, counts, codes_of, cfg), cfg)
+    pts = np.column_stack([g["scatter"]["x"], g["scatter"]["y"]])
+    assert _paper_mixture_index(pts) < 0.35  # seven spots, at most two of them on one line
+    assert _paper_separability_index(pts) > 1.0
+    assert _circle_residual(pts) < 0.3
 
 
 def test_map_is_deterministic_for_a_seed():

@@ -544,23 +544,8 @@ class Analyzer:
         return {"logit_top_ids": top_ids, "logit_top": top_val, "logit_bottom_ids": bot_ids, "logit_bottom": bot_val,
                 "logit_hist": hist, "logit_range": lo_hi}
 
-    @torch.no_grad()
-    def neighbors(self, block: int = 1024) -> dict[str, np.ndarray]:
-        d = self.sae.W_dec.detach().float()
-        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        F = d.shape[0]
-        k = min(self.cfg.n_neighbors, F - 1)
-        ids = np.zeros((F, max(k, 0)), np.int32)
-        cos = np.zeros((F, max(k, 0)), np.float32)
-        if k <= 0:
-            return {"neighbor_ids": ids, "neighbor_cos": cos}
-        for s in range(0, F, block):
-            sims = d[s:s + block] @ d.T
-            rows = torch.arange(sims.shape[0], device=sims.device)
-            sims[rows, rows + s] = float("-inf")  # not its own neighbour
-            v, i = sims.topk(k, dim=1)
-            ids[s:s + block], cos[s:s + block] = i.cpu().numpy(), v.cpu().numpy()
-        return {"neighbor_ids": ids, "neighbor_cos": cos}
+    def neighbors(self) -> dict[str, np.ndarray]:
+        return decoder_neighbors(self.sae.W_dec, self.cfg.n_neighbors)
 
     # --- what fires together, and groups of latents that act as one feature -------------------
 
@@ -574,7 +559,7 @@ class Analyzer:
                 flat = z["tokens"].reshape(-1)
                 yield z["tok"], z["lat"], z["act"], flat[z["tok"] - sh["first_context"] * T] if len(z["tok"]) else z["tok"]
 
-    def structure(self, stats: RunningStats):
+    def structure(self, stats: RunningStats, neighbors: dict[str, np.ndarray]):
         """Co-firing partners of every latent and, unless --no-groups, the measured groups."""
         from trainer.relate.cofiring import cofiring_partners
         from trainer.structure.groups import GroupConfig, collect_group_codes, find_groups, measure_groups
@@ -587,7 +572,7 @@ class Analyzer:
             return partners, None
         gcfg = GroupConfig(seed=c.seed)
         directions = self.sae.W_dec.detach().float().cpu().numpy()
-        groups = find_groups(directions, partners, gcfg)
+        groups = find_groups(directions, partners, gcfg, (neighbors["neighbor_ids"], neighbors["neighbor_cos"]))
         sampled = collect_group_codes(groups, self.d_sae, counts, lambda: self._codes(True), gcfg)
         return partners, {"config": asdict(gcfg), "groups": measure_groups(groups, directions, sampled, gcfg)}
 
@@ -614,7 +599,7 @@ class Analyzer:
         logits = self.logit_effects()
         neighbors = self.neighbors()
         t3 = time.time()
-        partners, groups = self.structure(stats)
+        partners, groups = self.structure(stats, neighbors)
         t4 = time.time()
         n_tok = max(stats.n_tokens, 1)
         count = stats.count.cpu().numpy()
@@ -695,3 +680,24 @@ def _peak_tokens(examples: dict[str, np.ndarray], d_sae: int) -> tuple[np.ndarra
 
 def analyze(cfg: AnalyzeConfig, lm=None, progress: bool = True) -> Path:
     return Analyzer(cfg, lm).run(progress)
+
+
+@torch.no_grad()
+def decoder_neighbors(W_dec: torch.Tensor, k: int, block: int = 1024) -> dict[str, np.ndarray]:
+    """Each latent's k nearest latents by the cosine of their decoder directions (exact, blocked):
+    {"neighbor_ids": [F, k] int32, "neighbor_cos": [F, k] float32}, nearest first."""
+    d = W_dec.detach().float()
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    F = d.shape[0]
+    k = min(k, F - 1)
+    ids = np.zeros((F, max(k, 0)), np.int32)
+    cos = np.zeros((F, max(k, 0)), np.float32)
+    if k <= 0:
+        return {"neighbor_ids": ids, "neighbor_cos": cos}
+    for s in range(0, F, block):
+        sims = d[s:s + block] @ d.T
+        rows = torch.arange(sims.shape[0], device=sims.device)
+        sims[rows, rows + s] = float("-inf")  # not its own neighbour
+        v, i = sims.topk(k, dim=1)
+        ids[s:s + block], cos[s:s + block] = i.cpu().numpy(), v.cpu().numpy()
+    return {"neighbor_ids": ids, "neighbor_cos": cos}

@@ -335,13 +335,17 @@ def _scale(xs: list[float], ys: list[float], width: int, height: int, pad: float
 
 
 def map_thumbnail(clusters: list[dict], here: tuple[float, float] | None, *, href: str, width: int = 300,
-                  height: int = 200) -> Markup:
+                  height: int = 200, bounds: tuple[float, float, float, float] | None = None) -> Markup:
     """The map in miniature: each cluster a disc at its centroid (area ∝ its size, its label on hover),
-    and `here` (a latent's place) marked."""
+    and `here` (a latent's place) marked. `bounds` (min x, min y, max x, max y of the whole map) gives
+    every latent's thumbnail the same frame; without it the frame fits the clusters and `here`."""
     if not clusters:
         return Markup('<p class="muted small nodata">no map</p>')
-    xs = [c["x"] for c in clusters] + ([here[0]] if here else [])
-    ys = [c["y"] for c in clusters] + ([here[1]] if here else [])
+    if bounds is not None:
+        xs, ys = [bounds[0], bounds[2]], [bounds[1], bounds[3]]
+    else:
+        xs = [c["x"] for c in clusters] + ([here[0]] if here else [])
+        ys = [c["y"] for c in clusters] + ([here[1]] if here else [])
     to = _scale(xs, ys, width, height, 14)
     top = max(c["size"] for c in clusters) or 1
     parts = [f'<a href="{escape(href)}"><svg class="chart minimap" viewBox="0 0 {width} {height}" role="img" '

@@ -47,6 +47,7 @@ from app.web.rendering import (
     render_bytes,
     render_example_groups,
 )
+from app.web.structure_pages import feature_structure
 
 router = APIRouter(include_in_schema=False)
 pages = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
@@ -167,6 +168,7 @@ def feature_page(request: Request, name: str = Path(max_length=200),
             "top_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["top"]],
             "bottom_labels": [Markup(vocab.chip_html(d["token_id"])) for d in payload["logits"]["bottom"]],
             "peak_html": None if f.peak_token_id is None else Markup(vocab.chip_html(f.peak_token_id)),
+            "st": feature_structure(session, f.sae, index),
         })
         if not queued:
             store.RENDERED.put(key, body)

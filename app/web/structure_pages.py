@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 import store
 from app.deps import get_session, read_access
 from app.web import charts
-from app.web.rendering import env, render
+from app.web.rendering import render
 from store import structure
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
@@ -30,23 +30,20 @@ GROUPS_PER_PAGE = 50
 TOKEN_COLOURS = 10  # the most frequent tokens of a scatter get a colour each, the rest grey
 
 
-def feature_structure(request: Request, sae, index: int) -> dict | None:
-    """Context of templates/_feature_structure.html; None when the SAE has no structure rows."""
-    with request.app.state.read_sessionmaker() as session:
-        place = structure.latent_place(session, sae.id, index)
-        if place is None:
-            return None
-        m = structure.sae_map(session, sae.id)
-        cluster = next((c for c in (m.clusters if m else []) if c["id"] == place.cluster), None)
-        return {"partners": structure.partner_dicts(session, sae.id, place.partners),
-                "map": m is not None, "cluster": cluster,
-                "thumbnail": charts.map_thumbnail(
-                    m.clusters, (place.x, place.y) if place.x is not None else None,
-                    href=f"/saes/{sae.name}/map?focus={index}") if m else None,
-                "groups": structure.groups_of_latent(session, sae.id, index)}
-
-
-env.globals["feature_structure"] = feature_structure
+def feature_structure(session: Session, sae, index: int) -> dict | None:
+    """Context of templates/_feature_structure.html; None when the SAE has no structure rows. Called
+    by the feature page with its own session; what every latent shares (clusters, the map's frame,
+    group membership) comes from store.structure.sae_structure's per-version memory."""
+    place = structure.latent_place(session, sae.id, index)
+    if place is None:
+        return None
+    shared = structure.sae_structure(session, sae)
+    here = (place.x, place.y) if place.x is not None else None
+    return {"partners": structure.partner_dicts(session, sae.id, place.partners),
+            "map": shared.has_map, "cluster": shared.clusters.get(place.cluster),
+            "thumbnail": charts.map_thumbnail(list(shared.clusters.values()), here, bounds=shared.bounds,
+                                              href=f"/saes/{sae.name}/map?focus={index}") if shared.has_map else None,
+            "groups": shared.groups_by_latent.get(index, [])}
 
 
 @router.get("/saes/{name}/map", response_class=HTMLResponse)

@@ -31,10 +31,18 @@ class GroupConfig:
     min_share: float = 0.2
     """... and one fires on at least this share of the other's tokens (max of P(j | i), P(i | j)):
     pieces of one feature fire together often, not just more often than chance."""
+    cos_alone: float | None = None
+    """Also link latents whose decoder directions have at least this cosine similarity, whether or not
+    they co-fire (how Engels et al. cluster a dictionary: the days of the week never fire on one token,
+    yet their directions share a plane). Uses the analysis's decoder-cosine neighbours. None: off, the
+    default: on the planted circle of tests/test_structure.py a trained SAE's circle latents are 0.4-0.6
+    similar to latents of unrelated features, which these links pull into the circle's group; on the
+    demo's SAEs it changed the groups found by at most one (benchmarks/structure_groups.py)."""
     min_size: int = 2
     """Smallest group (latents)."""
     max_size: int = 12
-    """Largest group: bigger connected sets are split by Leiden community detection, oversized parts dropped."""
+    """Largest group: bigger connected sets are split by Leiden community detection, again and again
+    until every part fits (a part that cannot be split is dropped)."""
     max_groups: int = 200
     """Groups measured per SAE (those whose latents fire most, so their scatters have the most data)."""
     max_points: int = 1500
@@ -53,14 +61,18 @@ class GroupConfig:
     def validate(self) -> None:
         if not (-1 <= self.min_cos <= 1 and self.min_lift > 0 and 2 <= self.min_size <= self.max_size
                 and self.max_groups >= 0 and self.max_points >= 10 and self.scatter_points >= 1
-                and 0 <= self.min_share <= 1 and 0 < self.epsilon < 1 and self.mi_bins >= 2 and self.angles >= 4):
+                and 0 <= self.min_share <= 1 and 0 < self.epsilon < 1 and self.mi_bins >= 2 and self.angles >= 4
+                and (self.cos_alone is None or -1 <= self.cos_alone <= 1)):
             raise ValueError(f"invalid group settings {self}")
 
 
-def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig) -> list[np.ndarray]:
+def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig,
+                neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
     """Groups of latents linked by edges between co-firing partners (cosine >= min_cos, lift >= min_lift,
-    max(P(j | i), P(i | j)) >= min_share): the connected sets of min_size..max_size latents, larger sets split by Leiden on the
-    cosine-weighted edges (shifted to stay positive). Returns sorted latent arrays, the most firing groups first."""
+    max(P(j | i), P(i | j)) >= min_share) and, with cfg.cos_alone, between decoder-cosine neighbours
+    (neighbors: the analysis's [F, k] neighbor_ids and neighbor_cos) at cosine >= cos_alone: the
+    connected sets of min_size..max_size latents, larger sets split by Leiden on the cosine-weighted
+    edges (shifted to stay positive). Returns sorted latent arrays, the most firing groups first."""
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
@@ -76,6 +88,15 @@ def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig) ->
     cos = np.einsum("ij,ij->i", d[i], d[j]) if len(i) else np.zeros(0)
     keep = (lift >= cfg.min_lift) & (share >= cfg.min_share) & (cos >= cfg.min_cos)
     i, j, cos = i[keep], j[keep], cos[keep]
+    if cfg.cos_alone is not None:
+        if neighbors is None:
+            raise ValueError("cos_alone needs the decoder-cosine neighbours (neighbor_ids, neighbor_cos)")
+        n_ids, n_cos = neighbors
+        ni, slot = np.nonzero((n_cos >= cfg.cos_alone) & (n_ids >= 0))
+        live = partners.counts > 0  # a latent that never fired has no reconstruction to measure
+        nj = n_ids[ni, slot].astype(np.int64)
+        ok = live[ni] & live[nj]
+        i, j, cos = np.concatenate([i, ni[ok]]), np.concatenate([j, nj[ok]]), np.concatenate([cos, n_cos[ni, slot][ok]])
     adj = sparse.coo_matrix((1.0 + cos, (i, j)), shape=(F, F)).tocsr()  # weights > 0 even at cos 0
     adj = adj.maximum(adj.T)
     _, label = connected_components(adj, directed=False)
@@ -83,13 +104,23 @@ def find_groups(directions: np.ndarray, partners: Partners, cfg: GroupConfig) ->
     groups: list[np.ndarray] = []
     for comp in np.nonzero(sizes >= cfg.min_size)[0]:
         members = np.nonzero(label == comp)[0]
-        if len(members) <= cfg.max_size:
-            groups.append(members)
-        else:
-            groups += [members[part] for part in _leiden_split(adj[members][:, members], cfg.seed)
-                       if cfg.min_size <= len(part) <= cfg.max_size]
+        groups += _split_to_size(adj, members, cfg)
     groups.sort(key=lambda g: (-int(partners.counts[g].sum()), int(g[0])))
     return [np.sort(g) for g in groups[:cfg.max_groups]]
+
+
+def _split_to_size(adj, members: np.ndarray, cfg: GroupConfig, depth: int = 0) -> list[np.ndarray]:
+    """`members` if it has min_size..max_size latents; a larger set is split by Leiden and each part
+    split again until it fits (a co-firing graph of thousands of latents is one component, and one
+    round of modularity leaves communities of hundreds). A part Leiden cannot split is dropped."""
+    if len(members) < cfg.min_size:
+        return []
+    if len(members) <= cfg.max_size:
+        return [members]
+    parts = _leiden_split(adj[members][:, members], cfg.seed)
+    if len(parts) < 2 or depth >= 8:
+        return []
+    return [g for part in parts for g in _split_to_size(adj, members[part], cfg, depth + 1)]
 
 
 def _leiden_split(adj, seed: int) -> list[np.ndarray]:
