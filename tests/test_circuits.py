@@ -372,3 +372,43 @@ def test_bad_input_is_one_line(tiny_lm):
     with pytest.raises(AtlasError) as exc:
         ReplacementModel(tiny_lm, [Transcoder(tcs[0].sae, "mlp_in.0", "mlp_out.1")] + tcs[1:])
     assert "mlp_in.0 -> mlp_out.1" in one_line(exc)
+
+
+# --- the frontend's graph file ----------------------------------------------------------------------
+
+def test_graph_json_follows_circuit_tracers_schema(tmp_path):
+    from trainer.circuits.export import graph_json, write_graph_files
+
+    g = hand_graph()
+    data = graph_json(g, "hand", "scan-x", lambda ids: f"<{ids[0]}>")
+    # Pruned at the defaults: f1, e1, t0 and the logit stay, with the four edges into them
+    # (see test_influence_pruning_and_scores_by_hand); cumulative influence shares .6875, .875, .4375.
+    base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
+            "activation": None}
+    influence = [n.pop("influence") for n in data["nodes"]]
+    assert influence[:3] == pytest.approx([0.6875, 0.875, 0.4375]) and influence[3] is None
+    assert data["nodes"] == [
+        {**base, "node_id": "1_5_0", "feature": 26, "layer": "1", "ctx_idx": 0, "feature_type": "cross layer transcoder",
+         "jsNodeId": "1_5-0", "activation": 2.0},
+        {**base, "node_id": "0_1_0", "feature": -1, "layer": "1", "ctx_idx": 0, "feature_type": "mlp reconstruction error",
+         "jsNodeId": "1_0-0"},
+        {**base, "node_id": "E_7_0", "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding",
+         "jsNodeId": "E_7-0"},
+        {**base, "node_id": "3_9_0", "feature": 9, "layer": "3", "ctx_idx": 0, "feature_type": "logit", "token_prob": 1.0,
+         "is_target_logit": True, "jsNodeId": "L_9-0", "clerp": 'Output "<9>" (p=1.000)'},
+    ]
+    assert data["links"] == [
+        {"source": "E_7_0", "target": "1_5_0", "weight": -3.0},
+        {"source": "1_5_0", "target": "3_9_0", "weight": 4.0},
+        {"source": "0_1_0", "target": "3_9_0", "weight": 3.0},
+        {"source": "E_7_0", "target": "3_9_0", "weight": 2.0},
+    ]
+    assert data["metadata"] == {"slug": "hand", "scan": "scan-x", "transcoder_list": [], "prompt_tokens": ["<7>"],
+                                "prompt": "x", "node_threshold": 0.8, "schema_version": 1}
+    assert data["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    write_graph_files(data, tmp_path)
+    write_graph_files(data, tmp_path)  # the same slug again replaces its entry
+    import json
+
+    assert json.loads((tmp_path / "hand.json").read_text()) == data
+    assert json.loads((tmp_path / "graph-metadata.json").read_text()) == {"graphs": [data["metadata"]]}

@@ -138,19 +138,22 @@ class ReplacementModel:
         errors[:, :ZERO_POSITIONS] = 0
         return Prepared(tokens.cpu(), logits, layers, mlp_in, mlp_out, errors, seen["embed"][0].float())
 
-    def linear_forward(self, prep: Prepared) -> LinearGraph:
-        """The frozen replacement model's forward pass with autograd on (see the module docstring).
+    def linear_forward(self, prep: Prepared, n_pos: int | None = None) -> LinearGraph:
+        """The frozen replacement model's forward pass with autograd on (see the module docstring),
+        over the first n_pos tokens (default all): the model is causal, so targets at earlier
+        positions need only that prefix, and a shorter pass makes their backward passes cheaper.
 
         Each MLP output becomes linear_part(x) + C with C = reconstruction - linear_part(x_real) +
         error (+ at the BOS, what the real MLP wrote there): the same value as the real output,
         assembled from the transcoder's prediction and the error node."""
         lm = self.lm
+        n_pos = prep.n_pos if n_pos is None else n_pos
         out = LinearGraph(embeddings=torch.empty(0))
         const = []
         for layer, tc in enumerate(self.transcoders):
-            x = prep.mlp_in[layer]
-            c = prep.layers[layer].reconstruction - tc.linear_part(x) + prep.errors[layer]
-            c[:ZERO_POSITIONS] = (prep.mlp_out[layer] - tc.linear_part(x))[:ZERO_POSITIONS]
+            x = prep.mlp_in[layer, :n_pos]
+            c = prep.layers[layer].reconstruction[:n_pos] - tc.linear_part(x) + prep.errors[layer, :n_pos]
+            c[:ZERO_POSITIONS] = (prep.mlp_out[layer, :n_pos] - tc.linear_part(x))[:ZERO_POSITIONS]
             const.append(c.to(lm.device))
 
         def embed(e: torch.Tensor) -> torch.Tensor:
@@ -182,7 +185,7 @@ class ReplacementModel:
                 stack.callback(lm.hook_site(Site("mlp_in", layer), lambda x, layer=layer: mlp_in(layer, x)).remove)
                 stack.callback(lm.hook_site(Site("mlp_out", layer), lambda y, layer=layer: mlp_out(layer, y)).remove)
             stack.callback(lm.hook_final_norm(final).remove)
-            out.logits = lm.model(input_ids=prep.tokens[None].to(lm.device), use_cache=False).logits
+            out.logits = lm.model(input_ids=prep.tokens[None, :n_pos].to(lm.device), use_cache=False).logits
         if len(out.mlp_out) != self.n_layers or out.final is None:
             raise RuntimeError("the replacement model's hooks did not all fire")
         return out
