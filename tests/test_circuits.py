@@ -33,10 +33,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT = "def add(a, b):\n    return a +"
 
+# Where each family keeps what the hand-written frozen model touches: the modules whose outputs
+# are the queries and keys (or the fused q|k|v projection and its layout), and the module whose
+# output is mlp_out (Gemma 2 normalises the MLP's output before adding it).
+FAMILY_PARTS = {
+    "llama": {"qk": ("self_attn.q_proj", "self_attn.k_proj"), "mlp_out": "mlp"},
+    "gemma2": {"qk": ("self_attn.q_proj", "self_attn.k_proj"), "mlp_out": "post_feedforward_layernorm"},
+    "gpt2": {"qkv": "attn.c_attn", "per_head": False, "mlp_out": "mlp"},
+    "gpt_neox": {"qkv": "attention.query_key_value", "per_head": True, "mlp_out": "mlp"},
+}
+
 
 # --- fixtures: tiny random models and random transcoders ------------------------------------------
 
-@pytest.fixture(scope="module", params=["llama", "gemma2"])
+@pytest.fixture(scope="module", params=list(FAMILY_PARTS))
 def family_lm(request, tiny_model_dir, tmp_path_factory):
     from tests.helpers import load_family_lm
 
@@ -80,43 +90,62 @@ def hand_skip(tc: Transcoder, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x) if w is None else x @ w.T
 
 
+def _part(module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
 class HandFrozen:
     """The frozen replacement model of one prompt, written out with plain forward hooks: queries
-    and keys, each norm's scale and each MLP output held at the clean run's values (a norm maps
-    x to out_clean + (x - x_clean) * s_clean * w), a skip term recomputed from the new MLP input,
-    and optional additions to MLP outputs and embeddings. Returns what targets read: every
-    layer's MLP input and the LM head's input."""
+    and keys, each norm's scale and each MLP output held at the clean run's values (an RMSNorm maps
+    x to out_clean + (x - x_clean) * s_clean * w, a LayerNorm does so after centring), a skip term
+    recomputed from the new MLP input, and optional additions to MLP outputs and embeddings.
+    run() returns what targets read: every layer's MLP input and the LM head's input."""
 
     def __init__(self, family: str, lm, tokens: torch.Tensor, transcoders):
         self.family, self.lm, self.tokens, self.tcs = family, lm, tokens, transcoders
-        self.layers = lm.model.model.layers
-        self.norms = [m for m in lm.model.modules() if type(m).__name__.endswith("RMSNorm")]
+        self.parts = FAMILY_PARTS[family]
+        self.layers = list(lm.blocks)
+        self.norms = [m for m in lm.model.modules()
+                      if type(m).__name__.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm)]
         self.clean: dict = {}
         self.mlp_in, self.lm_head_in = {}, None
         self._run(record=True)
         self.x_clean = torch.stack([self.mlp_in[i] for i in range(len(self.layers))])
 
-    def mlp_out_module(self, layer):
-        return layer.post_feedforward_layernorm if self.family == "gemma2" else layer.mlp
+    def _qk_mask(self, width: int) -> torch.Tensor:
+        """1 on the value part of a fused q|k|v output of `width`."""
+        if not self.parts["per_head"]:
+            d = width // 3
+            return torch.cat([torch.zeros(2 * d), torch.ones(d)])
+        heads = self.lm.config.num_attention_heads
+        size = width // (3 * heads)
+        return torch.cat([torch.zeros(2 * size), torch.ones(size)]).repeat(heads)
 
     def _run(self, record: bool, out_delta=None, embed_delta=None):
         handles = []
         clean = self.clean
 
-        def keep(key):
+        def keep(key, value_mask=None):
             def hook(_m, _i, out):
                 if record:
                     clean[key] = out.detach().clone()
                     return None
-                return clean[key]
+                if value_mask is None:
+                    return clean[key]
+                return clean[key] * (1 - value_mask) + out * value_mask
             return hook
 
         def norm(key, module):
             offset = 1.0 if self.family == "gemma2" else 0.0
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+            centred = isinstance(module, torch.nn.LayerNorm)
 
             def hook(_m, args, out):
                 x = args[0]
+                if centred:
+                    x = x - x.mean(-1, keepdim=True)
                 if record:
                     clean[key] = (x.detach().clone(), out.detach().clone(),
                                   torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -126,8 +155,13 @@ class HandFrozen:
             return hook
 
         for i, layer in enumerate(self.layers):
-            handles.append(layer.self_attn.q_proj.register_forward_hook(keep(("q", i))))
-            handles.append(layer.self_attn.k_proj.register_forward_hook(keep(("k", i))))
+            if "qk" in self.parts:
+                for name in self.parts["qk"]:
+                    handles.append(_part(layer, name).register_forward_hook(keep((name, i))))
+            else:
+                qkv = _part(layer, self.parts["qkv"])
+                mask = self._qk_mask(qkv.weight.shape[1] if self.family == "gpt2" else qkv.out_features)
+                handles.append(qkv.register_forward_hook(keep(("qkv", i), mask)))
         for j, m in enumerate(self.norms):
             handles.append(m.register_forward_hook(norm(("norm", j), m)))
         for i, layer in enumerate(self.layers):
@@ -144,7 +178,7 @@ class HandFrozen:
                     if layer_ == i:
                         new[0, pos] += vec
                 return new
-            handles.append(self.mlp_out_module(layer).register_forward_hook(mlp_out))
+            handles.append(_part(layer, self.parts["mlp_out"]).register_forward_hook(mlp_out))
 
         def embed(_m, _i, out):
             if record:
@@ -154,11 +188,11 @@ class HandFrozen:
             for pos, vec in (embed_delta or {}).items():
                 new[0, pos] += vec
             return new
-        handles.append(self.lm.model.model.embed_tokens.register_forward_hook(embed))
+        handles.append(self.lm.model.get_input_embeddings().register_forward_hook(embed))
 
         def head(_m, args):
             self.lm_head_in = args[0][0].detach().clone()
-        handles.append(self.lm.model.lm_head.register_forward_pre_hook(head))
+        handles.append(self.lm.model.get_output_embeddings().register_forward_pre_hook(head))
         try:
             with torch.no_grad():
                 self.lm.model(input_ids=self.tokens[None], use_cache=False)
