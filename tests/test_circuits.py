@@ -55,20 +55,28 @@ def family_lm(request, tiny_model_dir, tmp_path_factory):
 
 
 def random_transcoders(lm, architecture: str = "topk", skip: bool = False, seed: int = 0, d_sae: int = 96) -> list[Transcoder]:
+    """Random transcoders whose predictions are about as large as the real MLP outputs on PROMPT
+    (the tiny models' differ by 300x between families): a replacement model whose parts are far
+    larger than what they replace cancels them against its error nodes and loses float precision."""
+    from trainer.lm import Site
+
     g = torch.Generator().manual_seed(seed)
     d = lm.d_model
+    ids = torch.tensor([[lm.bos_token_id] + lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    outs = lm.read(ids, [Site("mlp_out", layer) for layer in range(lm.n_layers)])
     out = []
     for layer in range(lm.n_layers):
+        scale = float(outs[f"mlp_out.{layer}"][0, 1:].pow(2).mean().sqrt())
         sae = build_sae(SAEConfig(d_in=d, d_sae=d_sae, architecture=architecture, k=6))
         with torch.no_grad():
             sae.W_enc.copy_(torch.randn(d_sae, d, generator=g) / d ** 0.5)
-            sae.W_dec.copy_(torch.randn(d_sae, d, generator=g) * 0.2)
+            sae.W_dec.copy_(torch.randn(d_sae, d, generator=g) * scale / 4)
             sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
-            sae.b_dec.copy_(torch.randn(d, generator=g) * 0.05)
+            sae.b_dec.copy_(torch.randn(d, generator=g) * scale / 4)
             if architecture == "jumprelu":
                 sae.threshold.fill_(0.8)
         if skip:
-            sae.io = SiteIO(restore_output=False, w_skip=torch.randn(d, d, generator=g) * 0.3 / d ** 0.5)
+            sae.io = SiteIO(restore_output=False, w_skip=torch.randn(d, d, generator=g) * scale / d ** 0.5)
         out.append(Transcoder(sae, f"mlp_in.{layer}", f"mlp_out.{layer}"))
     return out
 
@@ -205,6 +213,7 @@ class HandFrozen:
         return self._run(False, out_delta, embed_delta)
 
 
+@torch.no_grad()
 def targets_read(graph: Graph, tcs, lm, mlp_in: torch.Tensor, head_in: torch.Tensor):
     """Every active feature's pre-activation and every logit target's demeaned logit."""
     feats = graph.active_features[graph.selected_features]
@@ -228,7 +237,7 @@ def test_replacement_model_gives_the_real_logits_and_its_nodes_add_up(family_lm,
     prep = rm.prepare(tokens)
     lin = rm.linear_forward(prep)
     assert (lin.logits[0].detach() - real).abs().max() < 1e-4
-    assert prep.errors[:, 1:].norm(dim=-1).min() > 1e-3  # the error nodes carry something
+    assert (prep.errors[:, 1:].norm(dim=-1) > 0.1 * prep.mlp_out[:, 1:].norm(dim=-1)).all()  # errors matter
 
     hand = HandFrozen(family, lm, tokens, tcs)
     for layer, tc in enumerate(tcs):
@@ -282,7 +291,7 @@ def test_edges_are_the_frozen_models_linear_effects(family_lm, architecture, ski
     for pos in range(1, T):
         col = n_feat + L * T + pos
         moved.append(check(col, embed_delta={pos: delta * hand.clean["embed"][0, pos]}, act_tol=(1e-3, 1e-3)))
-    assert max(moved) > 0.05  # the perturbations did move the targets: the checks can fail
+    assert max(moved) > 5e-3  # the perturbations did move the targets, 10x the tolerance: the checks can fail
     # BOS sources have no edges; nothing feeds error or token nodes
     assert a[:, n_feat:n_feat + L * T:T].abs().max() == 0
     assert a[n_feat:n_feat + (L + 1) * T].abs().max() == 0

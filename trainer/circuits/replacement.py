@@ -143,18 +143,18 @@ class ReplacementModel:
         over the first n_pos tokens (default all): the model is causal, so targets at earlier
         positions need only that prefix, and a shorter pass makes their backward passes cheaper.
 
-        Each MLP output becomes linear_part(x) + C with C = reconstruction - linear_part(x_real) +
-        error (+ at the BOS, what the real MLP wrote there): the same value as the real output,
-        assembled from the transcoder's prediction and the error node."""
+        Each MLP output becomes linear_part(x) + C with C = mlp_out - linear_part(x_real), which is
+        the features' decoder vectors plus the error node (at the BOS, whatever the real MLP wrote
+        there): the real output's value, in which only b_dec + W_skip x carries gradients."""
         lm = self.lm
         n_pos = prep.n_pos if n_pos is None else n_pos
         out = LinearGraph(embeddings=torch.empty(0))
         const = []
         for layer, tc in enumerate(self.transcoders):
+            # reconstruction + error is the real output: subtract the part that stays live from
+            # that, rather than add up the nodes (which can be far larger than their sum).
             x = prep.mlp_in[layer, :n_pos]
-            c = prep.layers[layer].reconstruction[:n_pos] - tc.linear_part(x) + prep.errors[layer, :n_pos]
-            c[:ZERO_POSITIONS] = (prep.mlp_out[layer, :n_pos] - tc.linear_part(x))[:ZERO_POSITIONS]
-            const.append(c.to(lm.device))
+            const.append((prep.mlp_out[layer, :n_pos] - tc.linear_part(x)).to(lm.device))
 
         def embed(e: torch.Tensor) -> torch.Tensor:
             leaf = e.detach().requires_grad_(True)
