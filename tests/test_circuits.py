@@ -217,8 +217,11 @@ class HandFrozen:
 def targets_read(graph: Graph, tcs, lm, mlp_in: torch.Tensor, head_in: torch.Tensor):
     """Every active feature's pre-activation and every logit target's demeaned logit."""
     feats = graph.active_features[graph.selected_features]
-    pre = torch.stack([((mlp_in[l, p] - tcs[l].sae.b_dec) @ tcs[l].sae.W_enc[f] + tcs[l].sae.b_enc[f])
-                       for l, p, f in feats.tolist()]) if len(feats) else torch.zeros(0)
+    pre = torch.zeros(len(feats))
+    for layer, tc in enumerate(tcs):
+        at = feats[:, 0] == layer
+        pos, f = feats[at, 1], feats[at, 2]
+        pre[at] = ((mlp_in[layer, pos] - tc.sae.b_dec) * tc.sae.W_enc[f]).sum(-1) + tc.sae.b_enc[f]
     w = lm.unembed_weight
     logits = head_in[-1] @ (w[graph.logit_tokens] - w.mean(0)).T
     return pre, logits
