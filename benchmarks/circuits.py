@@ -91,7 +91,7 @@ def main() -> None:
         scores = graph_scores(graph)
         t_scores = time.perf_counter() - t
         runs.append({"attribute_s": round(graph.seconds, 2), "prune_s": round(t_prune, 2), "scores_s": round(t_scores, 2),
-                     "active_features": int(len(graph.active_features)), "feature_nodes": graph.n_features,
+                     "active_features": len(graph.active_features), "feature_nodes": graph.n_features,
                      "nodes": graph.n_nodes, "kept_nodes": int(pruned.node_mask.sum()),
                      "replacement": round(scores[0], 4), "completeness": round(scores[1], 4)})
         print(json.dumps(runs[-1]), flush=True)

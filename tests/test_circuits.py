@@ -409,6 +409,12 @@ def test_bad_input_is_one_line(tiny_lm):
         attribute(list(range(5, 70)), rm)
     assert "65 tokens" in one_line(exc) and "64" in one_line(exc)
     with pytest.raises(AtlasError) as exc:
+        attribute("", rm)
+    assert "empty" in one_line(exc)
+    # a prompt that starts with a special token keeps it as its BOS; otherwise the BOS is added
+    assert rm.tokenize([tiny_lm.bos_token_id, 5, 6]).tolist() == [tiny_lm.bos_token_id, 5, 6]
+    assert rm.tokenize([5, 6]).tolist() == [tiny_lm.bos_token_id, 5, 6]
+    with pytest.raises(AtlasError) as exc:
         ReplacementModel(tiny_lm, {i: t for i, t in enumerate(tcs) if i != 2})
     assert "lacks layers [2]" in one_line(exc)
     plain = LoadedSAE(tcs[1].sae, Path("sae"), "saelens", "topk", site="resid_post.1", transcoder=False)

@@ -33,6 +33,7 @@ class Graph:
     tokens: torch.Tensor
     """[T] long: the attributed tokens, BOS first."""
     n_layers: int
+    """Blocks of the model (one error node per block and position)."""
     active_features: torch.Tensor
     """[N, 3] long: (layer, position, feature) of every active transcoder feature (BOS excluded)."""
     activations: torch.Tensor

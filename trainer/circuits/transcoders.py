@@ -47,15 +47,15 @@ class Transcoder:
     """One layer's transcoder: the SAE and the sites it reads and predicts."""
 
     sae: SparseAutoencoder
+    """The transcoder; a skip-transcoder's W_skip lives in sae.io."""
     site: str
+    """What it reads: mlp_in.L."""
     output_site: str
+    """What it predicts: mlp_out.L."""
 
     @property
     def has_skip(self) -> bool:
         return getattr(self.sae.io, "W_skip", None) is not None
-
-    def preacts(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.preacts(x.float())
 
     def linear_part(self, x: torch.Tensor) -> torch.Tensor:
         """b_dec + W_skip x (just b_dec without a skip term): sae.output with no feature active,
