@@ -365,6 +365,17 @@ def test_influence_pruning_and_scores_by_hand():
     assert completeness == pytest.approx(2.1 / 2.6, abs=1e-6)
 
 
+def test_threshold_scores_by_hand():
+    from trainer.circuits.prune import threshold_score
+
+    scores = torch.tensor([[0.0, 3.0, 1.0], [0.0, 2.0, 0.0]])
+    # sorted 3, 2, 1 (zeros last): shares .5, .83, 1
+    assert threshold_score(scores, 0.5) == 3.0
+    assert threshold_score(scores, 0.6) == 2.0
+    assert threshold_score(scores, 0.9) == 1.0
+    assert threshold_score(torch.zeros(4), 0.8) == 0.0
+
+
 def test_partial_influence_by_hand():
     g = hand_graph()
     logit_row = g.adjacency[5:6]
