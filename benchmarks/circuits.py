@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=512, help="re-ranking step (circuit-tracer's batch_size)")
+    ap.add_argument("--backward-batch", type=int, default=64)
     ap.add_argument("--max-feature-nodes", type=int, default=7500)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "circuits.json")
@@ -80,7 +81,8 @@ def main() -> None:
     rm = ReplacementModel(lm, tcs)
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ids = (ids * (args.tokens // len(ids) + 1))[:args.tokens]
-    cfg = AttributionConfig(batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
+    cfg = AttributionConfig(batch_size=args.batch_size, backward_batch=args.backward_batch,
+                            max_feature_nodes=args.max_feature_nodes)
     runs = []
     for _ in range(args.repeat):
         graph = attribute(ids, rm, cfg)
@@ -97,7 +99,7 @@ def main() -> None:
         print(json.dumps(runs[-1]), flush=True)
     report = {"model": args.model, "transcoders": str(args.transcoders) if args.transcoders else f"random topk {args.random}",
               "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "cpu": cpu_model(),
-              "torch": torch.__version__, "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes,
+              "torch": torch.__version__, "batch_size": args.batch_size, "backward_batch": args.backward_batch, "max_feature_nodes": args.max_feature_nodes,
               "runs": runs, "command": " ".join(["python"] + sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

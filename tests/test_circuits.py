@@ -265,7 +265,7 @@ def test_edges_are_the_frozen_models_linear_effects(family_lm, architecture, ski
     family, lm = family_lm
     tcs = random_transcoders(lm, architecture, skip, seed=2)
     rm = ReplacementModel(lm, tcs)
-    graph = attribute(PROMPT, rm, AttributionConfig(batch_size=32))
+    graph = attribute(PROMPT, rm, AttributionConfig(backward_batch=32))
     a = graph.adjacency
     n_feat, n_log, T, L = graph.n_features, graph.n_logits, graph.n_pos, graph.n_layers
     hand = HandFrozen(family, lm, graph.tokens, tcs)
@@ -303,9 +303,10 @@ def test_edges_are_the_frozen_models_linear_effects(family_lm, architecture, ski
 def test_capped_graph_is_the_full_graph_restricted(tiny_lm):
     tcs = random_transcoders(tiny_lm, seed=3)
     rm = ReplacementModel(tiny_lm, tcs)
-    full = attribute(PROMPT, rm, AttributionConfig(batch_size=16))
+    full = attribute(PROMPT, rm, AttributionConfig(backward_batch=16))
     cap = 10
-    capped = attribute(PROMPT, rm, AttributionConfig(batch_size=4, update_interval=1, max_feature_nodes=cap))
+    capped = attribute(PROMPT, rm, AttributionConfig(batch_size=4, update_interval=1, max_feature_nodes=cap,
+                                                      backward_batch=3))
     assert capped.n_features == cap and full.n_features > cap
     keep = torch.cat([capped.selected_features, torch.arange(full.n_features, full.n_nodes)])
     torch.testing.assert_close(capped.adjacency, full.adjacency[keep][:, keep], atol=1e-6, rtol=1e-5)

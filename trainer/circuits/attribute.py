@@ -43,9 +43,14 @@ class AttributionConfig:
     """At most this many logit targets."""
     desired_logit_prob: float = 0.95
     """Logit targets are the most probable tokens until their cumulative probability reaches this."""
-    batch_size: int = 256
-    """Targets per backward pass (circuit-tracer: 512, sized for a GPU). With max_feature_nodes it
-    also sets how often features are re-ranked (every update_interval x batch_size rows)."""
+    batch_size: int = 512
+    """With max_feature_nodes, features are re-ranked after every update_interval x batch_size
+    rows (circuit-tracer's batch_size, which is also its number of targets per backward pass)."""
+    backward_batch: int = 64
+    """Targets per backward pass (ours). Every target in a pass costs as much as the deepest and
+    latest one, so passes over few targets, taken in (layer, position) order, waste less; on a
+    4-block model of SmolLM2's width, 8,192 targets took 11 s in passes of 64 or 128 and 15 s in
+    passes of 256 (one thread)."""
     max_feature_nodes: int | None = 7500
     """Keep only this many feature nodes, chosen by influence; None keeps every active feature
     (circuit-tracer's library default; 7500 is its command line's). The matrices are dense: rows
@@ -62,8 +67,8 @@ class AttributionConfig:
     def __post_init__(self):
         if self.max_n_logits < 1 or not 0 < self.desired_logit_prob <= 1:
             raise AtlasError("max_n_logits must be >= 1 and desired_logit_prob in (0, 1]")
-        if self.batch_size < 1 or self.update_interval < 1 or self.prefix_step < 1:
-            raise AtlasError("batch_size, update_interval and prefix_step must be >= 1")
+        if min(self.batch_size, self.backward_batch, self.update_interval, self.prefix_step) < 1:
+            raise AtlasError("batch_size, backward_batch, update_interval and prefix_step must be >= 1")
         if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
             raise AtlasError("max_feature_nodes must not be negative", "leave it unset to keep every feature")
 
@@ -198,8 +203,8 @@ def attribute(prompt: str | list[int] | torch.Tensor, model: ReplacementModel,
 
     def compute(layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, nodes: torch.Tensor) -> None:
         nonlocal filled
-        for start in range(0, len(layers), cfg.batch_size):
-            part = slice(start, start + cfg.batch_size)
+        for start in range(0, len(layers), cfg.backward_batch):
+            part = slice(start, start + cfg.backward_batch)
             block = _backward_rows(prefixes, sources, layers[part], positions[part], vectors[part])
             count = block.shape[0]
             rows[filled:filled + count, :n_cols] = block.cpu()
