@@ -7,6 +7,7 @@
 graph's content means nothing, but its size, K active features per layer and position, is that of
 a trained set at L0 = K). --transcoders: a folder of transcoder folders (trainer.formats.load_sae),
 one reading each mlp_in.L. The prompt is cut or repeated to --tokens tokens (BOS not counted).
+--layers N keeps the first N blocks (the same width, a shallower model) for quick timings.
 Runs the graph --repeat times and reports each (the last is the steady state), with pruning and
 the scores, the CPU model, threads and dtype. Writes benchmarks/results/circuits.json.
 """
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--random", nargs=2, type=int, metavar=("WIDTH", "K"))
     ap.add_argument("--transcoders", type=Path)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only the first N blocks of the model (timing a shallower copy of the same width)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
@@ -77,6 +80,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     lm = load_lm(args.model, "cpu", args.dtype)
+    if args.layers is not None:
+        del lm.blocks[args.layers:]
+        lm.model.config.num_hidden_layers = args.layers
     tcs = random_set(lm, *args.random) if args.random else loaded_set(args.transcoders)
     rm = ReplacementModel(lm, tcs)
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -97,7 +103,7 @@ def main() -> None:
                      "nodes": graph.n_nodes, "kept_nodes": int(pruned.node_mask.sum()),
                      "replacement": round(scores[0], 4), "completeness": round(scores[1], 4)})
         print(json.dumps(runs[-1]), flush=True)
-    report = {"model": args.model, "transcoders": str(args.transcoders) if args.transcoders else f"random topk {args.random}",
+    report = {"model": args.model, "layers": lm.n_layers, "transcoders": str(args.transcoders) if args.transcoders else f"random topk {args.random}",
               "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "cpu": cpu_model(),
               "torch": torch.__version__, "batch_size": args.batch_size, "backward_batch": args.backward_batch, "max_feature_nodes": args.max_feature_nodes,
               "runs": runs, "command": " ".join(["python"] + sys.argv)}
