@@ -78,7 +78,9 @@ class LinearGraph:
 
 
 class ReplacementModel:
-    """An LM with one transcoder per block (see the module docstring)."""
+    """An LM with one transcoder per block (see the module docstring). Load the LM in float32
+    (load_lm(..., dtype="float32")) for graphs exact to float32 round-off, as circuit-tracer's
+    defaults do; in bfloat16 (the "auto" dtype on AMX CPUs) it runs, with bf16's three digits."""
 
     def __init__(self, lm: LoadedLM, transcoders):
         self.lm = lm
