@@ -248,14 +248,41 @@ class LoadedLM:
                 return None if new is None else (args, {**kwargs, key: new.to(kwargs[key].dtype)})
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-        def hook(_module, _inputs, output):
-            a = output[0] if isinstance(output, tuple) else output
-            new = fn(a)
-            if new is None:
-                return None
-            new = new.to(a.dtype)
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-        return module.register_forward_hook(hook)
+        return _hook_output(module, fn)
+
+    # --- the local replacement model of attribution graphs (trainer.circuits) ---------------
+
+    def hook_embedding(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """Like hook_site, for the token embeddings [B, T, D]: the input embedding module's output
+        (Gemma's embedding module applies its sqrt(D) scale itself)."""
+        return _hook_output(self.model.get_input_embeddings(), fn)
+
+    def hook_final_norm(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """Like hook_site, for the final norm's output [B, T, D]: what the unembedding reads."""
+        return _hook_output(_get(self.model, self.family.final_norm), fn)
+
+    def freeze_for_attribution(self) -> list[RemovableHandle]:
+        """Hooks that keep every value of the forward pass but give gradients the network with its
+        attention patterns and normalisation scales frozen at this pass's values (circuit-tracer's
+        stop-gradients): queries and keys are detached, so gradients reach the residual stream
+        only through the values, and each norm passes gradients as the linear map x -> x * s * w
+        (LayerNorm: centred first) with s, the token's 1 / RMS or 1 / std, held fixed.
+
+        Register these before any hook that replaces a norm's output (Gemma 2's mlp_out is the
+        post-feedforward norm's output): forward hooks run in the order they were registered."""
+        handles = []
+        try:
+            for block in self.blocks:
+                handles += _detach_queries_and_keys(_get(block, self.family.attn), self.config)
+            for module in self.model.modules():
+                hook = _frozen_norm_hook(module, self.family.norm_offset)
+                if hook is not None:
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        return handles
 
     @torch.inference_mode()
     def read(self, input_ids: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
@@ -311,6 +338,76 @@ class LoadedLM:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _hook_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+    """fn sees a module's output (its first element, when the module returns a tuple)."""
+    def hook(_module, _inputs, output):
+        a = output[0] if isinstance(output, tuple) else output
+        new = fn(a)
+        if new is None:
+            return None
+        new = new.to(a.dtype)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+    return module.register_forward_hook(hook)
+
+
+def _only_values(out: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
+    """out with gradients kept only where value_mask [D] is 1 (the value part of fused q|k|v)."""
+    mask = value_mask.to(out.dtype)
+    return out.detach() + (out - out.detach()) * mask
+
+
+def _detach_queries_and_keys(attn: nn.Module, config) -> list[RemovableHandle]:
+    """Stop gradients through an attention layer's queries and keys, which is what freezes its
+    pattern softmax(q k^T) for the backward pass; the values still carry gradients."""
+    if hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
+        return [m.register_forward_hook(lambda _m, _i, out: out.detach()) for m in (attn.q_proj, attn.k_proj)]
+    if hasattr(attn, "c_attn"):  # GPT-2: one projection to [q | k | v]
+        d = attn.c_attn.nf // 3
+        mask = torch.cat([torch.zeros(2 * d), torch.ones(d)])
+        return [attn.c_attn.register_forward_hook(lambda _m, _i, out: _only_values(out, mask.to(out.device)))]
+    if hasattr(attn, "query_key_value"):  # GPT-NeoX: [q | k | v] per head
+        heads = int(config.num_attention_heads)
+        size = attn.query_key_value.out_features // (3 * heads)
+        mask = torch.cat([torch.zeros(2 * size), torch.ones(size)]).repeat(heads)
+        return [attn.query_key_value.register_forward_hook(lambda _m, _i, out: _only_values(out, mask.to(out.device)))]
+    raise AtlasError(f"cannot freeze the attention pattern of {type(attn).__name__}",
+                     "attribution graphs support Llama-, Gemma-, Qwen-, OLMo-, GPT-2- and GPT-NeoX-style attention")
+
+
+def _frozen_norm_hook(module: nn.Module, offset: float):
+    """A forward hook that passes gradients through a norm with its scale held fixed, or None when
+    the module is not a norm. The output keeps its value: out.detach() + L(x - x.detach()), where L
+    is the norm's linear map at the frozen scale and x - x.detach() is zero with x's gradient."""
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        centred, eps, weight = True, module.eps, module.weight
+    elif name.endswith("RMSNorm"):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        centred, weight = False, getattr(module, "weight", None)
+        if eps is None:
+            raise AtlasError(f"cannot freeze the scale of {name}: it names no epsilon", "use a supported family")
+    elif "Norm" in name and any(True for _ in module.parameters(recurse=False)):
+        raise AtlasError(f"cannot freeze the scale of the normalisation {name}", "use a supported family")
+    else:
+        return None
+    w = None if weight is None else weight.detach().float() + (0.0 if centred else offset)
+
+    def hook(_module, args, kwargs, out):
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return None  # nothing upstream wants gradients (e.g. the detached queries' q_norm)
+        xf = x.detach().float()
+        if centred:
+            xf = xf - xf.mean(-1, keepdim=True)
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        delta = (x - x.detach()).float()
+        if centred:
+            delta = delta - delta.mean(-1, keepdim=True)
+        lin = delta * scale if w is None else delta * scale * w
+        return out.detach() + lin.to(out.dtype)
+    return hook
 
 
 # --- loading ---------------------------------------------------------------------------------
