@@ -44,7 +44,7 @@ def interpretability(session: Session, sae_ids: list[int]) -> dict[int, dict[str
     for kind in SCORES:
         col, uninformative = _score_column(kind)
         best = (select(Feature.sae_id.label("sae_id"), func.max(col).label("best"))
-                .join(Feature, Explanation.feature_id == Feature.id)
+                .select_from(Explanation).join(Feature, Explanation.feature_id == Feature.id)
                 .where(Feature.sae_id.in_(sae_ids), col.is_not(None))
                 .group_by(Feature.sae_id, Explanation.feature_id))
         if uninformative is not None:

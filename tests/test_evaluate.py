@@ -23,11 +23,11 @@ FAST = ["--device", "cpu", "--lm-dtype", "float32", "--lm-batch-size", "4"]
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    """A few hundred pydoc paragraphs: enough held-out text for dozens of contexts."""
+    """1,500 pydoc docstrings (150 held out: dozens of contexts), cheaper to open than all of pydoc."""
     from trainer.corpus import PydocCorpus
 
     path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n\n".join(d.text.replace("\n\n", "\n") for d in PydocCorpus().docs[:600]))
+    path.write_text("\n\n".join(d.text.replace("\n\n", "\n") for d in PydocCorpus().docs[:1500]))
     return path
 
 
@@ -179,13 +179,13 @@ def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny
     assert m["cos_sim"] == pytest.approx(float(F.cosine_similarity(x_hat, x, dim=1).mean()), rel=1e-4)
 
 
-def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_sae_dir, tiny_lm):
+def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_sae_dir, tiny_lm, small_corpus):
     from trainer.report_card import EvaluateConfig, evaluate_folder
 
     cards = {}
     for n in (8, 48):
         cfg = EvaluateConfig(sae_dir=tiny_sae_dir, tokens=256, contexts=n, lm_batch_size=8, device="cpu",
-                             lm_dtype="float32")
+                             lm_dtype="float32", corpus=str(small_corpus))
         cards[n] = evaluate_folder(cfg, lm=tiny_lm, progress=False).metrics
         assert cards[n]["ce_contexts"] == n
     for n, m in cards.items():
@@ -199,7 +199,7 @@ def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_
 
 # --- storing with a published SAE ---------------------------------------------------------------
 
-def test_a_published_sae_gets_its_report_card(published, tiny_sae_dir, capsys, monkeypatch):
+def test_a_published_sae_gets_its_report_card(published, tiny_sae_dir, small_corpus, capsys, monkeypatch):
     """By folder and by name: stored each time (newest first), shown on the SAE page and in the API
     response, whose ETag changes with it; --no-store keeps it out."""
     from fastapi.testclient import TestClient
@@ -212,18 +212,21 @@ def test_a_published_sae_gets_its_report_card(published, tiny_sae_dir, capsys, m
     assert before.json()["evaluation"] is None
     assert "Not evaluated yet" in client.get(f"/saes/{name}").text
     with store_at(engine.url.render_as_string(hide_password=False), monkeypatch):
-        code, out = run_out(capsys, "evaluate", str(tiny_sae_dir), "--tokens", "500", "--contexts", "4", *FAST)
+        code, out = run_out(capsys, "evaluate", str(tiny_sae_dir), "--corpus", str(small_corpus), "--tokens", "500",
+                            "--contexts", "4", *FAST)
         assert code == 0, out
         assert "stored as evaluation" in out and f"of {name}" in out
         code, out = run_out(capsys, "evaluate", name, "--json", "--tokens", "700", "--contexts", "6", *FAST)
         assert code == 0, out
         card = json.loads(out)
-        code, out = run_out(capsys, "evaluate", name, "--no-store", "--tokens", "300", "--contexts", "2", *FAST)
+        code, out = run_out(capsys, "evaluate", name, "--no-store", "--corpus", str(small_corpus), "--tokens", "300",
+                            "--contexts", "2", *FAST)
         assert code == 0 and "not stored (--no-store)" in out
     rows = evaluations_of(engine, name)
     assert [r.n_tokens for r in rows] == [500, 700]
     assert card["sae"] == name and card["evaluation_id"] == rows[-1].id
-    assert card["settings"]["corpus"] == "pydoc" and card["settings"]["ctx_len"] == 128  # the analysis's split
+    # by name, the defaults are the analysis's: its corpus, context length and split
+    assert (card["settings"]["corpus"], card["settings"]["ctx_len"], card["settings"]["eval_fraction"]) == ("pydoc", 128, 0.1)
 
     after = client.get(f"/api/v1/saes/{name}")
     ev = after.json()["evaluation"]
