@@ -38,6 +38,20 @@ def hand_weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+def sharp_lm(tiny_model_dir):
+    """The tiny model with its final norm's weight times 30. The random model's logits are nearly
+    flat, so zero-ablating a site moves its loss by ~0.004 nats and CE recovered, a ratio over that
+    difference, is noise; sharper logits make the loss depend on the residual stream (the
+    activations, hence the SAEs, are unchanged)."""
+    from trainer.lm import load_lm
+
+    lm = load_lm(str(tiny_model_dir), "cpu", "float32")
+    with torch.no_grad():
+        lm.model.model.norm.weight.mul_(30.0)
+    return lm
+
+
+@pytest.fixture(scope="module")
 def saelens_dir(tmp_path_factory, tiny_model_dir):
     """A TopK SAE on resid_post.1 written as SAELens 6 writes it (not by our save code)."""
     cfg = saelens_cfg("topk", hook="blocks.1.hook_resid_post")
@@ -118,7 +132,7 @@ def run_out(capsys, *argv) -> tuple[int, str]:
     return code, captured.out + (captured.err if code else "")
 
 
-def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny_lm, small_corpus):
+def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, sharp_lm, small_corpus):
     """The SAELens SAE's output computed here from its safetensors (SAELens's TopK: top k of the
     pre-activations, then ReLU), spliced into block 1's output at every position but BOS by a hook
     written here: the clean, spliced and zero-ablated losses, FVU and L0 agree with the report card."""
@@ -127,8 +141,8 @@ def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny
 
     cfg = EvaluateConfig(sae_dir=saelens_dir, model=str(tiny_model_dir), corpus=str(small_corpus), tokens=600,
                          contexts=6, lm_batch_size=3, sink_norm_ratio=None, device="cpu", lm_dtype="float32")
-    card = evaluate_folder(cfg, lm=tiny_lm, progress=False)
-    tokens = torch.cat(list(itertools.islice(held_out_contexts(cfg, tiny_lm, 3), 2)))
+    card = evaluate_folder(cfg, lm=sharp_lm, progress=False)
+    tokens = torch.cat(list(itertools.islice(held_out_contexts(cfg, sharp_lm, 3), 2)))
     assert tokens.shape == (6, 128)
 
     w = hand_weights()
@@ -139,7 +153,7 @@ def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         return z @ w["W_dec"] + w["b_dec"], z
 
-    block = tiny_lm.model.model.layers[1]
+    block = sharp_lm.model.model.layers[1]
     seen: list[torch.Tensor] = []
 
     def loss(replace=None) -> float:
@@ -155,7 +169,7 @@ def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny
         handle = block.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                logits = tiny_lm.model(input_ids=tokens, use_cache=False).logits
+                logits = sharp_lm.model(input_ids=tokens, use_cache=False).logits
         finally:
             handle.remove()
         return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
@@ -179,21 +193,25 @@ def test_losses_match_a_splice_written_by_hand(saelens_dir, tiny_model_dir, tiny
     assert m["cos_sim"] == pytest.approx(float(F.cosine_similarity(x_hat, x, dim=1).mean()), rel=1e-4)
 
 
-def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_sae_dir, tiny_lm, small_corpus):
+def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_sae_dir, sharp_lm, small_corpus):
     from trainer.report_card import EvaluateConfig, evaluate_folder
 
     cards = {}
     for n in (8, 48):
         cfg = EvaluateConfig(sae_dir=tiny_sae_dir, tokens=256, contexts=n, lm_batch_size=8, device="cpu",
                              lm_dtype="float32", corpus=str(small_corpus))
-        cards[n] = evaluate_folder(cfg, lm=tiny_lm, progress=False).metrics
+        cards[n] = evaluate_folder(cfg, lm=sharp_lm, progress=False).metrics
         assert cards[n]["ce_contexts"] == n
     for n, m in cards.items():
         for key in ("ce_recovered", "delta_lm_loss"):
             lo, hi = m[f"{key}_interval"]
             assert lo <= m[key] <= hi, (n, key)
-    for key in ("ce_recovered_ci95", "delta_lm_loss_ci95"):
-        assert 0 < cards[48][key] < cards[8][key], key
+    for key in ("ce_recovered", "delta_lm_loss"):
+        assert 0 < cards[48][f"{key}_ci95"] < cards[8][f"{key}_ci95"], key
+        # the few contexts' interval holds the estimate from six times as many (a 95% interval that
+        # were much too narrow would miss it)
+        lo, hi = cards[8][f"{key}_interval"]
+        assert lo <= cards[48][key] <= hi, key
     assert cards[8]["ce_clean"] != cards[48]["ce_clean"]  # more text, another estimate
 
 
