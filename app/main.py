@@ -20,6 +20,7 @@ from store.paths import resource_dir
 from store.settings import Settings, get_settings
 from app.web.live_pages import router as live_pages_router
 from app.web.rendering import html_error
+from app.web.compare_pages import router as compare_pages_router
 from app.web.lineage_pages import router as lineage_pages_router
 from app.web.pages import router as pages_router
 from app.web.run_pages import router as run_pages_router
@@ -160,6 +161,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.include_router(live_pages_router)
     app.include_router(lineage_pages_router)
     app.include_router(structure_pages_router)
+    app.include_router(compare_pages_router)
     app.mount("/static", StaticFiles(directory=resource_dir("static")), name="static")
     # Outermost last: security headers on everything, then the body limit, then the write-key
     # gate, both before any body is read.

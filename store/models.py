@@ -566,3 +566,18 @@ class FeatureGroup(Base):
     variance_share: Mapped[list] = mapped_column(JSON, default=list)
     scatter: Mapped[dict] = mapped_column(JSON, default=dict, doc="{x, y, token, latent}: a sample of the 2-D projection")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SAEEvaluation(Base):
+    """One run of `sae-atlas evaluate` on an SAE (trainer/report_card.py): the metrics with their 95%
+    intervals, and the settings they were measured with. The newest row is the SAE's report card."""
+
+    __tablename__ = "sae_evaluations"
+    __table_args__ = (Index("ix_sae_evaluations_sae_created", "sae_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict, doc="model, site, corpus, split, tokens, contexts, ...")
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict, doc="fvu, l0, dead, dense, cosine, CE losses with intervals")
+    n_tokens: Mapped[int] = mapped_column(BigInteger, doc="held-out tokens of the reconstruction metrics")

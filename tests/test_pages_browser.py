@@ -369,3 +369,27 @@ def test_training_run_page_updates_live_and_new_run_form(page, atlas, atlas_db):
     assert page.locator("#run-live[hx-trigger]").count() == 1
     # the browser logs the deliberate 403 itself; nothing else may have gone wrong
     assert [e for e in page.errors if "403" not in e] == [], page.errors
+
+
+def test_compare_page_points_lead_to_sae_pages(page, atlas):
+    """/compare from the home page: the Pareto plots are drawn (inline SVG, nothing fetched), a point
+    is a link to its SAE's page, and a table header sorts."""
+    import re
+
+    base, _, _ = atlas
+    page.goto(f"{base}/")
+    page.click("a[href='/compare']")
+    page.wait_for_url(f"{base}/compare")
+    assert page.locator("svg.chart.pareto").count() == 3
+    point = page.locator("figure.pareto-fvu svg.chart.pareto a").first
+    box = point.bounding_box()
+    assert box and box["width"] > 0 and box["height"] > 0  # drawn, with a size, by the browser
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    point.click()
+    page.wait_for_url(f"{base}/saes/tiny")
+    assert page.locator("#report-card").is_visible()
+    page.go_back()
+    page.click("table.comparetable thead a:text('FVU')")
+    page.wait_for_url(re.compile(r".*sort=fvu.*"))
+    assert page.locator("table.comparetable th[aria-sort]").inner_text().startswith("FVU")
+    assert page.errors == [], page.errors

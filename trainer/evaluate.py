@@ -3,6 +3,7 @@
 - MSE (per token, summed over dimensions), FVU = sum||x - x_hat||^2 / sum||x - mean||^2 with the
   held-out mean, and explained variance = 1 - FVU;
 - L0, the mean number of active latents per token;
+- cosine: the mean over tokens of the cosine similarity of x_hat and x (direction kept, scale aside);
 - dense fraction: latents firing on more than 10% of held-out tokens; dead fraction: latents that
   did not fire on any held-out token (training also reports its own window-based count); "firing"
   is SparseAutoencoder.fires, one rule for every architecture;
@@ -65,6 +66,7 @@ def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 
     sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
     sum_sq = 0.0
     l0 = 0.0
+    cos = 0.0
     fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
     n = x.shape[0]
     for start in range(0, n, batch_size):
@@ -75,6 +77,7 @@ def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 
         sum_x += yb.double().sum(0)
         sum_sq += float(yb.double().pow(2).sum())
         l0 += float((codes.values > 0).sum())
+        cos += float(F.cosine_similarity(x_hat.double(), yb.double(), dim=1).sum())
         fired = model.sae.fires(codes, float(xb.norm(dim=1).mean()) * model.norm_scale)
         fires.index_add_(0, codes.indices[fired], torch.ones(int(fired.sum()), dtype=torch.float64, device=device))
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n
@@ -85,6 +88,7 @@ def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": l0 / n,
+        "cos_sim": cos / n,
         "dead_frac_eval": float((fires == 0).double().mean()),
         "dense_frac": float((density > 0.1).double().mean()),
         "eval_tokens": n,

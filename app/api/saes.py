@@ -1,9 +1,11 @@
-"""GET /api/v1/saes and /api/v1/saes/{sae}: published SAEs with their metrics and charts."""
+"""GET /api/v1/saes and /api/v1/saes/{sae}: published SAEs with their metrics and charts (one SAE also with
+its latest report card)."""
 
 from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
 import store
+from store import evaluations
 from app.api.schemas import READ_ERRORS, Page, PageParams, SAEDetail, SAEOut
 from app.deps import get_session, read_access
 from store.models import SAE
@@ -38,7 +40,9 @@ def list_saes(pages: PageParams = Depends(), session: Session = Depends(get_sess
             responses={304: {"description": "Not modified (If-None-Match)"}})
 def get_sae(request: Request, sae: str = Path(min_length=1, max_length=200), session: Session = Depends(get_session)):
     s = store.sae_by_name(session, sae)
-    etag = f'W/"{s.version[:16]}"'  # everything here is fixed when the SAE is published
+    ev = evaluations.latest_evaluation(session, s.id)
+    # Fixed when the SAE is published, except its report card: a new evaluation is a new ETag.
+    etag = f'W/"{s.version[:16]}-{evaluations.evaluation_tag(ev)}"'
     if etag_matches(request, etag):
         return not_modified(etag)
-    return JSON(sae_dict(s, detail=True), headers=cache_headers(etag))
+    return JSON({**sae_dict(s, detail=True), "evaluation": evaluations.evaluation_dict(ev)}, headers=cache_headers(etag))

@@ -3,6 +3,7 @@
 - flags: config dataclasses as flags and TOML keys;
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add, export;
+- evaluate: evaluate (an SAE's report card);
 - service: serve, inference, worker, explain, jobs, keys, demo;
 - interpret: embed-explanations;
 - admin: db, settings, models, sites;
@@ -21,14 +22,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, interpret, lineage, saes, service, structure, training
+from app.cli import admin, evaluate, interpret, lineage, saes, service, structure, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from store.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, interpret, lineage, saes, service, structure, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, evaluate, interpret, lineage, saes, service, structure, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read: reads of a private atlas (public_reads=false); write: also jobs, runs, cancels "
                            "(default write)")
 
+    evaluate.add_parsers(sub)
     lineage.add_parsers(sub)
     structure.add_parsers(sub)
 

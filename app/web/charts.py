@@ -379,3 +379,71 @@ def scatter(xs: list[float], ys: list[float], classes: list[int], titles: list[s
                      f'<title>{escape(t)}</title></circle>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+# --- comparing SAEs -----------------------------------------------------------------------------
+
+def pareto_chart(points: list[dict], *, x_label: str, y_label: str, lower_y_better: bool, width: int = 420,
+                 height: int = 300, y_format=_fmt, x_format=_fmt) -> Markup:
+    """One Pareto plot of SAEs: each point (x, y, href, title, series, front, hollow, yerr) a link to its
+    SAE's page, in the colour class of its series (an architecture: legend() is the key), hollow when
+    its numbers are the training run's rather than a report card's, with a bar for its 95% interval
+    (yerr, the half-width) where there is one. The front is joined by a dashed step line: moving
+    right along it costs L0 and buys y."""
+    pts = [p for p in points if _finite(p.get("x"), False) and _finite(p.get("y"), False)]
+    if not pts:
+        return Markup(f'<p class="muted small nodata">{escape(y_label)}: no SAE has both numbers</p>')
+    pad_l, pad_r, pad_b, pad_t = 46, 12, 30, 10
+    w, h = width - pad_l - pad_r, height - pad_b - pad_t
+    xs = [float(p["x"]) for p in pts]
+    ys = [float(p["y"]) for p in pts]
+    lows = [float(p["y"]) - float(p["yerr"]) for p in pts if _finite(p.get("yerr"), False)]
+    highs = [float(p["y"]) + float(p["yerr"]) for p in pts if _finite(p.get("yerr"), False)]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys + lows), max(ys + highs)
+    xm = (x1 - x0) * 0.06 or (abs(x0) * 0.1 or 1.0)
+    ym = (y1 - y0) * 0.06 or (abs(y0) * 0.1 or 0.05)
+    x0, x1, y0, y1 = x0 - xm, x1 + xm, y0 - ym, y1 + ym
+
+    def px(x: float) -> float:
+        return pad_l + (x - x0) / (x1 - x0) * w
+
+    def py(y: float) -> float:
+        return pad_t + h - (y - y0) / (y1 - y0) * h
+
+    parts = [f'<svg class="chart pareto" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{escape(y_label)} against {escape(x_label)}">']
+    for frac in (0.0, 0.5, 1.0):
+        y = pad_t + h - h * frac
+        parts.append(f'<line class="grid" x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick end" x="{pad_l - 4}" y="{y + 3:.1f}">{escape(y_format(y0 + (y1 - y0) * frac))}</text>')
+    parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}"/>')
+    parts.append(f'<line class="axis" x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}"/>')
+    for frac in (0.0, 0.5, 1.0):
+        x = pad_l + w * frac
+        anchor = "start" if frac == 0 else "end" if frac == 1 else "middle"
+        parts.append(f'<text class="tick {anchor}" x="{x:.1f}" y="{pad_t + h + 13}">{escape(x_format(x0 + (x1 - x0) * frac))}</text>')
+    front = sorted((p for p in pts if p.get("front")), key=lambda p: (float(p["x"]), float(p["y"])))
+    if len(front) >= 2:
+        d = [f"M{px(float(front[0]['x'])):.1f},{py(float(front[0]['y'])):.1f}"]
+        for a, b in zip(front, front[1:]):  # a staircase: the best y reachable at each L0
+            d.append(f"L{px(float(b['x'])):.1f},{py(float(a['y'])):.1f} L{px(float(b['x'])):.1f},{py(float(b['y'])):.1f}")
+        parts.append(f'<path class="front" d="{" ".join(d)}"><title>Pareto front</title></path>')
+    for p in pts:
+        cx, cy = px(float(p["x"])), py(float(p["y"]))
+        cls = series_class(int(p.get("series", 0)))
+        title = escape(p.get("title", ""))
+        parts.append(f'<a href="{escape(p["href"])}">')
+        if _finite(p.get("yerr"), False):
+            e = float(p["yerr"])
+            parts.append(f'<line class="err {cls}" x1="{cx:.1f}" y1="{py(float(p["y"]) - e):.1f}" x2="{cx:.1f}" '
+                         f'y2="{py(float(p["y"]) + e):.1f}"/>')
+        kind = " hollow" if p.get("hollow") else ""
+        kind += " onfront" if p.get("front") else ""
+        parts.append(f'<circle class="last pt {cls}{kind}" cx="{cx:.1f}" cy="{cy:.1f}" r="4.5"><title>{title}</title></circle>')
+        parts.append("</a>")
+    better = "lower is better" if lower_y_better else "higher is better"
+    parts.append(f'<text class="axislabel" x="{pad_l + w / 2:.1f}" y="{height - 2}">{escape(x_label)} (lower is sparser)</text>')
+    parts.append(f'<text class="tick start" x="{pad_l + 4}" y="{pad_t + 9}">{escape(y_label)} ({better})</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -22,7 +22,7 @@ import store
 from app.api_error import ApiError
 from app.autointerp import queue
 from app.deps import get_session, read_access
-from store import lineage
+from store import evaluations, lineage
 from store.models import Job
 from app.responses import cache_headers, etag_matches, not_modified
 from app.security import (
@@ -123,6 +123,7 @@ def sae_page(request: Request, name: str = Path(max_length=200), sort: str = Que
         return render(request, "_feature_table.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
     ctx["lm"] = sae.lm
     ctx["m"] = sae.metrics or {}
+    ctx["ev"] = evaluations.evaluation_dict(evaluations.latest_evaluation(session, sae.id))
     return render(request, "sae.html", ctx, headers={"Vary": "HX-Request, HX-Target"})
 
 

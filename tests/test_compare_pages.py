@@ -1,0 +1,101 @@
+"""The comparison of SAEs: /compare (Pareto plots and a sortable table, every point and row a link)
+and GET /api/v1/compare with the same numbers, on SQLite and PostgreSQL. (The page in Chromium:
+tests/test_pages_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.compare import pareto_front
+from store.models import SAE, Explanation, Feature
+from tests.test_pages import check_page, make_client
+
+
+def test_pareto_front():
+    pts = [(4.0, 0.9), (8.0, 0.5), (20.0, 0.95), (8.0, 0.6), (None, 0.1), (30.0, float("nan")), (2.0, 0.99)]
+    assert pareto_front(pts, lower_y_better=True) == [True, True, False, False, False, False, True]
+    # higher is better: (2, 0.99) beats everything with more L0
+    assert pareto_front(pts, lower_y_better=False) == [False, False, False, False, False, False, True]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)], lower_y_better=True) == [True, True]  # ties dominate neither
+
+
+@pytest.fixture
+def three(published, tiny_sae_dir):
+    """(engine, model): "tiny" with its training metrics, "b" and "c" with report cards, "b" with
+    interpretation scores (one of them uninformative)."""
+    from store.evaluations import write_evaluation
+    from trainer.publish import publish
+
+    engine, _ = published
+    for name in ("b", "c"):
+        publish(tiny_sae_dir, name, engine=engine, progress=False, relate=False)
+    with Session(engine) as s, s.begin():
+        ids = {n: s.scalar(select(SAE.id).where(SAE.name == n)) for n in ("tiny", "b", "c")}
+        write_evaluation(s, ids["b"], {"contexts": 8}, {"l0": 99.0, "fvu": 0.1}, 100)  # superseded below
+        write_evaluation(s, ids["b"], {"contexts": 8}, {"l0": 4.0, "fvu": 0.9, "ce_recovered": 0.5,
+                                                        "ce_recovered_ci95": 0.05, "dead_frac_eval": 0.25}, 1000)
+        write_evaluation(s, ids["c"], {"contexts": 8}, {"l0": 20.0, "fvu": 0.95, "ce_recovered": 0.4}, 1000)
+        feats = {f.index: f for f in s.scalars(select(Feature).where(Feature.sae_id == ids["b"], Feature.index < 4))}
+        for index, det, uninformative, emb in ((0, 0.9, False, None), (0, 0.6, False, None), (1, 0.7, False, None),
+                                               (2, 1.0, True, None), (3, None, None, 0.75)):
+            s.add(Explanation(feature_id=feats[index].id, text=f"latent {index}", method="explain-v1", explainer="t",
+                              detection_score=det, detection_uninformative=uninformative, embedding_score=emb))
+        model = s.get(SAE, ids["tiny"]).lm.name
+    return engine, model
+
+
+def test_compare_api_numbers_and_fronts(three):
+    engine, model = three
+    with make_client(engine) as c:
+        body = c.get("/api/v1/compare", params={"model": model}).json()
+        assert body["model"] == model and body["score"] == "detection"
+        rows = {r["name"]: r for r in body["saes"]}
+        assert sorted(rows) == ["b", "c", "tiny"]
+        b, cc, tiny = rows["b"], rows["c"], rows["tiny"]
+        assert (b["source"], b["l0"], b["fvu"], b["ce_recovered"], b["ce_recovered_ci95"], b["dead_frac"]) == (
+            "evaluation", 4.0, 0.9, 0.5, 0.05, 0.25)
+        # the best informative detection score of latents 0 (0.9) and 1 (0.7); latent 2's is uninformative
+        assert b["interpretability"] == pytest.approx(0.8) and b["scored_latents"] == 2
+        assert b["scores"]["embedding"] == {"mean": 0.75, "latents": 1}
+        assert b["front"] == {"fvu": True, "ce_recovered": True, "interpretability": True}
+        assert cc["front"] == {"fvu": False, "ce_recovered": False, "interpretability": False}
+        assert tiny["source"] == "training" and tiny["l0"] is not None and tiny["interpretability"] is None
+        assert b["links"] == {"page": "/saes/b", "api": "/api/v1/saes/b"}
+        emb = c.get("/api/v1/compare", params={"score": "embedding"}).json()
+        assert emb["model"] is None and {r["name"]: r["interpretability"] for r in emb["saes"]}["b"] == 0.75
+        assert c.get("/api/v1/compare", params={"model": "nope"}).status_code == 404
+        assert c.get("/api/v1/compare", params={"score": "vibes"}).status_code == 422
+
+
+def test_compare_page_plots_and_table(three):
+    engine, model = three
+    with make_client(engine) as c:
+        home = c.get("/")
+        assert 'href="/compare"' in home.text and "/compare?model=" in home.text
+        r = c.get("/compare", params={"model": model})
+        assert r.status_code == 200
+        check_page(r)
+        svgs = re.findall(r'<svg class="chart pareto".*?</svg>', r.text, flags=re.S)
+        assert len(svgs) == 3
+        fvu, ce, interp = svgs
+        for svg in (fvu, ce):  # every SAE with both numbers is a point, each a link to its page
+            assert sorted(re.findall(r'<a href="/saes/(\w+)">', svg)) == ["b", "c", "tiny"]
+        assert re.findall(r'<a href="/saes/(\w+)">', interp) == ["b"]
+        assert 'class="front"' in fvu or fvu.count("onfront") >= 1
+        assert 'class="err' in ce  # b's interval
+        assert "hollow" in fvu  # tiny's numbers are its training run's
+        table = r.text.split('<table class="grid comparetable">')[1]
+        assert re.findall(r'<td><a href="/saes/(\w+)"><b>', table) == ["b", "tiny", "c"]  # by L0, ascending
+        fvus = {row["name"]: row["fvu"] for row in c.get("/api/v1/compare", params={"model": model}).json()["saes"]}
+        desc = c.get("/compare", params={"model": model, "sort": "fvu", "order": "desc"}).text
+        order = re.findall(r'<td><a href="/saes/(\w+)"><b>', desc.split('<table class="grid comparetable">')[1])
+        assert order == sorted(fvus, key=lambda n: -fvus[n])
+        assert c.get("/compare").status_code == 200
+        assert c.get("/compare", params={"sort": "bogus"}).status_code == 422
+        assert c.get("/compare", params={"model": "nope"}).status_code == 404
+        sae_page = c.get("/saes/b").text
+        assert "/compare?model=" in sae_page and "Report card" in sae_page

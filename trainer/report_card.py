@@ -1,0 +1,215 @@
+"""A report card for one SAE folder (ours, or SAELens / sparsify / Gemma Scope, imported or not):
+what `sae-atlas evaluate` computes.
+
+The metrics are trainer/evaluate.py's, the same code that scores an SAE at the end of training:
+
+- reconstruction_metrics on `tokens` held-out tokens: FVU (against the held-out mean), explained
+  variance, MSE, L0, the share of latents that never fired on those tokens (dead_frac_eval) and of
+  latents firing on more than 10 % of them (dense_frac), and the mean cosine of x_hat and x;
+- spliced_lm_loss on exactly `contexts` held-out contexts: the LM's next-token loss clean, with
+  the SAE's output spliced in at its site (at the positions the SAE reads: BOS and attention sinks
+  keep their values), and with zeros spliced in; CE recovered = (CE_zero - CE_sae) / (CE_zero -
+  CE_clean) and delta LM loss = CE_sae - CE_clean.
+
+Intervals: 95 % intervals from the per-context losses, paired (trainer.evaluate.ce_interval): every
+context is run clean, zero-ablated and spliced, so delta LM loss has a Student t interval on the
+mean of the per-context differences d_i = CE_sae,i - CE_clean,i, and CE recovered, a ratio of
+means, a delta-method interval with t quantiles (scipy.stats.t). No bootstrap: it would cost as many
+LM passes again. Contexts are treated as independent draws; neighbouring contexts cut from one long
+document are not quite, so on long documents the interval is somewhat optimistic.
+
+Held-out text: the documents the training run held out (trainer.stream.held_out_contexts: the
+corpus's eval split by eval_fraction and seed, packed into contexts of ctx_len), with the SAE's own
+training settings as defaults; an imported SAE gets pydoc, ctx_len 128 and eval_fraction 0.1.
+The reconstruction metrics read the first contexts of that split, the loss the first `contexts`
+of them, so the two parts score the same text where they overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from store.errors import AtlasError
+from store.publish import clean_json
+from trainer.activations import valid_token_mask
+from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
+
+log = logging.getLogger(__name__)
+
+INTERVAL_METHOD = "paired per-context: t interval of the mean difference (delta LM loss), delta method (CE recovered)"
+
+
+@dataclass
+class EvaluateConfig:
+    """What to evaluate and on how much held-out text (CLI flags have the same names)."""
+
+    sae_dir: Path
+    """The SAE folder (resolved from a published SAE's name by the command)."""
+    model: str | None = None
+    """LM to run; default: the model the SAE says it reads."""
+    site: str | None = None
+    """Activation site; default: the SAE's own."""
+    corpus: str | None = None
+    """Corpus whose held-out documents are read; default: the SAE's training corpus, else pydoc."""
+    text_field: str = "text"
+    """Text field of .jsonl/.parquet/HF corpora."""
+    eval_fraction: float | None = None
+    """Held-out share of documents; default: the SAE's training value, else 0.1."""
+    ctx_len: int | None = None
+    """Tokens per context, BOS included; default: the SAE's training value, else 128."""
+    seed: int = 0
+    """Seed of the held-out split (the training run's seed keeps its split)."""
+    tokens: int = 65_536
+    """Held-out tokens for the reconstruction metrics (FVU, L0, dead, dense, cosine)."""
+    contexts: int = 128
+    """Held-out contexts for the CE losses (at least 2: the interval needs a spread); more narrow the
+    intervals roughly as 1/sqrt(contexts)."""
+    lm_batch_size: int = 16
+    """Contexts per LM forward pass."""
+    batch_size: int = 4096
+    """Tokens per SAE batch of the reconstruction metrics."""
+    exclude_bos: bool = True
+    """Leave the BOS position out (of the metrics, and of the splice: it keeps its value)."""
+    sink_norm_ratio: float | None = 10.0
+    """Leave out tokens whose activation norm exceeds this multiple of the context's median (attention sinks)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    lm_dtype: str = "auto"
+    """LM precision: auto, float32, bfloat16, float16."""
+
+    def validate(self) -> None:
+        for name in ("tokens", "lm_batch_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise AtlasError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.contexts < 2:
+            raise AtlasError(f"--contexts {self.contexts} is too few: a 95% interval needs at least 2 contexts",
+                             "use --contexts 32 or more")
+        if self.ctx_len is not None and self.ctx_len < 4:
+            raise AtlasError(f"--ctx-len {self.ctx_len} is too short", "use at least 4 tokens (128 is usual)")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise AtlasError(f"--eval-fraction {self.eval_fraction} must be in (0, 1)",
+                             "the held-out share of documents, e.g. 0.1")
+
+
+@dataclass
+class ReportCard:
+    """The result of one evaluation: what was measured (metrics) on what (settings)."""
+
+    sae_dir: Path
+    settings: dict
+    metrics: dict
+    n_tokens: int
+    """Held-out tokens of the reconstruction metrics."""
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"sae_dir": str(self.sae_dir), "settings": self.settings, "metrics": self.metrics,
+                "n_tokens": self.n_tokens, "elapsed_s": round(self.elapsed_s, 2)}
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, disable=not progress,
+                mininterval=0.5)
+
+
+def prepare(cfg: EvaluateConfig, lm=None):
+    """Load and check the SAE and the LM: (loaded SAE, LM, Evaluated); every refusal is one AtlasError."""
+    from trainer.analyze import resolve_defaults
+    from trainer.formats import check_native_hook, load_sae
+    from trainer.lm import load_lm
+
+    cfg.validate()
+    loaded = load_sae(cfg.sae_dir)
+    resolve_defaults(cfg, loaded)  # model, site, corpus, text field, ctx_len, eval_fraction as analysis fills them
+    lm = lm or load_lm(cfg.model, cfg.device, cfg.lm_dtype)
+    lm.site(cfg.site)  # the site must exist in this model (a one-line error naming its blocks otherwise)
+    output_site = loaded.output_site if loaded.transcoder else None
+    if loaded.transcoder and not output_site:
+        raise AtlasError(f"{cfg.sae_dir} is a transcoder that does not say which site it predicts",
+                         "import it again with --output-site, e.g. mlp_out.12")
+    if output_site:
+        lm.site(output_site)
+    check_native_hook(loaded.native_hook, lm, output_site or cfg.site, cfg.site if output_site else None)
+    d_in = loaded.sae.cfg.d_in
+    if d_in != lm.d_model:
+        raise AtlasError(f"the SAE reads {d_in}-dimensional activations but {cfg.model} site {cfg.site} has {lm.d_model}",
+                         "pass the --model (and --site) the SAE was trained on")
+    sae = loaded.sae.to(lm.device).eval()
+    return loaded, lm, Evaluated(sae, cfg.site, 1.0, output_site=output_site)  # saved folders fold the scale in
+
+
+@torch.no_grad()
+def evaluate_folder(cfg: EvaluateConfig, lm=None, progress: bool = True) -> ReportCard:
+    """Every metric of the report card for the SAE in cfg.sae_dir (see the module docstring)."""
+    from trainer.stream import held_out_contexts
+
+    started = time.time()
+    loaded, lm, model = prepare(cfg, lm)
+    site, target_site = lm.site(model.site), lm.site(model.target_site)
+    need_ctx = cfg.contexts
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    n_rec = 0
+    ce_batches: list[torch.Tensor] = []
+    n_ce = 0
+    # One walk over the held-out split: activations for the reconstruction metrics until `tokens`
+    # valid tokens are read, and the first `contexts` contexts kept for the loss passes.
+    bar = _bar(cfg.tokens, "reading held-out activations", "tok", progress)
+    for tokens in held_out_contexts(cfg, lm, cfg.lm_batch_size):
+        if n_ce < need_ctx:
+            ce_batches.append(tokens[:need_ctx - n_ce])
+            n_ce += len(ce_batches[-1])
+        if n_rec < cfg.tokens:
+            sites = [site] if target_site == site else [site, target_site]
+            acts = lm.read(tokens, sites)
+            mask = valid_token_mask(acts[site.name], cfg.sink_norm_ratio, cfg.exclude_bos)
+            xs.append(acts[site.name][mask].float().cpu())
+            if target_site != site:
+                ys.append(acts[target_site.name][mask].float().cpu())
+            n_rec += len(xs[-1])
+            bar.update(min(n_rec, cfg.tokens) - bar.n)
+        if n_rec >= cfg.tokens and n_ce >= need_ctx:
+            break
+    bar.close()
+    if n_ce < 2 or n_rec == 0:
+        raise AtlasError(f"the held-out split of corpus {cfg.corpus!r} holds only {n_ce} context(s) of {cfg.ctx_len} tokens",
+                         "use a larger --corpus or raise --eval-fraction")
+    if n_rec < cfg.tokens:
+        log.warning("the held-out split holds %d valid tokens, fewer than --tokens %d", n_rec, cfg.tokens)
+    if n_ce < need_ctx:
+        log.warning("the held-out split holds %d contexts, fewer than --contexts %d", n_ce, need_ctx)
+    x = torch.cat(xs)[:cfg.tokens]
+    target = torch.cat(ys)[:cfg.tokens] if ys else None
+    metrics = reconstruction_metrics(model, x, cfg.batch_size, target=target)
+    del x, target, xs, ys
+
+    ce_bar = _bar(n_ce, "spliced LM loss", "ctx", progress)
+
+    def counted():
+        for b in ce_batches:
+            ce_bar.update(len(b))
+            yield b
+
+    ce = spliced_lm_loss(lm, [model], counted(), cfg.exclude_bos, cfg.sink_norm_ratio,
+                         max_contexts=n_ce, min_contexts=n_ce)[0]
+    ce_bar.close()
+    for key in ("ce_ci_met", "ce_ci_target"):  # a fixed number of contexts: no stopping rule to report
+        ce.pop(key, None)
+    for key in ("ce_recovered", "delta_lm_loss"):
+        hw = ce.get(f"{key}_ci95")
+        ce[f"{key}_interval"] = None if hw is None else [ce[key] - hw, ce[key] + hw]
+    metrics.update(ce)
+    metrics["ce_tokens"] = int(n_ce * (cfg.ctx_len - 1))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    settings.update({"lm_dtype_used": str(lm.dtype).removeprefix("torch."), "confidence": 0.95,
+                     "interval": INTERVAL_METHOD, "source_format": loaded.source_format, "kind": loaded.kind,
+                     "output_site": model.output_site})
+    return ReportCard(Path(cfg.sae_dir), clean_json(settings), clean_json(metrics), int(metrics["eval_tokens"]), time.time() - started)
+
