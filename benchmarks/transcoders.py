@@ -51,9 +51,9 @@ class TimedTrainer(Trainer):
         super().__init__(cfg, lm)
         self.calls: list[tuple[int, float, float]] = []  # (step, start, end)
 
-    def train_step(self, run, batch):
+    def train_step(self, run, x, y=None):
         start = time.perf_counter()
-        out = super().train_step(run, batch)
+        out = super().train_step(run, x, y)
         self.calls.append((self.step, start, time.perf_counter()))
         return out
 

@@ -163,10 +163,10 @@ def set_run(tmp_path_factory, tiny_model_dir, tiny_lm, corpus):
     forwards: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
     original = Trainer.train_step
 
-    def recording(self, run, batch):
+    def recording(self, run, x, y=None):
         if self.step == 0:
-            seen[run.name] = (batch[run.site].clone(), batch[run.output_site].clone())
-        return original(self, run, batch)
+            seen[run.name] = (x.clone(), y.clone())
+        return original(self, run, x, y)
 
     ins: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
@@ -218,10 +218,10 @@ def test_one_block_alone_sees_the_same_batch(set_run, tmp_path, tiny_model_dir, 
     got = {}
     original = Trainer.train_step
 
-    def recording(self, run, batch):
+    def recording(self, run, x, y=None):
         if self.step == 0:
-            got[run.name] = (batch[run.site].clone(), batch[run.output_site].clone())
-        return original(self, run, batch)
+            got[run.name] = (x.clone(), y.clone())
+        return original(self, run, x, y)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Trainer, "train_step", recording)

@@ -40,7 +40,7 @@ from trainer import progress
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, prepare_output, save_checkpoint
 from trainer.config import TrainConfig, sae_name  # noqa: F401  (re-exported)
 from trainer.distributed import barrier, broadcast_flag, init_distributed, shutdown
-from trainer.evaluate import Evaluated, ReconstructionStats, spliced_lm_loss
+from trainer.evaluate import Evaluated, ReconstructionStats, spliced_lm_loss, spliced_set_loss
 from trainer.formats import save_sae
 from trainer.sae import Codes, SparseAutoencoder, StepContext, build_sae, default_lr
 from trainer.sources import (
@@ -87,10 +87,6 @@ class Run:
     output_site: str | None = None  # a transcoder's target (mlp_out.L); None for an SAE of `site`
     out_scale: float = 1.0  # a transcoder's scale of its output site (mean norm -> sqrt(D))
     layer: int | None = None  # a transcoder's block
-
-    @property
-    def target_site(self) -> str:
-        return self.output_site or self.site
 
 
 class Diverged(AtlasError):
@@ -232,16 +228,16 @@ class Trainer:
         window = min(run.sae.cfg.dead_after_tokens, max(1, self.step * self.cfg.batch_size))
         return run.tokens_since_fired >= window
 
-    def train_step(self, run: Run, batch: dict[str, torch.Tensor]) -> dict:
-        """One optimiser step of one SAE on this step's batch {site: activations}."""
+    def train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+        """One optimiser step of one SAE on activations x of its site (and, for a transcoder, the
+        same tokens' activations y of its output site)."""
         total_steps = self.total_steps
         lr = lr_at(self.step, total_steps, run.base_lr, self.cfg.warmup_steps, self.cfg.decay_frac)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         dead = run.tokens_since_fired >= run.sae.cfg.dead_after_tokens
-        x = batch[run.site]
         xs = x.float() * run.norm_scale
-        ys = batch[run.output_site].float() * run.out_scale if run.output_site else None
+        ys = y.float() * run.out_scale if run.output_site else None
         ctx = StepContext(self.step, total_steps, dead, run.variance, target=ys)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.compute_dtype == torch.bfloat16 and not run.sae.sparse_training):
@@ -311,7 +307,7 @@ class Trainer:
                 if batch is None:
                     raise AtlasError("the training stream ended", "check the corpus and the split (--eval-fraction)")
                 for run in self.runs:
-                    out = self.train_step(run, batch)
+                    out = self.train_step(run, batch[run.site], batch[run.output_site] if run.output_site else None)
                     if self.is_main and (self.step % c.log_every == 0 or self.step == total_steps - 1):
                         record = self._log_record(run, out, start)
                         logs[run.name].write(json.dumps(record) + "\n")
@@ -430,8 +426,6 @@ class Trainer:
                                  max_contexts=c.ce_contexts, min_contexts=min(32, c.ce_contexts), target=c.ce_ci_target)
             for i, run in enumerate(self.runs):
                 metrics[run.name].update(ce.get(i, {}))
-            from trainer.evaluate import spliced_set_loss
-
             index = {r.name: i for i, r in enumerate(self.runs)}
             for tag, runs in self.set_groups().items():
                 if len(runs) < 2:
