@@ -307,7 +307,8 @@ class Trainer:
                 if batch is None:
                     raise AtlasError("the training stream ended", "check the corpus and the split (--eval-fraction)")
                 for run in self.runs:
-                    out = self.train_step(run, batch[run.site], batch[run.output_site] if run.output_site else None)
+                    targets = () if run.output_site is None else (batch[run.output_site],)
+                    out = self.train_step(run, batch[run.site], *targets)
                     if self.is_main and (self.step % c.log_every == 0 or self.step == total_steps - 1):
                         record = self._log_record(run, out, start)
                         logs[run.name].write(json.dumps(record) + "\n")
