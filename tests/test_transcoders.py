@@ -90,7 +90,7 @@ def held_out_ids(lm, n: int = 8, length: int = 48, random: bool = False, seed: i
 
 # --- the loss is against the output site ----------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka", "relu"])
 def test_a_transcoder_learns_its_mlp_output(tmp_path, tiny_model_dir, tiny_lm, corpus, arch):
     (folder,) = train(config(tmp_path / "tc", tiny_model_dir, corpus, arch=[arch]), lm=tiny_lm)
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -136,7 +136,7 @@ def test_a_skip_transcoder_adds_its_skip_term(tmp_path, tiny_model_dir, tiny_lm,
     assert float((got - without).abs().max()) > 1e-3  # the skip term is in the output
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka", "relu"])
 def test_the_saved_form_predicts_what_the_trained_one_did(arch):
     """finished_transcoder folds the two scales and moves b_dec out of the encoder: the same codes
     and the same prediction, in raw units, as the training form on scaled inputs."""

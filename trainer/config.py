@@ -184,8 +184,6 @@ class TrainConfig:
         if specs and self.activations is not None:
             raise AtlasError("a transcoder reads mlp_in.L and predicts mlp_out.L, which one --activations matrix does not hold",
                              "train transcoders from the LM (drop --activations)")
-        if specs and "relu" in self.arch:
-            raise AtlasError("ReLU transcoders are not supported", "use topk, batchtopk, jumprelu or matryoshka")
         if self.cache_activations and (every_block or len(layers) > 1):
             raise AtlasError("--cache-activations with transcoders of several blocks would store 2 sites per block on disk",
                              "a multi-block transcoder run streams from the LM: drop --cache-activations")
