@@ -389,3 +389,36 @@ def test_a_transcoder_step_is_scored_against_its_target():
     expected = (out.x_hat - y).pow(2).sum(-1).mean() / 3.0
     assert float(out.terms["recon"]) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert torch.allclose(out.x_hat, y.mean(0).expand_as(y))  # W_dec starts at zero
+
+
+def test_a_stopped_transcoder_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_lm, corpus):
+    """The checkpoint keeps the output scale and W_skip: stopped and resumed, a two-block
+    skip-transcoder run saves exactly the weights of a run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from trainer import train as train_module
+
+    kw = dict(site=["mlp.1-2"], skip_connection=True, tokens=20 * 512, ce_contexts=0, eval_tokens=1024,
+              checkpoint_every=5)
+    full = train(config(tmp_path / "full", tiny_model_dir, corpus, **kw), lm=tiny_lm)
+    original = Trainer.train_step
+
+    def stopping(self, run, x, y=None):
+        out = original(self, run, x, y)
+        if self.step + 1 == 7:
+            self._stop_requested = True
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "train_step", stopping)
+    try:
+        with pytest.raises(train_module.Interrupted):
+            train(config(tmp_path / "part", tiny_model_dir, corpus, **kw), lm=tiny_lm)
+    finally:
+        mp.undo()
+    resumed = train(config(tmp_path / "part", tiny_model_dir, corpus, resume=True, **kw), lm=tiny_lm)
+    assert [f.name for f in full] == [f.name for f in resumed] == ["mlp.1-topk-w256-k16", "mlp.2-topk-w256-k16"]
+    for a, b in zip(full, resumed):
+        wa, wb = load_file(str(a / "sae_weights.safetensors")), load_file(str(b / "sae_weights.safetensors"))
+        assert sorted(wa) == ["W_dec", "W_enc", "W_skip", "b_dec", "b_enc"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
