@@ -1,7 +1,7 @@
 """The output folder and the checkpoint a run resumes from.
 
 checkpoint.pt holds, for every SAE of the sweep, its weights, Adam state, dead-latent counters and
-input scale, plus the step and EVERY rank's stream position (trainer.stream): under DDP each rank
+input scale (and a transcoder's output scale), plus the step and EVERY rank's stream position (trainer.stream): under DDP each rank
 reads its own share of the data, so each resumes at its own place. With those positions a resumed
 run trains on exactly the tokens an uninterrupted run would have (none twice, none skipped); it
 recomputes at most one shuffle window of activations per rank to rebuild its buffer.
@@ -64,7 +64,7 @@ def save_checkpoint(trainer) -> None:
         "positions": positions,
         "runs": {r.name: {"sae": r.sae.state_dict(), "optimizer": r.optimizer.state_dict(),
                           "tokens_since_fired": r.tokens_since_fired.cpu(), "norm_scale": r.norm_scale,
-                          "variance": r.variance} for r in trainer.runs},
+                          "variance": r.variance, "out_scale": r.out_scale} for r in trainer.runs},
     }
     out = trainer.cfg.out
     path = out / CHECKPOINT
@@ -99,5 +99,6 @@ def load_checkpoint(trainer) -> dict:
         r.optimizer.load_state_dict(s["optimizer"])
         r.tokens_since_fired.copy_(s["tokens_since_fired"].to(trainer.device))
         r.norm_scale, r.variance = float(s["norm_scale"]), float(s["variance"])
+        r.out_scale = float(s.get("out_scale", 1.0))  # a transcoder's output scale (absent before transcoders)
     trainer.step = int(state["step"])
     return state["positions"][trainer.rank]

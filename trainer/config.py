@@ -32,7 +32,9 @@ class TrainConfig:
     model: str = "smollm2-135m"
     """LM: alias, local folder, .gguf file or Hugging Face id."""
     site: list[str] = field(default_factory=lambda: ["resid_post.15"])
-    """Activation sites; several give a sweep over sites from one LM pass."""
+    """Activation sites; several give a sweep over sites from one LM pass. mlp.L trains a transcoder
+    of block L's MLP (reads mlp_in.L, predicts mlp_out.L); mlp.* every block's, mlp.A-B blocks A to B,
+    all from the same LM pass."""
     arch: list[str] = field(default_factory=lambda: ["topk"])
     """Architectures: topk, batchtopk, jumprelu, relu, matryoshka."""
     width: list[int] = field(default_factory=lambda: [4608])
@@ -83,12 +85,18 @@ class TrainConfig:
     """JumpReLU SAEs: initial threshold theta_0 of every latent; None: data-dependent (initial L0 about k)."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka SAEs: nested dictionary sizes (default: SAEConfig's, width/4, width/2, width)."""
+    skip_connection: bool = False
+    """Transcoders (mlp.L sites): add a learned linear skip term W_skip x (d_model x d_model, starting at
+    zero) to the prediction, a skip-transcoder (sparsify's skip_connection)."""
     exclude_bos: bool = True
     """Leave the BOS position out of training data and evaluation."""
     sink_norm_ratio: float | None = 10.0
     """Leave out tokens whose activation norm exceeds this multiple of the median (attention sinks)."""
     shuffle_buffer: int = 1 << 18
     """Tokens mixed together by the shuffle buffer."""
+    shuffle_buffer_mb: int = 4096
+    """Most memory the shuffle buffer holds, every site together: a run over many sites (the 60 of a
+    30-block transcoder run) mixes fewer than shuffle_buffer tokens."""
     cache_activations: bool = False
     """Store one pass of LM activations on disk (DATA_DIR/activations) and train from it."""
     lm_batch_size: int = 32
@@ -151,10 +159,39 @@ class TrainConfig:
             bad(f"ce_contexts must be >= 0 and ce_ci_target in (0, 1), got {self.ce_contexts} and {self.ce_ci_target}")
         if self.activations is not None and len(self.site) > 1:
             bad("--activations trains on one matrix, so it takes at most one --site")
+        if self.shuffle_buffer_mb <= 0:
+            bad(f"--shuffle-buffer-mb must be positive, got {self.shuffle_buffer_mb}")
+        self.validate_transcoders()
+
+    def transcoder_specs(self) -> list[str]:
+        """The sites that name MLPs to transcode (mlp.L, mlp.*, mlp.A-B)."""
+        from trainer.sources import is_transcoder_spec
+
+        return [s for s in self.site if is_transcoder_spec(s)]
+
+    def validate_transcoders(self) -> None:
+        from trainer.sources import transcoder_layers
+
+        specs = self.transcoder_specs()
+        layers: set[int] = set()
+        every_block = False
+        for s in specs:
+            named = transcoder_layers(s)  # AtlasError for a malformed spec
+            every_block |= named is None  # mlp.*
+            layers.update(named or [])
+        if self.skip_connection and not specs:
+            raise AtlasError("--skip-connection only applies to transcoders", "train them with --site mlp.L or --site 'mlp.*'")
+        if specs and self.activations is not None:
+            raise AtlasError("a transcoder reads mlp_in.L and predicts mlp_out.L, which one --activations matrix does not hold",
+                             "train transcoders from the LM (drop --activations)")
+        if self.cache_activations and (every_block or len(layers) > 1):
+            raise AtlasError("--cache-activations with transcoders of several blocks would store 2 sites per block on disk",
+                             "a multi-block transcoder run streams from the LM: drop --cache-activations")
 
     def sae_configs(self, d_in: int) -> list[tuple[str, SAEConfig]]:
         """(site, SAEConfig) for every SAE of the sweep."""
         from trainer.sae import SAEConfig
+        from trainer.sources import is_transcoder_spec
 
         out, seen = [], set()
         for site, arch, width, k in itertools.product(self.site, self.arch, self.width, self.k):
@@ -163,8 +200,10 @@ class TrainConfig:
                 continue
             seen.add(key)
             arch_settings = {name: getattr(self, name) for name in ARCH_SETTINGS if getattr(self, name) not in (None, [])}
+            transcode = is_transcoder_spec(site)
             out.append((site, SAEConfig(d_in=d_in, d_sae=width, architecture=arch, k=k,
-                                        dead_after_tokens=self.dead_tokens(arch), **arch_settings)))
+                                        dead_after_tokens=self.dead_tokens(arch), transcode=transcode,
+                                        skip_connection=transcode and self.skip_connection, **arch_settings)))
         return out
 
     def dead_tokens(self, arch: str = "topk") -> int:

@@ -8,6 +8,7 @@
   did not fire on any held-out token (training also reports its own window-based count); "firing"
   is SparseAutoencoder.fires, one rule for every architecture;
 - CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and delta LM loss = CE_sae - CE_clean,
+  for one SAE spliced in (spliced_lm_loss) or a whole transcoder set at once (spliced_set_loss),
   from running the LM with the site's activations replaced by the reconstruction (or by zeros)
   at every position the SAE is trained on (BOS and attention-sink positions keep their values),
   with 95% confidence intervals from the per-context losses (ce_interval); held-out contexts are
@@ -52,47 +53,70 @@ class Evaluated:
         return self.sae.output(codes, xs) / self.norm_scale, codes
 
 
+class ReconstructionStats:
+    """Running sums for reconstruction_metrics, fed batch by batch (a many-site run streams its
+    held-out tokens instead of holding every site's activations at once)."""
+
+    def __init__(self, model: Evaluated):
+        self.model = model
+        self.device = model.sae.W_dec.device
+        self.sq_err = 0.0
+        self.sum_y = torch.zeros(model.sae.W_dec.shape[1], dtype=torch.float64, device=self.device)
+        self.sum_sq = 0.0
+        self.l0 = 0.0
+        self.cos = 0.0
+        self.n = 0
+        self.fires = torch.zeros(model.sae.cfg.d_sae, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, target: torch.Tensor | None = None, batch_size: int = 4096) -> None:
+        """Add held-out activations x [n, D] of the site (raw units); a transcoder's `target` is the
+        same tokens' activations at its output site."""
+        model = self.model
+        if model.output_site is not None and target is None:
+            raise ValueError("a transcoder is scored against its output site: pass target")
+        target = x if target is None else target
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size].to(self.device).float()
+            yb = target[start:start + batch_size].to(self.device).float()
+            x_hat, codes = model.reconstruct(xb)
+            self.sq_err += float((x_hat - yb).double().pow(2).sum())
+            self.sum_y += yb.double().sum(0)
+            self.sum_sq += float(yb.double().pow(2).sum())
+            self.l0 += float((codes.values > 0).sum())
+            self.cos += float(F.cosine_similarity(x_hat.double(), yb.double(), dim=1).sum())
+            # A latent fires when its contribution to the prediction passes the floor relative to
+            # the norm of what is predicted (the output site, for a transcoder).
+            fired = model.sae.fires(codes, float(yb.norm(dim=1).mean()) * model.norm_scale)
+            self.fires.index_add_(0, codes.indices[fired],
+                                  torch.ones(int(fired.sum()), dtype=torch.float64, device=self.device))
+            self.n += xb.shape[0]
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        total_var = self.sum_sq - float(self.sum_y.pow(2).sum()) / n
+        fvu = self.sq_err / total_var if total_var > 0 else float("nan")
+        density = self.fires / n
+        return {
+            "mse": self.sq_err / n,
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "l0": self.l0 / n,
+            "cos_sim": self.cos / n,
+            "dead_frac_eval": float((self.fires == 0).double().mean()),
+            "dense_frac": float((density > 0.1).double().mean()),
+            "eval_tokens": self.n,
+        }
+
+
 @torch.no_grad()
 def reconstruction_metrics(model: Evaluated, x: torch.Tensor, batch_size: int = 4096,
                            target: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics over held-out activations x [n, D] (raw units) of the site. A transcoder's
     prediction is scored against `target`, the same tokens' activations at its output site."""
-    if model.output_site is not None and target is None:
-        raise ValueError("a transcoder is scored against its output site: pass target")
-    target = x if target is None else target
-    d_sae = model.sae.cfg.d_sae
-    device = model.sae.W_dec.device
-    sq_err = 0.0
-    sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-    sum_sq = 0.0
-    l0 = 0.0
-    cos = 0.0
-    fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    n = x.shape[0]
-    for start in range(0, n, batch_size):
-        xb = x[start:start + batch_size].to(device).float()
-        yb = target[start:start + batch_size].to(device).float()
-        x_hat, codes = model.reconstruct(xb)
-        sq_err += float((x_hat - yb).double().pow(2).sum())
-        sum_x += yb.double().sum(0)
-        sum_sq += float(yb.double().pow(2).sum())
-        l0 += float((codes.values > 0).sum())
-        cos += float(F.cosine_similarity(x_hat.double(), yb.double(), dim=1).sum())
-        fired = model.sae.fires(codes, float(xb.norm(dim=1).mean()) * model.norm_scale)
-        fires.index_add_(0, codes.indices[fired], torch.ones(int(fired.sum()), dtype=torch.float64, device=device))
-    total_var = sum_sq - float(sum_x.pow(2).sum()) / n
-    fvu = sq_err / total_var if total_var > 0 else float("nan")
-    density = fires / n
-    return {
-        "mse": sq_err / n,
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "l0": l0 / n,
-        "cos_sim": cos / n,
-        "dead_frac_eval": float((fires == 0).double().mean()),
-        "dense_frac": float((density > 0.1).double().mean()),
-        "eval_tokens": n,
-    }
+    stats = ReconstructionStats(model)
+    stats.update(x, target, batch_size)
+    return stats.result()
 
 
 def _ce_per_context(logits: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
@@ -143,6 +167,23 @@ def interval_met(m: dict[str, float], target: float) -> bool:
     return m["ce_recovered_ci95"] <= target and m["delta_lm_loss_ci95"] <= target * m["ce_clean"]
 
 
+def _splice(fn, exclude_bos: bool, sink_norm_ratio: float | None):
+    """replace(out, source=None) for LoadedLM.logits_with: out at the valid positions becomes
+    fn(activations read there). A transcoder's prediction comes from its input site (`source`);
+    a position is replaced where both its input and its output are valid tokens (the rule of the
+    training stream, which keeps a token only where every site it reads is valid), so BOS and
+    sink positions keep their values."""
+    def replace(out: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        src = out if source is None else source
+        mask = valid_token_mask(src, sink_norm_ratio, exclude_bos)
+        if source is not None:
+            mask &= valid_token_mask(out, sink_norm_ratio, exclude_bos)
+        new = out.clone()
+        new[mask] = fn(src[mask].float()).to(out.dtype)
+        return new
+    return replace
+
+
 @torch.no_grad()
 def spliced_lm_loss(lm, models: list[Evaluated], contexts: Iterable[torch.Tensor], exclude_bos: bool = True,
                     sink_norm_ratio: float | None = 10.0, max_contexts: int = 256, min_contexts: int = 32,
@@ -163,15 +204,7 @@ def spliced_lm_loss(lm, models: list[Evaluated], contexts: Iterable[torch.Tensor
     sae: list[list[np.ndarray]] = [[] for _ in models]
 
     def splice(fn):
-        def replace(out: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
-            # A transcoder's prediction comes from its input site (`source`), whose tokens decide
-            # which positions are replaced, as they decide what the SAE is trained and analysed on.
-            src = out if source is None else source
-            mask = valid_token_mask(src, sink_norm_ratio, exclude_bos)
-            new = out.clone()
-            new[mask] = fn(src[mask].float()).to(out.dtype)
-            return new
-        return replace
+        return _splice(fn, exclude_bos, sink_norm_ratio)
 
     def summary() -> dict[int, dict[str, float]]:
         c = np.concatenate(clean)
@@ -197,4 +230,46 @@ def spliced_lm_loss(lm, models: list[Evaluated], contexts: Iterable[torch.Tensor
     for m in out.values():
         m["ce_ci_met"] = bool(interval_met(m, target))
         m["ce_ci_target"] = target
+    return out
+
+
+@torch.no_grad()
+def spliced_set_loss(lm, models: list[Evaluated], contexts: Iterable[torch.Tensor], exclude_bos: bool = True,
+                     sink_norm_ratio: float | None = 10.0, max_contexts: int = 256, min_contexts: int = 32,
+                     target: float = 0.005) -> dict[str, float]:
+    """CE recovered and delta LM loss, with 95% intervals, when every model is spliced in at once
+    (a transcoder set: every MLP replaced by its transcoder in the same forward pass, so each one
+    reads an input that the transcoders upstream of it have already changed).
+
+    The zero-ablation replaces every target site by zeros at once. Per-context losses are paired
+    (clean, zero-ablated, spliced on the same contexts) and summarised by ce_interval; contexts
+    are added until both intervals meet `target` (after min_contexts) or max_contexts are used."""
+    def splices(fn_of):
+        out = []
+        for m in models:
+            source = lm.site(m.site) if m.output_site else None
+            out.append((lm.site(m.target_site), _splice(fn_of(m), exclude_bos, sink_norm_ratio), source))
+        return out
+
+    zero = splices(lambda m: torch.zeros_like)
+    spliced = splices(lambda m: lambda a: m.reconstruct(a.to(m.sae.W_dec.device))[0].to(a.device))
+    clean_ce: list[np.ndarray] = []
+    zero_ce: list[np.ndarray] = []
+    set_ce: list[np.ndarray] = []
+    n, out = 0, {}
+    for batch in contexts:
+        tokens = batch[:max_contexts - n]
+        if not len(tokens):
+            break
+        clean_ce.append(_ce_per_context(lm.logits_with(tokens), tokens))
+        zero_ce.append(_ce_per_context(lm.logits_spliced(tokens, zero), tokens))
+        set_ce.append(_ce_per_context(lm.logits_spliced(tokens, spliced), tokens))
+        n += len(tokens)
+        out = ce_interval(np.concatenate(clean_ce), np.concatenate(zero_ce), np.concatenate(set_ce))
+        if n >= max_contexts or (n >= min_contexts and interval_met(out, target)):
+            break
+    if out:
+        out["ce_ci_met"] = bool(interval_met(out, target))
+        out["ce_ci_target"] = target
+        out["spliced_sites"] = [m.target_site for m in models]
     return out

@@ -323,17 +323,26 @@ class LoadedLM:
 
         With `source` (a site computed earlier in the same forward pass, e.g. a transcoder's
         mlp_in for its mlp_out), replace is called as replace(a, activations at source)."""
+        splices = [(site, replace, source)] if site is not None and replace is not None else []
+        return self.logits_spliced(input_ids, splices)
+
+    @torch.inference_mode()
+    def logits_spliced(self, input_ids: torch.Tensor,
+                       splices: list[tuple[Site, Callable[..., torch.Tensor], Site | None]]) -> torch.Tensor:
+        """Logits [B, T, V] with several sites replaced in the same forward pass: for each
+        (site, replace, source) as in logits_with. A source is read in this very pass, so it sees
+        the replacements made upstream of it (every MLP replaced by its transcoder at once)."""
         handles = []
-        if site is not None and replace is not None:
-            fn = replace
-            if source is not None:
-                if (source.layer, SITE_ORDER[source.kind]) >= (site.layer, SITE_ORDER[site.kind]):
-                    raise AtlasError(f"{source} is not computed before {site}", "a source site must come earlier")
-                seen: dict[str, torch.Tensor] = {}
-                handles.append(self.capture(source, seen))
-                fn = lambda a: replace(a, seen[source.name])  # noqa: E731
-            handles.append(self.hook_site(site, fn))
+        seen: dict[str, torch.Tensor] = {}
         try:
+            for site, replace, source in splices:
+                fn = replace
+                if source is not None:
+                    if (source.layer, SITE_ORDER[source.kind]) >= (site.layer, SITE_ORDER[site.kind]):
+                        raise AtlasError(f"{source} is not computed before {site}", "a source site must come earlier")
+                    handles.append(self.capture(source, seen))
+                    fn = lambda a, replace=replace, source=source: replace(a, seen[source.name])  # noqa: E731
+                handles.append(self.hook_site(site, fn))
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
         finally:
             for h in handles:

@@ -5,6 +5,10 @@ Hugging Face id. Sites are named `resid_post.L` (the residual stream after block
 and `mlp_out.L` (what the attention / MLP of block L adds to the residual stream) and `mlp_in.L`
 (what the MLP of block L reads: the output of the pre-MLP norm; transcoders read it). Everything
 here is cheap, so runs and requests can be validated before any weights are read.
+
+Training also takes `mlp.L`: not an activation site but the MLP of block L, for which `train`
+fits a transcoder (reads mlp_in.L, predicts mlp_out.L; sparsify's hookpoint `layers.L.mlp` with
+--transcode). `mlp.*` names every block's MLP and `mlp.A-B` blocks A to B.
 """
 
 from __future__ import annotations
@@ -65,6 +69,66 @@ def parse_site(name: str, n_layers: int | None = None) -> Site:
         raise AtlasError(f"unknown site {name!r}: the model has blocks 0..{n_layers - 1}",
                          f"valid sites are {', '.join(k + '.0' for k in SITE_KINDS)} … {SITE_KINDS[0]}.{n_layers - 1}")
     return site
+
+
+TRANSCODER_KIND = "mlp"
+_TRANSCODER_RE = re.compile(rf"{TRANSCODER_KIND}\.(\*|\d+|\d+-\d+)")
+
+
+def is_transcoder_spec(name: str) -> bool:
+    """Whether a training site names MLPs to transcode (mlp.L, mlp.*, mlp.A-B)."""
+    return bool(_TRANSCODER_RE.fullmatch(name.strip())) or name.strip().startswith(TRANSCODER_KIND + ".")
+
+
+def transcoder_layers(name: str, n_layers: int | None = None) -> list[int] | None:
+    """The blocks a transcoder spec names: mlp.L -> [L], mlp.A-B -> A..B, mlp.* -> every block
+    (None while the depth is unknown). AtlasError for a malformed spec or a block the model lacks."""
+    hint = "transcoder sites are mlp.L (block L's MLP), mlp.A-B (blocks A to B) or mlp.* (every block)"
+    m = _TRANSCODER_RE.fullmatch(name.strip())
+    if not m:
+        raise AtlasError(f"unknown transcoder site {name!r}", hint)
+    spec = m.group(1)
+    if spec == "*":
+        return None if n_layers is None else list(range(n_layers))
+    lo, _, hi = spec.partition("-")
+    lo, hi = int(lo), int(hi or lo)
+    if lo > hi:
+        raise AtlasError(f"transcoder site {name!r} runs backwards", f"write mlp.{hi}-{lo}")
+    if n_layers is not None and hi >= n_layers:
+        raise AtlasError(f"unknown transcoder site {name!r}: the model has blocks 0..{n_layers - 1}", hint)
+    return list(range(lo, hi + 1))
+
+
+def transcoder_sites(layer: int) -> tuple[str, str]:
+    """(input site, output site) of block `layer`'s MLP transcoder."""
+    return f"mlp_in.{layer}", f"mlp_out.{layer}"
+
+
+def expand_sites(names: list[str] | tuple[str, ...], n_layers: int | None) -> list[str]:
+    """Training sites with transcoder specs expanded to one `mlp.L` per block, duplicates dropped,
+    order kept; every name checked (against the depth when it is known). A `mlp.*` stays as it is
+    while the depth is unknown."""
+    out: list[str] = []
+    for name in names:
+        if is_transcoder_spec(name):
+            layers = transcoder_layers(name, n_layers)
+            out.extend([name.strip()] if layers is None else [f"{TRANSCODER_KIND}.{L}" for L in layers])
+        else:
+            out.append(parse_site(name, n_layers).name)
+    return list(dict.fromkeys(out))
+
+
+def stream_sites(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The activation sites an LM pass must read for these (expanded) training sites: a transcoder
+    `mlp.L` needs mlp_in.L and mlp_out.L."""
+    out: list[str] = []
+    for name in names:
+        if is_transcoder_spec(name):
+            for layer in transcoder_layers(name) or []:
+                out.extend(transcoder_sites(layer))
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def hf_model_id(name: str) -> str:
@@ -231,3 +295,9 @@ def check_sites(model: str, sites: list[str] | tuple[str, ...]) -> list[Site]:
     `train --site resid_post.99` fails in well under a second instead of after loading the model."""
     depth = model_depth(model)
     return [parse_site(s, depth) for s in sites]
+
+
+def check_train_sites(model: str, sites: list[str] | tuple[str, ...]) -> list[str]:
+    """check_sites for training, whose sites may also name MLPs to transcode (mlp.L, mlp.*):
+    returns them expanded (expand_sites)."""
+    return expand_sites(sites, model_depth(model))

@@ -30,13 +30,15 @@ from trainer.activations import (
 )
 from trainer.config import TrainConfig
 from trainer.distributed import barrier
+from trainer.sources import stream_sites
 
 log = logging.getLogger(__name__)
 
 
 def stream_spec(cfg: TrainConfig, lm, split: str) -> LMStreamSpec:
-    """Everything that determines an LM activation stream (and names its cache)."""
-    return LMStreamSpec(model=cfg.model, sites=list(cfg.site), corpus=cfg.corpus, text_field=cfg.text_field,
+    """Everything that determines an LM activation stream (and names its cache). Its sites are the
+    activation sites the run reads: a transcoder's mlp.L reads mlp_in.L and mlp_out.L."""
+    return LMStreamSpec(model=cfg.model, sites=stream_sites(cfg.site), corpus=cfg.corpus, text_field=cfg.text_field,
                         ctx_len=cfg.ctx_len, split=split, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                         exclude_bos=cfg.exclude_bos, sink_norm_ratio=cfg.sink_norm_ratio,
                         lm_dtype=str(lm.dtype) if lm is not None else cfg.lm_dtype)
@@ -82,7 +84,7 @@ class TrainingStream:
             def open_chunks(skip: int):
                 return LMActivations(self.lm, spec, c.lm_batch_size, rank=self.rank, world_size=self.world,
                                      skip_batches=skip)
-        self.buffer = ShuffleBuffer(open_chunks, c.batch_size // self.world, c.shuffle_buffer // self.world,
+        self.buffer = ShuffleBuffer(open_chunks, c.batch_size // self.world, buffer_tokens(c, self.lm) // self.world,
                                     seed=c.seed + self.rank, device=self.device, position=self._start)
         yield from self.buffer
 
@@ -101,23 +103,47 @@ class TrainingStream:
         log.info("cached %d tokens of activations in %s", cache.meta()["tokens"], cache.dir)
 
 
-def held_out_activations(cfg: TrainConfig, lm, array: ArrayActivations | None) -> dict[str, torch.Tensor]:
-    """Held-out activations for the reconstruction metrics, {site: [n, D]} on the CPU."""
+def buffer_tokens(cfg: TrainConfig, lm) -> int:
+    """Tokens the shuffle buffer mixes: shuffle_buffer, or fewer where that many tokens of every
+    site would not fit in shuffle_buffer_mb (a window is held twice while it is shuffled)."""
+    if lm is None:
+        return cfg.shuffle_buffer
+    per_token = 2 * len(stream_sites(cfg.site)) * lm.d_model * lm.dtype.itemsize
+    return max(cfg.batch_size, min(cfg.shuffle_buffer, (cfg.shuffle_buffer_mb << 20) // per_token))
+
+
+def held_out_chunks(cfg: TrainConfig, lm, array: ArrayActivations | None) -> Iterator[dict[str, torch.Tensor]]:
+    """The first eval_tokens held-out tokens, {site: [n, D]} on the CPU, chunk after chunk (one
+    chunk from a matrix or a cache; an LM pass, batch by batch, so that a run over many sites
+    never holds every site's held-out activations at once)."""
     if array is not None:
-        return {cfg.site[0]: array.eval_tensor(cfg.eval_tokens)}
+        yield {cfg.site[0]: array.eval_tensor(cfg.eval_tokens)}
+        return
     if cfg.cache_activations:  # a cache of the held-out split (e.g. the demo's) saves an LM pass
         cached = cached_eval_activations(get_settings().data_dir / "activations", stream_spec(cfg, lm, "eval"),
                                          cfg.eval_tokens)
         if cached is not None:
-            return cached
+            yield cached
+            return
     source = LMActivations(lm, stream_spec(cfg, lm, "eval"), cfg.lm_batch_size, max_tokens=cfg.eval_tokens, epochs=1)
-    parts: dict[str, list[torch.Tensor]] = {s: [] for s in cfg.site}
+    seen = 0
     for chunk in source:
-        for s, v in chunk.items():
-            parts[s].append(v.cpu())
-    if not parts[cfg.site[0]]:
+        take = min(cfg.eval_tokens - seen, next(iter(chunk.values())).shape[0])
+        seen += take
+        yield {s: v[:take].cpu() for s, v in chunk.items()}
+        if seen >= cfg.eval_tokens:
+            return
+    if not seen:
         raise AtlasError("the held-out split is empty", "raise --eval-fraction or use a larger corpus")
-    return {s: torch.cat(v)[:cfg.eval_tokens] for s, v in parts.items()}
+
+
+def held_out_activations(cfg: TrainConfig, lm, array: ArrayActivations | None) -> dict[str, torch.Tensor]:
+    """Held-out activations for the reconstruction metrics, {site: [n, D]} on the CPU."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for chunk in held_out_chunks(cfg, lm, array):
+        for s, v in chunk.items():
+            parts.setdefault(s, []).append(v)
+    return {s: torch.cat(v) for s, v in parts.items()}
 
 
 def held_out_contexts(cfg: TrainConfig, lm, per_batch: int) -> Iterator[torch.Tensor]:

@@ -11,6 +11,13 @@ the saved weights.
 
 Data parallel: under `torchrun --nproc_per_node N`, each rank reads its own share of the data
 and DDP averages gradients; rank 0 logs, evaluates and saves.
+
+Transcoders (sites mlp.L, mlp.*): a run reads mlp_in.L and mlp_out.L of every named block in the
+same LM pass (trainer.stream), and block L's transcoder trains on that pair, its loss against
+mlp_out.L (sparsify's --transcode, see trainer/sae/base.py); the output site has its own scale.
+At the end each one is folded into the standard form (trainer.transcoders), evaluated against its
+output site alone and, with several blocks, as a whole set spliced in at once, and the set's
+manifest (transcoder_set.json) is written next to the per-block folders.
 """
 
 from __future__ import annotations
@@ -33,10 +40,17 @@ from trainer import progress
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, prepare_output, save_checkpoint
 from trainer.config import TrainConfig, sae_name  # noqa: F401  (re-exported)
 from trainer.distributed import barrier, broadcast_flag, init_distributed, shutdown
-from trainer.evaluate import Evaluated, reconstruction_metrics, spliced_lm_loss
+from trainer.evaluate import Evaluated, ReconstructionStats, spliced_lm_loss, spliced_set_loss
 from trainer.formats import save_sae
 from trainer.sae import Codes, SparseAutoencoder, StepContext, build_sae, default_lr
-from trainer.stream import TrainingStream, activation_file, held_out_activations, held_out_contexts
+from trainer.sources import (
+    expand_sites,
+    is_transcoder_spec,
+    stream_sites,
+    transcoder_layers,
+    transcoder_sites,
+)
+from trainer.stream import TrainingStream, activation_file, held_out_chunks, held_out_contexts
 
 __all__ = ["CHECKPOINT", "Diverged", "Interrupted", "TrainConfig", "Trainer", "prepare_output", "sae_name", "train"]
 
@@ -60,7 +74,7 @@ class Run:
     """One SAE being trained."""
 
     name: str
-    site: str
+    site: str  # the site the SAE reads (a transcoder: mlp_in.L)
     sae: SparseAutoencoder
     folder: Path
     step_module: nn.Module
@@ -68,8 +82,11 @@ class Run:
     base_lr: float
     tokens_since_fired: torch.Tensor
     norm_scale: float = 1.0
-    variance: float = 1.0
+    variance: float = 1.0  # of the normalised target (a transcoder's output site)
     last_terms: dict = field(default_factory=dict)
+    output_site: str | None = None  # a transcoder's target (mlp_out.L); None for an SAE of `site`
+    out_scale: float = 1.0  # a transcoder's scale of its output site (mean norm -> sqrt(D))
+    layer: int | None = None  # a transcoder's block
 
 
 class Diverged(AtlasError):
@@ -91,12 +108,12 @@ def lr_at(step: int, total: int, base: float, warmup_steps: int, decay_frac: flo
 
 def check_sites(cfg: TrainConfig) -> None:
     """Site names are checked before any weights are read: their form always, the block number
-    when the model's depth is known without loading it (aliases)."""
-    from trainer.sources import ALIASES, parse_site
+    when the model's depth is known without loading it (aliases), when transcoder specs such as
+    mlp.* are also expanded (else they are once the LM is loaded)."""
+    from trainer.sources import ALIASES
 
     depth = ALIASES[cfg.model].n_layers if cfg.activations is None and cfg.model in ALIASES else None
-    for s in cfg.site:
-        parse_site(s, depth)
+    cfg.site = expand_sites(cfg.site, depth)
 
 
 class Trainer:
@@ -120,6 +137,7 @@ class Trainer:
         self.step = 0
         self.total_steps = int(cfg.tokens // cfg.batch_size)
         self._stop_requested = False
+        self.set_metrics: dict[str, dict] = {}  # configuration -> CE of its transcoder set spliced in at once
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -132,8 +150,9 @@ class Trainer:
             from trainer.lm import load_lm
 
             self.lm = load_lm(self.cfg.model, self.device, self.cfg.lm_dtype)
-        for s in self.cfg.site:
-            self.lm.site(s)  # validates against the model's depth
+        self.cfg.site = expand_sites(self.cfg.site, self.lm.n_layers)  # validates against the model's depth
+        for s in stream_sites(self.cfg.site):
+            self.lm.site(s)
         return self.lm.d_model
 
     def build_runs(self, d_in: int) -> None:
@@ -147,7 +166,11 @@ class Trainer:
             base_lr = c.lr or default_lr(sae_cfg, c.tokens, c.batch_size)
             optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999))
             counter = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.device)
-            self.runs.append(Run(name, site, sae, folder, _Step(sae), optimizer, base_lr, counter))
+            run = Run(name, site, sae, folder, _Step(sae), optimizer, base_lr, counter)
+            if is_transcoder_spec(site):
+                (run.layer,) = transcoder_layers(site)
+                run.site, run.output_site = transcoder_sites(run.layer)
+            self.runs.append(run)
 
     @torch.no_grad()
     def initialise(self, first: dict[str, torch.Tensor]) -> None:
@@ -175,7 +198,11 @@ class Trainer:
             scales[site] = (scale, float((xs - xs.mean(0)).pow(2).sum(-1).mean()))
         for run in self.runs:
             run.norm_scale, run.variance = scales[run.site]
-            run.sae.initialise_from(gathered[run.site] * run.norm_scale)
+            if run.output_site is None:
+                run.sae.initialise_from(gathered[run.site] * run.norm_scale)
+            else:
+                run.out_scale, run.variance = scales[run.output_site]
+                run.sae.initialise_from(gathered[run.site] * run.norm_scale, gathered[run.output_site] * run.out_scale)
 
     def wrap_ddp(self) -> None:
         if self.world == 1:
@@ -201,14 +228,17 @@ class Trainer:
         window = min(run.sae.cfg.dead_after_tokens, max(1, self.step * self.cfg.batch_size))
         return run.tokens_since_fired >= window
 
-    def train_step(self, run: Run, x: torch.Tensor) -> dict:
+    def train_step(self, run: Run, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+        """One optimiser step of one SAE on activations x of its site (and, for a transcoder, the
+        same tokens' activations y of its output site)."""
         total_steps = self.total_steps
         lr = lr_at(self.step, total_steps, run.base_lr, self.cfg.warmup_steps, self.cfg.decay_frac)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         dead = run.tokens_since_fired >= run.sae.cfg.dead_after_tokens
-        ctx = StepContext(self.step, total_steps, dead, run.variance)
         xs = x.float() * run.norm_scale
+        ys = y.float() * run.out_scale if run.output_site else None
+        ctx = StepContext(self.step, total_steps, dead, run.variance, target=ys)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.compute_dtype == torch.bfloat16 and not run.sae.sparse_training):
             loss, x_hat, values, indices, terms = run.step_module(xs, ctx)
@@ -236,8 +266,8 @@ class Trainer:
                 dist.all_reduce(n_tokens)
             run.tokens_since_fired += n_tokens
             run.tokens_since_fired[fired > 0] = 0
-        return {"loss": float(loss.detach()), "lr": lr, "x": xs, "x_hat": x_hat, "l0": float((values > 0).sum(-1).float().mean()),
-                **terms}
+        return {"loss": float(loss.detach()), "lr": lr, "target": xs if ys is None else ys, "x_hat": x_hat,
+                "l0": float((values > 0).sum(-1).float().mean()), **terms}
 
     def fit(self) -> list[Path]:
         from tqdm import tqdm
@@ -277,7 +307,8 @@ class Trainer:
                 if batch is None:
                     raise AtlasError("the training stream ended", "check the corpus and the split (--eval-fraction)")
                 for run in self.runs:
-                    out = self.train_step(run, batch[run.site])
+                    targets = () if run.output_site is None else (batch[run.output_site],)
+                    out = self.train_step(run, batch[run.site], *targets)
                     if self.is_main and (self.step % c.log_every == 0 or self.step == total_steps - 1):
                         record = self._log_record(run, out, start)
                         logs[run.name].write(json.dumps(record) + "\n")
@@ -312,42 +343,98 @@ class Trainer:
         progress.report("evaluate", 0, 1, force=True)
         metrics = self.evaluate()
         for run in self.runs:
-            save_sae(run.folder, run.sae, run.norm_scale, run.site, c.model if self.array is None else "activations",
+            sae, scale = self.saved_form(run)
+            save_sae(run.folder, sae, scale, run.site, c.model if self.array is None else "activations",
                      training={**c.to_json(), "steps": int(self.step), "elapsed_s": time.time() - start,
                                "world_size": self.world},
-                     metrics=metrics[run.name], context_size=c.ctx_len, corpus=c.corpus if self.array is None else str(c.activations))
+                     metrics=metrics[run.name], context_size=c.ctx_len, corpus=c.corpus if self.array is None else str(c.activations),
+                     output_site=run.output_site)
             (run.folder / "metrics.json").write_text(json.dumps(metrics[run.name], indent=2))
+        self.write_sets(metrics)
         return [r.folder for r in self.runs]
 
+    def saved_form(self, run: Run) -> tuple[SparseAutoencoder, float]:
+        """(SAE, input scale still to fold) as save_sae and Evaluated take it: an SAE as trained
+        with its scale, a transcoder in the standard form with both scales folded in."""
+        if run.output_site is None:
+            return run.sae, run.norm_scale
+        from trainer.transcoders import finished_transcoder
+
+        return finished_transcoder(run.sae, run.norm_scale, run.out_scale), 1.0
+
+    def set_groups(self) -> dict[str, list[Run]]:
+        """The run's transcoder sets: its transcoders grouped by configuration."""
+        from trainer.transcoders import set_groups
+
+        entries = [(r.layer, r.name, r.sae.cfg) for r in self.runs if r.output_site is not None]
+        by_name = {r.name: r for r in self.runs}
+        return {tag: [by_name[name] for _, name, _ in group] for tag, group in set_groups(entries).items()}
+
+    def write_sets(self, metrics: dict[str, dict]) -> list[Path]:
+        """A transcoder set manifest per configuration (trainer.transcoders.sets)."""
+        from trainer.config import USES_K
+        from trainer.transcoders import SetLayer, write_transcoder_set
+
+        groups = self.set_groups()
+        paths = []
+        for tag, runs in groups.items():
+            cfg = runs[0].sae.cfg
+            layers = [SetLayer(r.layer, str(r.folder.relative_to(self.cfg.out)) if r.folder != self.cfg.out else ".",
+                               r.site, r.output_site, cfg.architecture, metrics[r.name]) for r in runs]
+            paths.append(write_transcoder_set(self.cfg.out, tag, len(groups) == 1, self.cfg.model, self.lm.n_layers,
+                                              cfg.architecture, cfg.d_sae, cfg.k if cfg.architecture in USES_K else None,
+                                              cfg.skip_connection, layers, self.set_metrics.get(tag, {})))
+        return paths
+
     def _log_record(self, run: Run, out: dict, start: float) -> dict:
-        x, x_hat = out["x"], out["x_hat"].detach().float()
+        x, x_hat = out["target"], out["x_hat"].detach().float()
         fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
         record = {"step": int(self.step), "tokens": int((self.step + 1) * self.cfg.batch_size), "loss": out["loss"],
                   "fvu": fvu, "l0": out["l0"], "dead_frac": float(self.dead_mask(run).float().mean()),
                   "lr": out["lr"], "elapsed_s": round(time.time() - start, 2)}
-        record.update({k: v for k, v in out.items() if k not in ("x", "x_hat", "loss", "lr", "l0")})
+        record.update({k: v for k, v in out.items() if k not in ("target", "x_hat", "loss", "lr", "l0")})
         return record
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict]:
+        """Held-out metrics of every SAE: reconstruction (a transcoder's against its output site),
+        CE with each one spliced in alone, and CE with each transcoder set spliced in at once
+        (kept in self.set_metrics)."""
         c = self.cfg
-        held_out = held_out_activations(c, self.lm, self.array)
-        models = [Evaluated(r.sae.eval(), r.site, r.norm_scale) for r in self.runs]
+        models = []
+        for run in self.runs:
+            sae, scale = self.saved_form(run)
+            models.append(Evaluated(sae.eval(), run.site, scale, run.output_site))
+        stats = [ReconstructionStats(m) for m in models]
+        for chunk in held_out_chunks(c, self.lm, self.array):
+            for run, st in zip(self.runs, stats):
+                st.update(chunk[run.site], chunk[run.output_site] if run.output_site else None)
         metrics = {}
-        for run, model in zip(self.runs, models):
-            m = reconstruction_metrics(model, held_out[run.site])
+        for run, st in zip(self.runs, stats):
+            m = st.result()
             m["dead_frac"] = float(self.dead_mask(run).float().mean())
             m["dead_after_tokens"] = int(run.sae.cfg.dead_after_tokens)
             m["train_tokens"] = int(self.step * c.batch_size)
             m["norm_scale"] = run.norm_scale
+            if run.output_site is not None:
+                m["output_norm_scale"] = run.out_scale
             m["lr"] = run.base_lr
             metrics[run.name] = m
+        self.set_metrics = {}
         if self.lm is not None and c.ce_contexts > 0:
             contexts = held_out_contexts(c, self.lm, min(c.lm_batch_size, 32))
             ce = spliced_lm_loss(self.lm, models, contexts, c.exclude_bos, c.sink_norm_ratio,
                                  max_contexts=c.ce_contexts, min_contexts=min(32, c.ce_contexts), target=c.ce_ci_target)
             for i, run in enumerate(self.runs):
                 metrics[run.name].update(ce.get(i, {}))
+            index = {r.name: i for i, r in enumerate(self.runs)}
+            for tag, runs in self.set_groups().items():
+                if len(runs) < 2:
+                    continue
+                contexts = held_out_contexts(c, self.lm, min(c.lm_batch_size, 32))
+                self.set_metrics[tag] = spliced_set_loss(
+                    self.lm, [models[index[r.name]] for r in runs], contexts, c.exclude_bos, c.sink_norm_ratio,
+                    max_contexts=c.ce_contexts, min_contexts=min(32, c.ce_contexts), target=c.ce_ci_target)
         return metrics
 
 

@@ -18,7 +18,7 @@ SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "wi
 
 def cmd_train(args, extra: dict) -> int:
     from trainer.config import TrainConfig
-    from trainer.sources import check_sites
+    from trainer.sources import check_train_sites
 
     values = {}
     if args.config:
@@ -32,7 +32,7 @@ def cmd_train(args, extra: dict) -> int:
             raise AtlasError(f"--{flag.replace('_', '-')} only applies with --submit")
     cfg = build_config(TrainConfig, values)
     if not getattr(cfg, "activations", None):
-        check_sites(cfg.model, cfg.site)  # before torch and the weights: a bad site fails at once
+        check_train_sites(cfg.model, cfg.site)  # before torch and the weights: a bad site fails at once
     from trainer.train import train
 
     folders = train(cfg)
@@ -40,7 +40,24 @@ def cmd_train(args, extra: dict) -> int:
         print_metrics_table(folders)
         for f in folders:
             print(f"saved {f}")
+        print_transcoder_sets(cfg.out)
     return 0
+
+
+def print_transcoder_sets(out: Path) -> None:
+    """One line per transcoder set the run wrote: its blocks and the CE with all of them spliced in."""
+    from trainer.transcoders import load_transcoder_set
+
+    for path in sorted(Path(out).glob("transcoder_set*.json")):
+        tset = load_transcoder_set(path, complete=False)
+        m = tset.metrics
+        line = f"transcoder set {path}: {len(tset.layers)} of {tset.n_layers} blocks"
+        if isinstance(m.get("ce_recovered"), (int, float)):
+            ci = m.get("ce_recovered_ci95")
+            line += f", all spliced in at once: CE recovered {m['ce_recovered']:.1%}"
+            line += f" ± {ci:.1%}" if isinstance(ci, (int, float)) else ""
+            line += f", Δ LM loss {m['delta_lm_loss']:.4f} over {m['ce_contexts']} contexts"
+        print(line)
 
 
 def submit_run(args, values: dict) -> int:

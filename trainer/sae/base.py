@@ -13,6 +13,16 @@ BatchTopK keeps a varying number of latents per token and passes the selection f
 Initialisation: W_dec rows are random unit directions, W_enc = W_dec (the transpose in the SAELens
 layout), b_enc = 0; initialise_from then puts b_dec at the geometric median of the first batch and,
 for the TopK family (and JumpReLU), fits one scale for W_enc to that batch (fit_encoder_scale).
+
+Transcoders in training (cfg.transcode): the SAE reads x (an MLP's input) and is scored against a
+target y (its output, StepContext.target). As sparsify's SparseCoder with transcode=True: the
+encoder leaves b_dec out (SparseCoder.encode), W_dec and the skip term W_skip start at zero
+(SparseCoder.__init__), the decoder has no norm constraint (its Trainer neither normalises nor
+projects W_dec when transcoding), and the first batch sets b_enc = -mean(x) W_enc^T and b_dec =
+mean(y) (the hook in sparsify's Trainer.fit). A skip-transcoder's W_skip x is added by `io`
+(SkipConnection), so output() stays the one home of the prediction. trainer.transcoders turns a
+trained transcoder into the standard form (b_dec subtracted, scales folded) that every reader of
+a saved transcoder uses.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from store.errors import AtlasError
+from trainer.sae.schedule import LONG_RUN_STEPS, dead_window, default_lr, lr_for_width  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -71,6 +82,13 @@ class SAEConfig:
     threshold_momentum: float = 0.99
     """BatchTopK: EMA momentum of the global inference threshold (lowered for runs under 1000 steps,
     so that the EMA spans at most a tenth of the run)."""
+    transcode: bool = False
+    """Training a transcoder: the encoder leaves b_dec out, W_dec starts at zero and is not kept at unit
+    norm, and the loss is against StepContext.target (sparsify's transcode). Saved transcoders are in
+    the standard form and have it false (trainer.transcoders.finished_transcoder)."""
+    skip_connection: bool = False
+    """Training a skip-transcoder: a learned W_skip x (d_in x d_in, starting at zero) is added to the
+    prediction (sparsify's skip_connection); saved, it is sae.io's W_skip."""
 
     def __post_init__(self):
         from trainer.config import ARCHITECTURES, TOPK_FAMILY
@@ -91,6 +109,8 @@ class SAEConfig:
                 raise AtlasError(f"{name} must be positive, got {getattr(self, name)}", "leave it unset for the default")
         if self.dead_after_tokens <= 0:
             raise AtlasError(f"dead_after_tokens must be positive, got {self.dead_after_tokens}")
+        if self.skip_connection and not self.transcode:
+            raise AtlasError("a skip connection is for transcoders", "train a transcoder (site mlp.L) or drop --skip-connection")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
         if self.architecture == "matryoshka":
@@ -133,7 +153,8 @@ class StepContext:
     step: int
     total_steps: int
     dead: torch.Tensor | None = None  # bool [d_sae]: latents dead for dead_after_tokens
-    variance: float = 1.0  # E||x - mean||^2 of normalised inputs, fixed at init
+    variance: float = 1.0  # E||y - mean||^2 of the normalised target (x itself for an SAE), fixed at init
+    target: torch.Tensor | None = None  # a transcoder's target y (normalised output site); None: x
 
 
 @dataclass
@@ -148,18 +169,6 @@ FIRING_FLOOR = 1e-4
 """A latent fires on a token when f_i * ||W_dec,i|| exceeds this fraction of the mean input norm. A
 latent whose every contribution is below it changes the squared error by under 1e-8 of the input's
 energy; a working latent's contributions are 1e-2 to 1 of the norm."""
-
-
-def dead_window(architecture: str, tokens: int, batch_size: int) -> int:
-    """Training tokens without firing after which a latent counts as dead (and AuxK revives it).
-
-    TopK, JumpReLU and ReLU: 5% of the run, within [10k, 10M] tokens (Gao et al. use 10M at scale).
-    BatchTopK and Matryoshka: latents that lose the batch-wide competition early must be revived
-    early or they never fire again, so 5 batches, at least 20k tokens (Bussmann et al. count a latent
-    dead after 5 batches)."""
-    if architecture in ("batchtopk", "matryoshka"):
-        return int(max(20_000, 5 * batch_size))
-    return int(min(10_000_000, max(10_000, tokens // 20)))
 
 
 class SelectedPreacts(torch.autograd.Function):
@@ -226,10 +235,21 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(directions.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        # Set only by trainer.formats on SAEs read from other tools (never in training): what they
-        # do around encode/decode, e.g. SAELens's run-time input normalisation or a skip-transcoder's
-        # W_skip x. Duck-typed: normalise(x) before the encoder, finish(x_hat, x) after the decoder.
+        # What happens around encode/decode: set by trainer.formats on SAEs read from other tools
+        # (SAELens's run-time input normalisation, a skip-transcoder's W_skip x) and, in training,
+        # to a skip-transcoder's SkipConnection. Duck-typed: normalise(x) before the encoder,
+        # finish(x_hat, x) after the decoder, output_scale(x).
         self.io: nn.Module | None = None
+        if cfg.transcode:
+            # As sparsify's SparseCoder.__init__ with transcode: the encoder is nn.Linear's default
+            # initialisation (rows uniform in +-1/sqrt(d_in)) and the decoder starts at zero.
+            with torch.no_grad():
+                bound = 1 / math.sqrt(d_in)
+                self.W_enc.uniform_(-bound, bound)
+                self.W_dec.zero_()
+            self.unit_norm_decoder = False
+            if cfg.skip_connection:
+                self.io = SkipConnection(d_in)
 
     def initial_decoder_norm(self) -> float:
         return 1.0
@@ -237,14 +257,21 @@ class SparseAutoencoder(nn.Module):
     # --- inference -------------------------------------------------------------------------------
 
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
-        """z = W_enc (x - b_dec) + b_enc, the dense matmul done in compute_dtype."""
+        """z = W_enc (x - b_dec) + b_enc (a transcoder in training: W_enc x + b_enc), the dense matmul
+        done in compute_dtype."""
         if self.io is not None:
             x = self.io.normalise(x)
-        x_c = x.to(self.W_enc.dtype) - self.b_dec
+        x_c = self.encoder_input(x.to(self.W_enc.dtype))
         if self.compute_dtype != self.W_enc.dtype:
             z = x_c.to(self.compute_dtype) @ self.W_enc.to(self.compute_dtype).T
             return z.to(self.W_enc.dtype) + self.b_enc
         return torch.addmm(self.b_enc, x_c, self.W_enc.T)
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder matrix multiplies: x - b_dec, or x for a transcoder in training (as
+        sparsify's SparseCoder.encode, which subtracts b_dec only when not transcoding: b_dec lives
+        at the output site)."""
+        return x if self.cfg.transcode else x - self.b_dec
 
     def activation(self, z: torch.Tensor) -> torch.Tensor:
         """Dense latent activations from pre-activations (inference semantics)."""
@@ -265,7 +292,11 @@ class SparseAutoencoder(nn.Module):
         """What the SAE predicts for input x, given codes = encode(x): decode(codes), plus what an
         imported SAE adds after its decoder (see `io`). The one home of x_hat: every error x - x_hat
         (evaluation, dark matter, relate) comes from here, never from decode(), which ignores `io`."""
-        x_hat = self.decode(codes)
+        return self.finish(self.decode(codes), x)
+
+    def finish(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction from the decoder's output x_hat and the input x: what `io` adds (a skip
+        term, an undone normalisation). output() and every training step go through here."""
         return x_hat if self.io is None else self.io.finish(x_hat, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,14 +322,20 @@ class SparseAutoencoder(nn.Module):
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         raise NotImplementedError
 
+    @staticmethod
+    def target(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """What the prediction is scored against: x, or a transcoder's target (its output site)."""
+        return x if ctx.target is None else ctx.target
+
     def recon_loss(self, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Squared error per token, in units of the input variance (an FVU estimate)."""
-        return (x_hat - x).pow(2).sum(-1).mean() / ctx.variance
+        """Squared error per token against the target, in units of its variance (an FVU estimate;
+        sparsify's loss for transcoders is the FVU of the output site)."""
+        return (x_hat - self.target(x, ctx)).pow(2).sum(-1).mean() / ctx.variance
 
     def select_train(self, x: torch.Tensor, indices_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compute z without autograd, choose latents with indices_fn(z) -> (values, indices, mask),
         then give the chosen pre-activations their gradients. Returns (acts, indices, z, x_c)."""
-        x_c = x - self.b_dec
+        x_c = self.encoder_input(x)
         with torch.no_grad():
             z = self.preacts(x)
             values, indices, mask = indices_fn(z)
@@ -325,7 +362,7 @@ class SparseAutoencoder(nn.Module):
             values, indices = z.masked_fill(~ctx.dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         pre = SelectedPreacts.apply(x_c, self.W_enc, self.b_enc, indices, values)
         e_hat = self.decode_sparse(F.relu(pre), indices, bias=False)
-        e = (x - x_hat).detach()
+        e = (self.target(x, ctx) - x_hat).detach()
         aux = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         scale = min(n_dead / self.cfg.aux_k, 1.0)
         return self.cfg.aux_coefficient * scale * aux, {"aux": float(aux.detach())}
@@ -365,10 +402,19 @@ class SparseAutoencoder(nn.Module):
         return None
 
     @torch.no_grad()
-    def initialise_from(self, sample: torch.Tensor) -> None:
+    def initialise_from(self, sample: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Data-dependent initialisation from a first batch of (normalised) inputs: b_dec at their
-        geometric median, then (TopK family) the encoder scale fitted to them, see fit_encoder_scale."""
+        geometric median, then (TopK family) the encoder scale fitted to them, see fit_encoder_scale.
+        A transcoder (with `target`, the same tokens' normalised output site) starts as sparsify's
+        Trainer.fit starts one on its first step: b_enc = -mean(x) W_enc^T, so that pre-activations
+        are centred, and b_dec = mean(y)."""
         sample = sample[:4096].float()
+        if self.cfg.transcode:
+            if target is None:
+                raise ValueError("a transcoder is initialised from its input and its target")
+            self.b_enc.copy_(-(sample.mean(0) @ self.W_enc.T).to(self.b_enc))
+            self.b_dec.copy_(target[:4096].float().mean(0).to(self.b_dec))
+            return
         self.b_dec.copy_(geometric_median(sample).to(self.b_dec))
         if self.sparse_training:
             self.fit_encoder_scale(sample)
@@ -406,34 +452,31 @@ class SparseAutoencoder(nn.Module):
         return s
 
 
+class SkipConnection(nn.Module):
+    """A skip-transcoder's linear term in training: finish(x_hat, x) = x_hat + x W_skip^T, with
+    W_skip [d_in, d_in] a parameter starting at zero (sparsify's SparseCoder: W_skip zeros,
+    `sae_out += x @ W_skip.mT`, x the raw input, not x - b_dec). The `io` duck type of
+    SparseAutoencoder; a saved skip-transcoder carries W_skip in trainer.formats' SiteIO."""
+
+    input_norm = "none"
+
+    def __init__(self, d_in: int):
+        super().__init__()
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_in))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def output_scale(self, x: torch.Tensor) -> None:
+        return None
+
+    def finish(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x_hat + x.to(x_hat.dtype) @ self.W_skip.to(x_hat.dtype).T
+
+
 def dense_to_codes(f: torch.Tensor) -> Codes:
     """Dense non-negative activations [N, F] to padded sparse codes."""
     k = int((f > 0).sum(-1).max().item()) if f.numel() else 0
     k = max(k, 1)
     values, indices = f.topk(k, dim=-1, sorted=False)
     return Codes(values.clamp_min(0), indices)
-
-
-def lr_for_width(d_sae: int) -> float:
-    """Gao et al.'s learning-rate law for TopK SAEs: 2e-4 / sqrt(d_sae / 2^14)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-LONG_RUN_STEPS = 16_000
-"""Runs of at least this many optimiser steps use Gao et al.'s learning rate as it is."""
-
-
-def default_lr(cfg: SAEConfig, tokens: int, batch_size: int) -> float:
-    """The Adam learning rate a run uses unless --lr is given: Gao et al.'s width law, raised for
-    short runs by sqrt(LONG_RUN_STEPS / steps), at most 12x.
-
-    Gao et al.'s law was fitted to runs of tens of thousands of steps; the runs users make on a CPU
-    (and the demo) are a few hundred. Measured at 244 steps (1M tokens, batch 4096) on SmolLM2
-    resid_post.15, width 2304, k 32, held-out FVU: 0.235 at the width law, 0.171 at 4x, 0.157 at 8x
-    (dead latents 0.5%). On the synthetic grid (benchmarks/synthetic_recovery.py), TopK's mmcs at
-    122 steps rose from 0.50-0.71 at the width law to 0.85-0.99 at 8-16x, and at 488 steps from
-    0.69-0.98 to 0.94-0.99 at 8x. The square root follows the usual noise-scale argument: with fewer
-    steps each may be larger; past LONG_RUN_STEPS the factor is 1.
-    """
-    steps = max(1, tokens // max(1, batch_size))
-    return lr_for_width(cfg.d_sae) * min(12.0, max(1.0, math.sqrt(LONG_RUN_STEPS / steps)))

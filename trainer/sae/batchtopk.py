@@ -76,7 +76,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         acts, indices, offsets, z, x_c = self.select_batch(x)
-        x_hat = self.decode_sparse(acts, indices, offsets=offsets)
+        x_hat = self.finish(self.decode_sparse(acts, indices, offsets=offsets), x)
         loss, terms = self.reconstruction(x, x_hat, acts, indices, offsets, ctx)
         aux, aux_terms = self.auxk_loss(x, x_hat, z, x_c, ctx)
         codes = flat_to_codes(acts.detach(), indices, offsets)
@@ -84,7 +84,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def select_batch(self, x: torch.Tensor):
         """The batch selection with gradients on the kept pre-activations: (acts, indices, offsets, z, x_c)."""
-        x_c = x - self.b_dec
+        x_c = self.encoder_input(x)
         with torch.no_grad():
             z = self.preacts(x)
             values, indices, offsets, kth = batch_topk_flat(z, self.cfg.k)

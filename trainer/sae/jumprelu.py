@@ -84,13 +84,13 @@ class JumpReLUSAE(SparseAutoencoder):
         z = self.preacts(x)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFn.apply(z, self.threshold, eps)
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = self.finish(f @ self.W_dec + self.b_dec, x)
         recon = self.recon_loss(x, x_hat, ctx)
         l0 = StepFn.apply(z, self.threshold, eps).sum(-1).mean()
         penalty = self.sparsity_penalty(l0)
         # A latent whose threshold rose above all its pre-activations gets no gradient from either
         # term again; AuxK (as in the TopK family) lets the dead ones model the residual and return.
-        aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), x - self.b_dec, ctx)
+        aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), self.encoder_input(x), ctx)
         return StepOutput(recon + penalty + aux, x_hat, dense_to_codes(f.detach()),
                           {"recon": float(recon.detach()), "l0_penalty": float(penalty.detach()), **aux_terms})
 
@@ -99,17 +99,18 @@ class JumpReLUSAE(SparseAutoencoder):
         return self.decode_sparse(values, indices, bias=False, offsets=offsets)
 
     @torch.no_grad()
-    def initialise_from(self, sample: torch.Tensor) -> None:
+    def initialise_from(self, sample: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """b_dec at the geometric median; then, unless jumprelu_init_threshold is given, start as a
         BatchTopK SAE with this k would: encoder scale fitted to the first batch and every threshold
         at the smallest pre-activation that batch selection keeps. Leaving the penalty only the
         per-latent adjustment to make is our initialisation, not the Gemma Scope recipe
         (theta_0 = 0.001, b_enc = 0, long runs); a given jumprelu_init_threshold restores that."""
-        super().initialise_from(sample)
+        super().initialise_from(sample, target)
         if self.cfg.jumprelu_init_threshold is not None:
             return
         sample = sample[:4096].float()
-        self.fit_encoder_scale(sample)
+        if not self.cfg.transcode:  # a transcoder's decoder starts at zero: there is no scale to fit
+            self.fit_encoder_scale(sample)
         _, _, _, kth = batch_topk_flat(self.preacts(sample), self.cfg.k)
         if float(kth) > 0:
             self.threshold.fill_(float(kth))

@@ -22,7 +22,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             if m >= self.cfg.d_sae:
                 losses.append(self.recon_loss(x, x_hat, ctx))
             else:
-                partial = self.decode_sparse(acts * (indices < m), indices, offsets=offsets)
+                partial = self.finish(self.decode_sparse(acts * (indices < m), indices, offsets=offsets), x)
                 losses.append(self.recon_loss(x, partial, ctx))
         loss = torch.stack(losses).mean()
         return loss, {"recon": float(losses[-1].detach()), "recon_smallest_prefix": float(losses[0].detach())}

@@ -28,7 +28,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         f = F.relu(self.preacts(x))
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = self.finish(f @ self.W_dec + self.b_dec, x)
         recon = self.recon_loss(x, x_hat, ctx)
         # The penalty is measured in the same units as recon: per token, relative to the variance.
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean() / ctx.variance ** 0.5

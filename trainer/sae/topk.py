@@ -31,7 +31,7 @@ class TopKSAE(SparseAutoencoder):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         acts, indices, z, x_c = self.select_train(x, self._select)
-        x_hat = self.decode_sparse(acts, indices)
+        x_hat = self.finish(self.decode_sparse(acts, indices), x)
         recon = self.recon_loss(x, x_hat, ctx)
         aux, aux_terms = self.auxk_loss(x, x_hat, z, x_c, ctx)
         codes = Codes(acts.detach(), indices)
