@@ -79,7 +79,7 @@ def test_compare_page_plots_and_table(three):
         r = c.get("/compare", params={"model": model})
         assert r.status_code == 200
         check_page(r)
-        svgs = re.findall(r'<svg class="chart pareto".*?</svg>', r.text, flags=re.S)
+        svgs = re.findall(r'<svg class="chart pareto".*?</svg>', r.text, flags=re.DOTALL)
         assert len(svgs) == 3
         fvu, ce, interp = svgs
         for svg in (fvu, ce):  # every SAE with both numbers is a point, each a link to its page

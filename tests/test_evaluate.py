@@ -95,10 +95,9 @@ def test_imported_saelens_sae_end_to_end(saelens_dir, tiny_model_dir, small_corp
         from store.settings import get_settings
 
         folder = get_settings().data_dir / "saes" / "imported"
-        code = run_out(capsys, "evaluate", str(folder), "--corpus", str(small_corpus), "--tokens", "1000",
-                       "--contexts", "8", *FAST)
-        assert code[0] == 0, code
-        out = code[1]
+        code, out = run_out(capsys, "evaluate", str(folder), "--corpus", str(small_corpus), "--tokens", "1000",
+                            "--contexts", "8", *FAST)
+        assert code == 0, out
         assert "CE recovered" in out and "Δ LM loss" in out and "FVU" in out
         assert "not stored: the folder is not published" in out
         code, out = run_out(capsys, "evaluate", str(folder), "--json", "--corpus", str(small_corpus), "--tokens", "1000",
@@ -120,8 +119,7 @@ def test_imported_saelens_sae_end_to_end(saelens_dir, tiny_model_dir, small_corp
 
 
 def main_ok(capsys, *argv) -> bool:
-    code, out = run_out(capsys, *argv)
-    return code == 0
+    return run_out(capsys, *argv)[0] == 0
 
 
 def run_out(capsys, *argv) -> tuple[int, str]:
@@ -240,6 +238,9 @@ def test_a_published_sae_gets_its_report_card(published, tiny_sae_dir, small_cor
         code, out = run_out(capsys, "evaluate", name, "--no-store", "--corpus", str(small_corpus), "--tokens", "300",
                             "--contexts", "2", *FAST)
         assert code == 0 and "not stored (--no-store)" in out
+        code, out = run_out(capsys, "evaluate", str(tiny_sae_dir), "--site", "resid_post.1", "--corpus", str(small_corpus),
+                            "--tokens", "300", "--contexts", "2", *FAST)
+        assert code == 0 and "not stored: evaluated on" in out and "resid_post.1" in out  # not this SAE's card
     rows = evaluations_of(engine, name)
     assert [r.n_tokens for r in rows] == [500, 700]
     assert card["sae"] == name and card["evaluation_id"] == rows[-1].id

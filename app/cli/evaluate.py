@@ -36,7 +36,7 @@ def _engine_if_ready():
     try:
         check_schema(engine)
     except AtlasError as exc:
-        return None, exc.one_line()
+        return None, f"no store to keep it in: {exc.one_line()}"
     return engine, ""
 
 
@@ -55,7 +55,7 @@ def resolve_target(target: str) -> tuple[Path, dict | None, str]:
         with Session(engine) as session:
             sae = evaluations.published_at_folder(session, path)
             if sae is None:
-                return path, None, "the folder is not published"
+                return path, None, "the folder is not published (publish it, then evaluate it again to keep the report card)"
             return path, _published(sae), ""
     if "/" in target or target.startswith("."):
         raise AtlasError(f"SAE folder {path} does not exist", "check the path, or pass a published SAE's name")
@@ -100,12 +100,10 @@ def cmd_evaluate(args) -> int:
     cfg = build_config(EvaluateConfig, values, {"sae_dir": folder})
     card = evaluate_folder(cfg, progress=sys.stderr.isatty())
     stored = None
-    hint = "publish it, then evaluate it again to keep the report card"
     if published is not None and (card.settings["model"], card.settings["site"]) != (published["model"], published["site"]):
         # Measured on another model or site than the published SAE's: not its report card.
-        why = f"evaluated on {card.settings['model']} {card.settings['site']}, not on the published SAE's " \
-              f"{published['model']} {published['site']}"
-        hint = "a published SAE keeps the report card of its own model and site"
+        why = (f"evaluated on {card.settings['model']} {card.settings['site']}, not on the published SAE's "
+               f"{published['model']} {published['site']} (a published SAE keeps the report card of its own)")
         published = None
     if published is not None and not args.no_store:
         stored = _store(published["id"], card)
@@ -119,7 +117,7 @@ def cmd_evaluate(args) -> int:
         elif published is not None:
             print("not stored (--no-store)")
         else:
-            print(f"not stored: {why} ({hint})")
+            print(f"not stored: {why}")
     return 0
 
 
@@ -144,9 +142,10 @@ def _num(x, digits=4) -> str:
 def format_card(card) -> str:
     """The report card as a few aligned lines of text."""
     m, s = card.metrics, card.settings
-    lines = [f"{card.sae_dir}: {s.get('kind')} on {s.get('site')} of {s.get('model')}; "
-             f"{m.get('eval_tokens', 0):,} held-out tokens of {s.get('corpus')}, {m.get('ce_contexts', 0)} contexts "
-             f"of {s.get('ctx_len')} for the loss; {card.elapsed_s:.1f} s"]
+    head = (f"{card.sae_dir}: {s.get('kind')} on {s.get('site')} of {s.get('model')}; "
+            f"{m.get('eval_tokens', 0):,} held-out tokens of {s.get('corpus')}, {m.get('ce_contexts', 0)} contexts "
+            f"of {s.get('ctx_len')} for the loss; {card.elapsed_s:.1f} s")
+    lines = [head]
 
     def row(label: str, value: str) -> None:
         lines.append(f"  {label:<18}{value}")

@@ -6,6 +6,7 @@ viewBox; CSS scales the SVG to its container.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from markupsafe import Markup, escape
@@ -426,7 +427,7 @@ def pareto_chart(points: list[dict], *, x_label: str, y_label: str, lower_y_bett
     front = sorted((p for p in pts if p.get("front")), key=lambda p: (float(p["x"]), float(p["y"])))
     if len(front) >= 2:
         d = [f"M{px(float(front[0]['x'])):.1f},{py(float(front[0]['y'])):.1f}"]
-        for a, b in zip(front, front[1:]):  # a staircase: the best y reachable at each L0
+        for a, b in itertools.pairwise(front):  # a staircase: the best y reachable at each L0
             d.append(f"L{px(float(b['x'])):.1f},{py(float(a['y'])):.1f} L{px(float(b['x'])):.1f},{py(float(b['y'])):.1f}")
         parts.append(f'<path class="front" d="{" ".join(d)}"><title>Pareto front</title></path>')
     for p in pts:

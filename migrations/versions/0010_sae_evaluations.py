@@ -6,9 +6,8 @@ Create Date: 2026-12-06
 
 A new table only: `saes` is referenced, never altered.
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0010'
 down_revision = '0009'
