@@ -1,0 +1,150 @@
+"""Attribution graphs stored, served and browsable: migration 0011, `sae-atlas graph`, graphs as
+jobs (POST, the worker's claim, GET), the graph pages, and steering from a graph's node.
+
+The graphs themselves are checked in tests/test_circuits.py; here a tiny random model with a
+random transcoder set (saved to disk as a real set) goes through the CLI, the queue and the API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sqlalchemy import inspect
+
+from tests.test_circuits import PROMPT, random_transcoders
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SET_NAME = "tiny-set"
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_set(tiny_model_dir, tiny_lm):
+    """A complete random transcoder set of the tiny model, saved as a run folder with its
+    manifest in DATA_DIR/transcoder_sets/tiny-set."""
+    from store.settings import get_settings
+    from trainer.formats.saelens import save_sae
+    from trainer.transcoders.sets import SetLayer, write_transcoder_set
+
+    root = get_settings().data_dir / "transcoder_sets" / SET_NAME
+    if (root / "transcoder_set.json").is_file():
+        return root
+    layers = []
+    for layer, tc in enumerate(random_transcoders(tiny_lm, seed=3)):
+        folder = f"mlp.{layer}-topk-w96-k6"
+        save_sae(root / folder, tc.sae, 1.0, tc.site, str(tiny_model_dir), output_site=tc.output_site)
+        layers.append(SetLayer(layer, folder, tc.site, tc.output_site, "topk"))
+    write_transcoder_set(root, "topk-w96-k6", True, str(tiny_model_dir), tiny_lm.n_layers, "topk", 96, 6, False, layers)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_engine():
+    """The settings' own store (what the CLI and the app use), migrated."""
+    from store.db import get_engine, upgrade
+
+    engine = get_engine()
+    upgrade(engine)
+    return engine
+
+
+def _rows(engine):
+    from sqlalchemy.orm import Session
+
+    from store import graphs as gstore
+
+    with Session(engine) as session:
+        return gstore.list_graphs(session, limit=1000)
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def test_migration_0011_goes_down_and_up(engine):
+    from alembic import command
+
+    from store.db import alembic_config, current_revision, upgrade
+
+    assert "graphs" in inspect(engine).get_table_names()
+    assert {"ix_graphs_claim", "ix_graphs_created_at"} <= {ix["name"] for ix in inspect(engine).get_indexes("graphs")}
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0010")
+    assert current_revision(engine) == "0010"
+    assert "graphs" not in inspect(engine).get_table_names()
+    upgrade(engine)
+    assert current_revision(engine) == "0011"
+    assert "graphs" in inspect(engine).get_table_names()
+
+
+def test_a_graph_row_round_trips_compressed(engine):
+    from sqlalchemy.orm import Session
+
+    from store import graphs as gstore
+
+    data = {"metadata": {"slug": "x"}, "nodes": [{"node_id": f"n{i}"} for i in range(500)], "links": []}
+    with Session(engine) as session:
+        row = gstore.queue_graph(session, "m", "s", "/p", "hello", {"node_threshold": 0.8}, status="running")
+        session.commit()
+        slug = row.slug
+        assert gstore.store_result(session, row.id, data, 0.5, 0.9, 1.5)
+        session.commit()
+    with Session(engine) as session:
+        got = gstore.get_graph(session, slug)
+        assert (got.status, got.progress, got.n_nodes, got.replacement_score) == ("done", 1.0, 500, 0.5)
+        assert gstore.unpack(got.graph) == data
+        assert len(got.graph) < len(json.dumps(data)) / 5
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+def test_the_cli_computes_and_stores_a_graph(tiny_set, store_engine, tiny_lm, capsys):
+    from sqlalchemy.orm import Session
+
+    from app.cli import main
+    from store import graphs as gstore
+    from trainer.circuits.attribute import AttributionConfig, attribute
+    from trainer.circuits.export import graph_json
+    from trainer.circuits.prune import graph_scores
+    from trainer.circuits.replacement import ReplacementModel
+    from trainer.transcoders.sets import load_transcoder_set
+
+    before = {r.slug for r in _rows(store_engine)}
+    assert main(["graph", "--set", str(tiny_set), PROMPT, "--max-feature-nodes", "200", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = [r for r in _rows(store_engine) if r.slug not in before]
+    assert f"graph {row.slug}:" in out and "attribution:" in err and "100%" in err
+    assert (row.status, row.progress, row.set_name, row.prompt) == ("done", 1.0, SET_NAME, PROMPT)
+    assert row.config["attribution"]["max_feature_nodes"] == 200
+    with Session(store_engine) as session:
+        data = gstore.unpack(gstore.get_graph(session, row.slug).graph)
+    # the same graph computed here through the library, loaded from the same folders
+    model = ReplacementModel(tiny_lm, load_transcoder_set(tiny_set).load_all())
+    graph = attribute(PROMPT, model, AttributionConfig(max_feature_nodes=200))
+    expected = graph_json(graph, row.slug, tiny_lm.name, tiny_lm.tokenizer.decode)
+    assert {n["node_id"] for n in data["nodes"]} == {n["node_id"] for n in expected["nodes"]}
+    assert len(data["links"]) == len(expected["links"]) == row.n_links
+    assert (row.replacement_score, row.completeness_score) == pytest.approx(graph_scores(graph), abs=1e-5)
+    # circuit-tracer's frontend format
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    assert data["metadata"]["schema_version"] == 1 and data["metadata"]["prompt"].endswith(PROMPT)
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit"} <= kinds
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["graph", "--set", "/nowhere/at/all", "hi"], "does not exist"),
+    (["graph", "--set", "SET", "x " * 80], "more than the 64"),
+    (["graph", "--set", "SET", "hi", "--node-threshold", "2"], "node_threshold must lie in"),
+])
+def test_graph_cli_errors_are_one_line(argv, fragment, tiny_set, store_engine, capsys):
+    from app.cli import main
+
+    argv = [str(tiny_set) if a == "SET" else a for a in argv]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the model loader
+    assert err.startswith("error: ") and fragment in err
