@@ -61,6 +61,34 @@ def prompt_tokens(model: str, prompt: str) -> int:
     return len(load_tokenizer(model)(prompt, add_special_tokens=False)["input_ids"])
 
 
+def available_sets() -> list[str]:
+    """Names of the sets in DATA_DIR/transcoder_sets."""
+    root = sets_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name if p.is_dir() else p.stem for p in root.iterdir()
+                  if (p.is_dir() and any(p.glob("transcoder_set*.json"))) or p.suffix == ".json")
+
+
+def submit(session: Session, set_name: str, prompt: str, config: dict | None = None,
+           requested_by: str | None = None) -> AttributionGraph:
+    """Validate a graph request and queue it (the caller commits). NotFound: no such set;
+    AtlasError: the set lacks a block, its model's tokenizer is not here, or the prompt is empty
+    or longer than the limit."""
+    from trainer.circuits.compute import GraphConfig
+
+    cfg = GraphConfig(**(config or {}))
+    tset = resolve_set(set_name)
+    n = prompt_tokens(tset.model, prompt)
+    limit = cfg.attribution.max_tokens
+    if n == 0:
+        raise AtlasError("the prompt is empty", "give at least one token to attribute")
+    if n > limit:
+        raise AtlasError(f"the prompt has {n} tokens, more than the {limit} an attribution graph allows", "shorten the prompt")
+    return gstore.queue_graph(session, tset.model, set_name, str(tset.path.resolve()), prompt, cfg.to_dict(),
+                              requested_by=requested_by)
+
+
 class _Progress:
     """progress(done, total) for attribute(): writes the share done at most once a PROGRESS_EVERY_S,
     heartbeating the lease when there is one; raises when the row is no longer ours."""

@@ -148,3 +148,105 @@ def test_graph_cli_errors_are_one_line(argv, fragment, tiny_set, store_engine, c
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the model loader
     assert err.startswith("error: ") and fragment in err
+
+
+# --- the API and the worker -------------------------------------------------------------------
+
+@pytest.fixture
+def api(tiny_set, store_engine):
+    """(client, auth headers) on the settings' store."""
+    from tests.test_api import make_client, make_key
+
+    key = make_key(store_engine, "graphs-" + __import__("uuid").uuid4().hex[:8])
+    with make_client(store_engine) as client:
+        yield client, {"Authorization": f"Bearer {key}"}
+
+
+def test_graph_requests_are_validated(api, tiny_set, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tests.test_api import assert_error
+
+    client, auth = api
+    body = {"set": SET_NAME, "prompt": PROMPT}
+    assert_error(client.post("/api/v1/graphs", json=body), 401)
+    long = "x " * 40
+    n = len(AutoTokenizer.from_pretrained(tiny_model_dir)(long, add_special_tokens=False)["input_ids"])
+    assert n > 64
+    err = assert_error(client.post("/api/v1/graphs", json={**body, "prompt": long}, headers=auth), 422, "invalid_parameters")
+    assert f"{n} tokens, more than the 64" in err["message"] and "\n" not in err["message"]
+    assert_error(client.post("/api/v1/graphs", json={**body, "set": "no-such-set"}, headers=auth), 404, "not_found")
+    assert_error(client.post("/api/v1/graphs", json={**body, "set": "../etc"}, headers=auth), 404, "not_found")
+    assert_error(client.post("/api/v1/graphs", json={**body, "prompt": ""}, headers=auth), 422)
+    assert_error(client.post("/api/v1/graphs", json={**body, "node_threshold": 1.5}, headers=auth), 422)
+    # a set that lacks block 1
+    data = json.loads((tiny_set / "transcoder_set.json").read_text())
+    data["layers"] = [e for e in data["layers"] if e["layer"] != 1]
+    partial = tiny_set.parent / "partial.json"
+    partial.write_text(json.dumps({**data, "layers": [{**e, "folder": f"{SET_NAME}/{e['folder']}"} for e in data["layers"]]}))
+    try:
+        err = assert_error(client.post("/api/v1/graphs", json={**body, "set": "partial"}, headers=auth), 422)
+        assert "lacks block(s) 1" in err["message"]
+    finally:
+        partial.unlink()
+    assert_error(client.get("/api/v1/graphs/0123456789ab"), 404, "not_found")
+    assert SET_NAME in client.get("/api/v1/graphs/sets").json()["sets"]
+
+
+def test_a_queued_graph_is_claimed_computed_and_served(api, store_engine):
+    from app.graphs import GraphWorker
+
+    client, auth = api
+    r = client.post("/api/v1/graphs", json={"set": SET_NAME, "prompt": PROMPT, "max_feature_nodes": 150}, headers=auth)
+    assert r.status_code == 201, r.text
+    slug = r.json()["slug"]
+    assert r.headers["location"] == f"/api/v1/graphs/{slug}"
+    got = client.get(f"/api/v1/graphs/{slug}").json()
+    assert (got["status"], got["progress"], got["graph"]) == ("queued", 0.0, None)
+    assert got["config"]["attribution"]["max_feature_nodes"] == 150
+    # a worker claims it (through the shared lease code), records progress and stores the graph
+    seen = []
+    from store import graphs as gstore
+
+    real = gstore.set_progress
+
+    def spy(session, graph_id, progress, worker_id=None):
+        seen.append(progress)
+        return real(session, graph_id, progress, worker_id)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gstore, "set_progress", spy)
+    mp.setattr("app.graphs.PROGRESS_EVERY_S", 0.0)
+    try:
+        worker = GraphWorker(store_engine, worker_id="test-worker")
+        done = worker.run_one()
+    finally:
+        mp.undo()
+    assert done is not None and done.slug == slug and done.status == "done"
+    assert seen and seen == sorted(seen) and 0 < seen[-1] <= 1
+    assert GraphWorker(store_engine).run_one() is None  # nothing left to claim
+    got = client.get(f"/api/v1/graphs/{slug}").json()
+    assert (got["status"], got["progress"], got["error"]) == ("done", 1.0, None)
+    assert 0 < got["replacement_score"] <= 1 and 0 < got["completeness_score"] <= 1
+    graph = got["graph"]
+    assert set(graph) == {"metadata", "qParams", "nodes", "links"} and graph["metadata"]["slug"] == slug
+    ids = {n["node_id"] for n in graph["nodes"]}
+    assert len(ids) == got["n_nodes"] and all(link["source"] in ids and link["target"] in ids for link in graph["links"])
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert 0 < len(features) <= 150
+    listed = client.get("/api/v1/graphs").json()
+    assert slug in [g["slug"] for g in listed["items"]] and "graph" not in listed["items"][0]
+
+
+def test_a_graph_that_cannot_be_computed_fails_with_its_error(api, store_engine, tiny_set):
+    from sqlalchemy.orm import Session
+
+    from app.graphs import GraphWorker
+    from store import graphs as gstore
+
+    with Session(store_engine) as session:
+        row = gstore.queue_graph(session, "m", SET_NAME, str(tiny_set / "gone.json"), PROMPT, {})
+        session.commit()
+        slug = row.slug
+    got = GraphWorker(store_engine, worker_id="w2").run_one()
+    assert got.slug == slug and got.status == "failed" and "does not exist" in got.error

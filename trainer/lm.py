@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -447,6 +448,7 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype) -> None:
     tmp.rename(cache)
 
 
+@lru_cache(maxsize=8)
 def load_tokenizer(name: str):
     """The tokenizer of model `name` alone (no weights), from the folder load_lm reads; an
     alias's GGUF must have been converted already (by a first load_lm)."""

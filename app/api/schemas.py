@@ -509,3 +509,43 @@ class GroupScatter(BaseModel):
 class GroupOut(GroupSummary):
     sae: str
     scatter: GroupScatter
+
+
+# --- attribution graphs ---------------------------------------------------------------------------
+
+class GraphRequest(BaseModel):
+    """A prompt to attribute through a transcoder set (at most 64 of the model's tokens)."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    set: str = Field(min_length=1, max_length=200, description="a transcoder set's name (GET /api/v1/graphs/sets)")
+    max_feature_nodes: int | None = Field(None, ge=1, le=20_000, description="cap on feature nodes (default 7,500)")
+    node_threshold: float = Field(0.8, gt=0, le=1)
+    edge_threshold: float = Field(0.98, gt=0, le=1)
+
+
+class GraphOut(BaseModel):
+    slug: str
+    model: str
+    set_name: str
+    prompt: str
+    config: dict[str, Any]
+    status: str
+    progress: float
+    error: str | None
+    replacement_score: float | None
+    completeness_score: float | None
+    n_nodes: int | None
+    n_links: int | None
+    seconds: float | None
+    requested_by: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class GraphDetail(GraphOut):
+    graph: dict[str, Any] | None = Field(description="circuit-tracer's graph JSON (metadata, qParams, nodes, links) once done")
+
+
+class GraphPage(Page[GraphOut]):
+    pass
