@@ -111,3 +111,24 @@ def graph_summary(row: AttributionGraph) -> dict:
             "n_nodes": row.n_nodes, "n_links": row.n_links, "seconds": row.seconds,
             "requested_by": row.requested_by, "created_at": _iso(row.created_at),
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at)}
+
+
+def published_layers(session: Session, model: str, folders: dict[int, str]) -> dict[int, str]:
+    """layer -> the name of the published SAE of that layer's transcoder: the SAE published from
+    the set's own folder for the layer (folders: layer -> absolute folder), else a ready SAE of
+    the same model (LM name or source) reading mlp_in.L. Layers with neither are left out."""
+    from store.models import LM, SAE, SAEStatus
+
+    sites = {f"mlp_in.{layer}": layer for layer in folders}
+    rows = session.execute(select(SAE.name, SAE.site, SAE.weights_path, LM.name, LM.source).join(LM, SAE.lm_id == LM.id)
+                           .where(SAE.status == SAEStatus.ready.value, SAE.site.in_(list(sites)))
+                           .order_by(SAE.id)).all()
+    out: dict[int, str] = {}
+    exact: dict[int, str] = {}
+    for name, site, weights, lm_name, lm_source in rows:
+        layer = sites[site]
+        if weights and folders.get(layer) and str(weights).rstrip("/") == str(folders[layer]).rstrip("/"):
+            exact[layer] = name
+        elif model in (lm_name, lm_source):
+            out.setdefault(layer, name)
+    return {**out, **exact}

@@ -250,3 +250,48 @@ def test_a_graph_that_cannot_be_computed_fails_with_its_error(api, store_engine,
         slug = row.slug
     got = GraphWorker(store_engine, worker_id="w2").run_one()
     assert got.slug == slug and got.status == "failed" and "does not exist" in got.error
+
+
+# --- the pages --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def done_graph(tiny_set, store_engine):
+    """A graph computed and stored (as `sae-atlas graph` does)."""
+    from app.graphs import compute_and_store
+
+    row = compute_and_store(store_engine, tiny_set, PROMPT, {"attribution": {"max_feature_nodes": 120}, "device": "cpu"})
+    assert row.status == "done"
+    return row.slug
+
+
+def test_the_graph_pages_render(api, done_graph, store_engine):
+    client, auth = api
+    r = client.get("/graphs")
+    assert r.status_code == 200 and f'href="/graphs/{done_graph}"' in r.text and 'name="prompt"' in r.text
+    assert SET_NAME in r.text  # offered in the form's set choice
+    r = client.get(f"/graphs/{done_graph}")
+    assert r.status_code == 200
+    assert f'data-src="/api/v1/graphs/{done_graph}"' in r.text and "/static/graph.js" in r.text
+    assert "Replacement score" in r.text and "Completeness score" in r.text
+    assert "<script>" not in r.text and " style=" not in r.text  # the CSP forbids both
+    assert client.get("/graphs/0123456789ab").status_code == 404
+    assert client.get("/static/graph.js").status_code == 200
+
+
+def test_the_graph_form_needs_a_key_and_queues(api, store_engine):
+    import re
+
+    client, auth = api
+    page = client.get("/graphs")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    form = {"csrf_token": csrf, "set": SET_NAME, "prompt": PROMPT}
+    r = client.post("/graphs", data=form, follow_redirects=False)
+    assert r.status_code == 401 and "API key is needed" in r.text
+    key = auth["Authorization"].split()[1]
+    r = client.post("/graphs", data={**form, "prompt": "x " * 40, "api_key": key}, follow_redirects=False)
+    assert r.status_code == 422 and "more than the 64" in r.text
+    r = client.post("/graphs", data={**form, "api_key": key}, follow_redirects=False)
+    assert r.status_code == 303
+    slug = r.headers["location"].rsplit("/", 1)[1]
+    page = client.get(f"/graphs/{slug}")
+    assert page.status_code == 200 and "queued" in page.text and 'http-equiv="refresh"' in page.text
