@@ -156,6 +156,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def steer_node(row: AttributionGraph, node_id: str, value: float, top_k: int = 10):
+    """Steer one feature node of a stored graph (trainer.circuits.steer), with the graph's set."""
+    from trainer.circuits.compute import GraphConfig, open_set, replacement_for
+    from trainer.circuits.steer import parse_node_id, steer_feature
+
+    cfg = GraphConfig(**row.config)
+    model = replacement_for(open_set(row.set_path), cfg.device, cfg.lm_dtype)
+    layer, feature, pos = parse_node_id(node_id, model.n_layers)
+    return steer_feature(model, row.prompt, layer, feature, pos, value, top_k, cfg.attribution.max_tokens)
+
+
 class GraphWorker:
     """Claims queued graphs one at a time and computes them (`sae-atlas graph-worker`)."""
 

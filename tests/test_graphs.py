@@ -295,3 +295,60 @@ def test_the_graph_form_needs_a_key_and_queues(api, store_engine):
     slug = r.headers["location"].rsplit("/", 1)[1]
     page = client.get(f"/graphs/{slug}")
     assert page.status_code == 200 and "queued" in page.text and 'http-equiv="refresh"' in page.text
+
+
+# --- steering from a graph --------------------------------------------------------------------
+
+def test_steering_a_node_matches_a_hand_written_frozen_forward(api, done_graph, tiny_set, tiny_lm):
+    """The endpoint's logits after setting a feature against the frozen replacement model written
+    out with forward hooks in tests/test_circuits.py (HandFrozen), the feature's change added by
+    hand to its layer's MLP output: (v - a) * W_dec[f] at its position."""
+    from tests.test_circuits import HandFrozen, hand_codes
+    from trainer.transcoders.sets import load_transcoder_set
+
+    client, _ = api
+    graph = client.get(f"/api/v1/graphs/{done_graph}").json()["graph"]
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    node = max(features, key=lambda n: n["activation"])
+    layer, feature, pos = map(int, node["node_id"].split("_"))
+    tcs = [load_transcoder_set(tiny_set).load_all()[i] for i in range(tiny_lm.n_layers)]
+    tokens = torch.tensor([tiny_lm.bos_token_id] + tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    hand = HandFrozen("llama", tiny_lm, tokens, tcs)
+    a = float(hand_codes(tcs[layer], hand.x_clean[layer])[pos, feature])
+    assert a == pytest.approx(node["activation"], rel=1e-5)
+    head = tiny_lm.model.get_output_embeddings()
+    with torch.no_grad():
+        real = tiny_lm.model(input_ids=tokens[None], use_cache=False).logits[0, -1]
+    for value in (0.0, 3 * a):
+        r = client.post(f"/api/v1/graphs/{done_graph}/steer", json={"node_id": node["node_id"], "value": value, "top_k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["activation"] == pytest.approx(a, rel=1e-5) and body["value"] == value
+        _, head_in = hand.run(out_delta={(layer, pos): (value - a) * tcs[layer].sae.W_dec[feature].detach()})
+        with torch.no_grad():
+            want = torch.softmax(head(head_in[-1]).float(), -1)
+        before = torch.softmax(real.float(), -1)
+        assert [t["token_id"] for t in body["before"]] == before.topk(5).indices.tolist()
+        assert [t["token_id"] for t in body["after"]] == want.topk(5).indices.tolist()
+        torch.testing.assert_close(torch.tensor([t["prob"] for t in body["after"]]), want.topk(5).values, atol=1e-5, rtol=1e-4)
+        assert body["after"] != body["before"]
+
+
+def test_steering_errors(api, done_graph, store_engine):
+    from sqlalchemy.orm import Session
+
+    from store import graphs as gstore
+    from tests.test_api import assert_error
+
+    client, _ = api
+    url = f"/api/v1/graphs/{done_graph}/steer"
+    assert_error(client.post(url, json={"node_id": "E_12_3", "value": 1}), 422, "invalid_parameters")
+    assert_error(client.post(url, json={"node_id": "99_1_1", "value": 1}), 422)
+    assert_error(client.post(url, json={"node_id": "0_100000_1", "value": 1}), 422)
+    assert_error(client.post(url, json={"node_id": "0_1_0", "value": 1}), 422)  # the BOS has no features
+    assert_error(client.post("/api/v1/graphs/0123456789ab/steer", json={"node_id": "0_1_1"}), 404)
+    with Session(store_engine) as session:
+        row = gstore.queue_graph(session, "m", SET_NAME, "/nowhere", PROMPT, {}, status="failed")
+        session.commit()
+        slug = row.slug
+    assert_error(client.post(f"/api/v1/graphs/{slug}/steer", json={"node_id": "0_1_1"}), 409, "conflict")

@@ -1,4 +1,4 @@
-"""Attribution graphs: queue one (API key), list them, read one with its graph JSON."""
+"""Attribution graphs: queue one (API key), list them, read one with its graph JSON, steer a node."""
 
 from typing import Literal
 
@@ -6,7 +6,17 @@ from fastapi import APIRouter, Depends, Path
 from sqlalchemy.orm import Session
 
 from app import graphs as service
-from app.api.schemas import READ_ERRORS, WRITE_ERRORS, GraphDetail, GraphPage, GraphRequest, PageParams
+from app.api.schemas import (
+    READ_ERRORS,
+    errors,
+    WRITE_ERRORS,
+    GraphDetail,
+    GraphPage,
+    GraphRequest,
+    GraphSteerOut,
+    GraphSteerRequest,
+    PageParams,
+)
 from app.api_error import ApiError
 from app.deps import KeyFirstRoute, get_session, read_access, write_access
 from app.responses import JSON
@@ -62,3 +72,22 @@ def get_graph(slug: str = Slug, session: Session = Depends(get_session)):
         return JSON(detail(gstore.get_graph(session, slug)))
     except NotFound as exc:
         raise ApiError(404, "not_found", exc.one_line()) from None
+
+
+@router.post("/{slug}/steer", summary="Set a feature node's activation (0 ablates it) and compare the top logits",
+             dependencies=[Depends(read_access)], response_model=GraphSteerOut, responses=errors(404, 409, 422, 503))
+def steer(req: GraphSteerRequest, slug: str = Slug, session: Session = Depends(get_session)):
+    """Computed through the prompt's frozen replacement model (trainer/circuits/steer.py), in this
+    process: the set's LM and transcoders are loaded on the first call. 409 until the graph is done."""
+    try:
+        row = gstore.get_graph(session, slug)
+    except NotFound as exc:
+        raise ApiError(404, "not_found", exc.one_line()) from None
+    if row.status != "done":
+        raise ApiError(409, "conflict", f"graph {slug} is {row.status}; steer it once it is done")
+    try:
+        result = service.steer_node(row, req.node_id, req.value, req.top_k)
+    except AtlasError as exc:
+        raise ApiError(422, "invalid_parameters", exc.one_line()) from None
+    return JSON({"node_id": req.node_id, "activation": result.activation, "value": result.value,
+                 "before": result.before, "after": result.after})

@@ -549,3 +549,26 @@ class GraphDetail(GraphOut):
 
 class GraphPage(Page[GraphOut]):
     pass
+
+
+class GraphSteerRequest(BaseModel):
+    """Set one feature node of the graph to an activation (0 ablates it)."""
+
+    node_id: str = Field(min_length=1, max_length=64, description='a feature node id, "LAYER_FEATURE_POSITION"')
+    value: float = Field(0.0, ge=-1e4, le=1e4)
+    top_k: int = Field(10, ge=1, le=50)
+
+
+class TopLogit(BaseModel):
+    token_id: int
+    token: str
+    logit: float
+    prob: float
+
+
+class GraphSteerOut(BaseModel):
+    node_id: str
+    activation: float = Field(description="the feature's activation in the prompt")
+    value: float
+    before: list[TopLogit]
+    after: list[TopLogit]
