@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from store.errors import AtlasError
 from trainer.circuits.replacement import ZERO_POSITIONS, ReplacementModel
@@ -67,7 +68,8 @@ def steer_feature(model: ReplacementModel, prompt: str | list[int], layer: int, 
     x = prep.mlp_in[layer, position][None].to(tc.sae.W_dec.device)
     vec = (float(value) - activation) * tc.sae.W_dec[feature].float()[None]
     delta = tc.sae.output_delta(vec, x).float()[0]
-    with torch.enable_grad():
+    # The math attention kernel: the fused CPU / flash kernels have no double backward.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         lin = model.linear_forward(prep)
         logits = lin.logits[0, -1]
         # The frozen model is linear in what the MLPs write, but linear_forward freezes attention
