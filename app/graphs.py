@@ -9,6 +9,7 @@ one transcoder_set.json, or a manifest file NAME.json); the CLI also takes any f
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from store.settings import get_settings
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+"""What a set's name may be: a folder or file name in DATA_DIR/transcoder_sets, no path."""
 
 
 def sets_dir() -> Path:
@@ -37,7 +40,7 @@ def resolve_set(name: str):
     """The manifest of the set named `name` (NotFound: no such set; AtlasError: it lacks a block)."""
     from trainer.circuits.compute import open_set
 
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    if not SET_NAME.fullmatch(name or ""):
         raise NotFound(f"no transcoder set named {name!r}", "name a folder of DATA_DIR/transcoder_sets")
     root = sets_dir()
     for candidate in (root / name, root / f"{name}.json"):

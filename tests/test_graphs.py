@@ -176,7 +176,7 @@ def test_graph_requests_are_validated(api, tiny_set, tiny_model_dir):
     err = assert_error(client.post("/api/v1/graphs", json={**body, "prompt": long}, headers=auth), 422, "invalid_parameters")
     assert f"{n} tokens, more than the 64" in err["message"] and "\n" not in err["message"]
     assert_error(client.post("/api/v1/graphs", json={**body, "set": "no-such-set"}, headers=auth), 404, "not_found")
-    assert_error(client.post("/api/v1/graphs", json={**body, "set": "../etc"}, headers=auth), 404, "not_found")
+    assert_error(client.post("/api/v1/graphs", json={**body, "set": "../etc"}, headers=auth), 422)
     assert_error(client.post("/api/v1/graphs", json={**body, "prompt": ""}, headers=auth), 422)
     assert_error(client.post("/api/v1/graphs", json={**body, "node_threshold": 1.5}, headers=auth), 422)
     # a set that lacks block 1
@@ -184,11 +184,19 @@ def test_graph_requests_are_validated(api, tiny_set, tiny_model_dir):
     data["layers"] = [e for e in data["layers"] if e["layer"] != 1]
     partial = tiny_set.parent / "partial.json"
     partial.write_text(json.dumps({**data, "layers": [{**e, "folder": f"{SET_NAME}/{e['folder']}"} for e in data["layers"]]}))
+    # and a complete set of a model this machine does not hold
+    elsewhere = tiny_set.parent / "elsewhere.json"
+    elsewhere.write_text(json.dumps({**data, "model": "/no/such/model",
+                                     "layers": [{**e, "folder": f"{SET_NAME}/{e['folder']}"}
+                                                for e in json.loads((tiny_set / "transcoder_set.json").read_text())["layers"]]}))
     try:
         err = assert_error(client.post("/api/v1/graphs", json={**body, "set": "partial"}, headers=auth), 422)
         assert "lacks block(s) 1" in err["message"]
+        err = assert_error(client.post("/api/v1/graphs", json={**body, "set": "elsewhere"}, headers=auth), 422)
+        assert "/no/such/model" in err["message"] and "\n" not in err["message"]
     finally:
         partial.unlink()
+        elsewhere.unlink()
     assert_error(client.get("/api/v1/graphs/0123456789ab"), 404, "not_found")
     assert SET_NAME in client.get("/api/v1/graphs/sets").json()["sets"]
 
@@ -236,6 +244,36 @@ def test_a_queued_graph_is_claimed_computed_and_served(api, store_engine):
     assert 0 < len(features) <= 150
     listed = client.get("/api/v1/graphs").json()
     assert slug in [g["slug"] for g in listed["items"]] and "graph" not in listed["items"][0]
+
+
+def test_the_worker_claims_on_each_backend(engine, tiny_set):
+    """The claim (app.leases: FOR UPDATE SKIP LOCKED on PostgreSQL) takes the highest priority
+    first, and a second worker finds nothing while the first holds its row."""
+    from sqlalchemy.orm import Session
+
+    from app import leases
+    from app.graphs import GraphWorker
+    from store import graphs as gstore
+    from store.models import AttributionGraph
+
+    path = str((tiny_set / "transcoder_set.json").resolve())
+    with Session(engine) as session:
+        low = gstore.queue_graph(session, "m", SET_NAME, path, PROMPT, {"attribution": {"max_feature_nodes": 50}})
+        high = gstore.queue_graph(session, "m", SET_NAME, path, "x = [1, 2", {"attribution": {"max_feature_nodes": 50}})
+        high.priority = 5
+        session.commit()
+        low_slug, high_slug = low.slug, high.slug
+    with Session(engine) as a, Session(engine) as b:
+        (first,) = leases.claim(a, "wa", model=AttributionGraph)
+        (second,) = leases.claim(b, "wb", model=AttributionGraph)
+        assert (first.slug, second.slug) == (high_slug, low_slug)
+        assert leases.claim(b, "wb", model=AttributionGraph) == []
+        assert leases.release(a, first.id, "wa", model=AttributionGraph)
+        assert leases.release(b, second.id, "wb", model=AttributionGraph)
+    done = [GraphWorker(engine, worker_id="w").run_one() for _ in range(2)]
+    assert [(g.slug, g.status) for g in done] == [(high_slug, "done"), (low_slug, "done")]
+    assert all(g.attempts == 1 and g.n_nodes > 0 for g in done)
+    assert GraphWorker(engine).run_one() is None
 
 
 def test_a_graph_that_cannot_be_computed_fails_with_its_error(api, store_engine, tiny_set):

@@ -13,6 +13,7 @@ from app.api.schemas import (
     GraphDetail,
     GraphPage,
     GraphRequest,
+    GraphSets,
     GraphSteerOut,
     GraphSteerRequest,
     PageParams,
@@ -60,7 +61,7 @@ def list_graphs(status: Status | None = None, pages: PageParams = Depends(), ses
 
 
 @router.get("/sets", summary="Transcoder sets graphs can be computed with", dependencies=[Depends(read_access)],
-            responses=READ_ERRORS)
+            response_model=GraphSets, responses=READ_ERRORS)
 def list_sets():
     return JSON({"sets": service.available_sets()})
 

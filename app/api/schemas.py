@@ -517,7 +517,8 @@ class GraphRequest(BaseModel):
     """A prompt to attribute through a transcoder set (at most 64 of the model's tokens)."""
 
     prompt: str = Field(min_length=1, max_length=4000)
-    set: str = Field(min_length=1, max_length=200, description="a transcoder set's name (GET /api/v1/graphs/sets)")
+    set: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                     description="a transcoder set's name (GET /api/v1/graphs/sets)")
     max_feature_nodes: int | None = Field(None, ge=1, le=20_000, description="cap on feature nodes (default 7,500)")
     node_threshold: float = Field(0.8, gt=0, le=1)
     edge_threshold: float = Field(0.98, gt=0, le=1)
@@ -549,6 +550,10 @@ class GraphDetail(GraphOut):
 
 class GraphPage(Page[GraphOut]):
     pass
+
+
+class GraphSets(BaseModel):
+    sets: list[str] = Field(description="names of the transcoder sets in DATA_DIR/transcoder_sets")
 
 
 class GraphSteerRequest(BaseModel):
