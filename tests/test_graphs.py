@@ -303,7 +303,7 @@ def done_graph(tiny_set, store_engine):
 
 
 def test_the_graph_pages_render(api, done_graph, store_engine):
-    client, auth = api
+    client, _ = api
     r = client.get("/graphs")
     assert r.status_code == 200 and f'href="/graphs/{done_graph}"' in r.text and 'name="prompt"' in r.text
     assert SET_NAME in r.text  # offered in the form's set choice
@@ -314,6 +314,32 @@ def test_the_graph_pages_render(api, done_graph, store_engine):
     assert "<script>" not in r.text and " style=" not in r.text  # the CSP forbids both
     assert client.get("/graphs/0123456789ab").status_code == 404
     assert client.get("/static/graph.js").status_code == 200
+
+
+def test_hover_looks_up_the_published_transcoders(api, done_graph, tiny_set, tiny_model_dir, store_engine):
+    """The page names, per layer, the published SAE of that layer's transcoder: the one published
+    from the set's own folder first, else one of the same model reading mlp_in.L; other layers none."""
+    import html
+
+    from sqlalchemy.orm import Session
+
+    from store.models import LM, SAE
+    from trainer.transcoders.sets import load_transcoder_set
+
+    tset = load_transcoder_set(tiny_set)
+    with Session(store_engine) as s, s.begin():
+        lm = LM(name="tiny-graph-lm", source=str(tiny_model_dir), architecture="llama", n_layers=4, d_model=64,
+                vocab_size=512, vocab=b"")
+        s.add(lm)
+        s.flush()
+        common = {"lm_id": lm.id, "architecture": "topk", "d_in": 64, "d_sae": 96, "status": "ready", "version": "1"}
+        s.add(SAE(name="g-l1-own", site="mlp_in.1", layer=1, weights_path=str(tset.folder(1).resolve()), **common))
+        s.add(SAE(name="g-l2-same-model", site="mlp_in.2", layer=2, weights_path="/elsewhere", **common))
+        s.add(SAE(name="g-l3-resid", site="resid_post.3", layer=3, weights_path="/elsewhere", **common))
+    client, _ = api
+    page = client.get(f"/graphs/{done_graph}").text
+    saes = json.loads(html.unescape(page.split('data-saes="', 1)[1].split('"', 1)[0]))
+    assert saes == {"1": "g-l1-own", "2": "g-l2-same-model"}
 
 
 def test_the_graph_form_needs_a_key_and_queues(api, store_engine):

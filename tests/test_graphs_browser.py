@@ -22,7 +22,7 @@ if not Path(CHROMIUM).is_file() and not IN_CI:
 
 
 @pytest.fixture(scope="module")
-def served(store_engine):
+def served(store_engine):  # noqa: F811
     import uvicorn
 
     from app.main import create_app

@@ -8,7 +8,6 @@ from sqlalchemy.orm import Session
 from app import graphs as service
 from app.api.schemas import (
     READ_ERRORS,
-    errors,
     WRITE_ERRORS,
     GraphDetail,
     GraphPage,
@@ -17,6 +16,7 @@ from app.api.schemas import (
     GraphSteerOut,
     GraphSteerRequest,
     PageParams,
+    errors,
 )
 from app.api_error import ApiError
 from app.deps import KeyFirstRoute, get_session, read_access, write_access
