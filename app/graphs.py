@@ -57,11 +57,16 @@ def set_name_of(path: Path) -> str:
     return path.name
 
 
-def prompt_tokens(model: str, prompt: str) -> int:
-    """How many tokens the model's tokenizer makes of `prompt` (no BOS)."""
+def check_prompt(model: str, prompt: str, limit: int) -> None:
+    """AtlasError unless the model's tokenizer (loaded alone) makes 1..limit tokens of `prompt`:
+    checked before a graph is stored, so a bad request leaves no row."""
     from trainer.lm import load_tokenizer
 
-    return len(load_tokenizer(model)(prompt, add_special_tokens=False)["input_ids"])
+    n = len(load_tokenizer(model)(prompt, add_special_tokens=False)["input_ids"])
+    if n == 0:
+        raise AtlasError("the prompt is empty", "give at least one token to attribute")
+    if n > limit:
+        raise AtlasError(f"the prompt has {n} tokens, more than the {limit} an attribution graph allows", "shorten the prompt")
 
 
 def available_sets() -> list[str]:
@@ -82,12 +87,7 @@ def submit(session: Session, set_name: str, prompt: str, config: dict | None = N
 
     cfg = GraphConfig(**(config or {}))
     tset = resolve_set(set_name)
-    n = prompt_tokens(tset.model, prompt)
-    limit = cfg.attribution.max_tokens
-    if n == 0:
-        raise AtlasError("the prompt is empty", "give at least one token to attribute")
-    if n > limit:
-        raise AtlasError(f"the prompt has {n} tokens, more than the {limit} an attribution graph allows", "shorten the prompt")
+    check_prompt(tset.model, prompt, cfg.attribution.max_tokens)
     return gstore.queue_graph(session, tset.model, set_name, str(tset.path.resolve()), prompt, cfg.to_dict(),
                               requested_by=requested_by)
 
@@ -137,6 +137,7 @@ def compute_and_store(engine: Engine, set_path: Path, prompt: str, config: dict,
 
     cfg = GraphConfig(**config)
     tset = open_set(set_path)
+    check_prompt(tset.model, prompt, cfg.attribution.max_tokens)
     with session_factory(engine)() as session:
         row = gstore.queue_graph(session, tset.model, set_name_of(set_path), str(tset.path.resolve()), prompt,
                                  cfg.to_dict(), status=JobStatus.running.value)

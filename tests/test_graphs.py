@@ -145,7 +145,9 @@ def test_graph_cli_errors_are_one_line(argv, fragment, tiny_set, store_engine, c
     from app.cli import main
 
     argv = [str(tiny_set) if a == "SET" else a for a in argv]
+    before = len(_rows(store_engine))
     assert main(argv) != 0
+    assert len(_rows(store_engine)) == before  # nothing stored for a bad request
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the model loader
     assert err.startswith("error: ") and fragment in err
 

@@ -85,6 +85,21 @@ def test_the_graph_draws_prunes_and_pins_offline(served, done_graph):  # noqa: F
             assert f"pinned={node_id}" in page.evaluate("location.hash")
             assert page.locator("#graphpinned li").count() == 1
             assert page.locator(f"#graphsvg .node.pinned[data-id='{node_id}']").count() == 1
+            # pin a second node and group both into a supernode (the name prompt is dismissed: a default name)
+            other = page.locator("#graphsvg .node:not(.pinned)").first
+            other_id = other.get_attribute("data-id")
+            other.click()
+            page.locator("#graphgroup").click()
+            assert page.locator("#graphsupernodes li").count() == 1
+            assert page.locator("#graphsvg .node.super").count() == 2
+            assert "supernodes=" in page.evaluate("location.hash") and other_id in page.evaluate("location.hash")
+            # reloading restores pins and supernodes from the URL
+            page.reload()
+            page.wait_for_selector("#graphsvg[data-ready='1']", timeout=15_000)
+            assert page.locator("#graphsvg .node.super").count() == 2 and page.locator("#graphpinned li").count() == 2
+            other = page.locator(f"#graphsvg .node[data-id='{other_id}']")
+            if other.evaluate("e => e.classList.contains('cross-layer-transcoder')"):
+                other.click()  # unpin it, so that the feature pinned first is the one steered
             # steer the pinned feature: ablate it, and the before/after table appears
             page.locator("#steervalue").fill("0")
             page.locator("#graphsteer button[type=submit]").click()
