@@ -237,7 +237,7 @@
         ["before", "p", "after", "p"].forEach((t) => { const th = document.createElement("th"); th.textContent = t; head.appendChild(th); });
         for (let i = 0; i < Math.max(body.before.length, body.after.length); i++) {
           const row = table.insertRow(), b = body.before[i], a = body.after[i];
-          [b ? b.token : "", b ? b.prob.toFixed(3) : "", a ? a.token : "", a ? a.prob.toFixed(3) : ""].forEach((t) => { row.insertCell().textContent = t; });
+          [b ? b.token : "", b ? b.prob.toPrecision(3) : "", a ? a.token : "", a ? a.prob.toPrecision(3) : ""].forEach((t) => { row.insertCell().textContent = t; });
         }
         steerOut.appendChild(table);
       }).catch(() => { steerOut.textContent = "steering failed"; });
