@@ -195,6 +195,10 @@ class GraphWorker:
                 _compute(session, row, self.id)
             except _Lost as exc:
                 log.warning("%s", exc)
+            except KeyboardInterrupt:  # stopped by hand: the graph goes back to the queue untouched
+                session.rollback()
+                leases.release(session, row.id, self.id, model=AttributionGraph)
+                raise
             except Exception as exc:  # noqa: BLE001  (stored on the row; a bad graph must not stop the worker)
                 session.rollback()
                 retryable = not isinstance(exc, AtlasError)
