@@ -1,6 +1,7 @@
 """Leases on queue rows: the machinery shared by every durable queue in the store.
 
-Auto-interp jobs (store.models.Job) and training runs (store.models.TrainingRun) are rows with the same
+Auto-interp jobs (store.models.Job), training runs (store.models.TrainingRun) and attribution graphs
+(store.models.AttributionGraph) are rows with the same
 queue columns (status, priority, run_after, attempts, max_attempts, lease_owner, lease_expires_at,
 heartbeat_at); workers claim them with the functions here, passing `model=`.
 
@@ -26,7 +27,7 @@ from sqlalchemy import and_, bindparam, case, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from store.models import Job, JobStatus, TrainingRun, UTCDateTime, utcnow
+from store.models import AttributionGraph, Job, JobStatus, TrainingRun, UTCDateTime, utcnow
 from store.settings import get_settings
 
 KIND_EXPLAIN = "explain"
@@ -206,10 +207,11 @@ def backoff_s(attempts: int) -> float:
 
 def fail(session: Session, job, worker_id: str, error: str, retryable: bool = True) -> str:
     """Record a failure: back to the queue after a backoff, or `failed` when out of attempts.
-    `job` is a Job (or any object with its id, attempts and max_attempts) or a TrainingRun."""
+    `job` is a Job (or any object with its id, attempts and max_attempts), a TrainingRun or an
+    AttributionGraph."""
     now = utcnow()
     error = error[:4000]
-    M = TrainingRun if isinstance(job, TrainingRun) else Job
+    M = type(job) if isinstance(job, (TrainingRun, AttributionGraph)) else Job
     if retryable and job.attempts < job.max_attempts:
         ok = write(session, update(M).where(owned(job.id, worker_id, M)).values(
             status=JobStatus.queued.value, error=error, lease_owner=None, lease_expires_at=None,

@@ -23,6 +23,7 @@ from app.web.rendering import html_error
 from app.web.compare_pages import router as compare_pages_router
 from app.web.lineage_pages import router as lineage_pages_router
 from app.web.pages import router as pages_router
+from app.web.graph_pages import router as graph_pages_router
 from app.web.run_pages import router as run_pages_router
 from app.web.structure_pages import router as structure_pages_router
 
@@ -158,6 +159,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, c
     app.include_router(api_router)
     app.include_router(pages_router)
     app.include_router(run_pages_router)
+    app.include_router(graph_pages_router)
     app.include_router(live_pages_router)
     app.include_router(lineage_pages_router)
     app.include_router(structure_pages_router)

@@ -581,3 +581,46 @@ class SAEEvaluation(Base):
     settings: Mapped[dict] = mapped_column(JSON, default=dict, doc="model, site, corpus, split, tokens, contexts, ...")
     metrics: Mapped[dict] = mapped_column(JSON, default=dict, doc="fvu, l0, dead, dense, cosine, CE losses with intervals")
     n_tokens: Mapped[int] = mapped_column(BigInteger, doc="held-out tokens of the reconstruction metrics")
+
+
+class AttributionGraph(Base):
+    """An attribution graph of one prompt through one transcoder set (trainer/circuits), and its job.
+
+    The row is its own queue entry, claimed with a lease by graph workers exactly as training runs
+    are (the queue columns and app.leases); `sae-atlas graph` computes one at once and stores it
+    done. The graph itself is circuit-tracer's frontend JSON (trainer/circuits/export.py), kept
+    zlib-compressed; the scores are the replacement and completeness scores of the unpruned graph."""
+
+    __tablename__ = "graphs"
+    __table_args__ = (
+        Index("ix_graphs_claim", "status", text("priority DESC"), "id"),
+        Index("ix_graphs_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True, doc="the permalink")
+    model: Mapped[str] = mapped_column(String(200), doc="the LM the transcoder set was trained on")
+    set_name: Mapped[str] = mapped_column(String(200), doc="the transcoder set's name")
+    set_path: Mapped[str] = mapped_column(String(2000), doc="its manifest on disk")
+    prompt: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict] = mapped_column(JSON, default=dict, doc="AttributionConfig and pruning thresholds")
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.queued.value)
+    priority: Mapped[int] = mapped_column(Integer, default=0, doc="higher runs first")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=2)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    progress: Mapped[float] = mapped_column(Float, default=0.0, doc="0..1: target rows computed")
+    error: Mapped[str | None] = mapped_column(Text)
+    replacement_score: Mapped[float | None] = mapped_column(Float)
+    completeness_score: Mapped[float | None] = mapped_column(Float)
+    n_nodes: Mapped[int | None] = mapped_column(Integer, doc="nodes in the stored (pruned) graph")
+    n_links: Mapped[int | None] = mapped_column(Integer)
+    seconds: Mapped[float | None] = mapped_column(Float, doc="attribution wall time")
+    graph: Mapped[bytes | None] = mapped_column(LargeBinary, doc="zlib-compressed graph JSON (circuit-tracer's format)")
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

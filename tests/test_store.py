@@ -177,7 +177,7 @@ def test_models_match_the_migrations(engine):
     # tests/test_queue.py checks with EXPLAIN that both backends use them for the claim.
     def expected(d) -> bool:
         text = str(d)
-        if d[0] in ("add_index", "remove_index") and d[1].name in ("ix_jobs_claim", "ix_runs_claim",
+        if d[0] in ("add_index", "remove_index") and d[1].name in ("ix_jobs_claim", "ix_runs_claim", "ix_graphs_claim",
                                                                     "ix_explanations_text_tsv"):
             return True
         return "fts" in text or (engine.dialect.name == "sqlite" and d[0] in ("add_fk", "remove_fk")

@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -445,6 +446,26 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype) -> None:
     (tmp / "SOURCE").write_text(str(gguf) + "\n")
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name: str):
+    """The tokenizer of model `name` alone (no weights), from the folder load_lm reads; an
+    alias's GGUF must have been converted already (by a first load_lm)."""
+    from transformers import AutoTokenizer
+
+    kind, path = resolve_source(name)
+    if kind in ("alias", "gguf"):
+        folder = _gguf_cache_dir(path)
+        if not (folder / "config.json").is_file():
+            raise AtlasError(f"model {name!r} is not converted on this machine", "load it once, e.g. `sae-atlas sites MODEL`")
+        folder = str(folder)
+    else:
+        folder = str(path) if path is not None else name
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise AtlasError(f"cannot load the tokenizer of model {name!r}", "the service does not hold this model") from exc
 
 
 def load_lm(name: str | None = None, device: str | torch.device | None = None, dtype: str | None = None) -> LoadedLM:

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api import compare, contrast, features, jobs, live, models, relations, runs, saes, search, structure
+from app.api import compare, contrast, features, graphs, jobs, live, models, relations, runs, saes, search, structure
 
 api_router = APIRouter(prefix="/api/v1")
-for module in (models, saes, compare, features, search, jobs, runs, live, contrast, relations, structure):
+for module in (models, saes, compare, features, search, jobs, runs, live, contrast, relations, structure, graphs):
     api_router.include_router(module.router)

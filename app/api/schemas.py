@@ -509,3 +509,71 @@ class GroupScatter(BaseModel):
 class GroupOut(GroupSummary):
     sae: str
     scatter: GroupScatter
+
+
+# --- attribution graphs ---------------------------------------------------------------------------
+
+class GraphRequest(BaseModel):
+    """A prompt to attribute through a transcoder set (at most 64 of the model's tokens)."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    set: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                     description="a transcoder set's name (GET /api/v1/graphs/sets)")
+    max_feature_nodes: int | None = Field(None, ge=1, le=20_000, description="cap on feature nodes (default 7,500)")
+    node_threshold: float = Field(0.8, gt=0, le=1)
+    edge_threshold: float = Field(0.98, gt=0, le=1)
+
+
+class GraphOut(BaseModel):
+    slug: str
+    model: str
+    set_name: str
+    prompt: str
+    config: dict[str, Any]
+    status: str
+    progress: float
+    error: str | None
+    replacement_score: float | None
+    completeness_score: float | None
+    n_nodes: int | None
+    n_links: int | None
+    seconds: float | None
+    requested_by: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class GraphDetail(GraphOut):
+    graph: dict[str, Any] | None = Field(description="circuit-tracer's graph JSON (metadata, qParams, nodes, links) once done")
+
+
+class GraphPage(Page[GraphOut]):
+    pass
+
+
+class GraphSets(BaseModel):
+    sets: list[str] = Field(description="names of the transcoder sets in DATA_DIR/transcoder_sets")
+
+
+class GraphSteerRequest(BaseModel):
+    """Set one feature node of the graph to an activation (0 ablates it)."""
+
+    node_id: str = Field(min_length=1, max_length=64, description='a feature node id, "LAYER_FEATURE_POSITION"')
+    value: float = Field(0.0, ge=-1e4, le=1e4)
+    top_k: int = Field(10, ge=1, le=50)
+
+
+class TopLogit(BaseModel):
+    token_id: int
+    token: str
+    logit: float
+    prob: float
+
+
+class GraphSteerOut(BaseModel):
+    node_id: str
+    activation: float = Field(description="the feature's activation in the prompt")
+    value: float
+    before: list[TopLogit]
+    after: list[TopLogit]

@@ -4,6 +4,7 @@
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add, export;
 - evaluate: evaluate (an SAE's report card);
+- graphs: graph, graph-worker (attribution graphs);
 - service: serve, inference, worker, explain, jobs, keys, demo;
 - interpret: embed-explanations;
 - admin: db, settings, models, sites;
@@ -22,14 +23,14 @@ import logging
 import os
 import sys
 
-from app.cli import admin, evaluate, interpret, lineage, saes, service, structure, training
+from app.cli import admin, evaluate, graphs, interpret, lineage, saes, service, structure, training
 from app.cli.flags import add_dataclass_flags, build_config
 from app.cli.training import SUBMIT_FIELDS
 from store.errors import AtlasError
 
 __all__ = ["SUBMIT_FIELDS", "build_config", "build_parser", "main"]
 
-HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, evaluate, interpret, lineage, saes, service, structure, training)
+HANDLERS = {name[4:].replace("_", "-"): getattr(m, name) for m in (admin, evaluate, graphs, interpret, lineage, saes, service, structure, training)
             for name in dir(m) if name.startswith("cmd_")}
 
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default write)")
 
     evaluate.add_parsers(sub)
+    graphs.add_parsers(sub)
     lineage.add_parsers(sub)
     structure.add_parsers(sub)
 

@@ -1,0 +1,116 @@
+"""The graph page in real headless Chromium (Playwright, the system's /usr/bin/chromium), with every
+request that leaves the machine aborted (htmx's CDN too): static/graph.js draws the nodes, the
+pruning slider hides nodes, a click pins a node into the URL, hover shows the node, steering it fills the
+before/after table, and the CSP
+reports no violation. Skipped only where Chromium is missing outside CI (as test_pages_browser.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_graphs import PROMPT, done_graph, store_engine, tiny_set  # noqa: F401  (fixtures)
+from tests.test_pages_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, IN_CI
+
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_torch_thread")]
+
+if not Path(CHROMIUM).is_file() and not IN_CI:
+    pytest.skip(f"headless Chromium is not installed at {CHROMIUM}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def served(store_engine):  # noqa: F811
+    import uvicorn
+
+    from app.main import create_app
+    from store.settings import get_settings
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=store_engine, settings=get_settings()), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_graph_draws_prunes_and_pins_offline(served, done_graph):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    base = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.route("**/*", lambda r: r.continue_() if r.request.url.startswith(base) else r.abort())
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "CSP" in m.text else None)
+        page.add_init_script("document.addEventListener('securitypolicyviolation', e => "
+                             "console.error('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI));")
+        try:
+            page.goto(f"{base}/graphs/{done_graph}")
+            page.wait_for_selector("#graphsvg[data-ready='1']", timeout=15_000)
+            nodes = page.locator("#graphsvg .node")
+            total = nodes.count()
+            assert total > 10
+            assert page.locator("#graphsvg circle.cross-layer-transcoder").count() > 0
+            assert page.locator("#graphsvg line").count() > 0
+            # prune to the most influential 10 %: fewer nodes (embeddings and logits stay)
+            page.locator("#graphprune").fill("0.1")
+            page.locator("#graphprune").dispatch_event("input")
+            pruned = nodes.count()
+            kept = page.locator("#graphsvg .embedding, #graphsvg .logit").count()
+            assert kept <= pruned < total
+            page.locator("#graphprune").fill("1")
+            page.locator("#graphprune").dispatch_event("input")
+            assert nodes.count() == total
+            # hover, then pin a feature node: it lands in the URL's fragment and the pinned list
+            feature = page.locator("#graphsvg circle.cross-layer-transcoder").first
+            node_id = feature.get_attribute("data-id")
+            feature.hover()
+            page.locator("#graphtip").wait_for(state="visible", timeout=5000)
+            assert node_id in page.locator("#graphtip").inner_text()
+            feature.click()
+            assert f"pinned={node_id}" in page.evaluate("location.hash")
+            assert page.locator("#graphpinned li").count() == 1
+            assert page.locator(f"#graphsvg .node.pinned[data-id='{node_id}']").count() == 1
+            # pin a second node and group both into a supernode (the name prompt is dismissed: a default name)
+            other = page.locator("#graphsvg .node:not(.pinned)").first
+            other_id = other.get_attribute("data-id")
+            other.click()
+            page.locator("#graphgroup").click()
+            assert page.locator("#graphsupernodes li").count() == 1
+            assert page.locator("#graphsvg .node.super").count() == 2
+            assert "supernodes=" in page.evaluate("location.hash") and other_id in page.evaluate("location.hash")
+            # reloading restores pins and supernodes from the URL
+            page.reload()
+            page.wait_for_selector("#graphsvg[data-ready='1']", timeout=15_000)
+            assert page.locator("#graphsvg .node.super").count() == 2 and page.locator("#graphpinned li").count() == 2
+            other = page.locator(f"#graphsvg .node[data-id='{other_id}']")
+            if other.evaluate("e => e.classList.contains('cross-layer-transcoder')"):
+                other.click()  # unpin it, so that the feature pinned first is the one steered
+            # steer the pinned feature: ablate it, and the before/after table appears
+            page.locator("#steervalue").fill("0")
+            page.locator("#graphsteer button[type=submit]").click()
+            deadline = time.time() + 30
+            while not page.locator('#steerresult').inner_text() and time.time() < deadline:
+                page.wait_for_timeout(200)
+            assert page.locator("#steerresult table").count() == 1, page.locator("#steerresult").inner_text()
+            assert page.locator("#steerresult table tr").count() == 11  # a header and the top 10
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "graph-page.png"), full_page=True)
+        finally:
+            context.close()
+            browser.close()
+    assert errors == [], errors
