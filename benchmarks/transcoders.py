@@ -138,8 +138,8 @@ def main() -> None:
         for tag, m in set_metrics.items():
             print(f"  set {tag}: CE recovered {m.get('ce_recovered')} ± {m.get('ce_recovered_ci95')}, "
                   f"Δ LM loss {m.get('delta_lm_loss')}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every dtype: a run cut short keeps its results
+        args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {args.out}; CPU {report['cpu_model']}, {report['torch_threads']} torch threads, LM {report['lm_dtype']}")
 
 
