@@ -1,7 +1,12 @@
 """Benchmark: transcoders of several blocks trained from one LM pass, float32 against bfloat16.
 
     python benchmarks/transcoders.py                                   # blocks 3, 15, 27; 49k tokens each dtype
+    python benchmarks/transcoders.py --layers 0,1,2 --ce-contexts 0    # the quick dtype comparison (~5 min)
     python benchmarks/transcoders.py --layers 0-29 --tokens 1000000    # every block of the bundled model
+
+The LM pass dominates on a small CPU: the stream runs the model up to the deepest block named, and
+every CE splice (one per block, the zero-ablations and the whole set) runs all of it; on 2 shared
+cores (load ~6) the defaults took over 15 minutes, blocks 0-2 without CE 4.6 minutes.
 
 On the bundled SmolLM2-135M (pydoc corpus), for each --dtypes value in turn, one `train` run
 (trainer.train.Trainer, what `sae-atlas train --site mlp.A-B --autocast DTYPE` runs) of TopK
