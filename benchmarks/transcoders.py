@@ -1,7 +1,12 @@
 """Benchmark: transcoders of several blocks trained from one LM pass, float32 against bfloat16.
 
-    python benchmarks/transcoders.py                                   # blocks 3, 15, 27; 131k tokens each dtype
+    python benchmarks/transcoders.py                                   # blocks 3, 15, 27; 49k tokens each dtype
+    python benchmarks/transcoders.py --layers 0,1,2 --ce-contexts 0    # the quick dtype comparison (~5 min)
     python benchmarks/transcoders.py --layers 0-29 --tokens 1000000    # every block of the bundled model
+
+The LM pass dominates on a small CPU: the stream runs the model up to the deepest block named, and
+every CE splice (one per block, the zero-ablations and the whole set) runs all of it; on 2 shared
+cores (load ~6) the defaults took over 15 minutes, blocks 0-2 without CE 4.6 minutes.
 
 On the bundled SmolLM2-135M (pydoc corpus), for each --dtypes value in turn, one `train` run
 (trainer.train.Trainer, what `sae-atlas train --site mlp.A-B --autocast DTYPE` runs) of TopK
@@ -83,15 +88,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", default="3,15,27", help="blocks: a comma list and/or ranges A-B")
-    ap.add_argument("--tokens", type=int, default=131_072, help="training tokens per dtype")
+    ap.add_argument("--tokens", type=int, default=49_152, help="training tokens per dtype")
     ap.add_argument("--width", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--arch", default="topk")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--lm-dtype", default="auto")
-    ap.add_argument("--warmup-s", type=float, default=10.0, help="seconds left out at the start of each run")
-    ap.add_argument("--eval-tokens", type=int, default=16_384)
+    ap.add_argument("--warmup-s", type=float, default=5.0, help="seconds left out at the start of each run")
+    ap.add_argument("--shuffle-buffer", type=int, default=32_768,
+                    help="tokens the shuffle buffer mixes (the trainer's 262k default would make a short run read that many first)")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--ce-contexts", type=int, default=32)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "transcoders.json")
     args = ap.parse_args()
@@ -101,7 +108,9 @@ def main() -> None:
     sites = [f"mlp.{part}" for part in args.layers.split(",") if part.strip()]
     lm = load_lm(args.model, pick_device("cpu"), args.lm_dtype)
     runs_dir = Path(os.environ["SAE_ATLAS_DATA_DIR"]) / "transcoders"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu_model": cpu_model(),
+              "bf16_cpu_flags": sorted({f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")}),
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "model": args.model,
               "lm_dtype": str(lm.dtype), "sites": sites, "tokens": args.tokens, "width": args.width, "k": args.k,
               "arch": args.arch, "batch_size": args.batch_size, "warmup_s": args.warmup_s, "runs": {}}
@@ -109,6 +118,7 @@ def main() -> None:
         cfg = TrainConfig(out=runs_dir / dtype, model=args.model, site=sites, arch=[args.arch], width=[args.width],
                           k=[args.k], tokens=args.tokens, batch_size=args.batch_size, autocast=dtype, device="cpu",
                           lm_dtype=args.lm_dtype, eval_tokens=args.eval_tokens, ce_contexts=args.ce_contexts,
+                          shuffle_buffer=args.shuffle_buffer,
                           checkpoint_every=0, overwrite=True)
         load_before = os.getloadavg()
         t0 = time.perf_counter()
@@ -133,8 +143,8 @@ def main() -> None:
         for tag, m in set_metrics.items():
             print(f"  set {tag}: CE recovered {m.get('ce_recovered')} ± {m.get('ce_recovered_ci95')}, "
                   f"Δ LM loss {m.get('delta_lm_loss')}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every dtype: a run cut short keeps its results
+        args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {args.out}; CPU {report['cpu_model']}, {report['torch_threads']} torch threads, LM {report['lm_dtype']}")
 
 

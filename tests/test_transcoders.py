@@ -422,3 +422,21 @@ def test_a_stopped_transcoder_run_resumes_to_the_same_weights(tmp_path, tiny_mod
         wa, wb = load_file(str(a / "sae_weights.safetensors")), load_file(str(b / "sae_weights.safetensors"))
         assert sorted(wa) == ["W_dec", "W_enc", "W_skip", "b_dec", "b_enc"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("autocast, native_bf16, expected", [
+    ("auto", True, (torch.bfloat16, torch.float32)),  # transcoders take bf16 where the CPU has it; SAEs keep fp32
+    ("auto", False, (torch.float32, torch.float32)),
+    ("float32", True, (torch.float32, torch.float32)),
+    ("bfloat16", False, (torch.bfloat16, torch.bfloat16)),
+])
+def test_bf16_is_the_cpu_default_for_transcoders_only(tmp_path, tiny_model_dir, tiny_lm, corpus, monkeypatch,
+                                                      autocast, native_bf16, expected):
+    import trainer.lm
+
+    monkeypatch.setattr(trainer.lm, "cpu_has_bf16_matmul", lambda: native_bf16)
+    trainer = Trainer(config(tmp_path / "o", tiny_model_dir, corpus, site=["mlp.1", "resid_post.1"], autocast=autocast),
+                      lm=tiny_lm)
+    trainer.build_runs(trainer.load_inputs())
+    by_site = {r.site: r.sae.compute_dtype for r in trainer.runs}
+    assert (by_site["mlp_in.1"], by_site["resid_post.1"]) == expected

@@ -106,7 +106,8 @@ class TrainConfig:
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     autocast: str = "auto"
-    """SAE encoder matmul precision: auto (bfloat16 on CUDA), bfloat16, float32."""
+    """SAE encoder matmul precision: auto (bfloat16 on CUDA, and for transcoders on CPUs with native
+    bfloat16 matmuls), bfloat16, float32."""
     eval_tokens: int = 65_536
     """Held-out tokens for the reconstruction metrics."""
     ce_contexts: int = 512

@@ -109,6 +109,19 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """The CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX): an SAE's dense encoder
+    matmul in bfloat16 is then several times faster than in float32 (4096x576 by 576x4608 on the
+    2-core AMD EPYC with AVX512-BF16: 174 against 45 GFLOP/s)."""
+    if cpu_has_fast_bf16():
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in fh)
+    except OSError:
+        return False
+
+
 def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     if requested in (None, "", "auto"):
         requested = get_settings().lm_dtype
