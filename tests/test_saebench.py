@@ -188,3 +188,112 @@ def test_pooling_matches_written_out_forward_and_encoder(tiny_lm, tmp_path):
         np.testing.assert_allclose(acts[i], want.numpy(), atol=1e-5)
         z = torch.relu((hs[keep] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).mean(0)  # SAELens standard encode
         np.testing.assert_allclose(codes[i], z.numpy(), atol=1e-5)
+
+
+# --- absorption ---------------------------------------------------------------------------------
+
+def _saebench_absorption(act, codes, direction, w_dec, main):
+    """SAEBench's absorption of one word, written out with plain Python numbers."""
+    d = [v / math.sqrt(sum(u * u for u in direction)) for v in direction]
+    cos = []
+    for row in w_dec:
+        cos.append(sum(a * b for a, b in zip(row, d)) / math.sqrt(sum(a * a for a in row)))
+    p = [f * c for f, c in zip(codes, cos)]
+    big_p = sum(a * b for a, b in zip(act, d))
+    m = sum(p[i] for i in main)
+    cand = sorted((p[i] for i in range(len(p)) if i not in main and cos[i] >= 0.1 and p[i] > 0), reverse=True)[:3]
+    t = sum(cand)
+    if m >= big_p or t / big_p < 0.4:
+        frac = 0.0
+    elif m <= 0:
+        frac = 1.0
+    else:
+        a = min(t, big_p - m)
+        frac = min(max(a / (a + m), 0.0), 1.0)
+    top = max(range(len(p)), key=lambda i: p[i])
+    full = all(codes[i] < 1e-8 for i in main) and cos[top] >= 0.025 and big_p >= 0 and p[top] / big_p >= 0.4
+    return frac, full
+
+
+@pytest.mark.parametrize("case", ["absorbed", "main_fires", "partial", "no_absorber", "random"])
+def test_absorption_of_word_matches_saebench(case):
+    from trainer.absorption import absorption_of_word
+
+    g = torch.Generator().manual_seed(5)
+    d, f = 8, 12
+    w_dec = torch.randn(f, d, generator=g)
+    direction = torch.randn(d, generator=g)
+    unit = direction / direction.norm()
+    w_dec[0] = unit * 2  # the main latent: along the probe
+    w_dec[1] = unit + 0.3 * torch.randn(d, generator=g)  # an absorber: close to the probe
+    codes = torch.zeros(f)
+    act = unit * 3.0
+    if case == "absorbed":
+        codes[1] = 3.0
+    elif case == "main_fires":
+        codes[0] = 2.0
+    elif case == "partial":
+        codes[0], codes[1] = 0.5, 2.0
+    elif case == "no_absorber":
+        codes[5] = 0.1
+    else:
+        codes = torch.relu(torch.randn(f, generator=g))
+        act = torch.randn(d, generator=g) + unit * 2
+    got = absorption_of_word(act, codes, direction, w_dec, [0])
+    want = _saebench_absorption(act.tolist(), codes.tolist(), direction.tolist(), w_dec.tolist(), [0])
+    assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == want[1]
+    if case == "absorbed":
+        assert got == (pytest.approx(1.0), True)
+    if case == "main_fires":
+        assert got == (0.0, False)
+    if case == "partial":
+        assert 0 < got[0] < 1 and got[1] is False
+
+
+def test_main_latents_follow_f1_jumps():
+    from trainer.absorption import main_latents
+
+    rows = [([3], 0.5), ([3, 7], 0.6), ([3, 7, 1], 0.62), ([3, 7, 1, 2], 0.9)]
+    assert main_latents(rows, 0.03) == [3, 7]  # stops at the first step of <= 0.03
+    assert main_latents([([4], 0.0)], 0.03) == [4]
+
+
+def test_words_prompts_and_split(tiny_lm):
+    import random
+
+    from trainer.absorption import TEMPLATE_SUFFIX, alpha_words, first_letter, prompt_ids, split_words
+
+    vocab = alpha_words(tiny_lm.tokenizer)
+    assert vocab and all(t.lstrip(" ").isalpha() and t.lstrip(" ").isascii() for _, t in vocab)
+    splits = split_words(vocab, 200, 10, random.Random(0))
+    assert not {w for w in splits["train"]} & {w for w in splits["test"]}
+    assert len(splits["train"]) == int(0.8 * min(200, len(vocab)))
+    word = splits["test"][0]
+    ids = prompt_ids(tiny_lm.tokenizer, tiny_lm.bos_token_id, word, splits["test"][1:4])
+    tail = len(tiny_lm.tokenizer(TEMPLATE_SUFFIX, add_special_tokens=False)["input_ids"]) + 1
+    assert ids[0] == tiny_lm.bos_token_id and ids[len(ids) - tail] == word[0]
+    text = tiny_lm.tokenizer.decode(ids[1:])
+    assert text.endswith(f"{word[1]} has the first letter:") and text.count("has the first letter") == 4
+    assert first_letter(" Apple") == 0 and first_letter("zebra") == 25
+    with pytest.raises(AtlasError, match="alphabetic tokens"):
+        split_words(vocab[:5], 200, 10, random.Random(0))
+
+
+def test_absorption_end_to_end_on_tiny_model(tiny_lm):
+    from trainer.absorption import AbsorptionConfig, absorption
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, tiny_lm.d_model, generator=g)
+    encode = lambda a: torch.relu(a @ w.T)  # noqa: E731
+    cfg = AbsorptionConfig(n_words=150, icl_examples=3, max_k=3, min_letters=27, batch_size=32)
+    refused = absorption(tiny_lm, "resid_post.1", encode, w, cfg)
+    assert refused["evaluated"] is False and "cannot do the first-letter task" in refused["reason"]
+    assert 0 <= refused["probe_accuracy"] <= 1 and set(refused["probe_f1"]) == set("abcdefghijklmnopqrstuvwxyz")
+    cfg.min_letters, cfg.min_probe_f1 = 1, 0.0
+    out = absorption(tiny_lm, "resid_post.1", encode, w, cfg)
+    assert out["evaluated"] is True and out["per_letter"]
+    for row in out["per_letter"].values():
+        assert 0 <= row["mean_absorption_fraction"] <= 1 and 0 <= row["full_absorption_rate"] <= 1
+        assert 1 <= len(row["main_latents"]) <= 3
+    with pytest.raises(AtlasError):
+        absorption(tiny_lm, "resid_post.1", encode, w, AbsorptionConfig(n_words=5))
