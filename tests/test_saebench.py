@@ -297,3 +297,39 @@ def test_absorption_end_to_end_on_tiny_model(tiny_lm):
         assert 1 <= len(row["main_latents"]) <= 3
     with pytest.raises(AtlasError):
         absorption(tiny_lm, "resid_post.1", encode, w, AbsorptionConfig(n_words=5))
+
+
+# --- the report card ----------------------------------------------------------------------------
+
+def test_report_card_with_probing_and_absorption(tiny_model_dir, tmp_path):
+    from app.cli.evaluate import format_card
+    from tests.conformance.layouts import saelens_cfg, write_saelens
+    from trainer.corpus import PydocCorpus
+    from trainer.report_card import EvaluateConfig, evaluate_folder
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(d.text.replace("\n\n", "\n") for d in PydocCorpus().docs[:300]))
+    g = torch.Generator().manual_seed(1)
+    cfg = saelens_cfg("standard", hook="blocks.1.hook_resid_post")
+    cfg.update(d_in=64, d_sae=96)
+    cfg["metadata"]["model_name"] = str(tiny_model_dir)
+    folder = write_saelens(tmp_path / "sae", cfg, {"W_enc": torch.randn(64, 96, generator=g) * 0.3,
+                                                  "b_enc": torch.randn(96, generator=g) * 0.1,
+                                                  "W_dec": torch.randn(96, 64, generator=g) * 0.2,
+                                                  "b_dec": torch.randn(64, generator=g) * 0.1})
+    ev = EvaluateConfig(sae_dir=folder, corpus=str(corpus), tokens=512, contexts=2, ctx_len=32, device="cpu",
+                        lm_dtype="float32", probing=True, probe_train=12, probe_test=6, probe_k=[1, 2],
+                        probe_ctx_len=32, absorption=True, absorption_words=120)
+    card = evaluate_folder(ev, progress=False)
+    sp, ab = card.metrics["sparse_probing"], card.metrics["absorption"]
+    assert set(sp["tasks"]) == {"module_family", "code_vs_prose"} and sp["k_values"] == [1, 2]
+    for key in ("llm_test_accuracy", "sae_test_accuracy", "sae_top_1_test_accuracy", "sae_top_2_test_accuracy"):
+        assert 0 <= sp[key] <= 1
+        assert sp[key] == pytest.approx(np.mean([t[key] for t in sp["tasks"].values()]))
+    mf = sp["tasks"]["module_family"]
+    assert set(mf["train_per_class"].values()) == {12} and set(mf["test_per_class"].values()) == {6}
+    assert ab["evaluated"] is False and "first-letter" in ab["reason"]  # a random model cannot spell
+    text = format_card(card)
+    assert "sparse probing" in text and "top-1" in text and "absorption" in text and "not measured" in text
+    with pytest.raises(AtlasError, match="probe-train"):
+        EvaluateConfig(sae_dir=folder, probing=True, probe_train=1).validate()

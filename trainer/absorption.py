@@ -199,8 +199,9 @@ def absorption_of_word(act: torch.Tensor, codes: torch.Tensor, direction: torch.
     return frac, full
 
 
-def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig) -> dict:
-    """The absorption part of a report card (module docstring). w_dec: [d_sae, D] decoder rows."""
+def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig, keep: dict | None = None) -> dict:
+    """The absorption part of a report card (module docstring). w_dec: [d_sae, D] decoder rows;
+    `keep`, when given, receives the arrays measured (for the conformance script)."""
     if cfg.n_words < 10 or cfg.icl_examples < 1 or cfg.max_k < 1:
         raise AtlasError("absorption needs --absorption-words >= 10, at least one example and max_k >= 1")
     rng = random.Random(cfg.seed)
@@ -230,17 +231,23 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
     codes = {s: encode(acts[s]).numpy() for s in acts}
     ks = k_sparse_probes(codes["train"], y["train"], codes["test"], y["test"], cfg.max_k, cfg.seed)
     direction = probe.weight.detach()
+    # every test word once more, in a prompt whose examples come from the whole vocabulary
+    fresh = word_activations(lm, site, prompts(splits["test"], vocab), tail, cfg.batch_size)
+    fresh_codes = encode(fresh)
+    if keep is not None:
+        keep.update(train_acts=acts["train"].numpy(), test_acts=acts["test"].numpy(), y_train=y["train"],
+                    y_test=y["test"], fresh_acts=fresh.numpy(), probe_weight=direction.numpy(),
+                    probe_bias=probe.bias.detach().numpy(), test_words=[t for _, t in splits["test"]],
+                    train_words=[t for _, t in splits["train"]])
     per_letter = {}
     for i in good:
         if i not in ks:  # no train word of that letter: no k-sparse probe
             continue
         main = main_latents(ks[i], cfg.f1_jump)
-        tp = [w for w, s, yy in zip(splits["test"], scores[:, i], y["test"]) if yy == i and s > 0]
+        tp = [j for j in range(len(y["test"])) if y["test"][j] == i and scores[j, i] > 0]
         if not tp:
             continue
-        a = word_activations(lm, site, prompts(tp, vocab), tail, cfg.batch_size)
-        c = encode(a)
-        results = [absorption_of_word(a[j], c[j], direction[i], w_dec, main) for j in range(len(tp))]
+        results = [absorption_of_word(fresh[j], fresh_codes[j], direction[i], w_dec, main) for j in tp]
         per_letter[LETTERS[i]] = {"main_latents": main, "probe_true_positives": len(tp),
                                   "mean_absorption_fraction": float(np.mean([r[0] for r in results])),
                                   "full_absorption_rate": float(np.mean([r[1] for r in results]))}
