@@ -252,6 +252,9 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
                                   "mean_absorption_fraction": float(np.mean([r[0] for r in results])),
                                   "full_absorption_rate": float(np.mean([r[1] for r in results]))}
     rows = list(per_letter.values())
+    if not rows:
+        out.update(evaluated=False, reason="no letter has a test word the probe gets right")
+        return out
     out.update(evaluated=True, per_letter=per_letter,
                mean_absorption_fraction=float(np.mean([r["mean_absorption_fraction"] for r in rows])),
                mean_full_absorption_rate=float(np.mean([r["full_absorption_rate"] for r in rows])),

@@ -44,16 +44,14 @@ TOL = 0.04
 KS = (1, 2, 5)
 
 
-def ours(args) -> dict:
+def setup(args):
+    """(LM, site, SAE folder): the tiny random model or --model, and --sae or a seeded random ReLU
+    SAE written as SAELens writes it."""
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import torch
 
     from tests.conformance.layouts import saelens_cfg, write_saelens
-    from trainer.formats import load_sae
     from trainer.lm import load_lm
-    from trainer.probing_tasks import build_tasks
-    from trainer.sparse_probing import class_accuracies, dense_encoder, mean_rows, pooled_activations, special_ids, text_tokens
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -78,6 +76,20 @@ def ours(args) -> dict:
                                                    "b_enc": torch.randn(f, generator=g) * 0.1,
                                                    "W_dec": torch.randn(f, d, generator=g) / d ** 0.5,
                                                    "b_dec": torch.randn(d, generator=g) * 0.1})
+    return lm, site, sae_dir
+
+
+def ours(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    from trainer.formats import load_sae
+    from trainer.probing_tasks import build_tasks
+    from trainer.sparse_probing import class_accuracies, dense_encoder, mean_rows, pooled_activations, special_ids, text_tokens
+
+    work = Path(args.work)
+    lm, site, sae_dir = setup(args)
     sae = load_sae(sae_dir).sae.eval()
     encode = dense_encoder(sae)
     tasks = build_tasks("pydoc", ["module_family", "code_vs_prose"], args.train, args.test, seed=0)
