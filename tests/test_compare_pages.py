@@ -108,3 +108,7 @@ def test_compare_page_plots_and_table(three):
         assert c.get("/compare", params={"model": "nope"}).status_code == 404
         sae_page = c.get("/saes/b").text
         assert "/compare?model=" in sae_page and "Report card" in sae_page
+        assert "probing top-1" not in sae_page  # b's report card has no SAEBench measures
+        c_page = c.get("/saes/c").text.split('id="report-card"')[1].split("</section>")[0]
+        assert "probing top-1" in c_page and "70.0% / 80.0%" in c_page and "absorption" in c_page
+        assert "probe accuracy 90.0%" in c_page
