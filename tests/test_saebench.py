@@ -261,7 +261,13 @@ def test_main_latents_follow_f1_jumps():
 def test_words_prompts_and_split(tiny_lm):
     import random
 
-    from trainer.absorption import TEMPLATE_SUFFIX, alpha_words, first_letter, prompt_ids, split_words
+    from trainer.absorption import (
+        TEMPLATE_SUFFIX,
+        alpha_words,
+        first_letter,
+        prompt_ids,
+        split_words,
+    )
 
     vocab = alpha_words(tiny_lm.tokenizer)
     assert vocab and all(t.lstrip(" ").isalpha() and t.lstrip(" ").isascii() for _, t in vocab)
@@ -284,7 +290,7 @@ def test_absorption_end_to_end_on_tiny_model(tiny_lm):
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, tiny_lm.d_model, generator=g)
-    encode = lambda a: torch.relu(a @ w.T)  # noqa: E731
+    encode = lambda a: torch.relu(a @ w.T)
     cfg = AbsorptionConfig(n_words=150, icl_examples=3, max_k=3, min_letters=27, batch_size=32)
     refused = absorption(tiny_lm, "resid_post.1", encode, w, cfg)
     assert refused["evaluated"] is False and "cannot do the first-letter task" in refused["reason"]

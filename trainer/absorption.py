@@ -71,7 +71,7 @@ def alpha_words(tokenizer) -> list[tuple[int, str]]:
     out = []
     for tok, i in tokenizer.get_vocab().items():
         text = tokenizer.convert_tokens_to_string([tok])
-        word = text[1:] if text.startswith(" ") else text
+        word = text.removeprefix(" ")
         if word and all(ch in string.ascii_letters for ch in word):
             out.append((int(i), text))
     return sorted(out)
@@ -93,7 +93,7 @@ def first_letter(text: str) -> int:
 def prompt_ids(tokenizer, bos: int, word: tuple[int, str], examples: list[tuple[int, str]]) -> list[int]:
     """BOS, the answered examples, then the word's token and the suffix (module docstring)."""
     prefix = "".join(f"\n{t}{TEMPLATE_SUFFIX} {t.strip()[0].upper()}" for _, t in examples) + "\n"
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
     return [bos] + enc(prefix) + [word[0]] + enc(TEMPLATE_SUFFIX)
 
 

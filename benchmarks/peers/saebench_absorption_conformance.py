@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from saebench_conformance import PEERS_PY, ROOT, TOL, setup  # noqa: E402
+from saebench_conformance import PEERS_PY, ROOT, TOL, setup
 
 MIN_F1 = 0.6
 
@@ -69,14 +69,13 @@ def peer(work: Path) -> dict:
     import numpy as np
     import pandas as pd
     import torch
-    from sae_lens import SAE
-
     from sae_bench.evals.absorption import feature_absorption as fa
     from sae_bench.evals.absorption import k_sparse_probing as ksp
     from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
     from sae_bench.evals.absorption.main import _aggregate_results_df
     from sae_bench.evals.absorption.probing import LinearProbe, train_linear_probe_for_task
     from sae_bench.evals.absorption.prompting import first_letter_formatter
+    from sae_lens import SAE
 
     random.seed(42)
     torch.manual_seed(42)
@@ -181,7 +180,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print("the model cannot do the task at this size: nothing to compare beyond the probe ->", args.out)
         return 0
-    proc = subprocess.run([str(PEERS_PY), __file__, "--peer", "--work", args.work], capture_output=True, text=True)
+    proc = subprocess.run([str(PEERS_PY), __file__, "--peer", "--work", args.work], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         return 1

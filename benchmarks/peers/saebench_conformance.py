@@ -86,7 +86,14 @@ def ours(args) -> dict:
 
     from trainer.formats import load_sae
     from trainer.probing_tasks import build_tasks
-    from trainer.sparse_probing import class_accuracies, dense_encoder, mean_rows, pooled_activations, special_ids, text_tokens
+    from trainer.sparse_probing import (
+        class_accuracies,
+        dense_encoder,
+        mean_rows,
+        pooled_activations,
+        special_ids,
+        text_tokens,
+    )
 
     work = Path(args.work)
     lm, site, sae_dir = setup(args)
@@ -140,11 +147,10 @@ def peer(work: Path) -> dict:
     from types import SimpleNamespace
 
     import numpy as np
-    import torch
-    from sae_lens import SAE
-
     import sae_bench.evals.sparse_probing.probe_training as pt
     import sae_bench.sae_bench_utils.activation_collection as ac
+    import torch
+    from sae_lens import SAE
 
     random.seed(42)
     torch.manual_seed(42)
@@ -172,13 +178,13 @@ def peer(work: Path) -> dict:
                     pooled_diff[which] = max(pooled_diff[which], d)
         res = {"pooled_max_abs_diff": pooled_diff}
         for which in ("llm", "sae"):
-            tr, te = pooled["train"][which], pooled["test"][which]
+            tr = pooled["train"][which]
             per = {"test_accuracy": {}, **{f"top_{k}_test_accuracy": {} for k in meta["ks"]}}
             for c in classes:  # train_probe_on_activations' own loop, one call at a time (see the docstring)
                 # its balancing, checked on its own draw; the probes then get our draw, the same inputs as ours
-                bx, by = pt.prepare_probe_data(tr, c)
+                _, by = pt.prepare_probe_data(tr, c)
                 assert int(by.sum()) == len(tr[c]) == len(by) - int(by.sum())
-                g = lambda n: torch.from_numpy(arrays[f"{task}|{which}|{c}|{n}"])  # noqa: E731
+                g = lambda n: torch.from_numpy(arrays[f"{task}|{which}|{c}|{n}"])
                 xtr, ytr, xte, yte = g("xtr"), g("ytr").int(), g("xte"), g("yte").int()
                 _, per["test_accuracy"][c] = pt.train_probe_gpu(xtr, ytr, xte, yte, dim=xtr.shape[1], batch_size=250,
                                                                 epochs=100, lr=1e-2)
@@ -210,7 +216,7 @@ def main() -> int:
         return 0
     result = ours(args)
     t0 = time.time()
-    proc = subprocess.run([str(PEERS_PY), __file__, "--peer", "--work", args.work], capture_output=True, text=True)
+    proc = subprocess.run([str(PEERS_PY), __file__, "--peer", "--work", args.work], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         return 1
