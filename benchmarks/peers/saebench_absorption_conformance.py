@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from saebench_conformance import PEERS_PY, ROOT, TOL, setup
+from saebench_conformance import PEERS_PY, ROOT, TOL, setup  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
 
 MIN_F1 = 0.6
 

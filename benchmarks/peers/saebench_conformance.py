@@ -184,8 +184,8 @@ def peer(work: Path) -> dict:
                 # its balancing, checked on its own draw; the probes then get our draw, the same inputs as ours
                 _, by = pt.prepare_probe_data(tr, c)
                 assert int(by.sum()) == len(tr[c]) == len(by) - int(by.sum())
-                g = lambda n: torch.from_numpy(arrays[f"{task}|{which}|{c}|{n}"])
-                xtr, ytr, xte, yte = g("xtr"), g("ytr").int(), g("xte"), g("yte").int()
+                xtr, ytr, xte, yte = [torch.from_numpy(arrays[f"{task}|{which}|{c}|{n}"]) for n in ("xtr", "ytr", "xte", "yte")]
+                ytr, yte = ytr.int(), yte.int()
                 _, per["test_accuracy"][c] = pt.train_probe_gpu(xtr, ytr, xte, yte, dim=xtr.shape[1], batch_size=250,
                                                                 epochs=100, lr=1e-2)
                 for k in meta["ks"]:
