@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from saebench_conformance import PEERS_PY, ROOT, TOL, setup  # noqa: E402
+from saebench_conformance import PEERS_PY, ROOT, TOL, setup
 
 sys.path.insert(0, str(ROOT))
 
