@@ -1,6 +1,7 @@
 """The comparison of published SAEs (the /compare page and GET /api/v1/compare): for every SAE of a
-model, or of every model, its L0 against FVU, CE recovered and interpretability, and which SAEs are
-on each Pareto front.
+model, or of every model, its L0 against FVU, CE recovered, interpretability, sparse-probing top-1
+accuracy and absorption (SAEBench's measures, from report cards made with --probing /
+--absorption), and which SAEs are on each Pareto front.
 
 Numbers come from the SAE's latest report card (store/evaluations.py) when it has one, else from the
 metrics its training run measured (the same trainer/evaluate.py code on fewer contexts); `source`
@@ -24,7 +25,20 @@ from store.models import LM, SAE, Explanation, Feature, SAEStatus
 
 SCORES = ("detection", "fuzzing", "embedding")
 # y axis -> whether lower is better (L0, the x axis, is always better lower).
-AXES = {"fvu": True, "ce_recovered": False, "interpretability": False}
+AXES = {"fvu": True, "ce_recovered": False, "interpretability": False, "probing_top_1": False, "absorption": True}
+
+
+def saebench_numbers(m: dict) -> dict:
+    """SAEBench's measures from a report card's metrics (None where not measured): top-1 and top-5
+    sparse-probing accuracy, and the mean absorption fraction (only when the probe could do the
+    first-letter task well enough for the rate to be measured)."""
+    sp = m.get("sparse_probing") if isinstance(m.get("sparse_probing"), dict) else {}
+    ab = m.get("absorption") if isinstance(m.get("absorption"), dict) else {}
+    return {"probing_top_1": _num(sp.get("sae_top_1_test_accuracy")),
+            "probing_top_5": _num(sp.get("sae_top_5_test_accuracy")),
+            "probing_llm": _num(sp.get("llm_test_accuracy")),
+            "absorption": _num(ab.get("mean_absorption_fraction")) if ab.get("evaluated") else None,
+            "absorption_probe_accuracy": _num(ab.get("probe_accuracy"))}
 
 
 def _score_column(kind: str):
@@ -116,6 +130,7 @@ def comparison(session: Session, model: str | None = None, score: str | None = N
             "delta_lm_loss_ci95": _num(m.get("delta_lm_loss_ci95")), "dead_frac": _num(dead),
             "interpretability": mean["mean"] if mean else None, "scored_latents": mean["latents"] if mean else 0,
             "scores": interp[s.id],
+            **saebench_numbers(m if ev is not None else {}),
             "links": {"page": f"/saes/{s.name}", "api": f"/api/v1/saes/{s.name}"},
         })
     for axis, lower in AXES.items():

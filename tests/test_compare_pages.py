@@ -38,7 +38,11 @@ def three(published, tiny_sae_dir):
         write_evaluation(s, ids["b"], {"contexts": 8}, {"l0": 99.0, "fvu": 0.1}, 100)  # superseded below
         write_evaluation(s, ids["b"], {"contexts": 8}, {"l0": 4.0, "fvu": 0.9, "ce_recovered": 0.5,
                                                         "ce_recovered_ci95": 0.05, "dead_frac_eval": 0.25}, 1000)
-        write_evaluation(s, ids["c"], {"contexts": 8}, {"l0": 20.0, "fvu": 0.95, "ce_recovered": 0.4}, 1000)
+        write_evaluation(s, ids["c"], {"contexts": 8}, {"l0": 20.0, "fvu": 0.95, "ce_recovered": 0.4,
+                                                        "sparse_probing": {"sae_top_1_test_accuracy": 0.7,
+                                                                           "sae_top_5_test_accuracy": 0.8},
+                                                        "absorption": {"evaluated": True, "probe_accuracy": 0.9,
+                                                                       "mean_absorption_fraction": 0.2}}, 1000)
         feats = {f.index: f for f in s.scalars(select(Feature).where(Feature.sae_id == ids["b"], Feature.index < 4))}
         for index, det, uninformative, emb in ((0, 0.9, False, None), (0, 0.6, False, None), (1, 0.7, False, None),
                                                (2, 1.0, True, None), (3, None, None, 0.75)):
@@ -61,8 +65,12 @@ def test_compare_api_numbers_and_fronts(three):
         # the best informative detection score of latents 0 (0.9) and 1 (0.7); latent 2's is uninformative
         assert b["interpretability"] == pytest.approx(0.8) and b["scored_latents"] == 2
         assert b["scores"]["embedding"] == {"mean": 0.75, "latents": 1}
-        assert b["front"] == {"fvu": True, "ce_recovered": True, "interpretability": True}
-        assert cc["front"] == {"fvu": False, "ce_recovered": False, "interpretability": False}
+        assert b["front"] == {"fvu": True, "ce_recovered": True, "interpretability": True, "probing_top_1": False,
+                              "absorption": False}
+        assert cc["front"] == {"fvu": False, "ce_recovered": False, "interpretability": False, "probing_top_1": True,
+                               "absorption": True}
+        assert (cc["probing_top_1"], cc["probing_top_5"], cc["absorption"]) == (0.7, 0.8, 0.2)
+        assert b["probing_top_1"] is None and b["absorption"] is None
         assert tiny["source"] == "training" and tiny["l0"] is not None and tiny["interpretability"] is None
         assert b["links"] == {"page": "/saes/b", "api": "/api/v1/saes/b"}
         emb = c.get("/api/v1/compare", params={"score": "embedding"}).json()
@@ -80,8 +88,9 @@ def test_compare_page_plots_and_table(three):
         assert r.status_code == 200
         check_page(r)
         svgs = re.findall(r'<svg class="chart pareto".*?</svg>', r.text, flags=re.DOTALL)
-        assert len(svgs) == 3
-        fvu, ce, interp = svgs
+        assert len(svgs) == 5
+        fvu, ce, interp, probing, absorbed = svgs
+        assert re.findall(r'<a href="/saes/(\w+)">', probing) == ["c"] == re.findall(r'<a href="/saes/(\w+)">', absorbed)
         for svg in (fvu, ce):  # every SAE with both numbers is a point, each a link to its page
             assert sorted(re.findall(r'<a href="/saes/(\w+)">', svg)) == ["b", "c", "tiny"]
         assert re.findall(r'<a href="/saes/(\w+)">', interp) == ["b"]
@@ -99,3 +108,7 @@ def test_compare_page_plots_and_table(three):
         assert c.get("/compare", params={"model": "nope"}).status_code == 404
         sae_page = c.get("/saes/b").text
         assert "/compare?model=" in sae_page and "Report card" in sae_page
+        assert "probing top-1" not in sae_page  # b's report card has no SAEBench measures
+        c_page = c.get("/saes/c").text.split('id="report-card"')[1].split("</section>")[0]
+        assert "probing top-1" in c_page and "70.0% / 80.0%" in c_page and "absorption" in c_page
+        assert "probe accuracy 90.0%" in c_page

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,6 +81,25 @@ class EvaluateConfig:
     """auto, cpu, cuda, cuda:N."""
     lm_dtype: str = "auto"
     """LM precision: auto, float32, bfloat16, float16."""
+    probing: bool = False
+    """Also run SAEBench's sparse probing on tasks built from --probe-corpus (trainer/sparse_probing.py;
+    off by default: at the default sizes it reads 1,400 more texts through the LM)."""
+    probe_corpus: str = "pydoc"
+    """Corpus the probing tasks are built from (module_family needs pydoc's qualified-name titles)."""
+    probe_tasks: list[str] = field(default_factory=lambda: ["module_family", "code_vs_prose"])
+    """Probing tasks (trainer/probing_tasks.py): module_family, code_vs_prose."""
+    probe_train: int = 150
+    """Train texts per class of each probing task."""
+    probe_test: int = 50
+    """Test texts per class of each probing task."""
+    probe_k: list[int] = field(default_factory=lambda: [1, 2, 5])
+    """k of the top-k probes (SAEBench: 1, 2, 5)."""
+    probe_ctx_len: int = 128
+    """Tokens per probing text, BOS included (SAEBench: 128)."""
+    absorption: bool = False
+    """Also measure SAEBench's feature absorption on the first-letter task (trainer/absorption.py)."""
+    absorption_words: int = 1500
+    """Alphabetic tokens drawn for the first-letter task (80 % train the probes, 20 % test)."""
 
     def validate(self) -> None:
         for name in ("tokens", "lm_batch_size", "batch_size"):
@@ -91,6 +110,8 @@ class EvaluateConfig:
                              "use --contexts 32 or more")
         if self.ctx_len is not None and self.ctx_len < 4:
             raise AtlasError(f"--ctx-len {self.ctx_len} is too short", "use at least 4 tokens (128 is usual)")
+        if self.probing and (self.probe_train < 2 or self.probe_test < 1 or not self.probe_k or min(self.probe_k) < 1):
+            raise AtlasError("--probe-train must be at least 2, --probe-test at least 1 and every --probe-k at least 1")
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise AtlasError(f"--eval-fraction {self.eval_fraction} must be in (0, 1)",
                              "the held-out share of documents, e.g. 0.1")
@@ -207,9 +228,38 @@ def evaluate_folder(cfg: EvaluateConfig, lm=None, progress: bool = True) -> Repo
         ce[f"{key}_interval"] = None if hw is None else [ce[key] - hw, ce[key] + hw]
     metrics.update(ce)
     metrics["ce_tokens"] = int(n_ce * (cfg.ctx_len - 1))
+    metrics.update(saebench_measures(cfg, lm, model, progress))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     settings.update({"lm_dtype_used": str(lm.dtype).removeprefix("torch."), "confidence": 0.95,
                      "interval": INTERVAL_METHOD, "source_format": loaded.source_format, "kind": loaded.kind,
                      "output_site": model.output_site})
     return ReportCard(Path(cfg.sae_dir), clean_json(settings), clean_json(metrics), int(metrics["eval_tokens"]), time.time() - started)
 
+
+
+def saebench_measures(cfg: EvaluateConfig, lm, model: Evaluated, progress: bool = False) -> dict:
+    """The SAEBench measures asked for: {"sparse_probing": ..., "absorption": ...} (each optional)."""
+    from trainer.sparse_probing import dense_encoder
+
+    out: dict = {}
+    encode = dense_encoder(model.sae, model.norm_scale)
+    if cfg.probing:
+        from trainer.probing_tasks import build_tasks
+        from trainer.sparse_probing import sparse_probing
+
+        tasks = build_tasks(cfg.probe_corpus, cfg.probe_tasks, cfg.probe_train, cfg.probe_test, cfg.seed)
+        total = sum(len(v) for t in tasks for split in (t.train, t.test) for v in split.values())
+        bar = _bar(total, "sparse probing", "text", progress)
+        out["sparse_probing"] = sparse_probing(lm, model.site, tasks, encode, tuple(cfg.probe_k), cfg.probe_ctx_len,
+                                               cfg.lm_batch_size, cfg.seed, progress=bar.update)
+        bar.close()
+    if cfg.absorption:
+        from trainer.absorption import AbsorptionConfig, absorption
+
+        if model.output_site:
+            raise AtlasError("absorption compares decoder directions with a probe on the SAE's own site; a transcoder "
+                             "writes to another site", "evaluate it without --absorption")
+        w_dec = model.sae.W_dec.detach().float().cpu()
+        acfg = AbsorptionConfig(n_words=cfg.absorption_words, batch_size=cfg.lm_batch_size, seed=cfg.seed)
+        out["absorption"] = absorption(lm, model.site, encode, w_dec, acfg)
+    return out

@@ -160,7 +160,15 @@ class CompareRow(BaseModel):
                                                        "the chosen kind (`score`)")
     scored_latents: int
     scores: dict[str, dict[str, Any]] = Field(description="every kind: {mean, latents}")
-    front: dict[str, bool] = Field(description="on the Pareto front of L0 against fvu / ce_recovered / interpretability")
+    probing_top_1: float | None = Field(None, description="SAEBench sparse probing: test accuracy of a probe on the top-1 "
+                                                          "latent, mean over tasks (report card made with --probing)")
+    probing_top_5: float | None = Field(None, description="the same on the top-5 latents")
+    probing_llm: float | None = Field(None, description="the same on all the LM's activations (the ceiling)")
+    absorption: float | None = Field(None, description="SAEBench mean absorption fraction on the first-letter task "
+                                                       "(lower is better; null unless measured with --absorption)")
+    absorption_probe_accuracy: float | None = Field(None, description="26-way accuracy of the first-letter probe on the LM")
+    front: dict[str, bool] = Field(description="on the Pareto front of L0 against fvu / ce_recovered / interpretability / "
+                                               "probing_top_1 / absorption")
     links: CompareLinks
 
 

@@ -20,7 +20,8 @@ def add_parsers(sub) -> None:
     from trainer.report_card import EvaluateConfig
 
     ev = sub.add_parser("evaluate", help="report card of an SAE: FVU, L0, dead, cosine, CE recovered and delta loss "
-                                         "with 95%% intervals (stored when the SAE is published)")
+                                         "with 95%% intervals, and with --probing / --absorption SAEBench's sparse "
+                                         "probing and feature absorption (stored when the SAE is published)")
     ev.add_argument("target", metavar="NAME|FOLDER", help="a published SAE's name, or an SAE folder (ours, SAELens, "
                                                           "sparsify, Gemma Scope)")
     ev.add_argument("--json", action="store_true", help="print the report card as JSON")
@@ -164,4 +165,18 @@ def format_card(card) -> str:
         if hw is not None and iv:
             text += f" ± {fmt(hw, 2) if fmt is _pct else _num(hw, 2)}  [{fmt(iv[0])}, {fmt(iv[1])}], 95%"
         row(label, text)
+    sp = m.get("sparse_probing")
+    if sp:
+        ks = sp.get("k_values", [])
+        tops = ", ".join(f"top-{k} {_pct(sp.get(f'sae_top_{k}_test_accuracy'))}" for k in ks)
+        row("sparse probing", f"SAE {tops}; all latents {_pct(sp.get('sae_test_accuracy'))}; "
+                              f"LM {_pct(sp.get('llm_test_accuracy'))} (test accuracy, mean of {len(sp.get('tasks', {}))} tasks)")
+    ab = m.get("absorption")
+    if ab:
+        probe = f"probe accuracy {_pct(ab.get('probe_accuracy'))}, {len(ab.get('letters_counted', []))} letters at F1 > 0.6"
+        if ab.get("evaluated"):
+            row("absorption", f"{_num(ab.get('mean_absorption_fraction'), 3)} (full {_num(ab.get('mean_full_absorption_rate'), 3)}; "
+                              f"{probe})")
+        else:
+            row("absorption", f"not measured: {ab.get('reason')} ({probe})")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """/compare: published SAEs side by side (every SAE of one model with ?model=, else all of them).
 
-Three Pareto plots, L0 against FVU, CE recovered and interpretability (store/compare.py has the
+Five Pareto plots, L0 against FVU, CE recovered, interpretability, SAEBench's sparse-probing top-1
+accuracy and absorption fraction (store/compare.py has the
 numbers and the fronts, the same as GET /api/v1/compare), and a table sorted on the server by any
 column (its headers are links, so sorting needs no JavaScript). Every point and row links to its
 SAE's page. The plots are inline SVG (app/web/charts.py): nothing is fetched from the network.
@@ -26,8 +27,10 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(read_access)])
 # column key -> header text (the sortable columns of the table)
 COLUMNS = {"name": "SAE", "model": "model", "site": "site", "architecture": "architecture", "d_sae": "latents",
            "l0": "L0", "fvu": "FVU", "ce_recovered": "CE recovered", "delta_lm_loss": "Δ LM loss",
-           "dead_frac": "dead", "interpretability": "interpretability", "source": "numbers from"}
-PLOTS = (("fvu", "FVU", "{:.3g}"), ("ce_recovered", "CE recovered", None), ("interpretability", "interpretability", "{:.3g}"))
+           "dead_frac": "dead", "interpretability": "interpretability", "probing_top_1": "probing top-1",
+           "probing_top_5": "probing top-5", "absorption": "absorption", "source": "numbers from"}
+PLOTS = (("fvu", "FVU", "{:.3g}"), ("ce_recovered", "CE recovered", None), ("interpretability", "interpretability", "{:.3g}"),
+         ("probing_top_1", "sparse probing top-1 accuracy", None), ("absorption", "absorption fraction", "{:.3g}"))
 
 
 def _sorted(rows: list[dict], sort: str, order: str) -> list[dict]:
@@ -77,7 +80,7 @@ def compare_page(request: Request, model: str | None = Query(None, max_length=20
 
 def _title(r: dict, key: str, label: str) -> str:
     y = r.get(key)
-    shown = "–" if y is None else (pct(y) if key == "ce_recovered" else f"{y:.4g}")
+    shown = "–" if y is None else (pct(y) if key in ("ce_recovered", "probing_top_1") else f"{y:.4g}")
     if key == "ce_recovered" and r.get("ce_recovered_ci95") is not None:
         shown += f" ± {pct(r['ce_recovered_ci95'], 2)}"
     l0 = "–" if r.get("l0") is None else f"{r['l0']:.3g}"
