@@ -128,12 +128,6 @@ def group(session: Session, sae_id: int, rank: int) -> FeatureGroup:
     return g
 
 
-def groups_of_latent(session: Session, sae_id: int, index: int) -> list[int]:
-    """Ranks of the groups a latent belongs to (an SAE has a few hundred groups at most)."""
-    rows = session.execute(select(FeatureGroup.rank, FeatureGroup.latents).where(FeatureGroup.sae_id == sae_id))
-    return sorted(r for r, lat in rows if index in (lat or []))
-
-
 def group_summary(g) -> dict:
     """A group's headline numbers, as the API and the pages list them."""
     return {"rank": g.rank, "latents": g.latents, "n_tokens": g.n_tokens, "separability": g.separability,
