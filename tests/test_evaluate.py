@@ -279,6 +279,11 @@ def test_demo_stores_its_report_cards_once(tiny_sae_dir, tmp_path, monkeypatch):
     metrics = json.loads((tiny_sae_dir / "metrics.json").read_text())
     assert card.metrics["fvu"] == metrics["fvu"] and card.metrics["ce_recovered"] == metrics["ce_recovered"]
     assert card.settings["from_training"] is True and card.n_tokens == metrics["eval_tokens"]
+    from tests.test_pages import make_client
+
+    with make_client(engine) as c:
+        page = c.get(f"/saes/{demo.DEMO_NAME}").text.split('id="report-card"')[1].split("</section>")[0]
+    assert "From the training run's held-out evaluation" in page and "Not evaluated yet" not in page
 
 
 # --- storing with a published SAE ---------------------------------------------------------------

@@ -277,10 +277,9 @@ def _card(cfg: EvaluateConfig, loaded, model: Evaluated, metrics: dict, lm_dtype
 RECONSTRUCTION_KEYS = ("mse", "fvu", "explained_variance", "l0", "cos_sim", "dead_frac_eval", "dense_frac", "eval_tokens")
 CE_KEYS = ("ce_clean", "ce_zero_ablation", "ce_sae", "ce_recovered", "ce_recovered_ci95", "delta_lm_loss",
            "delta_lm_loss_ci95", "ce_contexts")
-# EvaluateConfig field -> the training setting that must agree for the training run's split to be the card's.
-SAME_AS_TRAINING = {"corpus": "corpus", "text_field": "text_field", "eval_fraction": "eval_fraction",
-                    "ctx_len": "ctx_len", "seed": "seed", "exclude_bos": "exclude_bos",
-                    "sink_norm_ratio": "sink_norm_ratio"}
+# Settings (EvaluateConfig and TrainConfig alike) that must be the training run's for its held-out
+# split, and the tokens it kept, to be the card's.
+SAME_AS_TRAINING = ("corpus", "text_field", "eval_fraction", "ctx_len", "seed", "exclude_bos", "sink_norm_ratio")
 
 
 @torch.no_grad()
@@ -300,10 +299,10 @@ def card_from_training(cfg: EvaluateConfig, lm=None, progress: bool = True) -> R
     if training.get("model") not in (None, cfg.model) or cfg.site not in ([sites] if isinstance(sites, str) else sites):
         raise AtlasError(f"--from-training: the training run read {training.get('model')} {training.get('site')}, "
                          f"not {cfg.model} {cfg.site}", "leave out --model and --site, or evaluate without --from-training")
-    for field_name, key in SAME_AS_TRAINING.items():
-        if key in training and getattr(cfg, field_name) != training[key]:
-            flag = "--" + field_name.replace("_", "-")
-            raise AtlasError(f"--from-training: {flag} {getattr(cfg, field_name)!r} is not the training run's "
+    for key in SAME_AS_TRAINING:
+        if key in training and getattr(cfg, key) != training[key]:
+            flag = "--" + key.replace("_", "-")
+            raise AtlasError(f"--from-training: {flag} {getattr(cfg, key)!r} is not the training run's "
                              f"{training[key]!r}, so its held-out split is not the card's",
                              f"pass {flag} {training[key]} or evaluate without --from-training")
     cfg.tokens = int(training.get("eval_tokens") or m["eval_tokens"])
