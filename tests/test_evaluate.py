@@ -262,10 +262,9 @@ def test_from_training_refusals(tiny_sae_dir, saelens_dir, tmp_path, capsys, mon
 def test_demo_stores_its_report_cards_once(tiny_sae_dir, tmp_path, monkeypatch):
     """`make demo`'s step: each published demo SAE without a report card gets the one its training
     evaluation makes; one that has a card keeps it."""
+    from app import demo
     from store.db import get_engine
     from trainer.publish import publish
-
-    from app import demo
 
     with store_at(f"sqlite:///{tmp_path / 'demo.db'}", monkeypatch):
         from store.db import upgrade

@@ -219,9 +219,10 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
     y = {s: np.array([first_letter(t) for _, t in ws]) for s, ws in splits.items()}
     if keep is not None:
         keep.update(test_words=[t for _, t in splits["test"]], train_words=[t for _, t in splits["train"]])
-    # every test word once more, in a prompt whose examples come from the whole vocabulary (only
-    # measured when the probe is good enough for a rate to be reported)
-    fresh = lambda: word_activations(lm, site, prompts(splits["test"], vocab), tail, cfg.batch_size)  # noqa: E731
+    def fresh():  # every test word once more, in a prompt whose examples come from the whole
+        # vocabulary (only measured when the probe is good enough for a rate to be reported)
+        return word_activations(lm, site, prompts(splits["test"], vocab), tail, cfg.batch_size)
+
     return absorption_from_activations(acts, y, fresh, encode, w_dec, cfg, keep)
 
 

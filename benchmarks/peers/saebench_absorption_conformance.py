@@ -53,7 +53,12 @@ def ours(args) -> dict:
     import numpy as np
     import torch
 
-    from trainer.absorption import LETTERS, AbsorptionConfig, absorption, absorption_from_activations
+    from trainer.absorption import (
+        LETTERS,
+        AbsorptionConfig,
+        absorption,
+        absorption_from_activations,
+    )
     from trainer.formats import load_sae
     from trainer.sparse_probing import dense_encoder
 

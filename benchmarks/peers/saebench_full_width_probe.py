@@ -80,7 +80,7 @@ def main() -> int:
                     with torch.no_grad():
                         logits = init(xtr)
                     scale_info = {"mean_row_norm": norm, "max_abs_entry": float(xtr.abs().max()),
-                                  "dims": int(xtr.shape[1]), "train_rows": int(len(xtr)), "test_rows": int(len(xte)),
+                                  "dims": int(xtr.shape[1]), "train_rows": len(xtr), "test_rows": len(xte),
                                   "initial_logit_sd": float(logits.std())}
                 r: dict = {}
                 runs = [gpu(xtr, ytr, xte, yte, s, verbose=(s == 0 and ci == 0)) for s in range(args.seeds)]
