@@ -83,6 +83,7 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
         upgrade(engine)
     if demo_ready() and not rebuild:
         print(f"The demo atlas is ready ({', '.join(demo_names().values())}).", flush=True)
+        store_demo_report_cards()  # an atlas built before the demo stored them gets them now (no LM pass)
         ensure_demo_key()
         return
     started = time.time()
@@ -113,11 +114,34 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
         _step(f"publishing {names[key]} (and relating it to the SAEs published before it)")
         publish(folder, names[key], replace=True, lm=lm,
                 description=f"Demo: SmolLM2-135M-Instruct, Python documentation, layer {key[0]}, {key[1]:,} latents")
+    store_demo_report_cards(lm)
     queue_demo_explanations()
     metrics = json.loads((folders[(max(DEMO_LAYERS), max(DEMO_WIDTHS))] / "metrics.json").read_text())
     print(f"\nDemo atlas built in {time.time() - started:.0f} s: {DEMO_NAME} has FVU {metrics['fvu']:.3f}, "
           f"L0 {metrics['l0']:.1f}, CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
     ensure_demo_key()
+
+
+def store_demo_report_cards(lm=None) -> None:
+    """Store each demo SAE's report card, taken from its training run's held-out evaluation
+    (trainer.report_card.card_from_training: the same code on the same split, so no second LM pass),
+    for every demo SAE that has none yet."""
+    from store.evaluations import latest_evaluation, weights_folder, write_evaluation
+    from trainer.report_card import EvaluateConfig, card_from_training
+
+    started, stored = time.time(), []
+    for name in demo_names().values():
+        with session_scope() as session:
+            sae = session.scalar(select(SAE).where(SAE.name == name, SAE.status == SAEStatus.ready.value))
+            if sae is None or latest_evaluation(session, sae.id) is not None:
+                continue
+            card = card_from_training(EvaluateConfig(sae_dir=weights_folder(sae), from_training=True), lm=lm,
+                                      progress=False)
+            write_evaluation(session, sae.id, card.settings, card.metrics, card.n_tokens)
+            stored.append(name)
+    if stored:
+        print(f"Stored the report cards of {', '.join(stored)} from their training evaluations "
+              f"({time.time() - started:.1f} s).", flush=True)
 
 
 def ensure_demo_key() -> None:

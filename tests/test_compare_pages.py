@@ -112,3 +112,35 @@ def test_compare_page_plots_and_table(three):
         c_page = c.get("/saes/c").text.split('id="report-card"')[1].split("</section>")[0]
         assert "probing top-1" in c_page and "70.0% / 80.0%" in c_page and "absorption" in c_page
         assert "probe accuracy 90.0%" in c_page
+
+
+def test_compare_saebench_cases_on_both_backends(three):
+    """SQLite and PostgreSQL alike: a report card with probing but an absorption the probe could not
+    measure (no absorption number, its probe accuracy kept), a NaN stored as null, the fronts of the
+    SAEBench columns, sorting on them with missing values last, and a NUL in the model name."""
+    from store.evaluations import write_evaluation
+
+    engine, model = three
+    with Session(engine) as s, s.begin():
+        tiny = s.scalar(select(SAE.id).where(SAE.name == "tiny"))
+        write_evaluation(s, tiny, {"contexts": 160, "from_training": True},
+                         {"l0": 30.0, "fvu": 0.5, "sparse_probing": {"sae_top_1_test_accuracy": 0.9,
+                                                                     "sae_top_5_test_accuracy": float("nan")},
+                          "absorption": {"evaluated": False, "probe_accuracy": 0.49,
+                                         "reason": "the probe reaches F1 > 0.6 on 3 letters, fewer than 20"}}, 500)
+    with make_client(engine) as c:
+        rows = {r["name"]: r for r in c.get("/api/v1/compare", params={"model": model}).json()["saes"]}
+        t = rows["tiny"]
+        assert (t["source"], t["l0"], t["probing_top_1"], t["probing_top_5"]) == ("evaluation", 30.0, 0.9, None)
+        assert (t["absorption"], t["absorption_probe_accuracy"]) == (None, 0.49)
+        # probing top-1: c (L0 20, 0.7) and tiny (L0 30, 0.9) each beat the other on one axis
+        assert {n: r["front"]["probing_top_1"] for n, r in rows.items()} == {"b": False, "c": True, "tiny": True}
+        assert {n: r["front"]["absorption"] for n, r in rows.items()} == {"b": False, "c": True, "tiny": False}
+        page = c.get("/compare", params={"model": model, "sort": "probing_top_1", "order": "desc"})
+        assert page.status_code == 200
+        table = page.text.split('<table class="grid comparetable">')[1]
+        assert re.findall(r'<td><a href="/saes/(\w+)"><b>', table) == ["tiny", "c", "b"]  # b has none: last
+        absorbed = re.findall(r'<svg class="chart pareto".*?</svg>', page.text, flags=re.DOTALL)[4]
+        assert re.findall(r'<a href="/saes/(\w+)">', absorbed) == ["c"]  # tiny's absorption was not measured
+        assert c.get("/api/v1/compare", params={"model": "a\x00b"}).status_code == 404
+        assert c.get("/compare", params={"model": "a\x00b"}).status_code == 404

@@ -213,6 +213,78 @@ def test_the_interval_brackets_the_estimate_and_shrinks_with_more_contexts(tiny_
     assert cards[8]["ce_clean"] != cards[48]["ce_clean"]  # more text, another estimate
 
 
+# --- the card from the training run's own held-out evaluation -----------------------------------
+
+def test_card_from_training_is_what_evaluate_measures_on_the_same_split(tiny_sae_dir, tiny_lm, monkeypatch):
+    """--from-training takes the numbers the end of training measured; measuring the card afresh on
+    the training run's held-out tokens and contexts (its eval_tokens, the ce_contexts it used) gives
+    the same numbers, so the card it stores is the card evaluate would have made. It runs no LM."""
+    import trainer.lm
+    from trainer.report_card import EvaluateConfig, card_from_training, evaluate_folder
+
+    training = json.loads((tiny_sae_dir / "cfg.json").read_text())["sae_atlas"]["training"]
+    used = json.loads((tiny_sae_dir / "metrics.json").read_text())["ce_contexts"]
+
+    def no_lm(*a, **k):
+        raise AssertionError("--from-training without --probing / --absorption must not load an LM")
+
+    monkeypatch.setattr(trainer.lm, "load_lm", no_lm)
+    reused = card_from_training(EvaluateConfig(sae_dir=tiny_sae_dir, from_training=True), progress=False)
+    monkeypatch.undo()
+    fresh = evaluate_folder(EvaluateConfig(sae_dir=tiny_sae_dir, tokens=training["eval_tokens"], contexts=used,
+                                           lm_batch_size=4, device="cpu", lm_dtype="float32"), lm=tiny_lm, progress=False)
+    r, f = reused.metrics, fresh.metrics
+    assert reused.settings["metrics_from"] == "training run's held-out evaluation"
+    assert (reused.settings["tokens"], reused.settings["contexts"]) == (training["eval_tokens"], used)
+    assert r["eval_tokens"] == f["eval_tokens"] == reused.n_tokens and r["ce_contexts"] == f["ce_contexts"] == used
+    assert r["ce_tokens"] == f["ce_tokens"]
+    for key in ("mse", "fvu", "l0", "cos_sim", "dead_frac_eval", "dense_frac", "ce_clean", "ce_sae", "ce_zero_ablation",
+                "ce_recovered", "ce_recovered_ci95", "delta_lm_loss", "delta_lm_loss_ci95"):
+        assert r[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
+    for key in ("ce_recovered", "delta_lm_loss"):
+        assert r[f"{key}_interval"] == pytest.approx(f[f"{key}_interval"], rel=1e-4, abs=1e-6)
+    assert "dead_frac" not in r and "lr" not in r  # the run's own numbers are not the card's
+
+
+def test_from_training_refusals(tiny_sae_dir, saelens_dir, tmp_path, capsys, monkeypatch):
+    with store_at(f"sqlite:///{tmp_path / 'ft.db'}", monkeypatch):
+        assert main_ok(capsys, "db", "upgrade")
+        assert_one_line_error(*run(capsys, "evaluate", str(saelens_dir), "--from-training"),
+                              "has no training run", "without --from-training")
+        assert_one_line_error(*run(capsys, "evaluate", str(tiny_sae_dir), "--from-training", "--seed", "3"),
+                              "--seed 3 is not the training run's 0", "--seed 0")
+        assert_one_line_error(*run(capsys, "evaluate", str(tiny_sae_dir), "--from-training", "--ctx-len", "64"),
+                              "--ctx-len 64", "without --from-training")
+        code, out = run_out(capsys, "evaluate", str(tiny_sae_dir), "--from-training")
+        assert code == 0 and "CE recovered" in out and "not stored: the folder is not published" in out
+
+
+def test_demo_stores_its_report_cards_once(tiny_sae_dir, tmp_path, monkeypatch):
+    """`make demo`'s step: each published demo SAE without a report card gets the one its training
+    evaluation makes; one that has a card keeps it."""
+    from app import demo
+    from store.db import get_engine
+    from trainer.publish import publish
+
+    with store_at(f"sqlite:///{tmp_path / 'demo.db'}", monkeypatch):
+        from store.db import upgrade
+
+        engine = get_engine()
+        upgrade(engine)
+        publish(tiny_sae_dir, demo.DEMO_NAME, engine=engine, progress=False, relate=False)
+        demo.store_demo_report_cards()
+        demo.store_demo_report_cards()
+        (card,) = evaluations_of(engine, demo.DEMO_NAME)
+    metrics = json.loads((tiny_sae_dir / "metrics.json").read_text())
+    assert card.metrics["fvu"] == metrics["fvu"] and card.metrics["ce_recovered"] == metrics["ce_recovered"]
+    assert card.settings["from_training"] is True and card.n_tokens == metrics["eval_tokens"]
+    from tests.test_pages import make_client
+
+    with make_client(engine) as c:
+        page = c.get(f"/saes/{demo.DEMO_NAME}").text.split('id="report-card"')[1].split("</section>")[0]
+    assert "From the training run's held-out evaluation" in page and "Not evaluated yet" not in page
+
+
 # --- storing with a published SAE ---------------------------------------------------------------
 
 def test_a_published_sae_gets_its_report_card(published, tiny_sae_dir, small_corpus, capsys, monkeypatch):

@@ -393,3 +393,57 @@ def test_compare_page_points_lead_to_sae_pages(page, atlas):
     page.wait_for_url(re.compile(r".*sort=fvu.*"))
     assert page.locator("table.comparetable th[aria-sort]").inner_text().startswith("FVU")
     assert page.errors == [], page.errors
+
+
+def test_compare_page_shows_saebench_measures_of_report_cards(page, atlas, atlas_db):
+    """An SAE whose report card has sparse probing and absorption (`evaluate --probing --absorption`)
+    gets a point in those two Pareto plots and numbers in their columns; the point leads to its
+    SAE page, whose report card shows them too. (The card is removed again: the other tests see the
+    SAE with its training metrics only.)"""
+    import re
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from store.evaluations import write_evaluation
+    from store.models import SAE, SAEEvaluation
+
+    engine, _ = atlas_db
+    base, _, _ = atlas
+    with Session(engine) as s, s.begin():
+        sae = s.scalar(select(SAE).where(SAE.name == "tiny"))
+        ev_id = write_evaluation(s, sae.id, {"contexts": 8, "probing": True, "absorption": True},
+                                 {"l0": 8.0, "fvu": 0.3, "ce_recovered": 0.9, "ce_recovered_ci95": 0.02,
+                                  "sparse_probing": {"k_values": [1, 5], "sae_top_1_test_accuracy": 0.625,
+                                                     "sae_top_5_test_accuracy": 0.8125, "llm_test_accuracy": 0.9,
+                                                     "sae_test_accuracy": 0.85, "tasks": {}},
+                                  "absorption": {"evaluated": True, "probe_accuracy": 0.875,
+                                                 "mean_absorption_fraction": 0.1875, "mean_full_absorption_rate": 0.0625,
+                                                 "letters_counted": list("abcdefghijklmnopqrstu")}}, 1000)
+    try:
+        page.goto(f"{base}/compare")
+        assert page.locator("svg.chart.pareto").count() == 5
+        for key in ("probing_top_1", "absorption"):
+            point = page.locator(f"figure.pareto-{key} svg.chart.pareto a circle")
+            assert point.count() == 1
+            assert "hollow" not in point.get_attribute("class")  # a report card's numbers, not the training run's
+            box = point.bounding_box()
+            assert box and box["width"] > 0 and box["height"] > 0
+        assert "sparse probing top-1" in page.locator("figure.pareto-probing_top_1 figcaption").inner_text()
+        headers = page.locator("table.comparetable thead th").all_inner_texts()
+        row = page.locator("table.comparetable tbody tr").first.locator("td").all_inner_texts()
+        cells = dict(zip([h.strip() for h in headers], [c.strip() for c in row]))
+        assert (cells["probing top-1"], cells["probing top-5"], cells["absorption"]) == ("62.5%", "81.2%", "0.188")
+        assert cells["numbers from"] == "report card"
+        page.screenshot(path=str(ARTIFACTS / "compare-saebench.png"), full_page=True)
+        page.click("table.comparetable thead a:text('probing top-1')")
+        page.wait_for_url(re.compile(r".*sort=probing_top_1.*"))
+        assert page.locator("table.comparetable th[aria-sort]").inner_text().startswith("probing top-1")
+        page.locator("figure.pareto-absorption svg.chart.pareto a").first.click()
+        page.wait_for_url(f"{base}/saes/tiny")
+        card = page.locator("#report-card").inner_text().lower()  # its labels are shown in capitals by CSS
+        assert "probing top-1 / top-5\n62.5% / 81.2%" in card and "absorption\n0.188 (probe accuracy 87.5%)" in card
+        assert page.errors == [], page.errors
+    finally:
+        with Session(engine) as s, s.begin():
+            s.delete(s.get(SAEEvaluation, ev_id))

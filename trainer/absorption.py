@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,7 +208,6 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
     rng = random.Random(cfg.seed)
     vocab = alpha_words(lm.tokenizer)
     splits = split_words(vocab, cfg.n_words, cfg.icl_examples, rng)
-    cut = len(splits["train"])
     tail = len(lm.tokenizer(TEMPLATE_SUFFIX, add_special_tokens=False)["input_ids"]) + 1
     bos = lm.bos_token_id
 
@@ -217,13 +217,29 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
 
     acts = {s: word_activations(lm, site, prompts(ws, ws), tail, cfg.batch_size) for s, ws in splits.items()}
     y = {s: np.array([first_letter(t) for _, t in ws]) for s, ws in splits.items()}
+    if keep is not None:
+        keep.update(test_words=[t for _, t in splits["test"]], train_words=[t for _, t in splits["train"]])
+    def fresh():  # every test word once more, in a prompt whose examples come from the whole
+        # vocabulary (only measured when the probe is good enough for a rate to be reported)
+        return word_activations(lm, site, prompts(splits["test"], vocab), tail, cfg.batch_size)
+
+    return absorption_from_activations(acts, y, fresh, encode, w_dec, cfg, keep)
+
+
+def absorption_from_activations(acts: dict[str, torch.Tensor], y: dict[str, np.ndarray],
+                                fresh: torch.Tensor | Callable[[], torch.Tensor], encode, w_dec: torch.Tensor,
+                                cfg: AbsorptionConfig, keep: dict | None = None) -> dict:
+    """Steps 1-4 of the module docstring from the words' activations: acts/y {"train", "test"} (the
+    activations at each word in its own split's prompt, and its letter), `fresh` the test words'
+    activations in their second prompt (or a function that measures them). cfg.seed seeds the
+    probes' initial weights and shuffles (torch's global RNG, as SAEBench's probes use it)."""
     probe = train_multi_probe(acts["train"], torch.nn.functional.one_hot(torch.from_numpy(y["train"]), 26), seed=cfg.seed)
     scores = probe(acts["test"]).numpy()
     probe_f1 = {LETTERS[i]: f1(y["test"] == i, scores[:, i] > 0) for i in range(26)}
     good = [i for i in range(26) if probe_f1[LETTERS[i]] > cfg.min_probe_f1]
     out = {"probe_f1": probe_f1, "probe_accuracy": float((scores.argmax(1) == y["test"]).mean()),
-           "letters_counted": [LETTERS[i] for i in good], "n_train_words": cut, "n_test_words": len(splits["test"]),
-           "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+           "letters_counted": [LETTERS[i] for i in good], "n_train_words": len(y["train"]),
+           "n_test_words": len(y["test"]), "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
     if len(good) < cfg.min_letters:
         out.update(evaluated=False, reason=f"the probe reaches F1 > {cfg.min_probe_f1} on {len(good)} letters, "
                                            f"fewer than {cfg.min_letters}: the model cannot do the first-letter task here")
@@ -231,14 +247,12 @@ def absorption(lm, site: str, encode, w_dec: torch.Tensor, cfg: AbsorptionConfig
     codes = {s: encode(acts[s]).numpy() for s in acts}
     ks = k_sparse_probes(codes["train"], y["train"], codes["test"], y["test"], cfg.max_k, cfg.seed)
     direction = probe.weight.detach()
-    # every test word once more, in a prompt whose examples come from the whole vocabulary
-    fresh = word_activations(lm, site, prompts(splits["test"], vocab), tail, cfg.batch_size)
+    fresh = fresh() if callable(fresh) else fresh
     fresh_codes = encode(fresh)
     if keep is not None:
         keep.update(train_acts=acts["train"].numpy(), test_acts=acts["test"].numpy(), y_train=y["train"],
                     y_test=y["test"], fresh_acts=fresh.numpy(), probe_weight=direction.numpy(),
-                    probe_bias=probe.bias.detach().numpy(), test_words=[t for _, t in splits["test"]],
-                    train_words=[t for _, t in splits["train"]])
+                    probe_bias=probe.bias.detach().numpy())
     per_letter = {}
     for i in good:
         if i not in ks:  # no train word of that letter: no k-sparse probe

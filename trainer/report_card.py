@@ -23,6 +23,16 @@ corpus's eval split by eval_fraction and seed, packed into contexts of ctx_len),
 training settings as defaults; an imported SAE gets pydoc, ctx_len 128 and eval_fraction 0.1.
 The reconstruction metrics read the first contexts of that split, the loss the first `contexts`
 of them, so the two parts score the same text where they overlap.
+
+From the training run (--from-training): the end of training already ran this same code
+(trainer.train's evaluate: ReconstructionStats and spliced_lm_loss) on the same held-out split,
+on `eval_tokens` tokens and on held-out contexts added until both intervals were within +-0.5 %
+(or its ce_contexts cap). Those numbers, kept in the folder (metrics.json, and cfg.json's metrics),
+are then the card's reconstruction metrics and losses, finished as a fresh card's are
+(finish_ce); only what the training run did not measure (--probing, --absorption) is measured. It
+is refused for a folder without that evaluation (an imported SAE, an SAE trained without an LM)
+and where a held-out setting differs from the training run's, and it needs no LM pass at all when
+nothing else is asked (`make demo` stores its SAEs' cards this way).
 """
 
 from __future__ import annotations
@@ -100,6 +110,10 @@ class EvaluateConfig:
     """Also measure SAEBench's feature absorption on the first-letter task (trainer/absorption.py)."""
     absorption_words: int = 1500
     """Alphabetic tokens drawn for the first-letter task (80 % train the probes, 20 % test)."""
+    from_training: bool = False
+    """Take FVU, L0, dead, dense, cosine and the CE losses with their intervals from the held-out
+    evaluation the training run made (the same code on the same split; --tokens and --contexts are
+    then the training run's) instead of measuring them again; only --probing / --absorption run."""
 
     def validate(self) -> None:
         for name in ("tokens", "lm_batch_size", "batch_size"):
@@ -140,8 +154,9 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
                 mininterval=0.5)
 
 
-def prepare(cfg: EvaluateConfig, lm=None):
-    """Load and check the SAE and the LM: (loaded SAE, LM, Evaluated); every refusal is one AtlasError."""
+def prepare(cfg: EvaluateConfig, lm=None, need_lm: bool = True):
+    """Load and check the SAE and the LM: (loaded SAE, LM, Evaluated); every refusal is one AtlasError.
+    With need_lm False and no lm given, no LM is loaded (None) and the SAE stays on the CPU."""
     from trainer.analyze import resolve_defaults
     from trainer.formats import check_native_hook, load_sae
     from trainer.lm import load_lm
@@ -149,6 +164,12 @@ def prepare(cfg: EvaluateConfig, lm=None):
     cfg.validate()
     loaded = load_sae(cfg.sae_dir)
     resolve_defaults(cfg, loaded)  # model, site, corpus, text field, ctx_len, eval_fraction as analysis fills them
+    if lm is None and not need_lm:
+        if loaded.transcoder and not loaded.output_site:
+            raise AtlasError(f"{cfg.sae_dir} is a transcoder that does not say which site it predicts",
+                             "import it again with --output-site, e.g. mlp_out.12")
+        return loaded, None, Evaluated(loaded.sae.eval(), cfg.site, 1.0,
+                                       output_site=loaded.output_site if loaded.transcoder else None)
     lm = lm or load_lm(cfg.model, cfg.device, cfg.lm_dtype)
     lm.site(cfg.site)  # the site must exist in this model (a one-line error naming its blocks otherwise)
     output_site = loaded.output_site if loaded.transcoder else None
@@ -172,6 +193,8 @@ def evaluate_folder(cfg: EvaluateConfig, lm=None, progress: bool = True) -> Repo
     from trainer.stream import held_out_contexts
 
     started = time.time()
+    if cfg.from_training:
+        return card_from_training(cfg, lm, progress)
     loaded, lm, model = prepare(cfg, lm)
     site, target_site = lm.site(model.site), lm.site(model.target_site)
     need_ctx = cfg.contexts
@@ -223,17 +246,77 @@ def evaluate_folder(cfg: EvaluateConfig, lm=None, progress: bool = True) -> Repo
     ce_bar.close()
     for key in ("ce_ci_met", "ce_ci_target"):  # a fixed number of contexts: no stopping rule to report
         ce.pop(key, None)
+    metrics.update(finish_ce(ce, cfg.ctx_len))
+    metrics.update(saebench_measures(cfg, lm, model, progress))
+    return _card(cfg, loaded, model, metrics, str(lm.dtype).removeprefix("torch."), started)
+
+
+def finish_ce(ce: dict, ctx_len: int) -> dict:
+    """The losses of spliced_lm_loss as the card shows them: each interval also as [low, high], and
+    the predicted tokens they were measured on."""
+    ce = dict(ce)
     for key in ("ce_recovered", "delta_lm_loss"):
         hw = ce.get(f"{key}_ci95")
-        ce[f"{key}_interval"] = None if hw is None else [ce[key] - hw, ce[key] + hw]
-    metrics.update(ce)
-    metrics["ce_tokens"] = int(n_ce * (cfg.ctx_len - 1))
-    metrics.update(saebench_measures(cfg, lm, model, progress))
+        ce[f"{key}_interval"] = None if hw is None or ce.get(key) is None else [ce[key] - hw, ce[key] + hw]
+    ce["ce_tokens"] = int(ce["ce_contexts"] * (ctx_len - 1))
+    return ce
+
+
+def _card(cfg: EvaluateConfig, loaded, model: Evaluated, metrics: dict, lm_dtype: str | None, started: float,
+          extra: dict | None = None) -> ReportCard:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    settings.update({"lm_dtype_used": str(lm.dtype).removeprefix("torch."), "confidence": 0.95,
-                     "interval": INTERVAL_METHOD, "source_format": loaded.source_format, "kind": loaded.kind,
-                     "output_site": model.output_site})
-    return ReportCard(Path(cfg.sae_dir), clean_json(settings), clean_json(metrics), int(metrics["eval_tokens"]), time.time() - started)
+    settings.update({"lm_dtype_used": lm_dtype, "confidence": 0.95, "interval": INTERVAL_METHOD,
+                     "source_format": loaded.source_format, "kind": loaded.kind, "output_site": model.output_site,
+                     **(extra or {})})
+    return ReportCard(Path(cfg.sae_dir), clean_json(settings), clean_json(metrics), int(metrics["eval_tokens"]),
+                      time.time() - started)
+
+
+# What the training run's held-out evaluation measured that a report card shows (the rest of its
+# metrics, e.g. the window-based dead_frac or the learning rate, describe the run, not the card).
+RECONSTRUCTION_KEYS = ("mse", "fvu", "explained_variance", "l0", "cos_sim", "dead_frac_eval", "dense_frac", "eval_tokens")
+CE_KEYS = ("ce_clean", "ce_zero_ablation", "ce_sae", "ce_recovered", "ce_recovered_ci95", "delta_lm_loss",
+           "delta_lm_loss_ci95", "ce_contexts")
+# Settings (EvaluateConfig and TrainConfig alike) that must be the training run's for its held-out
+# split, and the tokens it kept, to be the card's.
+SAME_AS_TRAINING = ("corpus", "text_field", "eval_fraction", "ctx_len", "seed", "exclude_bos", "sink_norm_ratio")
+
+
+@torch.no_grad()
+def card_from_training(cfg: EvaluateConfig, lm=None, progress: bool = True) -> ReportCard:
+    """The report card of an SAE of ours from its training run's held-out evaluation (module
+    docstring), plus the SAEBench measures asked for."""
+    started = time.time()
+    need_lm = cfg.probing or cfg.absorption
+    loaded, lm, model = prepare(cfg, lm, need_lm=need_lm)
+    training, m = loaded.meta.get("training") or {}, loaded.metrics or {}
+    missing = [k for k in (*RECONSTRUCTION_KEYS, *CE_KEYS) if k not in m and k != "cos_sim"]
+    if not training or missing:
+        what = "no training run" if not training else f"a training evaluation without {', '.join(missing)}"
+        raise AtlasError(f"{cfg.sae_dir} has {what}: there is nothing to take the report card from",
+                         "evaluate it without --from-training")
+    sites = training.get("site") or [cfg.site]
+    if training.get("model") not in (None, cfg.model) or cfg.site not in ([sites] if isinstance(sites, str) else sites):
+        raise AtlasError(f"--from-training: the training run read {training.get('model')} {training.get('site')}, "
+                         f"not {cfg.model} {cfg.site}", "leave out --model and --site, or evaluate without --from-training")
+    for key in SAME_AS_TRAINING:
+        if key in training and getattr(cfg, key) != training[key]:
+            flag = "--" + key.replace("_", "-")
+            raise AtlasError(f"--from-training: {flag} {getattr(cfg, key)!r} is not the training run's "
+                             f"{training[key]!r}, so its held-out split is not the card's",
+                             f"pass {flag} {training[key]} or evaluate without --from-training")
+    cfg.tokens = int(training.get("eval_tokens") or m["eval_tokens"])
+    cfg.contexts = int(m["ce_contexts"])
+    metrics = {k: m[k] for k in RECONSTRUCTION_KEYS if k in m}
+    metrics.update(finish_ce({k: m[k] for k in CE_KEYS}, cfg.ctx_len))
+    metrics.update(saebench_measures(cfg, lm, model, progress))
+    extra = {"metrics_from": "training run's held-out evaluation",
+             "contexts_rule": (f"added until both intervals were within +-{m['ce_ci_target']} "
+                               f"(met: {bool(m.get('ce_ci_met'))}), at most {training.get('ce_contexts')}"
+                               if "ce_ci_target" in m else None),
+             "training_lm_dtype": training.get("lm_dtype")}
+    return _card(cfg, loaded, model, metrics, str(lm.dtype).removeprefix("torch.") if lm is not None else None,
+                 started, extra)
 
 
 

@@ -25,7 +25,10 @@ ours), so the accuracies compare the probes and the top-k choice, not two random
 We check: pooled arrays equal (max |diff| < 1e-4), and every task's mean top-k accuracy within
 0.04. The full-width accuracies are reported beside sae-bench's but not held to the tolerance: its
 full-width probe is AdamW kept at the epoch of best *test* accuracy, ours a logistic regression
-that never sees the test split, so on small test sets its number is higher by selection.
+that never sees the test split, so on small test sets its number is higher by selection. On small
+train sets it can also be lower: an epoch is then one step, and its early stopping ends training
+within a few dozen steps (benchmarks/peers/saebench_full_width_probe.py runs it on the arrays this
+script saves, with and without the stopping rule).
 Results go to benchmarks/results/saebench_conformance.json.
 """
 
