@@ -332,3 +332,36 @@ def test_auxk_loss_is_scaled_by_the_share_of_dead_latents():
     few[:2] = True
     loss, terms = sae.auxk_loss(x, x_hat, z, x - sae.b_dec, StepContext(0, 1, dead=few))
     assert float(loss.detach()) == pytest.approx(sae.cfg.aux_coefficient * (2 / 8) * terms["aux"], rel=1e-5)
+
+
+# --- JumpReLU thresholds in the real trainer ---------------------------------------------------
+
+def _jumprelu_short_run(path, out, **settings):
+    """40 steps of 512 rows through the trainer, under bfloat16 autocast, from theta_0 = 0.5."""
+    from trainer.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(out=out, activations=path, site=["resid_post.0"], arch=["jumprelu"], width=[64], k=[4],
+                      tokens=40 * 512, batch_size=512, device="cpu", ce_contexts=0, checkpoint_every=0,
+                      autocast="bfloat16", log_every=1000, eval_tokens=2048, jumprelu_init_threshold=0.5, **settings)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer.runs[0]
+
+
+def test_jumprelu_thresholds_learn_in_float32_under_bfloat16_autocast(tmp_path):
+    """SAELens #718/#728: a threshold kept in bfloat16 (or one the optimiser never steps) barely moves
+    in a short run. Through the trainer under bfloat16 autocast, the thresholds must stay float32 (with
+    float32 Adam moments) and move: measured mean |theta - theta_0| after these 40 steps 0.28-0.32
+    (seeds 0-2); the bound is a third of that. The same run with the thresholds frozen
+    (jumprelu_threshold_lr_scale = 0) moves them by exactly 0, so the measure tells the two apart."""
+    x, _ = superposition_data(30_000, d=32, n_features=128, mean_active=5.0, seed=3)
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    run = _jumprelu_short_run(path, tmp_path / "learns")
+    theta = run.sae.threshold
+    assert run.sae.compute_dtype == torch.bfloat16
+    assert theta.dtype == torch.float32 and run.optimizer.state[theta]["exp_avg"].dtype == torch.float32
+    moved = float((theta.detach() - 0.5).abs().mean())
+    assert moved > 0.1, f"thresholds moved by {moved:.4f} on average in 40 steps"
+    frozen = _jumprelu_short_run(path, tmp_path / "frozen", jumprelu_threshold_lr_scale=0.0)
+    assert float((frozen.sae.threshold.detach() - 0.5).abs().max()) == 0.0

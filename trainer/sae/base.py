@@ -77,6 +77,20 @@ class SAEConfig:
     """JumpReLU: theta_0, the initial threshold of every latent (parameterised directly). None: start
     where a BatchTopK SAE with this k would on the first batch (encoder scale fitted, every threshold
     at the smallest pre-activation that batch selection keeps), so the initial L0 is about k."""
+    jumprelu_threshold_lr_scale: float = 1.0
+    """JumpReLU: the thresholds' learning rate as a multiple of the run's (they are their own Adam
+    parameter group, kept in float32 whatever the compute dtype); 0 freezes them at their start."""
+    jumprelu_l0_per_token: bool = False
+    """JumpReLU without l0_coefficient: apply the target-L0 penalty to every token's L0, the mean of
+    c * (L0_t / k - 1)^2 (Gemma Scope 2's quadratic form), instead of to the batch's mean L0."""
+    jumprelu_topk_warmup: float = 0.0
+    """JumpReLU: the fraction of the run trained with per-token TopK selection (the k largest
+    pre-activations of each token, as a TopK SAE) before the thresholds take over; at the switch each
+    latent's threshold is set so that it fires on that batch as often as TopK selected it. 0: none."""
+    matryoshka_selection: str = "batch"
+    """Matryoshka: which latents a training step keeps, "batch" (BatchTopK: the k x N largest of the
+    batch, Bussmann et al.) or "token" (TopK: the k largest of each token). Inference is BatchTopK's
+    global threshold either way."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/4, d_sae/2, d_sae."""
     threshold_momentum: float = 0.99
@@ -104,6 +118,12 @@ class SAEConfig:
         for name in ("aux_coefficient", "l1_coefficient", "target_l0_coefficient", "jumprelu_bandwidth"):
             if not getattr(self, name) >= 0:
                 raise AtlasError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.jumprelu_threshold_lr_scale >= 0:
+            raise AtlasError(f"jumprelu_threshold_lr_scale must not be negative, got {self.jumprelu_threshold_lr_scale}")
+        if not 0 <= self.jumprelu_topk_warmup <= 1:
+            raise AtlasError(f"jumprelu_topk_warmup is a fraction of the run, got {self.jumprelu_topk_warmup}")
+        if self.matryoshka_selection not in ("batch", "token"):
+            raise AtlasError(f"matryoshka_selection must be 'batch' or 'token', got {self.matryoshka_selection!r}")
         for name in ("l0_coefficient", "jumprelu_init_threshold"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise AtlasError(f"{name} must be positive, got {getattr(self, name)}", "leave it unset for the default")
@@ -321,6 +341,10 @@ class SparseAutoencoder(nn.Module):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups; each group's lr_scale multiplies the run's learning rate."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     @staticmethod
     def target(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
