@@ -73,8 +73,8 @@ BATCH = 4096
 # what --set may override (TrainConfig fields; None there means the SAEConfig default)
 TUNABLE = ("aux_k", "aux_coefficient", "dead_after_tokens", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth",
            "jumprelu_init_threshold", "jumprelu_threshold_lr_scale", "jumprelu_l0_per_token", "jumprelu_topk_warmup",
-           "matryoshka_selection")
-FLAGS, WORDS = ("jumprelu_l0_per_token",), ("matryoshka_selection",)  # --set values that are not numbers
+           "matryoshka_topk_warmup")
+FLAGS = ("jumprelu_l0_per_token",)  # --set values that are true or false
 MAX_ROWS = 1_000_000  # training rows per data set (longer runs repeat them; ~4 passes at 8M tokens)
 EVAL_ROWS = 32_768
 
@@ -279,9 +279,6 @@ def main(argv=None) -> None:
                 p.error(f"--set {key} takes true or false, got {value!r}")
             settings[key] = value.lower() == "true"
             continue
-        if key in WORDS:
-            settings[key] = value
-            continue
         try:
             settings[key] = int(value) if key in ("aux_k", "dead_after_tokens") else float(value)
         except ValueError:
@@ -292,8 +289,7 @@ def main(argv=None) -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="synthetic-recovery-"))
     root.mkdir(parents=True, exist_ok=True)
     jobs = []
-    tag = "-".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
-                   for k, v in sorted(settings.items())) or "defaults"
+    tag = "-".join(f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in sorted(settings.items())) or "defaults"
     for d, ratio, l0, tokens in shapes(args):
         path, dir_file = data_for(root, d, l0, tokens, args.seed)
         name = shape_name(d, ratio, l0, tokens)

@@ -87,10 +87,11 @@ class SAEConfig:
     """JumpReLU: the fraction of the run trained with per-token TopK selection (the k largest
     pre-activations of each token, as a TopK SAE) before the thresholds take over; at the switch each
     latent's threshold is set so that it fires on that batch as often as TopK selected it. 0: none."""
-    matryoshka_selection: str = "batch"
-    """Matryoshka: which latents a training step keeps, "batch" (BatchTopK: the k x N largest of the
-    batch, Bussmann et al.) or "token" (TopK: the k largest of each token). Inference is BatchTopK's
-    global threshold either way."""
+    matryoshka_topk_warmup: float = 0.0
+    """Matryoshka: the fraction of the run trained with per-token TopK selection (the k largest
+    pre-activations of each token) before BatchTopK's batch-wide selection (Bussmann et al.) takes
+    over; 1 trains with TopK's selection throughout. Inference is BatchTopK's global threshold either
+    way (an EMA of the batch's k x N-th largest pre-activation, so the L0 at inference is about k)."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka: nested dictionary sizes that must each reconstruct x; empty means d_sae/4, d_sae/2, d_sae."""
     threshold_momentum: float = 0.99
@@ -120,10 +121,9 @@ class SAEConfig:
                 raise AtlasError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.jumprelu_threshold_lr_scale >= 0:
             raise AtlasError(f"jumprelu_threshold_lr_scale must not be negative, got {self.jumprelu_threshold_lr_scale}")
-        if not 0 <= self.jumprelu_topk_warmup <= 1:
-            raise AtlasError(f"jumprelu_topk_warmup is a fraction of the run, got {self.jumprelu_topk_warmup}")
-        if self.matryoshka_selection not in ("batch", "token"):
-            raise AtlasError(f"matryoshka_selection must be 'batch' or 'token', got {self.matryoshka_selection!r}")
+        for name in ("jumprelu_topk_warmup", "matryoshka_topk_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise AtlasError(f"{name} is a fraction of the run, got {getattr(self, name)}")
         for name in ("l0_coefficient", "jumprelu_init_threshold"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise AtlasError(f"{name} must be positive, got {getattr(self, name)}", "leave it unset for the default")

@@ -2,9 +2,10 @@
 
 The loss averages the reconstruction error of the nested dictionaries [0, m_1) ⊂ [0, m_2) ⊂ …
 ⊂ [0, d_sae); early latents learn general features and later ones refinements, which reduces
-feature absorption. Selection and inference are BatchTopK's; matryoshka_selection = "token" trains
-with TopK's per-token selection instead (inference keeps BatchTopK's global threshold, an EMA of
-the batch's k x N-th largest pre-activation, so the L0 at inference is about k either way).
+feature absorption. Selection and inference are BatchTopK's; with matryoshka_topk_warmup the first
+part of the run selects as TopK does, the k largest pre-activations of each token (inference keeps
+BatchTopK's global threshold, an EMA of the batch's k x N-th largest pre-activation, so the L0 at
+inference is about k either way).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         loss = torch.stack(losses).mean()
         return loss, {"recon": float(losses[-1].detach()), "recon_smallest_prefix": float(losses[0].detach())}
 
-    def select_batch(self, x: torch.Tensor):
-        if self.cfg.matryoshka_selection == "batch":
-            return super().select_batch(x)
+    def select_batch(self, x: torch.Tensor, ctx: StepContext | None = None):
+        if ctx is None or ctx.step >= round(self.cfg.matryoshka_topk_warmup * ctx.total_steps):
+            return super().select_batch(x, ctx)
         x_c = self.encoder_input(x)
         with torch.no_grad():
             z = self.preacts(x)
