@@ -246,7 +246,8 @@ def summary(results: list[dict]) -> tuple[str, dict]:
                          f"{goal[arch]['met_in']} of {len(cells)} cells"
                          + ("" if not goal[arch]["failed"] else
                             "; failed: " + ", ".join(f"{c['shape']} (mmcs {c['mmcs']:.3f}, dead {c['dead']:.1%}, "
-                                                     f"L0 {c['l0']:.1f} vs {c['topk_l0']:.1f})" for c in goal[arch]["failed"])))
+                                                     f"L0 {c['l0']:.1f} vs " + (f"{c['topk_l0']:.1f})" if c["topk_l0"] else "no TopK row)")
+                                                     for c in goal[arch]["failed"])))
     return "\n".join(lines), {"by_architecture": by_arch, "goal": goal}
 
 

@@ -121,9 +121,11 @@ class SAEConfig:
                 raise AtlasError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.jumprelu_threshold_lr_scale >= 0:
             raise AtlasError(f"jumprelu_threshold_lr_scale must not be negative, got {self.jumprelu_threshold_lr_scale}")
-        for name in ("jumprelu_topk_warmup", "matryoshka_topk_warmup"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise AtlasError(f"{name} is a fraction of the run, got {getattr(self, name)}")
+        if not 0 <= self.jumprelu_topk_warmup < 1:
+            raise AtlasError(f"jumprelu_topk_warmup is a fraction of the run below 1, got {self.jumprelu_topk_warmup}",
+                             "the thresholds are set where the warm-up ends, so some of the run must remain")
+        if not 0 <= self.matryoshka_topk_warmup <= 1:
+            raise AtlasError(f"matryoshka_topk_warmup is a fraction of the run, got {self.matryoshka_topk_warmup}")
         for name in ("l0_coefficient", "jumprelu_init_threshold"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise AtlasError(f"{name} must be positive, got {getattr(self, name)}", "leave it unset for the default")
