@@ -365,3 +365,48 @@ def test_jumprelu_thresholds_learn_in_float32_under_bfloat16_autocast(tmp_path):
     assert moved > 0.1, f"thresholds moved by {moved:.4f} on average in 40 steps"
     frozen = _jumprelu_short_run(path, tmp_path / "frozen", jumprelu_threshold_lr_scale=0.0)
     assert float((frozen.sae.threshold.detach() - 0.5).abs().max()) == 0.0
+
+
+def test_jumprelu_topk_warmup_selects_k_per_token_then_calibrates_each_threshold(synthetic):
+    """During the warm-up every token keeps its k largest pre-activations (as a TopK SAE); where it
+    ends, each latent's threshold makes it fire on that batch exactly as often as TopK chose it."""
+    x, _ = synthetic
+    sae = make("jumprelu", d_in=32, d_sae=128, k=6, jumprelu_topk_warmup=0.5)
+    xb = torch.from_numpy(x[:512])
+    sae.initialise_from(xb)
+    with torch.no_grad():
+        z = sae.preacts(xb)
+    out = sae.training_step(xb, StepContext(step=4, total_steps=10))  # warm-up: steps 0-4
+    active = (out.codes.values > 0).sum(-1)
+    assert torch.equal(active, (z > 0).sum(-1).clamp(max=6))
+    chosen = torch.zeros_like(z).scatter_(1, z.topk(6, dim=-1).indices, 1.0) * (z > 0)
+    assert torch.allclose(out.codes.dense(128), z * chosen)
+    out.loss.backward()
+    assert sae.threshold.grad is None and sae.W_enc.grad is not None  # the thresholds wait for the switch
+    sae.training_step(xb, StepContext(step=5, total_steps=10))  # the first threshold step calibrates
+    fires = (z > sae.threshold).sum(0)
+    selected = chosen.sum(0)
+    assert torch.equal(fires[selected > 0], selected[selected > 0].to(fires.dtype))
+
+
+def test_jumprelu_per_token_penalty_is_the_mean_of_each_tokens_quadratic():
+    sae = make("jumprelu", d_in=16, d_sae=64, k=4, jumprelu_l0_per_token=True, target_l0_coefficient=2.0)
+    l0 = torch.tensor([2.0, 4.0, 10.0])
+    # 2 * mean((2/4 - 1)^2, 0, (10/4 - 1)^2) = 2 * (0.25 + 0 + 2.25) / 3
+    assert float(sae.sparsity_penalty(l0)) == pytest.approx(2 * 2.5 / 3)
+    batch = make("jumprelu", d_in=16, d_sae=64, k=4, target_l0_coefficient=2.0)
+    assert float(batch.sparsity_penalty(l0)) == pytest.approx(2 * (16 / 3 / 4 - 1) ** 2)
+
+
+def test_matryoshka_topk_warmup_selects_per_token_then_per_batch(synthetic):
+    x, _ = synthetic
+    sae = make("matryoshka", d_in=32, d_sae=128, k=5, matryoshka_topk_warmup=0.3)
+    xb = torch.from_numpy(x[:256])
+    with torch.no_grad():
+        z = sae.preacts(xb)
+    warm = sae.training_step(xb, StepContext(step=2, total_steps=10))  # steps 0-2 select per token
+    per_token = (warm.codes.values > 0).sum(-1)
+    assert torch.equal(per_token, (z > 0).sum(-1).clamp(max=5))
+    late = sae.training_step(xb, StepContext(step=3, total_steps=10))
+    counts = (late.codes.values > 0).sum(-1)
+    assert int(counts.sum()) == 5 * 256 and int(counts.max()) > 5  # k x N over the batch, unevenly
