@@ -147,7 +147,8 @@ def test_jumprelu_threshold_moves_and_l0_falls(synthetic):
     """From a given theta_0 = 0.01 (the Gemma Scope-style start) the STE must raise the thresholds
     far enough, within 200 steps, to take L0 from dense to a few latents per token."""
     x, _ = synthetic
-    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_threshold=0.01, l0_coefficient=0.03)
+    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_threshold=0.01, l0_coefficient=0.03,
+               jumprelu_topk_warmup=0.0)
     theta0 = sae.threshold.detach().clone()
     _, l0 = _fit(sae, x, steps=200, lr=5e-3)
     theta = sae.threshold.detach()
@@ -163,7 +164,7 @@ def test_jumprelu_starts_at_the_batch_topk_threshold_and_the_penalty_sets_l0(syn
     x, _ = synthetic
     ends = {}
     for coefficient in (0.003, 0.05):
-        sae = make("jumprelu", d_in=32, d_sae=128, k=8, seed=0, l0_coefficient=coefficient)
+        sae = make("jumprelu", d_in=32, d_sae=128, k=8, seed=0, l0_coefficient=coefficient, jumprelu_topk_warmup=0.0)
         _, l0 = _fit(sae, x, steps=100, lr=5e-3)
         assert 6 <= np.mean(l0[:3]) <= 10  # starts near k = 8
         ends[coefficient] = np.mean(l0[-20:])
@@ -174,7 +175,7 @@ def test_jumprelu_default_penalty_holds_l0_at_k_from_any_start(synthetic):
     """Without l0_coefficient the (L0 / k - 1)^2 penalty pulls L0 to k from above and from below."""
     x, _ = synthetic
     for k, theta0 in ((8, None), (8, 0.01), (3, None)):
-        sae = make("jumprelu", d_in=32, d_sae=128, k=k, seed=0, jumprelu_init_threshold=theta0)
+        sae = make("jumprelu", d_in=32, d_sae=128, k=k, seed=0, jumprelu_init_threshold=theta0, jumprelu_topk_warmup=0.0)
         _, l0 = _fit(sae, x, steps=300, lr=5e-3)
         assert abs(np.mean(l0[-30:]) - k) <= 0.25 * k, (k, theta0, np.mean(l0[:5]), np.mean(l0[-30:]))
 
@@ -337,12 +338,14 @@ def test_auxk_loss_is_scaled_by_the_share_of_dead_latents():
 # --- JumpReLU thresholds in the real trainer ---------------------------------------------------
 
 def _jumprelu_short_run(path, out, **settings):
-    """40 steps of 512 rows through the trainer, under bfloat16 autocast, from theta_0 = 0.5."""
+    """40 steps of 512 rows through the trainer, under bfloat16 autocast, from theta_0 = 0.5, thresholds
+    learning from the first step (no TopK warm-up, whose calibration would move them without learning)."""
     from trainer.train import TrainConfig, Trainer
 
     cfg = TrainConfig(out=out, activations=path, site=["resid_post.0"], arch=["jumprelu"], width=[64], k=[4],
                       tokens=40 * 512, batch_size=512, device="cpu", ce_contexts=0, checkpoint_every=0,
-                      autocast="bfloat16", log_every=1000, eval_tokens=2048, jumprelu_init_threshold=0.5, **settings)
+                      autocast="bfloat16", log_every=1000, eval_tokens=2048, jumprelu_init_threshold=0.5,
+                      jumprelu_topk_warmup=0.0, **settings)
     trainer = Trainer(cfg)
     trainer.fit()
     return trainer.runs[0]

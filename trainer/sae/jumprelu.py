@@ -18,6 +18,14 @@ Initialisation: a threshold moves about one learning rate per Adam step, while t
 of normalised inputs are O(1); from theta_0 = 0.01 a short run spends most of its budget raising
 thresholds through a dense code. So unless jumprelu_init_threshold is given, the thresholds start
 where a BatchTopK SAE with this k would on the first batch (see initialise_from).
+
+The thresholds are their own float32 parameter group (jumprelu_threshold_lr_scale multiplies their
+learning rate; 0 freezes them), whatever the compute dtype: Adam's steps of about one learning rate
+round away on a bfloat16 threshold (SAELens #718/#728). Two options aim at recovering the true
+features of the synthetic grid (benchmarks/synthetic_recovery.py; numbers in BENCHMARKS.md):
+jumprelu_topk_warmup trains the first part of the run with TopK's per-token selection and then sets
+each threshold so that its latent fires as often as TopK chose it (calibrate_thresholds), and
+jumprelu_l0_per_token puts the target-L0 penalty on every token's L0 (Gemma Scope 2's quadratic form).
 """
 
 from __future__ import annotations
