@@ -146,6 +146,9 @@ class JumpReLUSAE(SparseAutoencoder):
         above = ordered[(counts - 1).clamp(0, n - 1), cols]
         below = ordered[counts.clamp(0, n - 1), cols]
         theta = torch.where(counts > 0, (above + below) / 2, torch.full_like(above, float(kth)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(theta)  # every rank calibrated on its own batch: one mean for all
+            theta /= torch.distributed.get_world_size()
         self.threshold.copy_(theta.clamp_min(1e-6).to(self.threshold))
 
     def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
