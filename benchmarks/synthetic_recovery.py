@@ -72,7 +72,9 @@ REF_LR = 4e-3  # the reference's fixed learning rate
 BATCH = 4096
 # what --set may override (TrainConfig fields; None there means the SAEConfig default)
 TUNABLE = ("aux_k", "aux_coefficient", "dead_after_tokens", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth",
-           "jumprelu_init_threshold")
+           "jumprelu_init_threshold", "jumprelu_threshold_lr_scale", "jumprelu_l0_per_token", "jumprelu_topk_warmup",
+           "matryoshka_topk_warmup")
+FLAGS = ("jumprelu_l0_per_token",)  # --set values that are true or false
 MAX_ROWS = 1_000_000  # training rows per data set (longer runs repeat them; ~4 passes at 8M tokens)
 EVAL_ROWS = 32_768
 
@@ -244,7 +246,8 @@ def summary(results: list[dict]) -> tuple[str, dict]:
                          f"{goal[arch]['met_in']} of {len(cells)} cells"
                          + ("" if not goal[arch]["failed"] else
                             "; failed: " + ", ".join(f"{c['shape']} (mmcs {c['mmcs']:.3f}, dead {c['dead']:.1%}, "
-                                                     f"L0 {c['l0']:.1f} vs {c['topk_l0']:.1f})" for c in goal[arch]["failed"])))
+                                                     f"L0 {c['l0']:.1f} vs " + (f"{c['topk_l0']:.1f})" if c["topk_l0"] else "no TopK row)")
+                                                     for c in goal[arch]["failed"])))
     return "\n".join(lines), {"by_architecture": by_arch, "goal": goal}
 
 
@@ -272,6 +275,11 @@ def main(argv=None) -> None:
         key, sep, value = item.partition("=")
         if not sep or key not in TUNABLE:
             p.error(f"--set takes KEY=VALUE with KEY one of {', '.join(TUNABLE)}; got {item!r}")
+        if key in FLAGS:
+            if value.lower() not in ("true", "false"):
+                p.error(f"--set {key} takes true or false, got {value!r}")
+            settings[key] = value.lower() == "true"
+            continue
         try:
             settings[key] = int(value) if key in ("aux_k", "dead_after_tokens") else float(value)
         except ValueError:
@@ -282,7 +290,7 @@ def main(argv=None) -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="synthetic-recovery-"))
     root.mkdir(parents=True, exist_ok=True)
     jobs = []
-    tag = "-".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "defaults"
+    tag = "-".join(f"{k}={v}" if isinstance(v, bool) else f"{k}={v:g}" for k, v in sorted(settings.items())) or "defaults"
     for d, ratio, l0, tokens in shapes(args):
         path, dir_file = data_for(root, d, l0, tokens, args.seed)
         name = shape_name(d, ratio, l0, tokens)

@@ -147,7 +147,8 @@ def test_jumprelu_threshold_moves_and_l0_falls(synthetic):
     """From a given theta_0 = 0.01 (the Gemma Scope-style start) the STE must raise the thresholds
     far enough, within 200 steps, to take L0 from dense to a few latents per token."""
     x, _ = synthetic
-    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_threshold=0.01, l0_coefficient=0.03)
+    sae = make("jumprelu", d_in=32, d_sae=128, seed=0, jumprelu_init_threshold=0.01, l0_coefficient=0.03,
+               jumprelu_topk_warmup=0.0)
     theta0 = sae.threshold.detach().clone()
     _, l0 = _fit(sae, x, steps=200, lr=5e-3)
     theta = sae.threshold.detach()
@@ -163,7 +164,7 @@ def test_jumprelu_starts_at_the_batch_topk_threshold_and_the_penalty_sets_l0(syn
     x, _ = synthetic
     ends = {}
     for coefficient in (0.003, 0.05):
-        sae = make("jumprelu", d_in=32, d_sae=128, k=8, seed=0, l0_coefficient=coefficient)
+        sae = make("jumprelu", d_in=32, d_sae=128, k=8, seed=0, l0_coefficient=coefficient, jumprelu_topk_warmup=0.0)
         _, l0 = _fit(sae, x, steps=100, lr=5e-3)
         assert 6 <= np.mean(l0[:3]) <= 10  # starts near k = 8
         ends[coefficient] = np.mean(l0[-20:])
@@ -174,7 +175,7 @@ def test_jumprelu_default_penalty_holds_l0_at_k_from_any_start(synthetic):
     """Without l0_coefficient the (L0 / k - 1)^2 penalty pulls L0 to k from above and from below."""
     x, _ = synthetic
     for k, theta0 in ((8, None), (8, 0.01), (3, None)):
-        sae = make("jumprelu", d_in=32, d_sae=128, k=k, seed=0, jumprelu_init_threshold=theta0)
+        sae = make("jumprelu", d_in=32, d_sae=128, k=k, seed=0, jumprelu_init_threshold=theta0, jumprelu_topk_warmup=0.0)
         _, l0 = _fit(sae, x, steps=300, lr=5e-3)
         assert abs(np.mean(l0[-30:]) - k) <= 0.25 * k, (k, theta0, np.mean(l0[:5]), np.mean(l0[-30:]))
 
@@ -332,3 +333,83 @@ def test_auxk_loss_is_scaled_by_the_share_of_dead_latents():
     few[:2] = True
     loss, terms = sae.auxk_loss(x, x_hat, z, x - sae.b_dec, StepContext(0, 1, dead=few))
     assert float(loss.detach()) == pytest.approx(sae.cfg.aux_coefficient * (2 / 8) * terms["aux"], rel=1e-5)
+
+
+# --- JumpReLU thresholds in the real trainer ---------------------------------------------------
+
+def _jumprelu_short_run(path, out, **settings):
+    """40 steps of 512 rows through the trainer, under bfloat16 autocast, from theta_0 = 0.5, thresholds
+    learning from the first step (no TopK warm-up, whose calibration would move them without learning)."""
+    from trainer.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(out=out, activations=path, site=["resid_post.0"], arch=["jumprelu"], width=[64], k=[4],
+                      tokens=40 * 512, batch_size=512, device="cpu", ce_contexts=0, checkpoint_every=0,
+                      autocast="bfloat16", log_every=1000, eval_tokens=2048, jumprelu_init_threshold=0.5,
+                      jumprelu_topk_warmup=0.0, **settings)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer.runs[0]
+
+
+def test_jumprelu_thresholds_learn_in_float32_under_bfloat16_autocast(tmp_path):
+    """SAELens #718/#728: a threshold kept in bfloat16 (or one the optimiser never steps) barely moves
+    in a short run. Through the trainer under bfloat16 autocast, the thresholds must stay float32 (with
+    float32 Adam moments) and move: measured mean |theta - theta_0| after these 40 steps 0.28-0.32
+    (seeds 0-2); the bound is a third of that. The same run with the thresholds frozen
+    (jumprelu_threshold_lr_scale = 0) moves them by exactly 0, so the measure tells the two apart."""
+    x, _ = superposition_data(30_000, d=32, n_features=128, mean_active=5.0, seed=3)
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    run = _jumprelu_short_run(path, tmp_path / "learns")
+    theta = run.sae.threshold
+    assert run.sae.compute_dtype == torch.bfloat16
+    assert theta.dtype == torch.float32 and run.optimizer.state[theta]["exp_avg"].dtype == torch.float32
+    moved = float((theta.detach() - 0.5).abs().mean())
+    assert moved > 0.1, f"thresholds moved by {moved:.4f} on average in 40 steps"
+    frozen = _jumprelu_short_run(path, tmp_path / "frozen", jumprelu_threshold_lr_scale=0.0)
+    assert float((frozen.sae.threshold.detach() - 0.5).abs().max()) == 0.0
+
+
+def test_jumprelu_topk_warmup_selects_k_per_token_then_calibrates_each_threshold(synthetic):
+    """During the warm-up every token keeps its k largest pre-activations (as a TopK SAE); where it
+    ends, each latent's threshold makes it fire on that batch exactly as often as TopK chose it."""
+    x, _ = synthetic
+    sae = make("jumprelu", d_in=32, d_sae=128, k=6, jumprelu_topk_warmup=0.5)
+    xb = torch.from_numpy(x[:512])
+    sae.initialise_from(xb)
+    with torch.no_grad():
+        z = sae.preacts(xb)
+    out = sae.training_step(xb, StepContext(step=4, total_steps=10))  # warm-up: steps 0-4
+    active = (out.codes.values > 0).sum(-1)
+    assert torch.equal(active, (z > 0).sum(-1).clamp(max=6))
+    chosen = torch.zeros_like(z).scatter_(1, z.topk(6, dim=-1).indices, 1.0) * (z > 0)
+    assert torch.allclose(out.codes.dense(128), z * chosen)
+    out.loss.backward()
+    assert sae.threshold.grad is None and sae.W_enc.grad is not None  # the thresholds wait for the switch
+    sae.training_step(xb, StepContext(step=5, total_steps=10))  # the first threshold step calibrates
+    fires = (z > sae.threshold).sum(0)
+    selected = chosen.sum(0)
+    assert torch.equal(fires[selected > 0], selected[selected > 0].to(fires.dtype))
+
+
+def test_jumprelu_per_token_penalty_is_the_mean_of_each_tokens_quadratic():
+    sae = make("jumprelu", d_in=16, d_sae=64, k=4, jumprelu_l0_per_token=True, target_l0_coefficient=2.0)
+    l0 = torch.tensor([2.0, 4.0, 10.0])
+    # 2 * mean((2/4 - 1)^2, 0, (10/4 - 1)^2) = 2 * (0.25 + 0 + 2.25) / 3
+    assert float(sae.sparsity_penalty(l0)) == pytest.approx(2 * 2.5 / 3)
+    batch = make("jumprelu", d_in=16, d_sae=64, k=4, target_l0_coefficient=2.0)
+    assert float(batch.sparsity_penalty(l0)) == pytest.approx(2 * (16 / 3 / 4 - 1) ** 2)
+
+
+def test_matryoshka_topk_warmup_selects_per_token_then_per_batch(synthetic):
+    x, _ = synthetic
+    sae = make("matryoshka", d_in=32, d_sae=128, k=5, matryoshka_topk_warmup=0.3)
+    xb = torch.from_numpy(x[:256])
+    with torch.no_grad():
+        z = sae.preacts(xb)
+    warm = sae.training_step(xb, StepContext(step=2, total_steps=10))  # steps 0-2 select per token
+    per_token = (warm.codes.values > 0).sum(-1)
+    assert torch.equal(per_token, (z > 0).sum(-1).clamp(max=5))
+    late = sae.training_step(xb, StepContext(step=3, total_steps=10))
+    counts = (late.codes.values > 0).sum(-1)
+    assert int(counts.sum()) == 5 * 256 and int(counts.max()) > 5  # k x N over the batch, unevenly

@@ -20,7 +20,8 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 USES_K = (*TOPK_FAMILY, "jumprelu")  # JumpReLU aims its L0 at k
 # TrainConfig fields passed to SAEConfig only when set (SAEConfig holds their defaults).
 ARCH_SETTINGS = ("aux_k", "aux_coefficient", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth",
-                 "jumprelu_init_threshold", "matryoshka_prefixes")
+                 "jumprelu_init_threshold", "jumprelu_threshold_lr_scale", "jumprelu_l0_per_token",
+                 "jumprelu_topk_warmup", "matryoshka_topk_warmup", "matryoshka_prefixes")
 
 
 @dataclass
@@ -83,6 +84,15 @@ class TrainConfig:
     """JumpReLU SAEs: STE bandwidth epsilon; None: SAEConfig's default (0.05)."""
     jumprelu_init_threshold: float | None = None
     """JumpReLU SAEs: initial threshold theta_0 of every latent; None: data-dependent (initial L0 about k)."""
+    jumprelu_threshold_lr_scale: float | None = None
+    """JumpReLU SAEs: the thresholds' learning rate as a multiple of --lr; None: SAEConfig's default."""
+    jumprelu_l0_per_token: bool | None = None
+    """JumpReLU SAEs: target-L0 penalty per token instead of on the batch mean; None: SAEConfig's default."""
+    jumprelu_topk_warmup: float | None = None
+    """JumpReLU SAEs: fraction of the run trained with per-token TopK selection; None: SAEConfig's default."""
+    matryoshka_topk_warmup: float | None = None
+    """Matryoshka SAEs: fraction of the run trained with per-token TopK selection before BatchTopK's;
+    None: SAEConfig's default."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka SAEs: nested dictionary sizes (default: SAEConfig's, width/4, width/2, width)."""
     skip_connection: bool = False

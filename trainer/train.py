@@ -177,7 +177,7 @@ class Trainer:
             folder = c.out if len(configs) == 1 else c.out / name
             sae = build_sae(sae_cfg, self.sae_compute_dtype(sae_cfg)).to(self.device)
             base_lr = c.lr or default_lr(sae_cfg, c.tokens, c.batch_size)
-            optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999))
+            optimizer = torch.optim.Adam(sae.param_groups(), lr=base_lr, betas=(0.9, 0.999))
             counter = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.device)
             run = Run(name, site, sae, folder, _Step(sae), optimizer, base_lr, counter)
             if is_transcoder_spec(site):
@@ -247,7 +247,7 @@ class Trainer:
         total_steps = self.total_steps
         lr = lr_at(self.step, total_steps, run.base_lr, self.cfg.warmup_steps, self.cfg.decay_frac)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         dead = run.tokens_since_fired >= run.sae.cfg.dead_after_tokens
         xs = x.float() * run.norm_scale
         ys = y.float() * run.out_scale if run.output_site else None

@@ -75,14 +75,14 @@ class BatchTopKSAE(SparseAutoencoder):
         return z * (z > self.threshold)
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
-        acts, indices, offsets, z, x_c = self.select_batch(x)
+        acts, indices, offsets, z, x_c = self.select_batch(x, ctx)
         x_hat = self.finish(self.decode_sparse(acts, indices, offsets=offsets), x)
         loss, terms = self.reconstruction(x, x_hat, acts, indices, offsets, ctx)
         aux, aux_terms = self.auxk_loss(x, x_hat, z, x_c, ctx)
         codes = flat_to_codes(acts.detach(), indices, offsets)
         return StepOutput(loss + aux, x_hat, codes, {**terms, **aux_terms})
 
-    def select_batch(self, x: torch.Tensor):
+    def select_batch(self, x: torch.Tensor, ctx: StepContext | None = None):
         """The batch selection with gradients on the kept pre-activations: (acts, indices, offsets, z, x_c)."""
         x_c = self.encoder_input(x)
         with torch.no_grad():

@@ -18,6 +18,14 @@ Initialisation: a threshold moves about one learning rate per Adam step, while t
 of normalised inputs are O(1); from theta_0 = 0.01 a short run spends most of its budget raising
 thresholds through a dense code. So unless jumprelu_init_threshold is given, the thresholds start
 where a BatchTopK SAE with this k would on the first batch (see initialise_from).
+
+The thresholds are their own float32 parameter group (jumprelu_threshold_lr_scale multiplies their
+learning rate; 0 freezes them), whatever the compute dtype: Adam's steps of about one learning rate
+round away on a bfloat16 threshold (SAELens #718/#728). Two options aim at recovering the true
+features of the synthetic grid (benchmarks/synthetic_recovery.py; numbers in BENCHMARKS.md):
+jumprelu_topk_warmup trains the first part of the run with TopK's per-token selection and then sets
+each threshold so that its latent fires as often as TopK chose it (calibrate_thresholds), and
+jumprelu_l0_per_token puts the target-L0 penalty on every token's L0 (Gemma Scope 2's quadratic form).
 """
 
 from __future__ import annotations
@@ -76,23 +84,72 @@ class JumpReLUSAE(SparseAutoencoder):
         return z * (z > self.threshold)
 
     def sparsity_penalty(self, l0: torch.Tensor) -> torch.Tensor:
+        """The penalty from per-token L0 [N] (with the STE's pseudo-gradient to the thresholds)."""
         if self.cfg.l0_coefficient is not None:
-            return self.cfg.l0_coefficient * l0
-        return self.cfg.target_l0_coefficient * (l0 / self.cfg.k - 1).pow(2)
+            return self.cfg.l0_coefficient * l0.mean()
+        if self.cfg.jumprelu_l0_per_token:
+            return self.cfg.target_l0_coefficient * (l0 / self.cfg.k - 1).pow(2).mean()
+        return self.cfg.target_l0_coefficient * (l0.mean() / self.cfg.k - 1).pow(2)
+
+    def param_groups(self) -> list[dict]:
+        rest = [p for name, p in self.named_parameters() if name != "threshold"]
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": [self.threshold], "lr_scale": self.cfg.jumprelu_threshold_lr_scale}]
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(round(self.cfg.jumprelu_topk_warmup * total_steps))
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         z = self.preacts(x)
+        warm = self.warmup_steps(ctx.total_steps)
+        if ctx.step < warm:
+            return self.topk_step(x, z, ctx)
+        if ctx.step == warm and warm > 0:
+            self.calibrate_thresholds(z)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFn.apply(z, self.threshold, eps)
         x_hat = self.finish(f @ self.W_dec + self.b_dec, x)
         recon = self.recon_loss(x, x_hat, ctx)
-        l0 = StepFn.apply(z, self.threshold, eps).sum(-1).mean()
+        l0 = StepFn.apply(z, self.threshold, eps).sum(-1)
         penalty = self.sparsity_penalty(l0)
         # A latent whose threshold rose above all its pre-activations gets no gradient from either
         # term again; AuxK (as in the TopK family) lets the dead ones model the residual and return.
         aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), self.encoder_input(x), ctx)
         return StepOutput(recon + penalty + aux, x_hat, dense_to_codes(f.detach()),
                           {"recon": float(recon.detach()), "l0_penalty": float(penalty.detach()), **aux_terms})
+
+    def topk_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, F] 0/1: the k largest positive pre-activations of each token (a TopK SAE's selection)."""
+        with torch.no_grad():
+            mask = torch.zeros_like(z).scatter_(1, z.topk(self.cfg.k, dim=-1).indices, 1.0)
+            return mask * (z > 0)
+
+    def topk_step(self, x: torch.Tensor, z: torch.Tensor, ctx: StepContext) -> StepOutput:
+        """A warm-up step trained as a TopK SAE (the thresholds get no gradient)."""
+        f = z * self.topk_mask(z)
+        x_hat = self.finish(f @ self.W_dec + self.b_dec, x)
+        recon = self.recon_loss(x, x_hat, ctx)
+        aux, aux_terms = self.auxk_loss(x, x_hat, z.detach(), self.encoder_input(x), ctx)
+        return StepOutput(recon + aux, x_hat, dense_to_codes(f.detach()), {"recon": float(recon.detach()), **aux_terms})
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, z: torch.Tensor) -> None:
+        """At the end of the TopK warm-up: each latent's threshold such that, on this batch, it fires
+        on as many tokens as TopK selected it for (between its n-th and (n+1)-th largest
+        pre-activation); a latent TopK never selected keeps the batch-wide k-th value."""
+        z = z.detach().float()
+        counts = self.topk_mask(z).sum(0).long()  # [F]
+        _, _, _, kth = batch_topk_flat(z, self.cfg.k)
+        ordered = z.sort(dim=0, descending=True).values  # [N, F]
+        n = z.shape[0]
+        cols = torch.arange(z.shape[1], device=z.device)
+        above = ordered[(counts - 1).clamp(0, n - 1), cols]
+        below = ordered[counts.clamp(0, n - 1), cols]
+        theta = torch.where(counts > 0, (above + below) / 2, torch.full_like(above, float(kth)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(theta)  # every rank calibrated on its own batch: one mean for all
+            theta /= torch.distributed.get_world_size()
+        self.threshold.copy_(theta.clamp_min(1e-6).to(self.threshold))
 
     def initial_selection(self, x: torch.Tensor) -> torch.Tensor:
         values, indices, offsets, _ = batch_topk_flat(self.preacts(x), self.cfg.k)
