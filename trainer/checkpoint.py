@@ -96,7 +96,11 @@ def load_checkpoint(trainer) -> dict:
     for r in trainer.runs:
         s = state["runs"][r.name]
         r.sae.load_state_dict(s["sae"])
-        r.optimizer.load_state_dict(s["optimizer"])
+        try:
+            r.optimizer.load_state_dict(s["optimizer"])
+        except ValueError as exc:  # e.g. JumpReLU's thresholds got their own parameter group
+            raise AtlasError(f"checkpoint {path} holds optimizer state for {r.name} that this version cannot "
+                             f"use ({str(exc).splitlines()[0][:120]})", "start the run again with --overwrite") from None
         r.tokens_since_fired.copy_(s["tokens_since_fired"].to(trainer.device))
         r.norm_scale, r.variance = float(s["norm_scale"]), float(s["variance"])
         r.out_scale = float(s.get("out_scale", 1.0))  # a transcoder's output scale (absent before transcoders)
