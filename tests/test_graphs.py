@@ -314,6 +314,12 @@ def test_the_graph_pages_render(api, done_graph, store_engine):
     assert f'data-src="/api/v1/graphs/{done_graph}"' in r.text and "/static/graph.js" in r.text
     assert "Replacement score" in r.text and "Completeness score" in r.text
     assert "<script>" not in r.text and " style=" not in r.text  # the CSP forbids both
+    assert '<option value="live">' in r.text  # steering in the live model is offered while inference is on
+    from tests.test_api import make_client
+
+    with make_client(store_engine, inference="off") as off:
+        page = off.get(f"/graphs/{done_graph}").text
+        assert '<option value="frozen">' in page and 'value="live"' not in page and "live model is off" in page
     assert client.get("/graphs/0123456789ab").status_code == 404
     assert client.get("/static/graph.js").status_code == 200
 
