@@ -21,7 +21,7 @@ from app import leases
 from app.autointerp.worker import new_worker_id
 from store import graphs as gstore
 from store.db import session_factory
-from store.errors import AtlasError, NotFound
+from store.errors import AtlasError, Conflict, NotFound
 from store.models import AttributionGraph, JobStatus
 from store.settings import get_settings
 
@@ -160,15 +160,45 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def steer_node(row: AttributionGraph, node_id: str, value: float, top_k: int = 10):
-    """Steer one feature node of a stored graph (trainer.circuits.steer), with the graph's set."""
+def cancel(session: Session, slug: str) -> AttributionGraph:
+    """Cancel a queued or running graph (the caller commits). NotFound: no such graph; Conflict:
+    it has already ended. A worker computing it stops at its next progress write (_Progress), at
+    most a PROGRESS_EVERY_S and one backward batch later, and stores nothing."""
+    row = gstore.get_graph(session, slug)
+    if not gstore.cancel_graph(session, row.id):
+        session.refresh(row)
+        raise Conflict(f"graph {slug} is already {row.status}", "only queued or running graphs can be cancelled")
+    session.refresh(row)
+    return row
+
+
+def logit_targets(row: AttributionGraph) -> list[int]:
+    """The vocabulary ids of the stored graph's logit nodes (what steering reports the change of)."""
+    data = gstore.unpack(row.graph) or {}
+    return [int(n["feature"]) for n in data.get("nodes", []) if n.get("feature_type") == "logit"]
+
+
+def steer_frozen(row: AttributionGraph, edit, top_k: int = 10):
+    """Steer one node of a stored graph in its frozen replacement model (trainer.circuits.steer),
+    loaded in this process from the graph's set."""
     from trainer.circuits.compute import GraphConfig, open_set, replacement_for
-    from trainer.circuits.steer import parse_node_id, steer_feature
+    from trainer.circuits.steer import steer_frozen as frozen
 
     cfg = GraphConfig(**row.config)
     model = replacement_for(open_set(row.set_path), cfg.device, cfg.lm_dtype)
-    layer, feature, pos = parse_node_id(node_id, model.n_layers)
-    return steer_feature(model, row.prompt, layer, feature, pos, value, top_k, cfg.attribution.max_tokens)
+    return frozen(model, row.prompt, edit, top_k, cfg.attribution.max_tokens, logit_targets(row))
+
+
+def live_request(row: AttributionGraph, edit, top_k: int = 10) -> dict:
+    """What the inference service's /v1/graphs/steer takes to steer one node of a stored graph
+    through the real model (app/inference/graph_steer.py)."""
+    from trainer.circuits.compute import GraphConfig
+
+    cfg = GraphConfig(**row.config)
+    return {"model": row.model, "lm_dtype": cfg.lm_dtype, "set_path": row.set_path, "prompt": row.prompt,
+            "max_tokens": cfg.attribution.max_tokens, "kind": edit.kind, "layer": edit.layer,
+            "position": edit.position, "feature": edit.feature, "value": edit.value, "multiplier": edit.multiplier,
+            "top_k": top_k, "targets": logit_targets(row)}
 
 
 class GraphWorker:

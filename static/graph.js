@@ -214,33 +214,80 @@
   });
 
   // --- steering -----------------------------------------------------------------------------
+  // The pinned feature or error node, changed in the graph's frozen model (its linear prediction)
+  // and/or the live one (the real model in the inference service); one column of "after" per model.
   const steerForm = document.getElementById("graphsteer"), steerNode = document.getElementById("steernode");
-  const steerOut = document.getElementById("steerresult");
+  const steerOut = document.getElementById("steerresult"), steerHow = document.getElementById("steerhow");
+  const STEERABLE = ["cross layer transcoder", "mlp reconstruction error"];
   let steerId = null;
   function steerTarget() {
-    steerId = [...pinned].reverse().find((id) => byId.get(id).feature_type === "cross layer transcoder") || null;
-    steerNode.textContent = steerId ? label(byId.get(steerId)) + " (act " + byId.get(steerId).activation.toFixed(3) + ")" : "pin a feature node first";
+    steerId = [...pinned].reverse().find((id) => STEERABLE.includes(byId.get(id).feature_type)) || null;
+    const n = steerId ? byId.get(steerId) : null;
+    const isError = n && n.feature_type === "mlp reconstruction error";
+    steerNode.textContent = !n ? "pin a feature or error node first"
+      : label(n) + (isError ? "" : " (act " + n.activation.toFixed(3) + ")");
+    steerHow.querySelector("option[value=value]").disabled = !!isError;
+    if (isError) steerHow.value = "multiplier";
+  }
+  function cellRow(table, cells, header) {
+    const row = table.insertRow();
+    cells.forEach((t) => {
+      const c = header ? document.createElement("th") : row.insertCell();
+      c.textContent = t;
+      if (header) row.appendChild(c);
+    });
+  }
+  function showSteer(results) {
+    steerOut.replaceChildren();
+    const done = results.filter((r) => r.ok);
+    results.filter((r) => !r.ok).forEach((r) => {
+      const p = document.createElement("p");
+      p.className = "muted small steererror";
+      p.dataset.mode = r.mode;
+      p.textContent = r.mode + ": " + ((r.body.error && r.body.error.message) || "steering failed");
+      steerOut.appendChild(p);
+    });
+    if (!done.length) return;
+    const first = done[0].body;
+    const table = document.createElement("table");
+    table.className = "table small steertop";
+    cellRow(table, ["before", "p"].concat(...done.map((r) => ["after, " + r.mode, "p"])), true);
+    for (let i = 0; i < first.before.length; i++) {
+      const b = first.before[i];
+      cellRow(table, [b.token, b.prob.toPrecision(3)].concat(...done.map((r) => {
+        const a = r.body.after[i];
+        return a ? [a.token, a.prob.toPrecision(3)] : ["", ""];
+      })));
+    }
+    steerOut.appendChild(table);
+    if (first.targets && first.targets.length) {
+      const t = document.createElement("table");
+      t.className = "table small steertargets";
+      cellRow(t, ["graph's logit", "p before"].concat(...done.map((r) => ["p after, " + r.mode, "Δ logit"])), true);
+      first.targets.forEach((tg, i) => {
+        cellRow(t, [tg.token, tg.prob_before.toPrecision(3)].concat(...done.map((r) => {
+          const x = r.body.targets[i];
+          return [x.prob_after.toPrecision(3), (x.logit_after - x.logit_before).toFixed(3)];
+        })));
+      });
+      steerOut.appendChild(t);
+    }
   }
   steerForm.addEventListener("submit", (evt) => {
     evt.preventDefault();
     if (!steerId) return;
+    const n = byId.get(steerId);
+    const body = { node_id: steerId, kind: n.feature_type === "mlp reconstruction error" ? "error" : "feature" };
+    body[steerHow.value] = Number(document.getElementById("steervalue").value);
+    const which = document.getElementById("steermode").value;
+    const modes = which === "both" ? ["frozen", "live"] : [which];
     const headers = { "Content-Type": "application/json", Accept: "application/json" };
-    fetch(svg.dataset.steer, { method: "POST", headers: headers, credentials: "same-origin",
-      body: JSON.stringify({ node_id: steerId, value: Number(document.getElementById("steervalue").value) }) })
-      .then((r) => r.json().then((body) => ({ ok: r.ok, body: body })))
-      .then(({ ok, body }) => {
-        steerOut.replaceChildren();
-        if (!ok) { steerOut.textContent = (body.error && body.error.message) || "steering failed"; return; }
-        const table = document.createElement("table");
-        table.className = "table small";
-        const head = table.insertRow();
-        ["before", "p", "after", "p"].forEach((t) => { const th = document.createElement("th"); th.textContent = t; head.appendChild(th); });
-        for (let i = 0; i < Math.max(body.before.length, body.after.length); i++) {
-          const row = table.insertRow(), b = body.before[i], a = body.after[i];
-          [b ? b.token : "", b ? b.prob.toPrecision(3) : "", a ? a.token : "", a ? a.prob.toPrecision(3) : ""].forEach((t) => { row.insertCell().textContent = t; });
-        }
-        steerOut.appendChild(table);
-      }).catch(() => { steerOut.textContent = "steering failed"; });
+    steerOut.textContent = "steering…";
+    Promise.all(modes.map((mode) => fetch(svg.dataset.steer, { method: "POST", headers: headers, credentials: "same-origin",
+      body: JSON.stringify(Object.assign({ mode: mode }, body)) })
+      .then((r) => r.json().then((b) => ({ ok: r.ok, body: b, mode: mode })))
+      .catch(() => ({ ok: false, body: {}, mode: mode }))))
+      .then(showSteer);
   });
 
   fetch(svg.dataset.src, { headers: { Accept: "application/json" } }).then((r) => r.json()).then((body) => {

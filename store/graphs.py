@@ -77,6 +77,18 @@ def mark_failed(session: Session, graph_id: int, error: str) -> None:
         status=JobStatus.failed.value, error=error[:4000], finished_at=utcnow()))
 
 
+def cancel_graph(session: Session, graph_id: int) -> bool:
+    """Cancel a queued or running graph (the caller commits); False when it had already ended. A
+    worker computing it notices at its next progress write (set_progress finds the row no longer
+    running) and stops; store_result refuses it too."""
+    n = session.execute(update(AttributionGraph).where(
+        AttributionGraph.id == graph_id,
+        AttributionGraph.status.in_((JobStatus.queued.value, JobStatus.running.value))).values(
+        status=JobStatus.cancelled.value, finished_at=utcnow(), lease_owner=None, lease_expires_at=None)).rowcount
+    session.flush()
+    return bool(n)
+
+
 def get_graph(session: Session, slug: str) -> AttributionGraph:
     row = session.scalar(select(AttributionGraph).where(AttributionGraph.slug == slug))
     if row is None:

@@ -314,6 +314,12 @@ def test_the_graph_pages_render(api, done_graph, store_engine):
     assert f'data-src="/api/v1/graphs/{done_graph}"' in r.text and "/static/graph.js" in r.text
     assert "Replacement score" in r.text and "Completeness score" in r.text
     assert "<script>" not in r.text and " style=" not in r.text  # the CSP forbids both
+    assert '<option value="live">' in r.text  # steering in the live model is offered while inference is on
+    from tests.test_api import make_client
+
+    with make_client(store_engine, inference="off") as off:
+        page = off.get(f"/graphs/{done_graph}").text
+        assert '<option value="frozen">' in page and 'value="live"' not in page and "live model is off" in page
     assert client.get("/graphs/0123456789ab").status_code == 404
     assert client.get("/static/graph.js").status_code == 200
 
@@ -400,6 +406,37 @@ def test_steering_a_node_matches_a_hand_written_frozen_forward(api, done_graph, 
         assert body["after"] != body["before"]
 
 
+def test_scaling_an_error_node_matches_a_hand_written_frozen_forward(api, done_graph, tiny_set, tiny_lm):
+    """mode "frozen" on an error node against HandFrozen with the change written out: the error at
+    (L, p), the clean MLP output minus the hand-computed reconstruction, scaled by m (0 ablates)."""
+    from tests.test_circuits import HandFrozen, hand_codes
+    from trainer.transcoders.sets import load_transcoder_set
+
+    client, _ = api
+    _features, errors, targets = _graph_nodes(client, done_graph)
+    tcs = [load_transcoder_set(tiny_set).load_all()[i] for i in range(tiny_lm.n_layers)]
+    tokens = torch.tensor([tiny_lm.bos_token_id] + tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    hand = HandFrozen("llama", tiny_lm, tokens, tcs)
+    head = tiny_lm.model.get_output_embeddings()
+    node = min(errors, key=lambda n: int(n["layer"]))
+    _, layer, pos = map(int, node["node_id"].split("_"))
+    sae = tcs[layer].sae
+    recon = hand_codes(tcs[layer], hand.x_clean[layer])[pos] @ sae.W_dec.detach() + sae.b_dec.detach()
+    error = hand.clean[("y", layer)][0, pos] - recon
+    for multiplier in (0.0, 3.0):
+        r = client.post(f"/api/v1/graphs/{done_graph}/steer",
+                        json={"node_id": node["node_id"], "kind": "error", "multiplier": multiplier, "top_k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["mode"], body["kind"], body["multiplier"], body["activation"]) == ("frozen", "error", multiplier, None)
+        _, head_in = hand.run(out_delta={(layer, pos): (multiplier - 1.0) * error})
+        with torch.no_grad():
+            want = head(head_in[-1]).float()
+        assert [t["token_id"] for t in body["after"]] == torch.softmax(want, -1).topk(5).indices.tolist()
+        torch.testing.assert_close(torch.tensor([t["logit_after"] for t in body["targets"]]), want[targets],
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_steering_errors(api, done_graph, store_engine):
     from sqlalchemy.orm import Session
 
@@ -418,3 +455,254 @@ def test_steering_errors(api, done_graph, store_engine):
         session.commit()
         slug = row.slug
     assert_error(client.post(f"/api/v1/graphs/{slug}/steer", json={"node_id": "0_1_1"}), 409, "conflict")
+
+
+# --- steering from a graph in the live model -------------------------------------------------
+
+def hand_live_logits(lm, tokens: torch.Tensor, layer: int, pos: int, delta_of) -> torch.Tensor:
+    """The real model's last logits with block `layer`'s MLP output at `pos` shifted by
+    delta_of(x, out) (x: the MLP's input there, out: its output there), written with plain torch
+    hooks on the Llama MLP module; everything downstream is recomputed."""
+    mlp = lm.model.model.layers[layer].mlp
+    seen = {}
+
+    def add(_m, _args, out):
+        out = out.clone()
+        out[0, pos] = out[0, pos] + delta_of(seen["x"][0, pos].float(), out[0, pos].float())
+        return out
+
+    handles = [mlp.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0])),
+               mlp.register_forward_hook(add)]
+    try:
+        with torch.no_grad():
+            return lm.model(input_ids=tokens[None], use_cache=False).logits[0, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hand_feature(tc, feature: int, value=None, multiplier=None):
+    """delta_of for a feature set to `value` (or scaled): (v - a) W_dec[f], a by the TopK rule."""
+    from tests.test_circuits import hand_codes
+
+    def delta_of(x, _out):
+        a = float(hand_codes(tc, x[None])[0, feature])
+        v = value if value is not None else multiplier * a
+        return (v - a) * tc.sae.W_dec[feature].detach().float()
+    return delta_of
+
+
+def _hand_error(tc, multiplier: float):
+    """delta_of for an error node scaled by m: (m - 1)(out - reconstruction), the reconstruction
+    written out (TopK codes times W_dec plus b_dec; the set has no skip term)."""
+    from tests.test_circuits import hand_codes
+
+    def delta_of(x, out):
+        recon = hand_codes(tc, x[None])[0] @ tc.sae.W_dec.detach().float() + tc.sae.b_dec.detach().float()
+        return (multiplier - 1.0) * (out - recon)
+    return delta_of
+
+
+def _graph_nodes(client, slug):
+    graph = client.get(f"/api/v1/graphs/{slug}").json()["graph"]
+    features = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    errors = [n for n in graph["nodes"] if n["feature_type"] == "mlp reconstruction error"]
+    logits = [n["feature"] for n in graph["nodes"] if n["feature_type"] == "logit"]
+    return features, errors, logits
+
+
+def _assert_matches(body: dict, want_logits: torch.Tensor, base_logits: torch.Tensor, targets: list[int]):
+    want, base = torch.softmax(want_logits, -1), torch.softmax(base_logits, -1)
+    k = len(body["after"])
+    assert [t["token_id"] for t in body["before"]] == base.topk(k).indices.tolist()
+    assert [t["token_id"] for t in body["after"]] == want.topk(k).indices.tolist()
+    torch.testing.assert_close(torch.tensor([t["prob"] for t in body["after"]]), want.topk(k).values, atol=1e-5, rtol=1e-4)
+    assert [t["token_id"] for t in body["targets"]] == targets
+    torch.testing.assert_close(torch.tensor([t["logit_after"] for t in body["targets"]]), want_logits[targets],
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([t["logit_before"] for t in body["targets"]]), base_logits[targets],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def live_api(store_engine, tmp_path_factory):
+    """The API and the inference service (a Unix socket) on the settings' store."""
+    import httpx
+
+    from tests.live_support import live_stack
+
+    with live_stack(store_engine, tmp_path_factory.mktemp("graph-live"), service_overrides={"inference_threads": 1},
+                    api_overrides={"inference_rate_per_minute": 0}) as (base, _settings, _app):
+        with httpx.Client(base_url=base, timeout=120) as http:
+            yield http
+
+
+def test_live_steering_matches_a_hand_written_forward(live_api, api, done_graph, tiny_set, tiny_lm):
+    """mode "live" through the inference service against the real model with the edit written out
+    by hand (tests' own hooks on the MLP module): a feature set to a value, scaled, ablated; an error
+    node ablated and scaled. The frozen mode, the graph's linear prediction, differs from it."""
+    from trainer.transcoders.sets import load_transcoder_set
+
+    client, _ = api
+    features, errors, targets = _graph_nodes(client, done_graph)
+    tcs = load_transcoder_set(tiny_set).load_all()
+    tokens = torch.tensor([tiny_lm.bos_token_id] + tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        base = tiny_lm.model(input_ids=tokens[None], use_cache=False).logits[0, -1].float()
+    url = f"/api/v1/graphs/{done_graph}/steer"
+    node = max(features, key=lambda n: n["activation"])
+    layer, feature, pos = map(int, node["node_id"].split("_"))
+    tc = tcs[layer]
+    a = node["activation"]
+    for edit, hand in (({"value": 3 * a}, _hand_feature(tc, feature, value=3 * a)),
+                       ({"multiplier": -2.0}, _hand_feature(tc, feature, multiplier=-2.0)),
+                       ({}, _hand_feature(tc, feature, value=0.0))):
+        r = live_api.post(url, json={"node_id": node["node_id"], "mode": "live", "top_k": 5, **edit})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["mode"], body["kind"]) == ("live", "feature")
+        assert body["activation"] == pytest.approx(a, rel=1e-5)
+        _assert_matches(body, hand_live_logits(tiny_lm, tokens, layer, pos, hand), base, targets)
+    frozen = live_api.post(url, json={"node_id": node["node_id"], "mode": "frozen", "value": 3 * a, "top_k": 5}).json()
+    live = live_api.post(url, json={"node_id": node["node_id"], "mode": "live", "value": 3 * a, "top_k": 5}).json()
+    assert frozen["mode"] == "frozen"
+    assert [t["token_id"] for t in frozen["before"]] == [t["token_id"] for t in live["before"]]
+    assert [t["logit"] for t in frozen["before"]] == pytest.approx([t["logit"] for t in live["before"]], abs=1e-4)
+    assert max(abs(f["logit_after"] - g["logit_after"]) for f, g in zip(frozen["targets"], live["targets"])) > 1e-3
+    # an error node: ablated (the MLP's output there becomes the transcoder's reconstruction), scaled
+    err = max(errors, key=lambda n: int(n["layer"]))
+    _, e_layer, e_pos = map(int, err["node_id"].split("_"))
+    for multiplier in (None, 2.5):
+        edit = {} if multiplier is None else {"multiplier": multiplier}
+        r = live_api.post(url, json={"node_id": err["node_id"], "kind": "error", "mode": "live", "top_k": 5, **edit})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["kind"], body["activation"], body["value"]) == ("error", None, None)
+        hand = _hand_error(tcs[e_layer], 0.0 if multiplier is None else multiplier)
+        _assert_matches(body, hand_live_logits(tiny_lm, tokens, e_layer, e_pos, hand), base, targets)
+    # the frozen error ablation is the graph's prediction: J times minus the error, not the live answer
+    r = live_api.post(url, json={"node_id": err["node_id"], "kind": "error", "mode": "frozen", "top_k": 5})
+    assert r.status_code == 200 and r.json()["activation"] is None
+
+
+def test_live_steering_errors(live_api, api, done_graph, tiny_set, store_engine):
+    from sqlalchemy.orm import Session
+
+    from store import graphs as gstore
+    from tests.test_api import assert_error
+
+    url = f"/api/v1/graphs/{done_graph}/steer"
+    live = {"mode": "live"}
+    assert_error(live_api.post(url, json={"node_id": "0_100000_1", **live}), 422, "invalid_parameters")
+    assert_error(live_api.post(url, json={"node_id": "99_1_1", **live}), 422, "invalid_parameters")
+    assert_error(live_api.post(url, json={"node_id": "0_1_99", **live}), 422, "invalid_parameters")
+    assert_error(live_api.post(url, json={"node_id": "0_1_1", "kind": "error", "value": 2, **live}), 422)
+    assert_error(live_api.post(url, json={"node_id": "1_1_1", "kind": "error", **live}), 422)
+    assert_error(live_api.post(url, json={"node_id": "0_1_1", "value": 1, "multiplier": 2, **live}), 422)
+    assert_error(live_api.post(url, json={"node_id": "0_1_1", "mode": "warp"}), 422)
+
+    def done_row(model: str, set_path: str) -> str:
+        with Session(store_engine) as session:
+            row = gstore.queue_graph(session, model, SET_NAME, set_path, PROMPT, {}, status="running")
+            session.commit()
+            gstore.store_result(session, row.id, {"nodes": [], "links": []}, 0.5, 0.5, 1.0)
+            session.commit()
+            return row.slug
+
+    manifest = str((tiny_set / "transcoder_set.json").resolve())
+    model = load_transcoder_set_model(tiny_set)
+    # the service does not hold the graph's transcoder set, or cannot load its model
+    err = assert_error(live_api.post(f"/api/v1/graphs/{done_row(model, '/nowhere/set.json')}/steer",
+                                     json={"node_id": "0_1_1", **live}), 409, "conflict")
+    assert "does not hold the graph's transcoder set" in err["message"]
+    err = assert_error(live_api.post(f"/api/v1/graphs/{done_row('/no/such/model', manifest)}/steer",
+                                     json={"node_id": "0_1_1", **live}), 503, "unavailable")
+    assert "cannot load model '/no/such/model'" in err["message"]
+    # inference turned off: the frozen mode still answers, the live one says so
+    from tests.test_api import make_client
+
+    with make_client(store_engine, inference="off") as off:
+        assert_error(off.post(url, json={"node_id": "0_1_1", **live}), 503, "inference_off")
+        assert off.post(url, json={"node_id": "0_1_1"}).status_code == 200
+
+
+def load_transcoder_set_model(tiny_set) -> str:
+    from trainer.transcoders.sets import load_transcoder_set
+
+    return load_transcoder_set(tiny_set).model
+
+
+# --- cancelling a graph -----------------------------------------------------------------------
+
+def test_a_queued_graph_is_cancelled(api, store_engine):
+    from sqlalchemy.orm import Session
+
+    from app import leases
+    from store.models import AttributionGraph
+    from tests.test_api import assert_error
+
+    client, auth = api
+    slug = client.post("/api/v1/graphs", json={"set": SET_NAME, "prompt": PROMPT}, headers=auth).json()["slug"]
+    assert_error(client.post(f"/api/v1/graphs/{slug}/cancel"), 401)
+    r = client.post(f"/api/v1/graphs/{slug}/cancel", headers=auth)
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["graph"]) == ("cancelled", None) and r.json()["finished_at"]
+    assert_error(client.post(f"/api/v1/graphs/{slug}/cancel", headers=auth), 409, "conflict")
+    assert_error(client.post("/api/v1/graphs/0123456789ab/cancel", headers=auth), 404, "not_found")
+    with Session(store_engine) as session:  # a worker's claim passes it by
+        assert leases.claim(session, "after-cancel", model=AttributionGraph, where=(AttributionGraph.slug == slug,)) == []
+    assert client.get(f"/api/v1/graphs/{slug}").json()["status"] == "cancelled"
+
+
+def test_graph_cancel_cli(api, capsys):
+    from app.cli import main
+
+    client, auth = api
+    slug = client.post("/api/v1/graphs", json={"set": SET_NAME, "prompt": PROMPT}, headers=auth).json()["slug"]
+    assert main(["graph-cancel", slug]) == 0
+    assert f"graph {slug} cancelled" in capsys.readouterr().out
+    assert client.get(f"/api/v1/graphs/{slug}").json()["status"] == "cancelled"
+    assert main(["graph-cancel", slug]) != 0
+    assert f"graph {slug} is already cancelled" in capsys.readouterr().err
+    assert main(["graph-cancel", "0123456789ab"]) != 0
+    assert "no graph '0123456789ab'" in capsys.readouterr().err
+
+
+def test_a_running_graph_stops_when_cancelled(api, store_engine):
+    """Cancelled through the API while the worker computes it: the worker's next progress write
+    finds the row no longer its own, stops, and stores no graph."""
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from app.graphs import GraphWorker
+    from store import graphs as gstore
+    from store.models import AttributionGraph
+
+    client, auth = api
+    slug = client.post("/api/v1/graphs", json={"set": SET_NAME, "prompt": PROMPT, "max_feature_nodes": 150},
+                       headers=auth).json()["slug"]
+    with Session(store_engine) as session:  # claimed before any graph other tests left queued
+        session.execute(update(AttributionGraph).where(AttributionGraph.slug == slug).values(priority=100))
+        session.commit()
+    real = gstore.set_progress
+    calls = []
+
+    def cancel_then_write(session, graph_id, progress, worker_id=None):
+        calls.append(progress)
+        if len(calls) == 1:
+            assert client.get(f"/api/v1/graphs/{slug}").json()["status"] == "running"
+            r = client.post(f"/api/v1/graphs/{slug}/cancel", headers=auth)
+            assert r.status_code == 200, r.text
+        return real(session, graph_id, progress, worker_id)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gstore, "set_progress", cancel_then_write)
+    mp.setattr("app.graphs.PROGRESS_EVERY_S", 0.0)
+    try:
+        row = GraphWorker(store_engine, worker_id="cancel-worker").run_one()
+    finally:
+        mp.undo()
+    assert len(calls) == 1  # it stopped at the first write after the cancel
+    assert row.slug == slug and row.status == "cancelled" and row.graph is None and row.lease_owner is None
+    got = client.get(f"/api/v1/graphs/{slug}").json()
+    assert (got["status"], got["graph"], got["n_nodes"]) == ("cancelled", None, None)

@@ -1,13 +1,11 @@
 """The graph page in real headless Chromium (Playwright, the system's /usr/bin/chromium), with every
 request that leaves the machine aborted (htmx's CDN too): static/graph.js draws the nodes, the
 pruning slider hides nodes, a click pins a node into the URL, hover shows the node, steering it fills the
-before/after table, and the CSP
-reports no violation. Skipped only where Chromium is missing outside CI (as test_pages_browser.py)."""
+before/after table (an "after" column for the frozen and the live model, the latter through an
+inference service on a Unix socket), and the CSP reports no violation. Skipped only where Chromium is missing outside CI (as test_pages_browser.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,26 +20,21 @@ if not Path(CHROMIUM).is_file() and not IN_CI:
 
 
 @pytest.fixture(scope="module")
-def served(store_engine):  # noqa: F811
-    import uvicorn
-
+def served(store_engine, tmp_path_factory):  # noqa: F811
+    """The site on a port, with an inference service (a Unix socket) for the live steering."""
+    from app.inference.service import create_service_app
     from app.main import create_app
     from store.settings import get_settings
     from tests.helpers import free_port
+    from tests.live_support import serving
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine=store_engine, settings=get_settings()), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    sock = str(tmp_path_factory.mktemp("graph-page-live") / "inference.sock")
+    settings = get_settings().model_copy(update={"inference": "on", "inference_url": f"unix:{sock}", "device": "cpu",
+                                                 "inference_threads": 1, "inference_rate_per_minute": 0})
+    with serving(create_service_app(settings, db_engine=store_engine), uds=sock):
+        port = free_port()
+        with serving(create_app(engine=store_engine, settings=settings), port=port):
+            yield f"http://127.0.0.1:{port}"
 
 
 def test_the_graph_draws_prunes_and_pins_offline(served, done_graph):  # noqa: F811
@@ -100,14 +93,26 @@ def test_the_graph_draws_prunes_and_pins_offline(served, done_graph):  # noqa: F
             other = page.locator(f"#graphsvg .node[data-id='{other_id}']")
             if other.evaluate("e => e.classList.contains('cross-layer-transcoder')"):
                 other.click()  # unpin it, so that the feature pinned first is the one steered
-            # steer the pinned feature: ablate it, and the before/after table appears
+            # steer the pinned feature: ablate it in the frozen and the live model (the default): the
+            # top-10 table gets an "after" column for each, and the graph's logits their changes
             page.locator("#steervalue").fill("0")
             page.locator("#graphsteer button[type=submit]").click()
-            deadline = time.time() + 30
-            while not page.locator('#steerresult').inner_text() and time.time() < deadline:
-                page.wait_for_timeout(200)
-            assert page.locator("#steerresult table").count() == 1, page.locator("#steerresult").inner_text()
-            assert page.locator("#steerresult table tr").count() == 11  # a header and the top 10
+            page.wait_for_selector("#steerresult table.steertop", timeout=60_000)
+            top = page.locator("#steerresult table.steertop")
+            assert top.locator("tr").count() == 11, page.locator("#steerresult").inner_text()  # a header and the top 10
+            header = top.locator("tr").first.inner_text()
+            assert "after, frozen" in header and "after, live" in header, header
+            assert page.locator("#steerresult .steererror").count() == 0, page.locator("#steerresult").inner_text()
+            n_logits = page.locator("#graphsvg .logit").count()
+            assert page.locator("#steerresult table.steertargets tr").count() == n_logits + 1
+            # only the live model, doubling the feature
+            page.locator("#steerhow").select_option("multiplier")
+            page.locator("#steervalue").fill("2")
+            page.locator("#steermode").select_option("live")
+            page.locator("#graphsteer button[type=submit]").click()
+            page.wait_for_function("() => { const t = document.querySelector('#steerresult table.steertop');"
+                                   " return t && !t.rows[0].innerText.includes('frozen'); }", timeout=60_000)
+            assert "after, live" in top.locator("tr").first.inner_text()
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "graph-page.png"), full_page=True)
         finally:

@@ -1,8 +1,9 @@
-"""Attribution graphs: queue one (API key), list them, read one with its graph JSON, steer a node."""
+"""Attribution graphs: queue one (API key), list them, read one with its graph JSON, cancel one (API key),
+steer a node (in the graph's frozen model or the live one)."""
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from app import graphs as service
@@ -75,11 +76,32 @@ def get_graph(slug: str = Slug, session: Session = Depends(get_session)):
         raise ApiError(404, "not_found", exc.one_line()) from None
 
 
-@router.post("/{slug}/steer", summary="Set a feature node's activation (0 ablates it) and compare the top logits",
-             dependencies=[Depends(read_access)], response_model=GraphSteerOut, responses=errors(404, 409, 422, 503))
-def steer(req: GraphSteerRequest, slug: str = Slug, session: Session = Depends(get_session)):
-    """Computed through the prompt's frozen replacement model (trainer/circuits/steer.py), in this
-    process: the set's LM and transcoders are loaded on the first call. 409 until the graph is done."""
+@router.post("/{slug}/cancel", summary="Cancel a queued or running graph (needs a write key)",
+             response_model=GraphDetail, responses=WRITE_ERRORS)
+def cancel_graph(slug: str = Slug, key: APIKey = Depends(write_access), session: Session = Depends(get_session)):
+    """404: no such graph; 409 when it has already ended, also when it ends while the cancel is under
+    way. A worker computing it stops at its next progress write and stores nothing."""
+    try:
+        row = service.cancel(session, slug)  # Conflict -> 409
+    except NotFound as exc:
+        raise ApiError(404, "not_found", exc.one_line()) from None
+    session.commit()
+    return JSON(detail(row))
+
+
+@router.post("/{slug}/steer", summary="Set a feature node's activation, or scale a feature or error node (0 ablates "
+                                      "it), and compare the top logits: in the graph's frozen model or the live one",
+             dependencies=[Depends(read_access)], response_model=GraphSteerOut,
+             responses=errors(401, 403, 404, 409, 422, 429, 503))
+def steer(req: GraphSteerRequest, request: Request, slug: str = Slug, session: Session = Depends(get_session)):
+    """mode "frozen": through the prompt's frozen replacement model (trainer/circuits/steer.py), in
+    this process (the set's LM and transcoders are loaded on the first call): the graph's linear
+    prediction. mode "live": through the real model in the inference service (attention, norms and
+    every MLP recomputed), as the other live endpoints: 503 when inference is off or the service
+    cannot load the LM, 409 when it does not hold the graph's transcoder set, 429 past the
+    anonymous rate. 409 until the graph is done."""
+    from trainer.circuits.steer import parse_node
+
     try:
         row = gstore.get_graph(session, slug)
     except NotFound as exc:
@@ -87,8 +109,16 @@ def steer(req: GraphSteerRequest, slug: str = Slug, session: Session = Depends(g
     if row.status != "done":
         raise ApiError(409, "conflict", f"graph {slug} is {row.status}; steer it once it is done")
     try:
-        result = service.steer_node(row, req.node_id, req.value, req.top_k)
+        edit = parse_node(req.node_id, req.kind, req.value, req.multiplier)
+        if req.mode == "frozen":
+            res = service.steer_frozen(row, edit, req.top_k)
+            result = {"activation": res.activation, "value": res.value, "before": res.before, "after": res.after,
+                      "targets": res.targets}
     except AtlasError as exc:
         raise ApiError(422, "invalid_parameters", exc.one_line()) from None
-    return JSON({"node_id": req.node_id, "activation": result.activation, "value": result.value,
-                 "before": result.before, "after": result.after})
+    if req.mode == "live":
+        from app.live import admit, client
+
+        admit(request, session)
+        result = client(request).post("/v1/graphs/steer", service.live_request(row, edit, req.top_k))
+    return JSON({"node_id": req.node_id, "kind": edit.kind, "mode": req.mode, "multiplier": edit.multiplier, **result})

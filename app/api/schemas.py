@@ -10,7 +10,7 @@ Lists share one shape: {"items", "total", "page", "per_page", "pages"}, with `pa
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel, Field
@@ -565,10 +565,19 @@ class GraphSets(BaseModel):
 
 
 class GraphSteerRequest(BaseModel):
-    """Set one feature node of the graph to an activation (0 ablates it)."""
+    """Change one feature or error node of the graph at its position and compare the top logits."""
 
-    node_id: str = Field(min_length=1, max_length=64, description='a feature node id, "LAYER_FEATURE_POSITION"')
-    value: float = Field(0.0, ge=-1e4, le=1e4)
+    node_id: str = Field(min_length=1, max_length=64,
+                         description='a feature node "LAYER_FEATURE_POSITION" or an error node "0_LAYER_POSITION"')
+    kind: Literal["feature", "error"] = Field("feature", description="the node's kind (the two id formats overlap)")
+    value: float | None = Field(None, ge=-1e4, le=1e4, allow_inf_nan=False,
+                                description="set the feature's activation to this (feature nodes)")
+    multiplier: float | None = Field(None, ge=-1e3, le=1e3, allow_inf_nan=False,
+                                     description="else scale the feature's activation or the error by this; "
+                                                 "neither given: 0, which ablates the node")
+    mode: Literal["frozen", "live"] = Field("frozen", description="frozen: the graph's linear prediction (the "
+                                            "prompt's frozen replacement model); live: the real model in the "
+                                            "inference service, attention and norms recomputed")
     top_k: int = Field(10, ge=1, le=50)
 
 
@@ -579,9 +588,22 @@ class TopLogit(BaseModel):
     prob: float
 
 
+class GraphSteerTarget(BaseModel):
+    token_id: int
+    token: str
+    logit_before: float
+    logit_after: float
+    prob_before: float
+    prob_after: float
+
+
 class GraphSteerOut(BaseModel):
     node_id: str
-    activation: float = Field(description="the feature's activation in the prompt")
-    value: float
+    kind: str
+    mode: str
+    activation: float | None = Field(description="the feature's activation in the prompt (null for an error node)")
+    value: float | None = Field(description="what the feature was set to (null for an error node)")
+    multiplier: float | None
     before: list[TopLogit]
     after: list[TopLogit]
+    targets: list[GraphSteerTarget] = Field(description="the graph's logit nodes, before and after")

@@ -4,7 +4,7 @@
 - training: train, trainer-worker, runs;
 - saes: analyze, publish, import, add, export;
 - evaluate: evaluate (an SAE's report card);
-- graphs: graph, graph-worker (attribution graphs);
+- graphs: graph, graph-worker, graph-cancel (attribution graphs);
 - service: serve, inference, worker, explain, jobs, keys, demo;
 - interpret: embed-explanations;
 - admin: db, settings, models, sites;

@@ -1,5 +1,6 @@
 """`graph --set SET "prompt"`: compute one attribution graph and store it; `graph-worker`: compute
-the graphs queued through the API (POST /api/v1/graphs) or the graph form."""
+the graphs queued through the API (POST /api/v1/graphs) or the graph form; `graph-cancel SLUG`:
+cancel a queued or running one (as POST /api/v1/graphs/SLUG/cancel)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def add_parsers(sub) -> None:
     w = sub.add_parser("graph-worker", help="compute queued attribution graphs from the store")
     w.add_argument("--once", action="store_true", help="compute at most one graph, then exit")
     w.add_argument("--max-graphs", dest="max_graphs", type=int, default=None, help="exit after this many graphs")
+
+    c = sub.add_parser("graph-cancel", help="cancel a queued or running attribution graph (its worker stops)")
+    c.add_argument("slug", help="the graph's slug (/graphs/SLUG)")
 
 
 def graph_config(values: dict) -> dict:
@@ -72,3 +76,17 @@ def cmd_graph_worker(args) -> int:
         raise AtlasError("--max-graphs must be at least 1")
     check_schema()
     return GraphWorker(get_engine(), once=args.once, max_graphs=args.max_graphs).serve()
+
+
+def cmd_graph_cancel(args) -> int:
+    from sqlalchemy.orm import Session
+
+    from app.graphs import cancel
+    from store.db import check_schema, get_engine
+
+    check_schema()
+    with Session(get_engine()) as session:
+        cancel(session, args.slug)
+        session.commit()
+    print(f"graph {args.slug} cancelled")
+    return 0

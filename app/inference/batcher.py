@@ -4,6 +4,7 @@ Requests become jobs (jobs.py, steering.py) in a bounded queue: when `queue_size
 submit() refuses with 503 and a Retry-After estimated from recent job times. The thread loops:
 
 1. prepare new jobs: load their model and SAEs (registry.py, first use only), tokenise, validate;
+   a direct job (graph_steer.py: one forward pass of its own) is answered right there;
 2. one encode pass: texts of waiting jobs for one model (smallest jobs first, so an interactive
    request is not stuck behind a 200-text contrastive query), padded to at most `batch_tokens`
    tokens, run through one forward pass that hooks every site they need (encode.py);
@@ -25,7 +26,7 @@ from collections import deque
 import torch
 
 from app.inference.encode import encode_texts
-from app.inference.jobs import EncodeJob, Job
+from app.inference.jobs import DirectJob, EncodeJob, Job
 from app.inference.registry import Registry
 from app.inference.schemas import ServiceError
 from app.inference.steering import GenerateJob, GenerationBatch
@@ -165,21 +166,22 @@ class Engine:
             if self._gone(job):
                 continue
             try:
-                job.model = self.registry.model(job.metas[0])
-                self.registry.pin(job.model.key)
-                job.pins.append(job.model.key)
-                for meta in job.metas:
-                    sae = self.registry.sae(meta, job.model.lm)
-                    self.registry.pin(meta.key)
-                    job.pins.append(meta.key)
-                    job.saes.append(sae)
+                job.load(self.registry)
                 job.prepare(self.max_tokens)
+                if isinstance(job, DirectJob):
+                    job.complete(job.run())
+                    continue
             except ServiceError as exc:
                 job.complete(None, exc)
                 continue
             except torch.OutOfMemoryError:
                 job.complete(None, ServiceError(503, "unavailable", "the device ran out of memory loading the model",
                                                 retry_after=30))
+                continue
+            except Exception:  # a bug: answer this job, as _run answers the running ones
+                log.exception("inference engine error in a %s job", job.kind)
+                job.complete(None, ServiceError(500, "internal_error", "internal error in the inference service; "
+                                                                       "its log has the details"))
                 continue
             if isinstance(job, GenerateJob):
                 self._generate.append(job)

@@ -45,8 +45,30 @@ class Job:
         self.finished = True
         self.on_done(result, error)
 
+    def load(self, registry) -> None:
+        """Load the model and SAEs the job needs, pinned while it runs (the engine thread, before prepare)."""
+        self.model = registry.model(self.metas[0])
+        self._pin(registry, self.model.key)
+        for meta in self.metas:
+            sae = registry.sae(meta, self.model.lm)
+            self._pin(registry, meta.key)
+            self.saes.append(sae)
+
+    def _pin(self, registry, key: tuple) -> None:
+        registry.pin(key)
+        self.pins.append(key)
+
     def prepare(self, max_tokens: int) -> None:
         """Tokenise and check the inputs (the model and SAEs are loaded by now)."""
+
+
+class DirectJob(Job):
+    """A job answered by one computation on the engine thread right after prepare (no batching)."""
+
+    kind = "direct"
+
+    def run(self):
+        raise NotImplementedError
 
 
 def tokenize(model: ModelHandle, text: str | None, token_ids: list[int] | None, max_tokens: int,

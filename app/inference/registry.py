@@ -126,6 +126,16 @@ class SAEHandle:
         return values.float() * self.dec_norm[indices]
 
 
+@dataclass
+class TranscoderHandle:
+    """One block's transcoder of a graph's transcoder set (steering from a graph)."""
+
+    key: tuple
+    sae: torch.nn.Module
+    nbytes: int
+    name: str
+
+
 def _nbytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
@@ -137,7 +147,7 @@ class Registry:
         self.engine = engine
         self.device = pick_device(device)
         self.budget = int(budget_mb * 2**20)
-        self._entries: OrderedDict[tuple, ModelHandle | SAEHandle] = OrderedDict()
+        self._entries: OrderedDict[tuple, ModelHandle | SAEHandle | TranscoderHandle] = OrderedDict()
         self._pins: dict[tuple, int] = {}
         self._lock = threading.Lock()  # guards the bookkeeping that status() reads from other threads
         self.loads = 0
@@ -153,7 +163,8 @@ class Registry:
         with self._lock:
             out = []
             for key, e in self._entries.items():
-                name = e.meta.name if isinstance(e, SAEHandle) else f"{key[1]} ({key[2]})"
+                name = e.meta.name if isinstance(e, SAEHandle) else e.name if isinstance(e, TranscoderHandle) \
+                    else f"{key[1]} ({key[2]})"
                 out.append({"kind": key[0], "name": name, "mb": round(e.nbytes / 2**20, 1),
                             "pinned": self._pins.get(key, 0) > 0})
             return out
@@ -205,13 +216,20 @@ class Registry:
     # --- loading -------------------------------------------------------------------------------
 
     def resolve_dtype(self, meta: SAEMeta) -> str:
+        return self.dtype_name(meta.lm_dtype)
+
+    def dtype_name(self, setting: str) -> str:
+        """float32 / bfloat16 / float16 for a dtype setting ("auto": what pick_dtype chooses on this device)."""
         from trainer.lm import pick_dtype
 
-        return str(pick_dtype(None if meta.lm_dtype == "auto" else meta.lm_dtype, self.device)).removeprefix("torch.")
+        return str(pick_dtype(None if setting == "auto" else setting, self.device)).removeprefix("torch.")
 
     def model(self, meta: SAEMeta) -> ModelHandle:
-        dtype = self.resolve_dtype(meta)
-        key = ("model", meta.lm_name, dtype)
+        return self.model_named(meta.lm_name, self.resolve_dtype(meta))
+
+    def model_named(self, lm_name: str, dtype: str) -> ModelHandle:
+        """The LM `lm_name` at `dtype` (float32 / bfloat16 / float16), loaded on first use."""
+        key = ("model", lm_name, dtype)
         hit = self._touch(key)
         if hit is not None:
             return hit
@@ -219,15 +237,52 @@ class Registry:
 
         started = time.time()
         try:
-            lm = load_lm(meta.lm_name, self.device, dtype)
+            lm = load_lm(lm_name, self.device, dtype)
         except AtlasError as exc:
-            raise ServiceError(503, "unavailable", f"the inference service cannot load model {meta.lm_name!r}: "
+            raise ServiceError(503, "unavailable", f"the inference service cannot load model {lm_name!r}: "
                                                    f"{exc.one_line()}", retry_after=60) from None
         nbytes = _nbytes(lm.model)
-        self._make_room(nbytes, f"model {meta.lm_name}")
+        self._make_room(nbytes, f"model {lm_name}")
         handle = ModelHandle(key, lm, nbytes, bool(getattr(lm.tokenizer, "chat_template", None)))
         self._add(key, handle)
-        log.info("loaded model %s (%s, %.0f MiB) in %.1f s", meta.lm_name, dtype, nbytes / 2**20, time.time() - started)
+        log.info("loaded model %s (%s, %.0f MiB) in %.1f s", lm_name, dtype, nbytes / 2**20, time.time() - started)
+        return handle
+
+    def transcoder(self, set_path: str, layer: int, lm) -> TranscoderHandle:
+        """Block `layer`'s transcoder of the set whose manifest is `set_path` (a graph's set),
+        loaded on first use. 409 when this service does not hold that set or it does not fit `lm`."""
+        from pathlib import Path
+
+        from trainer.transcoders.sets import load_transcoder_set
+
+        path = Path(set_path)
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            raise ServiceError(409, "conflict", f"the inference service does not hold the graph's transcoder set "
+                                                f"({set_path} is not on its machine)") from None
+        key = ("transcoder", str(path), layer, stamp)
+        hit = self._touch(key)
+        if hit is not None:
+            return hit
+        try:
+            tset = load_transcoder_set(path, complete=False)
+            if layer not in tset.layers:
+                raise AtlasError(f"transcoder set {set_path} has no transcoder for block {layer}")
+            loaded = tset.load(layer)
+        except AtlasError as exc:
+            raise ServiceError(409, "conflict", f"the inference service cannot use the graph's transcoder set: "
+                                                f"{exc.one_line()}") from None
+        sae = loaded.sae
+        if sae.cfg.d_in != lm.d_model:
+            raise ServiceError(409, "conflict", f"transcoder set {set_path} reads {sae.cfg.d_in}-dimensional "
+                                                f"activations, the model has {lm.d_model}")
+        sae = sae.to(self.device).eval().requires_grad_(False)
+        nbytes = _nbytes(sae)
+        self._make_room(nbytes, f"transcoder {layer} of {set_path}")
+        handle = TranscoderHandle(key, sae, nbytes, f"{path.parent.name}/{layer}")
+        self._add(key, handle)
+        log.info("loaded transcoder %d of %s (%.0f MiB)", layer, set_path, nbytes / 2**20)
         return handle
 
     def sae(self, meta: SAEMeta, lm) -> SAEHandle:

@@ -122,6 +122,25 @@ class SteerRequest(_Strict):
         return self
 
 
+class GraphSteerService(_Strict):
+    """A graph node's edit run through the real model (app.inference.graph_steer): what the API
+    sends the service from a stored graph's row (its model, dtype, set and prompt) and the request."""
+
+    model: str = Name
+    lm_dtype: str = Field("float32", pattern=r"^(float32|bfloat16|float16|auto)$")
+    set_path: str = Field(min_length=1, max_length=4096)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    max_tokens: int = Field(64, ge=1, le=8192)
+    kind: Literal["feature", "error"] = "feature"
+    layer: int = Field(ge=0, le=10_000)
+    position: int = Field(ge=0, le=8192)
+    feature: int | None = Field(None, ge=0, le=2**31 - 1)
+    value: float | None = Field(None, ge=-1e4, le=1e4, allow_inf_nan=False)
+    multiplier: float | None = Field(None, ge=-1e3, le=1e3, allow_inf_nan=False)
+    top_k: int = Field(10, ge=1, le=50)
+    targets: list[int] = Field(default_factory=list, max_length=64)
+
+
 class ContrastRequest(_Strict):
     set_a: list[str] = Field(min_length=2, max_length=MAX_TEXTS_HARD, description="texts of the first set")
     set_b: list[str] = Field(min_length=2, max_length=MAX_TEXTS_HARD, description="texts of the second set")

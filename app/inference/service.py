@@ -22,11 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from app.inference.batcher import Engine, timeout_error
+from app.inference.graph_steer import GraphSteerJob
 from app.inference.contrastive import contrast, rank
 from app.inference.jobs import ActivationsJob, PoolJob, SearchJob
 from app.inference.registry import Registry, lookup_saes
 from app.inference.schemas import (
     ContrastRequest,
+    GraphSteerService,
     SearchRequest,
     ServiceActivations,
     ServiceError,
@@ -148,6 +150,10 @@ def create_service_app(settings: Settings | None = None, db_engine=None) -> Fast
         started = time.monotonic()
         result = await run(request, lambda done: PoolJob(found, a + b, timeout, done))
         return _json(await run_in_threadpool(_contrast_answer, body, result, len(a), len(b), time.monotonic() - started))
+
+    @app.post("/v1/graphs/steer")
+    async def graph_steer(request: Request, body: GraphSteerService):
+        return _json(await run(request, lambda done: GraphSteerJob(body, timeout, done)))
 
     @app.post("/v1/steer")
     async def steer(request: Request, body: SteerRequest):

@@ -20,6 +20,7 @@ from app import graphs as service
 from app.api_error import ApiError
 from app.deps import get_session, read_access
 from app.security import CSRF_FIELD, csrf_valid
+from app.live import inference_enabled
 from app.web.rendering import forbidden_form, form_key, render
 from store import graphs as gstore
 from store.errors import AtlasError, NotFound
@@ -96,5 +97,5 @@ def graph_page(request: Request, slug: str = Slug, session: Session = Depends(ge
         raise ApiError(404, "not_found", exc.one_line()) from None
     saes = layer_saes(session, row) if row.status == "done" else {}
     ctx = {"g": row, "saes_json": json.dumps({str(k): v for k, v in saes.items()}),
-           "live": row.status in ("queued", "running")}
+           "live": row.status in ("queued", "running"), "inference": inference_enabled(request)}
     return render(request, "graph.html", ctx, headers=NO_STORE)

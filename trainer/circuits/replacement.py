@@ -77,6 +77,30 @@ class LinearGraph:
     """[1, T, V]: the frozen model's logits (equal to the real ones)."""
 
 
+def prompt_tokens(lm: LoadedLM, prompt: str | list[int] | torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids [T] with the model's BOS first (added unless the prompt starts with a special
+    token, as circuit-tracer's ensure_tokenized does). max_tokens counts the prompt's tokens."""
+    tok = lm.tokenizer
+    if isinstance(prompt, str):
+        ids = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    else:
+        ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    special = set(getattr(tok, "all_special_ids", []) or []) | {lm.bos_token_id}
+    if len(ids) and int(ids[0]) in special:
+        n_prompt = len(ids) - 1
+    else:
+        n_prompt = len(ids)
+        ids = torch.cat([torch.tensor([lm.bos_token_id]), ids])
+    if n_prompt == 0:
+        raise AtlasError("the prompt is empty", "give at least one token to attribute")
+    if max_tokens is not None and n_prompt > max_tokens:
+        raise AtlasError(f"the prompt has {n_prompt} tokens, more than the {max_tokens} an attribution graph allows",
+                         "shorten the prompt")
+    if int(ids.max()) >= lm.vocab_size or int(ids.min()) < 0:
+        raise AtlasError(f"token ids must lie in 0..{lm.vocab_size - 1}", "tokenize with the model's tokenizer")
+    return ids
+
+
 class ReplacementModel:
     """An LM with one transcoder per block (see the module docstring). Load the LM in float32
     (load_lm(..., dtype="float32")) for graphs exact to float32 round-off, as circuit-tracer's
@@ -95,27 +119,8 @@ class ReplacementModel:
         return self.lm.n_layers
 
     def tokenize(self, prompt: str | list[int] | torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
-        """Token ids [T] with the model's BOS first (added unless the prompt starts with a special
-        token, as circuit-tracer's ensure_tokenized does). max_tokens counts the prompt's tokens."""
-        tok = self.lm.tokenizer
-        if isinstance(prompt, str):
-            ids = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        else:
-            ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
-        special = set(getattr(tok, "all_special_ids", []) or []) | {self.lm.bos_token_id}
-        if len(ids) and int(ids[0]) in special:
-            n_prompt = len(ids) - 1
-        else:
-            n_prompt = len(ids)
-            ids = torch.cat([torch.tensor([self.lm.bos_token_id]), ids])
-        if n_prompt == 0:
-            raise AtlasError("the prompt is empty", "give at least one token to attribute")
-        if max_tokens is not None and n_prompt > max_tokens:
-            raise AtlasError(f"the prompt has {n_prompt} tokens, more than the {max_tokens} an attribution graph allows",
-                             "shorten the prompt")
-        if int(ids.max()) >= self.lm.vocab_size or int(ids.min()) < 0:
-            raise AtlasError(f"token ids must lie in 0..{self.lm.vocab_size - 1}", "tokenize with the model's tokenizer")
-        return ids
+        """Token ids [T] with the model's BOS first (prompt_tokens)."""
+        return prompt_tokens(self.lm, prompt, max_tokens)
 
     def _sites(self, kind: str) -> list[Site]:
         return [Site(kind, layer) for layer in range(self.n_layers)]
