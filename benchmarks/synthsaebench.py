@@ -10,8 +10,9 @@ What it runs (every SAELens step in the peers' virtualenv, benchmarks/peers/synt
    exclusive children, low-rank correlations, orthogonalised dictionary, seed 42; the peer script's
    docstring lists every value and the one substitution, a faster but equal orthogonaliser checked
    against SAELens's). No Hugging Face access here, so it is regenerated, not downloaded.
-2. sample: N rows of its hidden activations into a float32 .npy (the largest budget's rows; runs
-   longer than N repeat them, while the published runs draw every sample fresh).
+2. sample: N rows of its hidden activations into a float32 .npy, filled by two processes (the largest
+   budget's rows plus the 1% our trainer holds out; runs longer than N would repeat them, while the
+   published runs draw every sample fresh).
 3. ours: one `sae-atlas train --activations` sweep (trainer.train.train) per budget over TopK,
    BatchTopK, JumpReLU, ReLU and Matryoshka at the published width 4096, k = 20 (JumpReLU aims its
    L0 at k; ReLU has no L0 target and comes as it comes), batch 1024 as published, Matryoshka
@@ -32,7 +33,8 @@ Published rows (SAELens docs/synth_sae_bench.md, "Raw results for SynthSAEBench-
 L0s", L0 = 20; mean of 5 seeds; width 4096, 200M samples, lr 3e-4, batch 1024; code in
 github.com/decoderesearch/synth-sae-bench-experiments experiments/sweeps/sweep_l0.py; paper
 arXiv:2602.14687). The published budget, 200M samples (195k steps), is out of reach on a shared
-2-core CPU (one 4096-wide step of 1024 rows is ~40 GFLOP), hence the budgets and the trend.
+2-core CPU (a step of the five 4096-wide SAEs took 6-17 s there), hence the budgets and the trend;
+--extra-saelens adds a SAELens run at our learning rate to separate the learning rate from the rest.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ PEER = REPO / "benchmarks" / "peers" / "synthsaebench_peer.py"
 PEERS_PYTHON = Path(os.environ.get("SAE_ATLAS_PEERS_PYTHON", "/work/main/.peers/venv/bin/python"))
 ARCHS = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 SAELENS_ARCHS = ("batchtopk", "matryoshka")
+SAELENS_LR = 3e-4  # the published learning rate (constant)
 WIDTH, K, BATCH = 4096, 20, 1024
 MATRYOSHKA_PREFIXES = [128, 512, 2048, 4096]
 EVAL_FRACTION = 0.01  # of the .npy, held out by our trainer (its own metrics; not the reported ones)
@@ -132,10 +135,17 @@ def main(argv=None) -> None:
     p.add_argument("--eval-samples", type=int, default=50_176, help="fresh samples for the SAELens evaluation "
                    "(a multiple of 1024; drawn once, every SAE scored on the same ones)")
     p.add_argument("--no-saelens", action="store_true", help="skip the same-machine SAELens reference rows")
+    p.add_argument("--extra-saelens", action="append", default=[], metavar="ARCH:LR",
+                   help="one more SAELens run at the largest budget with another learning rate than the published "
+                        "3e-4 (e.g. batchtopk:0.0048, our default for these runs); marked saelens* (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default="/tmp/synthsaebench", help="folder for the model, the data and the SAEs")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "synthsaebench.json"))
     args = p.parse_args(argv)
+    for x in args.extra_saelens:
+        arch, sep, lr = x.partition(":")
+        if not sep or arch not in SAELENS_ARCHS:
+            p.error(f"--extra-saelens takes ARCH:LR with ARCH one of {', '.join(SAELENS_ARCHS)}; got {x!r}")
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -152,17 +162,21 @@ def main(argv=None) -> None:
     for tokens in sorted(args.tokens):
         refs = []
         if not args.no_saelens:  # in parallel with ours: one thread each
-            for arch in SAELENS_ARCHS:
-                refs.append((arch, root / f"saelens-{arch}-{tokens}.json"))
-        pending = [(arch, js) for arch, js in refs if not js.exists()]
-        # SAELens's two runs one after the other, next to our sweep
+            runs = [(arch, SAELENS_LR) for arch in SAELENS_ARCHS]
+            if tokens == max(args.tokens):
+                runs += [(arch, float(lr)) for arch, _, lr in (x.partition(":") for x in args.extra_saelens)]
+            for arch, lr in runs:
+                tag = "" if lr == SAELENS_LR else f"lr{lr:g}-"
+                refs.append((arch, lr, root / f"saelens-{arch}-{tag}{tokens}.json"))
+        pending = [(arch, lr, js) for arch, lr, js in refs if not js.exists()]
+        # SAELens's runs one after the other, next to our sweep
         chain = None
         if pending:
             chain = subprocess.Popen(
                 " && ".join(f"OMP_NUM_THREADS=1 {PEERS_PYTHON} {PEER} train --dir {root} --data {data} --arch {arch} "
-                            f"--tokens {tokens} --k {K} --width {WIDTH} --batch-size {BATCH} "
+                            f"--tokens {tokens} --k {K} --width {WIDTH} --batch-size {BATCH} --lr {lr:g} "
                             f"--eval-fraction {EVAL_FRACTION} --seed {args.seed} --eval-samples {args.eval_samples} "
-                            f"--json {js}" for arch, js in pending), shell=True)
+                            f"--json {js}" for arch, lr, js in pending), shell=True)
         out = train_ours(root, data, tokens, args.seed)
         folders = sweep_folders(out)
         ours_json = root / f"ours-{tokens}.eval.json"
@@ -175,11 +189,12 @@ def main(argv=None) -> None:
         for r in json.loads(ours_json.read_text()):
             results.append({**r, "who": "ours", "architecture": r["name"], "tokens": tokens, "train_wall_s": wall,
                             "sweep_of": len(folders)})
-        for arch, js in refs:
-            results.append({**json.loads(js.read_text()), "who": "saelens", "architecture": arch})
+        for arch, lr, js in refs:
+            results.append({**json.loads(js.read_text()), "who": "saelens" if lr == SAELENS_LR else "saelens*",
+                            "architecture": arch})
         print(table(results), flush=True)
     order = {a: i for i, a in enumerate(ARCHS)}
-    results.sort(key=lambda r: (r["tokens"], order[r["architecture"]], r["who"] != "ours"))
+    results.sort(key=lambda r: (r["tokens"], order[r["architecture"]], r["who"]))
     print()
     print(table(results))
     info = json.loads((root / "model_info.json").read_text())

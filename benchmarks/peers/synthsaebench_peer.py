@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,12 +159,19 @@ class Replay:
     """An ActivationGenerator stand-in that hands out the same pre-drawn feature activations (drawn
     by the model's own generator, kept sparse) to every SAE evaluated."""
 
-    def __init__(self, generator, samples: int, seed: int, chunk: int = 1024):
+    def __init__(self, generator, samples: int, seed: int, cache: Path, chunk: int = 1024):
         from tqdm import tqdm
 
-        torch.manual_seed(seed)
-        self.chunks = [generator.sample(min(chunk, samples - s)).to_sparse()
-                       for s in tqdm(range(0, samples, chunk), desc="eval samples", mininterval=10)]
+        path = cache / f"eval-samples-{samples}-seed{seed}.pt"
+        if path.exists():
+            self.chunks = torch.load(path)
+        else:
+            torch.manual_seed(seed)
+            self.chunks = [generator.sample(min(chunk, samples - s)).to_sparse()
+                           for s in tqdm(range(0, samples, chunk), desc="eval samples", mininterval=10)]
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(self.chunks, tmp)
+            tmp.rename(path)
         self.next = 0
 
     def rewind(self) -> None:
@@ -252,7 +260,7 @@ def train(args) -> None:
     model = load_model(Path(args.dir))
     row = {"name": f"saelens-{args.arch}", "tool": "sae_lens", "architecture": args.arch, "width": args.width,
            "k": args.k, "tokens": args.tokens, "lr": args.lr, "batch_size": args.batch_size, "train_wall_s": round(wall, 1),
-           **evaluate(sae, model, Replay(model.activation_generator, args.eval_samples, args.eval_seed), args.eval_samples)}
+           **evaluate(sae, model, Replay(model.activation_generator, args.eval_samples, args.eval_seed, Path(args.dir)), args.eval_samples)}
     print(json.dumps(row), flush=True)
     Path(args.json).write_text(json.dumps(row))
 
@@ -261,7 +269,7 @@ def eval_folders(args) -> None:
     from sae_lens import SAE
 
     model = load_model(Path(args.dir))
-    replay = Replay(model.activation_generator, args.eval_samples, args.eval_seed)
+    replay = Replay(model.activation_generator, args.eval_samples, args.eval_seed, Path(args.dir))
     rows = []
     for item in args.sae:
         name, _, folder = item.partition("=")
