@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PEERS_PY = Path("/work/main/.peers/venv/bin/python")
+PEERS_PY = ROOT / ".peers" / "venv" / "bin" / "python"
 TOL = 0.04
 KS = (1, 2, 5)
 
