@@ -54,7 +54,7 @@ def registered_dir(name: str) -> Path:
 
 def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, tokens: int = DEFAULT_TOKENS,
                            light: bool = False, replace: bool = False, name: str | None = None, engine=None,
-                           progress: bool = True, analysis: dict | None = None,
+                           progress: bool = True, analysis: dict | None = None, explain: bool | None = None,
                            timings: dict | None = None) -> list[str]:
     """Analyse, publish and register a transcoder set; returns the published names, block by block.
 
@@ -64,6 +64,7 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     the embedding score (see the module docstring). replace: publish again blocks already
     published, and re-register the set. name: the registered set's name (default: prefix).
     analysis: AnalyzeConfig fields to override for every block (corpus, ctx_len, device, ...).
+    explain: write token-pattern explanations (None: the publish_explanations setting).
     timings: if given, filled with the seconds of each stage (lm_pass_s, analyses_s, publish_s).
     """
     from store.publish import check_name
@@ -90,7 +91,7 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
         started = time.perf_counter()
         _fill_shared_cache([a for a in analyzers.values() if not a.complete()], lm, tokens)
         times["lm_pass_s"] = time.perf_counter() - started
-        _publish_blocks(tset, name, names, todo, analyzers, lm, light, replace, engine, progress, times)
+        _publish_blocks(tset, name, names, todo, analyzers, lm, light, replace, engine, progress, explain, times)
     register_set(tset, name, names, replace=replace)
     return [names[layer] for layer in sorted(names)]
 
@@ -180,7 +181,7 @@ def _fill_shared_cache(analyzers: list, lm, tokens: int) -> None:
 
 
 def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], analyzers: dict, lm, light: bool,
-                    replace: bool, engine, progress: bool, times: dict) -> None:
+                    replace: bool, engine, progress: bool, explain: bool | None, times: dict) -> None:
     from trainer.publish import publish
 
     for layer in todo:
@@ -196,7 +197,7 @@ def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], ana
                                     "input_site": entry.input_site, "output_site": entry.output_site,
                                     "manifest": str(tset.path.resolve())}}
         publish(tset.folder(layer), names[layer], replace=replace, engine=engine, description=description,
-                progress=progress, lm=lm, score_sample=LIGHT_SCORE_SAMPLE if light else None,
+                progress=progress, lm=lm, explain=explain, score_sample=LIGHT_SCORE_SAMPLE if light else None,
                 relate=False if light else None, extra_config=extra)
         times["publish_s"] += time.perf_counter() - started
         log.info("published block %d of %s as %s", layer, name, names[layer])
