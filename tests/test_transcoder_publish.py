@@ -243,3 +243,12 @@ def test_bad_sets_get_one_line_errors(published, tmp_path, tiny_model_dir, tiny_
     assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
     assert main(["publish-set", str(run), "--prefix", "bad name"]) != 0
     assert "invalid transcoder set name" in capsys.readouterr().err
+
+
+def test_the_run_queue_refuses_transcoders_naming_the_cli(capsys, tiny_model_dir):
+    from app.cli import main
+
+    assert main(["train", "--submit", "--site", "mlp.*", "--model", str(tiny_model_dir)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names transcoders, which the run queue does not train" in err[0]
+    assert "sae-atlas train --site 'mlp.*'" in err[0] and "sae-atlas publish-set" in err[0]
