@@ -93,9 +93,19 @@ def _sae(session, name):
 def test_every_block_is_published_with_its_set(published, store_engine, tiny_model_dir):
     from store.models import Feature
 
+    from store.settings import get_settings
+
     run, names, timings = published
     assert names == [f"{PREFIX}-L{layer}" for layer in range(4)]
     assert timings["lm_pass_s"] > 0 and timings["analyses_s"] > 0 and timings["publish_s"] > 0
+    # the one LM pass filled one cache of every input site, deleted once the blocks were analysed
+    for block in run.glob("mlp.*"):
+        source = json.loads((block / "analysis" / "summary.json").read_text())["analysis"]["source"]
+        assert source.startswith("activation cache eval:")
+    assert len({json.loads((b / "analysis" / "summary.json").read_text())["analysis"]["source"]
+                for b in run.glob("mlp.*")}) == 1
+    caches = [json.loads(m.read_text())["spec"]["sites"] for m in (get_settings().data_dir / "activations").glob("*/meta.json")]
+    assert [f"mlp_in.{i}" for i in range(4)] not in caches
     with Session(store_engine) as s:
         for layer, name in enumerate(names):
             sae = _sae(s, name)
