@@ -173,8 +173,9 @@ def test_a_light_publish_says_which_scores_it_did_not_compute(published, store_e
     assert e["embedding_score"] is None and "not_computed" in e["scores"]["embedding"]
 
 
-def test_the_set_is_registered_and_graphs_link_to_its_blocks(published, store_engine, tiny_model_dir):
-    from app.graphs import available_sets, compute_and_store, resolve_set
+def test_the_set_is_registered_and_graphs_link_to_its_blocks(published, store_engine, tiny_model_dir, capsys):
+    from app.cli import main
+    from app.graphs import available_sets, resolve_set
     from app.web.graph_pages import layer_saes
     from store import graphs as gstore
     from store.models import LM, SAE
@@ -190,11 +191,13 @@ def test_the_set_is_registered_and_graphs_link_to_its_blocks(published, store_en
         lm = s.scalar(select(LM).where(LM.name == str(tiny_model_dir)))
         s.add(SAE(name="tcs-decoy", lm_id=lm.id, site="mlp_in.0", layer=0, architecture="topk", d_in=64, d_sae=96,
                   status="ready", version="1", weights_path="/elsewhere"))
-    row = compute_and_store(store_engine, sets_dir() / PREFIX, PROMPT, {"attribution": {"max_feature_nodes": 60},
-                                                                         "device": "cpu"})
-    assert (row.status, row.set_name) == ("done", PREFIX)
+    # `sae-atlas graph --set NAME` finds the registered set by its name
+    assert main(["graph", "--set", PREFIX, PROMPT, "--max-feature-nodes", "60", "--device", "cpu", "--quiet"]) == 0
+    slug = capsys.readouterr().out.split("graph ", 1)[1].split(":", 1)[0]
     with Session(store_engine) as s:
-        saes = layer_saes(s, gstore.get_graph(s, row.slug))
+        row = gstore.get_graph(s, slug)
+        assert (row.status, row.set_name, row.set_path) == ("done", PREFIX, str(registered.resolve()))
+        saes = layer_saes(s, row)
         assert saes == {i: n for i, n in enumerate(names)}
         data = gstore.unpack(gstore.get_graph(s, row.slug).graph)
         nodes = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
