@@ -231,10 +231,10 @@ def test_bad_sets_get_one_line_errors(published, tmp_path, tiny_model_dir, tiny_
 
     run, _, _ = published
 
-    def refused(path, prefix="other", match=""):
+    def refused(path, prefix="other", match="", name=None):
         with pytest.raises(AtlasError, match=match) as exc:
             publish_transcoder_set(path, prefix, lm=tiny_lm, tokens=TOKENS, engine=store_engine, progress=False,
-                                   analysis=analysis)
+                                   analysis=analysis, name=name)
         assert "\n" not in exc.value.one_line()
 
     # a folder that is not a set (an SAE folder)
@@ -247,7 +247,9 @@ def test_bad_sets_get_one_line_errors(published, tmp_path, tiny_model_dir, tiny_
     save_sae(broken / "mlp.3-topk-w96-k6", tc.sae, 1.0, "mlp_in.3", str(tiny_model_dir))
     refused(broken, match="is not a transcoder from mlp_in.3 to mlp_out.3")
     # names taken by another set's blocks; a set name registered for another set
-    refused(save_set(tmp_path / "another", tiny_model_dir, tiny_lm), prefix=PREFIX, match="already published from")
+    another = save_set(tmp_path / "another", tiny_model_dir, tiny_lm)
+    refused(another, prefix=PREFIX, name="another", match="already published from")
+    refused(another, prefix="another", name=PREFIX, match=f"a transcoder set named '{PREFIX}' is already registered")
     # the CLI
     assert main(["publish", str(run), "--name", "x"]) != 0
     assert "is a transcoder set, not one SAE" in capsys.readouterr().err

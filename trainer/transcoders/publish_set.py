@@ -81,6 +81,7 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
         check_name(n)
     if tokens <= 0:
         raise AtlasError(f"tokens must be positive, not {tokens}")
+    check_registration(tset, name, replace)
     folders = {layer: tset.folder(layer).resolve() for layer in names}
     loaded = {layer: tset.load(layer) for layer in names}  # every block is the transcoder the manifest says
     engine = _engine(engine)
@@ -220,22 +221,12 @@ def register_set(tset, name: str, names: dict[int, str], replace: bool = False) 
     refused unless replace."""
     from dataclasses import asdict
 
-    from trainer.transcoders.sets import SET_FILE, SET_FORMAT
+    from trainer.transcoders.sets import SET_FORMAT
 
-    folder = registered_dir(name)
-    path = folder / SET_FILE
-    source = str(tset.path.resolve())
-    if path.is_file() and not replace:
-        try:
-            old = json.loads(path.read_text()).get("source")
-        except (OSError, ValueError):
-            old = None
-        if old != source:
-            raise AtlasError(f"a transcoder set named {name!r} is already registered (from {old})",
-                             "pass --replace to register this one instead, or choose another --name")
-    others = [p.name for p in folder.glob("transcoder_set*.json") if p.name != SET_FILE] if folder.is_dir() else []
-    if others:
-        raise AtlasError(f"{folder} holds other transcoder sets ({', '.join(others)})", "choose another --name")
+    path = check_registration(tset, name, replace)
+    if path.resolve() == tset.path.resolve():
+        return path  # the set's own run folder is already in DATA_DIR/transcoder_sets under this name
+    folder, source = path.parent, str(tset.path.resolve())
     layers = [{**asdict(e), "folder": str(tset.folder(e.layer).resolve())} for _, e in sorted(tset.layers.items())]
     data = {"format": SET_FORMAT, "kind": "transcoder_set", "model": tset.model, "n_layers": tset.n_layers,
             "architecture": tset.architecture, "d_sae": tset.d_sae, "k": tset.k,
@@ -246,4 +237,30 @@ def register_set(tset, name: str, names: dict[int, str], replace: bool = False) 
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
     log.info("registered transcoder set %s in %s", name, folder)
+    return path
+
+
+def check_registration(tset, name: str, replace: bool) -> Path:
+    """Where the set named `name` is registered (DATA_DIR/transcoder_sets/<name>/transcoder_set.json),
+    after checking it may be: refused when the name is registered for another set (unless
+    replace) or is another set's own run folder."""
+    from trainer.transcoders.sets import SET_FILE
+
+    folder = registered_dir(name)
+    path = folder / SET_FILE
+    if path.is_file() and path.resolve() == tset.path.resolve():
+        return path
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if "source" not in old:  # a run folder put there by hand: its manifest is the set's only copy
+            raise AtlasError(f"{folder} holds another transcoder set's own run folder", "choose another --name")
+        if old["source"] != str(tset.path.resolve()) and not replace:
+            raise AtlasError(f"a transcoder set named {name!r} is already registered (from {old['source']})",
+                             "pass --replace to register this one instead, or choose another --name")
+    others = [p.name for p in folder.glob("transcoder_set*.json") if p.name != SET_FILE] if folder.is_dir() else []
+    if others:
+        raise AtlasError(f"{folder} holds other transcoder sets ({', '.join(others)})", "choose another --name")
     return path
