@@ -122,7 +122,7 @@ def published_layers(session: Session, model: str, folders: dict[int, str], set_
     any exact match, only exact matches count: another SAE at mlp_in.L is another dictionary, and
     its latent i says nothing of this set's latent i. Only a set none of whose blocks is known to
     be published (its folders moved, say) falls back to a ready SAE of the same model (LM name or
-    source) reading mlp_in.L. Layers with no match are left out."""
+    source) reading mlp_in.L that is no other set's block. Layers with no match are left out."""
     from store.models import LM, SAE, SAEStatus
 
     sites = {f"mlp_in.{layer}": layer for layer in folders}
@@ -139,6 +139,8 @@ def published_layers(session: Session, model: str, folders: dict[int, str], set_
             exact[layer] = name
         elif set_name and member.get("name") == set_name and member.get("layer") == layer:
             exact.setdefault(layer, name)
+        elif member:  # a block of another published set: another dictionary
+            continue
         elif model in (lm_name, lm_source):
             loose.setdefault(layer, name)
     return exact or loose
