@@ -59,6 +59,13 @@ def demo_folders() -> dict[tuple[int, int], Path]:
 
 
 def demo_ready() -> bool:
+    """Every stage is done: the four SAEs published, the transcoder set registered, its graphs stored."""
+    from app.demo_transcoders import transcoders_ready
+
+    return saes_ready() and transcoders_ready()
+
+
+def saes_ready() -> bool:
     names = list(demo_names().values())
     with session_scope() as session:
         ready = session.scalars(select(SAE.name).where(SAE.name.in_(names), SAE.status == SAEStatus.ready.value)).all()
@@ -70,25 +77,46 @@ def _step(msg: str) -> None:
 
 
 def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
-    from trainer.activations import ActivationCache, LMStreamSpec
-    from trainer.analyze import AnalyzeConfig, analyze
+    """Build what the demo atlas lacks (everything with rebuild): the four SAEs, then the
+    transcoder set and its example graphs (app.demo_transcoders)."""
+    from app.demo_transcoders import DEMO_SET, build_transcoders, demo_graph_summary, transcoders_ready
     from trainer.lm import load_lm
-    from trainer.publish import publish
-    from trainer.train import TrainConfig, train
 
-    settings = get_settings()
     engine = get_engine()
     if current_revision(engine) != head_revision():
         _step("creating the store (sae-atlas db upgrade)")
         upgrade(engine)
     if demo_ready() and not rebuild:
-        print(f"The demo atlas is ready ({', '.join(demo_names().values())}).", flush=True)
+        print(f"The demo atlas is ready ({', '.join(demo_names().values())}; transcoder set {DEMO_SET}).", flush=True)
         ensure_demo_key()
         return
     started = time.time()
-    out = settings.data_dir / "demo" / "sweep"
     _step("loading SmolLM2-135M-Instruct (the first run converts the bundled GGUF, ~20 s)")
     lm = load_lm("smollm2-135m")
+    if rebuild or not saes_ready():
+        stage = time.time()
+        build_saes(lm, rebuild, tokens)
+        print(f"\nThe four SAEs took {time.time() - stage:.0f} s.", flush=True)
+    if rebuild or not transcoders_ready():
+        stage = time.time()
+        timings: dict = {}
+        slugs = build_transcoders(lm, rebuild=rebuild, timings=timings)
+        print(f"\nThe transcoder set and its example graphs took {time.time() - stage:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if isinstance(v, float))}):\n"
+              f"{demo_graph_summary(slugs)}", flush=True)
+    print(f"\nDemo atlas built in {time.time() - started:.0f} s.", flush=True)
+    ensure_demo_key()
+
+
+def build_saes(lm, rebuild: bool = False, tokens: int | None = None) -> None:
+    """The four SAEs: one LM pass into the activation cache, training, analyses, publishing."""
+    from trainer.activations import ActivationCache, LMStreamSpec
+    from trainer.analyze import AnalyzeConfig, analyze
+    from trainer.publish import publish
+    from trainer.train import TrainConfig, train
+
+    settings = get_settings()
+    out = settings.data_dir / "demo" / "sweep"
     cfg = TrainConfig(out=out, overwrite=out.exists(), **{**DEMO_TRAIN, **({"tokens": tokens} if tokens else {})})
     folders = demo_folders()
     done = all((f / "metrics.json").is_file() and (f / "cfg.json").is_file() for f in folders.values())
@@ -115,9 +143,8 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
                 description=f"Demo: SmolLM2-135M-Instruct, Python documentation, layer {key[0]}, {key[1]:,} latents")
     queue_demo_explanations()
     metrics = json.loads((folders[(max(DEMO_LAYERS), max(DEMO_WIDTHS))] / "metrics.json").read_text())
-    print(f"\nDemo atlas built in {time.time() - started:.0f} s: {DEMO_NAME} has FVU {metrics['fvu']:.3f}, "
-          f"L0 {metrics['l0']:.1f}, CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
-    ensure_demo_key()
+    print(f"\n{DEMO_NAME} has FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, "
+          f"CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
 
 
 def ensure_demo_key() -> None:
