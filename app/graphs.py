@@ -9,7 +9,6 @@ one transcoder_set.json, or a manifest file NAME.json); the CLI also takes any f
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 from pathlib import Path
@@ -24,16 +23,11 @@ from store.db import session_factory
 from store.errors import AtlasError, NotFound
 from store.models import AttributionGraph, JobStatus
 from store.settings import get_settings
+from trainer.transcoders.sets import SET_NAME, sets_dir
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
-SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-"""What a set's name may be: a folder or file name in DATA_DIR/transcoder_sets, no path."""
-
-
-def sets_dir() -> Path:
-    return get_settings().data_dir / "transcoder_sets"
 
 
 def resolve_set(name: str):

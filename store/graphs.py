@@ -113,25 +113,35 @@ def graph_summary(row: AttributionGraph) -> dict:
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at)}
 
 
-def published_layers(session: Session, model: str, folders: dict[int, str]) -> dict[int, str]:
-    """layer -> the name of the published SAE of that layer's transcoder: the SAE published from
-    the set's own folder for the layer (folders: layer -> absolute folder), else a ready SAE of
-    the same model (LM name or source) reading mlp_in.L. Layers with neither are left out."""
+def published_layers(session: Session, model: str, folders: dict[int, str], set_name: str | None = None) -> dict[int, str]:
+    """layer -> the name of the published SAE of that layer's transcoder.
+
+    Exact matches first: the SAE published from the set's own folder for the layer (folders:
+    layer -> absolute folder), or the one published as that block of the set named set_name
+    (`publish-set` records {"transcoder_set": {"name", "layer"}} in its config). When the set has
+    any exact match, only exact matches count: another SAE at mlp_in.L is another dictionary, and
+    its latent i says nothing of this set's latent i. Only a set none of whose blocks is known to
+    be published (its folders moved, say) falls back to a ready SAE of the same model (LM name or
+    source) reading mlp_in.L. Layers with no match are left out."""
     from store.models import LM, SAE, SAEStatus
 
     sites = {f"mlp_in.{layer}": layer for layer in folders}
-    rows = session.execute(select(SAE.name, SAE.site, SAE.weights_path, LM.name, LM.source).join(LM, SAE.lm_id == LM.id)
+    rows = session.execute(select(SAE.name, SAE.site, SAE.weights_path, SAE.config, LM.name, LM.source)
+                           .join(LM, SAE.lm_id == LM.id)
                            .where(SAE.status == SAEStatus.ready.value, SAE.site.in_(list(sites)))
                            .order_by(SAE.id)).all()
-    out: dict[int, str] = {}
+    loose: dict[int, str] = {}
     exact: dict[int, str] = {}
-    for name, site, weights, lm_name, lm_source in rows:
+    for name, site, weights, config, lm_name, lm_source in rows:
         layer = sites[site]
+        member = (config or {}).get("transcoder_set") or {}
         if weights and folders.get(layer) and str(weights).rstrip("/") == str(folders[layer]).rstrip("/"):
             exact[layer] = name
+        elif set_name and member.get("name") == set_name and member.get("layer") == layer:
+            exact.setdefault(layer, name)
         elif model in (lm_name, lm_source):
-            out.setdefault(layer, name)
-    return {**out, **exact}
+            loose.setdefault(layer, name)
+    return exact or loose
 
 
 def set_graph_data(session: Session, graph_id: int, data: dict) -> None:

@@ -41,7 +41,8 @@ class AnalysisSource:
             max_contexts = min(max_contexts, available)
         return packer.batches(docs, c.lm_batch_size, max_contexts=max_contexts), max_contexts
 
-    def _stream_spec(self, split: str) -> LMStreamSpec:
+    def stream_spec(self, split: str) -> LMStreamSpec:
+        """The activation stream this analysis reads (the cache it looks for is named by it)."""
         c = self.cfg
         return LMStreamSpec(model=c.model, sites=[c.site], corpus=c.corpus, text_field=c.text_field, ctx_len=c.ctx_len,
                             split=split, eval_fraction=c.eval_fraction, seed=c.seed, exclude_bos=c.exclude_bos,
@@ -54,15 +55,15 @@ class AnalysisSource:
 
         c = self.cfg
         root = get_settings().data_dir / "activations"
-        found = find_cache(root, self._stream_spec(c.split))
+        found = find_cache(root, self.stream_spec(c.split))
         if found is not None and found.covers(c.tokens):
             return [found]
         if c.split == "all":
-            ev, tr = find_cache(root, self._stream_spec("eval")), find_cache(root, self._stream_spec("train"))
+            ev, tr = find_cache(root, self.stream_spec("eval")), find_cache(root, self.stream_spec("train"))
             if ev is not None and tr is not None and ev.meta().get("whole_split") and (
                     tr.meta().get("whole_split") or ev.meta()["tokens"] + tr.meta()["tokens"] >= c.tokens):
                 return [ev, tr]
-        return [ActivationCache(root, self._stream_spec(c.split)).fill(self.lm, c.tokens, c.lm_batch_size)]
+        return [ActivationCache(root, self.stream_spec(c.split)).fill(self.lm, c.tokens, c.lm_batch_size)]
 
     def batches(self, done_contexts: int):
         """(first_context, tokens, doc_ids, doc_pos, load) for each batch of contexts after done_contexts;

@@ -578,10 +578,15 @@ class Analyzer:
 
     # --- the whole analysis ----------------------------------------------------------------------
 
+    def complete(self) -> bool:
+        """Whether a finished analysis with these settings is already in the output folder."""
+        return (not self.cfg.restart and (self.out / "DONE").is_file()
+                and self._state().get("identity") == self.cfg.identity())
+
     def run(self, progress: bool = True) -> Path:
         c = self.cfg
         state = self._state()
-        if not c.restart and (self.out / "DONE").is_file() and state.get("identity") == c.identity():
+        if self.complete():
             log.info("the analysis in %s is already complete", self.out)
             return self.out
         if state.get("pass1_complete") and not (self.out / "DONE").is_file() and not all(

@@ -148,16 +148,19 @@ def example_tuples(a: Analysis, feature_ids: np.ndarray):
 
 def publish(sae_dir: str | Path, name: str, replace: bool = False, engine: Engine | None = None,
             description: str = "", progress: bool = True, explain: bool | None = None,
-            relate: bool | None = None, lm=None, make_map: bool | None = None) -> int:
+            relate: bool | None = None, lm=None, make_map: bool | None = None, score_sample: int | None = None,
+            extra_config: dict | None = None) -> int:
     """Write an analysed SAE into the store; returns the new SAE's id."""
     return publish_many([(sae_dir, name)], replace, engine, description, progress, explain=explain,
-                        relate=relate, lm=lm, make_map=make_map)[0]
+                        relate=relate, lm=lm, make_map=make_map, score_sample=score_sample,
+                        extra_config=extra_config)[0]
 
 
 def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, engine: Engine | None = None,
                  description: str = "", progress: bool = True, run_id: int | None = None,
                  before_commit: Callable[[Session], None] | None = None, explain: bool | None = None,
-                 relate: bool | None = None, lm=None, make_map: bool | None = None) -> list[int]:
+                 relate: bool | None = None, lm=None, make_map: bool | None = None,
+                 score_sample: int | None = None, extra_config: dict | None = None) -> list[int]:
     """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
 
     before_commit(session) runs last inside the transaction; raising there rolls everything back
@@ -165,7 +168,9 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     explain (default: the publish_explanations setting) writes a token-pattern explanation for
     every latent with its embedding score (trainer.interpret.at_publish), computed before the
     transaction opens. make_map (default: the map_at_publish setting) lays out and clusters the
-    latents (trainer/structure/layout.py), also before. Then, unless relate is False (None: the relate_at_publish setting), the new
+    latents (trainer/structure/layout.py), also before. score_sample: compute the embedding score of
+    at most this many latents per SAE (the rest are stored as not computed; None: every latent).
+    extra_config: keys added to each SAE's config (a transcoder set's block records its set there). Then, unless relate is False (None: the relate_at_publish setting), the new
     SAEs are related to their partners.
     """
     for _, name in items:
@@ -174,7 +179,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     check_schema(engine)
     started = time.time()
     analyses = [Analysis.load(Path(sae_dir)) for sae_dir, _ in items]
-    interpretations = _interpret(analyses, explain, progress)
+    interpretations = _interpret(analyses, explain, progress, score_sample)
     make_map = get_settings().map_at_publish if make_map is None else make_map
     maps = [_map(Path(d), a, i) if make_map else None for (d, _), a, i in zip(items, analyses, interpretations)]
     ids, n_rows, n_examples = [], 0, 0
@@ -182,7 +187,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
         with Session(engine) as session, session.begin():
             for (sae_dir, name), a, interp, m in zip(items, analyses, interpretations, maps):
                 sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id,
-                                                    a, interp, m)
+                                                    a, interp, m, extra_config)
                 ids.append(sae_id)
                 n_rows += rows
                 n_examples += examples
@@ -207,7 +212,7 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     return ids
 
 
-def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -> list:
+def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool, score_sample: int | None = None) -> list:
     """The interpretation step (token-pattern explanations, embedding scores) of each analysis, or Nones."""
     from store.settings import get_settings
 
@@ -218,7 +223,7 @@ def _interpret(analyses: list[Analysis], explain: bool | None, progress: bool) -
 
     try:
         embedder = check_embedder()
-        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress)
+        return [at_publish.prepare(a.examples, a.features, a.vocab, embedder, progress, score_sample=score_sample)
                 for a in analyses]
     except EmbeddingModelMissing as exc:
         raise AtlasError(f"cannot explain the latents at publish: {exc.message}",
@@ -246,7 +251,8 @@ def _map(sae_dir: Path, a: Analysis, interp) -> dict | None:
 
 
 def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, replace: bool, description: str,
-               run_id: int | None, a: Analysis, interp=None, structure_map: dict | None = None) -> tuple[int, int, int]:
+               run_id: int | None, a: Analysis, interp=None, structure_map: dict | None = None,
+               extra_config: dict | None = None) -> tuple[int, int, int]:
     s = a.summary
     writes.clear_name(session, name, replace)
     lm = writes.get_or_create_lm(session, s["lm"], a.vocab)
@@ -256,7 +262,7 @@ def _write_sae(session: Session, engine: Engine, sae_dir: Path, name: str, repla
         name=name, lm_id=lm.id, site=site, layer=int(site.split(".")[1]), architecture=sae_info["architecture"],
         d_in=sae_info["d_in"], d_sae=sae_info["d_sae"], k=sae_info.get("k"),
         config={"sae": sae_info.get("config", {}), "training": sae_info.get("training", {}),
-                "analysis": s["analysis"], "source_format": sae_info.get("source_format")},
+                "analysis": s["analysis"], "source_format": sae_info.get("source_format"), **(extra_config or {})},
         norm_scale=float(sae_info.get("norm_scale", 1.0)),
         metrics=s.get("metrics", {}),
         charts={"log_density_hist": s["log_density_hist"], "dead": s["dead"], "dense": s["dense"]},

@@ -2,7 +2,7 @@
 
 - flags: config dataclasses as flags and TOML keys;
 - training: train, trainer-worker, runs;
-- saes: analyze, publish, import, add, export;
+- saes: analyze, publish, publish-set, import, add, export;
 - evaluate: evaluate (an SAE's report card);
 - graphs: graph, graph-worker (attribution graphs);
 - service: serve, inference, worker, explain, jobs, keys, demo;
@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--name", required=True)
     pub.add_argument("--replace", action="store_true")
     pub.add_argument("--description")
+
+    ps = sub.add_parser("publish-set", help="analyse and publish every block of a transcoder set and register the set "
+                                            "for attribution graphs")
+    ps.add_argument("set_path", metavar="SET", help="a run folder holding one transcoder_set*.json, or the manifest")
+    ps.add_argument("--prefix", required=True, help="block L is published as PREFIX-LL (e.g. --prefix tc -> tc-L0, tc-L1, ...)")
+    ps.add_argument("--name", help="the set's name for graphs (DATA_DIR/transcoder_sets/NAME; default: the prefix)")
+    ps.add_argument("--tokens", type=int, default=None,
+                    help="tokens each block's analysis reads, all blocks from one LM pass (default 100000)")
+    ps.add_argument("--light", action="store_true",
+                    help="compute the embedding score of a sample of 64 latents per block (the rest: not computed) "
+                         "and relate no blocks: fast enough for a 30-block set")
+    ps.add_argument("--corpus", help="corpus of the dashboards (default: the set's training corpus)")
+    ps.add_argument("--device", default="auto")
+    ps.add_argument("--replace", action="store_true", help="publish again blocks already published, re-register the set")
 
     imp = sub.add_parser("import", help="bring an SAELens, Gemma Scope or sparsify SAE into DATA_DIR/saes")
     imp.add_argument("source")

@@ -17,8 +17,8 @@ def add_parsers(sub) -> None:
 
     g = sub.add_parser("graph", help="compute an attribution graph of a prompt through a transcoder set and store it")
     g.add_argument("prompt", help="the text to attribute (at most --max-tokens tokens)")
-    g.add_argument("--set", dest="set_path", required=True, metavar="SET_FOLDER",
-                   help="a transcoder set: its run folder or its transcoder_set*.json")
+    g.add_argument("--set", dest="set_path", required=True, metavar="SET",
+                   help="a transcoder set: its run folder, its transcoder_set*.json, or the name publish-set registered")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_dataclass_flags(g, GraphConfig, skip=("attribution",))
     add_dataclass_flags(g, AttributionConfig)
@@ -47,9 +47,14 @@ def cmd_graph(args) -> int:
     from store.db import check_schema, get_engine
 
     check_schema()
+    from trainer.transcoders.sets import SET_NAME, sets_dir
+
     path = Path(args.set_path).expanduser()
+    if not path.exists() and SET_NAME.fullmatch(args.set_path) and (sets_dir() / args.set_path).is_dir():
+        path = sets_dir() / args.set_path  # a registered set's name (sae-atlas publish-set)
     if not path.exists():
-        raise AtlasError(f"transcoder set {path} does not exist", "point --set at a run folder or its transcoder_set.json")
+        raise AtlasError(f"transcoder set {path} does not exist",
+                         "point --set at a run folder, its transcoder_set.json, or a set registered by publish-set")
     config = graph_config(vars(args))
 
     def echo(done: int, total: int) -> None:

@@ -1,4 +1,4 @@
-"""`analyze`, `publish`, `import`, `add` and `export`: from an SAE folder to browsable dashboards, and back out."""
+"""`analyze`, `publish`, `publish-set`, `import`, `add` and `export`: from an SAE folder to browsable dashboards, and back out."""
 
 from __future__ import annotations
 
@@ -46,7 +46,31 @@ def publish_folder(sae_dir: Path, name: str, replace: bool, description: str) ->
 
 
 def cmd_publish(args) -> int:
-    return publish_folder(Path(args.sae_dir), args.name, args.replace, args.description or "")
+    folder = Path(args.sae_dir).expanduser()
+    if folder.name.startswith("transcoder_set") and folder.suffix == ".json" or (
+            folder.is_dir() and any(folder.glob("transcoder_set*.json"))):
+        raise AtlasError(f"{folder} is a transcoder set, not one SAE",
+                         f"publish every block with `sae-atlas publish-set {folder} --prefix {args.name}`")
+    return publish_folder(folder, args.name, args.replace, args.description or "")
+
+
+def cmd_publish_set(args) -> int:
+    import time
+
+    from trainer.transcoders.publish_set import DEFAULT_TOKENS, publish_transcoder_set
+
+    path = Path(args.set_path).expanduser()
+    if not path.exists():
+        raise AtlasError(f"transcoder set {path} does not exist", "point at a run folder or its transcoder_set.json")
+    analysis = {"device": args.device} | ({"corpus": args.corpus} if args.corpus else {})
+    started, timings = time.time(), {}
+    names = publish_transcoder_set(path, args.prefix, tokens=args.tokens or DEFAULT_TOKENS, light=args.light,
+                                   replace=args.replace, name=args.name, analysis=analysis, timings=timings)
+    name = args.name or args.prefix
+    print(f"published {len(names)} blocks ({names[0]} … {names[-1]}) in {time.time() - started:.1f} s "
+          f"(LM pass {timings['lm_pass_s']:.1f} s, analyses {timings['analyses_s']:.1f} s, publish "
+          f"{timings['publish_s']:.1f} s); set registered as {name}: sae-atlas graph --set {name} \"PROMPT\"")
+    return 0
 
 
 def cmd_import(args) -> int:

@@ -38,9 +38,9 @@ def layer_saes(session: Session, row) -> dict[int, str]:
     try:
         tset = load_transcoder_set(row.set_path, complete=False)
     except AtlasError:  # the set's folder moved since: match by model and site alone
-        return gstore.published_layers(session, row.model, {layer: "" for layer in range(MAX_LAYERS)})
+        return gstore.published_layers(session, row.model, {layer: "" for layer in range(MAX_LAYERS)}, row.set_name)
     folders = {layer: str(tset.folder(layer).resolve()) for layer in tset.layers}
-    return gstore.published_layers(session, row.model, folders)
+    return gstore.published_layers(session, row.model, folders, row.set_name)
 
 
 def _list_page(request: Request, session: Session, values: dict | None = None, error: str | None = None,

@@ -37,6 +37,7 @@ class Interpretation:
     neg_source: list[str]
     vectors: np.ndarray  # [latents with a text, d]: the explanation embeddings (documents)
     summary: dict  # the SAE's true vs shuffled comparison
+    unscored: frozenset[int] = frozenset()  # explained latents whose score was not computed (a sampled publish)
 
 
 def embed_all(embedder: Embedder, texts: list[str], progress: bool, what: str) -> np.ndarray:
@@ -81,8 +82,13 @@ def embed_distinct(embedder: Embedder, texts: list[str], progress: bool, what: s
 
 
 def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder, progress: bool = True,
-            seed: int = 0, n_pos: int | None = None, n_neg: int | None = None) -> Interpretation:
-    """Token-pattern explanations, scoring windows and every embedding, from an analysis's files."""
+            seed: int = 0, n_pos: int | None = None, n_neg: int | None = None,
+            score_sample: int | None = None) -> Interpretation:
+    """Token-pattern explanations, scoring windows and every embedding, from an analysis's files.
+
+    score_sample: score the embedding AUROC of at most this many explained latents, drawn at random
+    (seeded), and embed only their windows; every latent still gets its explanation and its search
+    vector, and the others are recorded as not scored (Interpretation.unscored). None: all."""
     started = time.perf_counter()
     n_pos = windows.N_POS if n_pos is None else n_pos
     n_neg = windows.N_NEG if n_neg is None else n_neg
@@ -98,20 +104,29 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     wins = windows.select(examples, features, vocab, n_pos=n_pos, n_neg=n_neg, seed=seed, window=window)
     t_windows = time.perf_counter() - started - t_explain
     explained = [i for i, t in enumerate(texts) if t]
-    n_win, n_expl = len(wins.texts), len(explained)
+    to_score = explained
+    if score_sample is not None and score_sample < len(explained):
+        pick = np.random.default_rng(seed).choice(len(explained), size=max(score_sample, 0), replace=False)
+        to_score = sorted(explained[j] for j in pick.tolist())
+    # the windows embedded: all of them, or (sampled) those of the latents to score
+    used = (list(range(len(wins.texts))) if to_score is explained
+            else sorted({j for i in to_score for j in wins.pos[i] + wins.neg[i]}))
+    n_win, n_expl, n_q = len(used), len(explained), len(to_score)
     # one pass over every text, so they batch by length together; the explanation as a search
     # document and as the scorer's query (delphi's prefix) are two texts
-    everything = (wins.texts + [document_text(texts[i]) for i in explained]
-                  + [embedding_scorer.query_text(texts[i]) for i in explained])
+    everything = ([wins.texts[j] for j in used] + [document_text(texts[i]) for i in explained]
+                  + [embedding_scorer.query_text(texts[i]) for i in to_score])
     vecs, distinct, embedded = embed_distinct(embedder, everything, progress, "embedding windows and explanations")
-    window_vecs, docs, queries = vecs[:n_win], vecs[n_win:n_win + n_expl], vecs[n_win + n_expl:]
+    docs, queries = vecs[n_win:n_win + n_expl], vecs[n_win + n_expl:]
+    window_vecs = np.zeros((len(wins.texts), vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
+    window_vecs[used] = vecs[:n_win]
     t_embed = time.perf_counter() - started - t_explain - t_windows
     aurocs = np.full(n, np.nan)
-    if explained and len(window_vecs):
+    if to_score and n_win:
         q = np.zeros((n, queries.shape[1]), np.float32)
-        q[explained] = queries
-        aurocs[explained] = embedding_scorer.score_latents(q, window_vecs, wins.pos, wins.neg, explained)
-        scored = [i for i in explained if np.isfinite(aurocs[i])]
+        q[to_score] = queries
+        aurocs[to_score] = embedding_scorer.score_latents(q, window_vecs, wins.pos, wins.neg, to_score)
+        scored = [i for i in to_score if np.isfinite(aurocs[i])]
         if len(scored) >= 2:
             shuffled = embedding_scorer.shuffled_scores(q, window_vecs, wins.pos, wins.neg, scored, seed)
             result = embedding_scorer.paired_comparison(aurocs[scored], shuffled)
@@ -123,7 +138,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
     result.update({
         "scorer": embedding_scorer.SCORER, "explainer": token_pattern.EXPLAINER, "method": token_pattern.METHOD,
         "model": embedder.name, "explained": n_expl, "latents": n, "n_pos": n_pos, "n_neg": n_neg, "window": window,
-        "windows": n_win, "fixed_blocks": wins.blocks, "distinct_texts": distinct, "texts_embedded": embedded,
+        "windows": n_win, "score_sample": score_sample, "latents_scored": n_q, "fixed_blocks": wins.blocks, "distinct_texts": distinct, "texts_embedded": embedded,
         "embedding_dtype": embedder.precision() if hasattr(embedder, "precision") else None,
         "negatives_from": {s: wins.neg_source.count(s) for s in ("other_latents", "own_zero_runs", "none")},
         "seconds": {"explain": round(t_explain, 2), "windows": round(t_windows, 2), "embed": round(t_embed, 2),
@@ -135,7 +150,7 @@ def prepare(examples: dict, features: dict, vocab: list[str], embedder: Embedder
              result["p_value"], total)
     return Interpretation(texts=texts, aurocs=aurocs, n_pos=[len(p) for p in wins.pos],
                           n_neg=[len(x) for x in wins.neg], neg_source=wins.neg_source, vectors=docs,
-                          summary=result)
+                          summary=result, unscored=frozenset(explained) - frozenset(to_score))
 
 
 def write(session: Session, sae: SAE, feature_ids: np.ndarray, interp: Interpretation) -> int:
@@ -148,13 +163,18 @@ def write(session: Session, sae: SAE, feature_ids: np.ndarray, interp: Interpret
             continue
         a = interp.aurocs[i]
         latents.append(i)
+        if i in interp.unscored:
+            embedding = {"auroc": None, "not_computed": f"published with the embedding AUROC of a sample of "
+                         f"{s.get('latents_scored')} latents only", "model": s["model"], "baseline": baseline}
+        else:
+            embedding = {"auroc": float(a) if np.isfinite(a) else None, "n_pos": interp.n_pos[i],
+                         "n_neg": interp.n_neg[i], "negatives_from": interp.neg_source[i],
+                         "model": s["model"], "baseline": baseline}
         rows.append({
             "feature_id": int(feature_ids[i]), "text": text, "method": token_pattern.METHOD,
             "explainer": token_pattern.EXPLAINER, "prompt": None, "raw_response": None,
             "embedding_score": float(a) if np.isfinite(a) else None,
-            "scores": {"embedding": {"auroc": float(a) if np.isfinite(a) else None, "n_pos": interp.n_pos[i],
-                                     "n_neg": interp.n_neg[i], "negatives_from": interp.neg_source[i],
-                                     "model": s["model"], "baseline": baseline}},
+            "scores": {"embedding": embedding},
         })
     if not rows:
         return 0

@@ -8,10 +8,12 @@
 A transcoder in training follows sparsify's --transcode (trainer/sae/base.py); this package holds
 what happens after training: fold.py turns it into the form saved transcoders have (encoder with
 b_dec subtracted, input and output scales folded in, a skip term as SiteIO), and sets.py the
-manifest that groups one model's per-block transcoders into a set that later code loads whole.
+manifest that groups one model's per-block transcoders into a set that later code loads whole, and
+publish_set.py publishes a set's blocks together and registers the set for attribution graphs.
 """
 
 from trainer.transcoders.fold import finished_transcoder
+from trainer.transcoders.publish_set import publish_transcoder_set
 from trainer.transcoders.sets import (
     SET_FILE,
     SetLayer,
@@ -21,5 +23,5 @@ from trainer.transcoders.sets import (
     write_transcoder_set,
 )
 
-__all__ = ["SET_FILE", "SetLayer", "TranscoderSet", "finished_transcoder", "load_transcoder_set", "set_groups",
-           "write_transcoder_set"]
+__all__ = ["SET_FILE", "SetLayer", "TranscoderSet", "finished_transcoder", "load_transcoder_set",
+           "publish_transcoder_set", "set_groups", "write_transcoder_set"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from trainer.sources import transcoder_sites
 
 SET_FILE = "transcoder_set.json"
 SET_FORMAT = 1
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+"""What a registered set's name may be: a folder or file name in DATA_DIR/transcoder_sets, no path."""
+
+
+def sets_dir() -> Path:
+    """DATA_DIR/transcoder_sets: the registered sets, by name (what graphs are computed through)."""
+    from store.settings import get_settings
+
+    return get_settings().data_dir / "transcoder_sets"
 
 
 @dataclass
