@@ -92,6 +92,10 @@ class DemoTranscoders:
     """Feature nodes pinned on each example graph (the strongest direct contributors to the top logit)."""
     prompts: tuple[DemoPrompt, ...] = field(default=DEMO_PROMPTS)
     """The example graphs."""
+    train_overrides: dict = field(default_factory=dict)
+    """Further TrainConfig fields (ctx_len, device, ...; the tests' tiny model sets some)."""
+    analysis_overrides: dict = field(default_factory=dict)
+    """AnalyzeConfig fields every block's analysis overrides (publish_transcoder_set's `analysis`)."""
 
     def train_config(self, out: Path):
         from trainer.train import TrainConfig
@@ -99,7 +103,7 @@ class DemoTranscoders:
         return TrainConfig(out=out, model=self.model, site=["mlp.*"], arch=["topk"], width=[self.width], k=[self.k],
                            skip_connection=self.skip_connection, tokens=self.tokens, batch_size=self.batch_size,
                            corpus=self.corpus, eval_fraction=self.eval_fraction, ce_contexts=self.ce_contexts,
-                           checkpoint_every=0, checkpoint_every_s=120.0)
+                           checkpoint_every=0, checkpoint_every_s=120.0, **self.train_overrides)
 
     def graph_config(self) -> dict:
         from trainer.circuits.compute import GraphConfig
@@ -170,7 +174,8 @@ def build_transcoders(lm=None, settings: DemoTranscoders | None = None, rebuild:
     _step(f"publishing the transcoder set as {DEMO_SET} (dashboards of every block from one LM pass)")
     started = time.perf_counter()
     publish_transcoder_set(manifest, DEMO_SET, lm=lm, tokens=settings.analysis_tokens, light=settings.light,
-                           replace=rebuild, progress=True, timings=times.setdefault("publish", {}))
+                           replace=rebuild, progress=True, analysis=settings.analysis_overrides,
+                           timings=times.setdefault("publish", {}))
     times["publish_s"] = time.perf_counter() - started
     done = {} if rebuild else stored_graphs(settings)
     engine = get_engine()
