@@ -68,11 +68,11 @@ class DemoTranscoders:
     """The LM whose every block gets a transcoder."""
     width: int = 2304
     """Latents per transcoder."""
-    k: int = 32
+    k: int = 64
     """Active latents per token (TopK)."""
     skip_connection: bool = True
     """A learned linear skip term W_skip x beside the sparse code (a skip-transcoder)."""
-    tokens: int = 300_000
+    tokens: int = 150_000
     """Training tokens, streamed from the LM once for all blocks."""
     batch_size: int = 1024
     """Tokens per optimiser step."""
@@ -80,9 +80,12 @@ class DemoTranscoders:
     """Training corpus (the demo's)."""
     eval_fraction: float = 0.1
     """Documents held out for the metrics (the demo's split)."""
-    ce_contexts: int = 64
-    """Held-out contexts for the whole set's spliced-in CE (its 95% interval is reported)."""
-    analysis_tokens: int = 50_000
+    eval_tokens: int = 32_768
+    """Held-out tokens for each block's FVU, L0 and dead fraction."""
+    ce_contexts: int = 32
+    """Held-out contexts (of 128 tokens) for the whole set's spliced-in CE, with its 95% interval (each
+    block alone is not spliced: that would cost an LM pass per block)."""
+    analysis_tokens: int = 32_768
     """Tokens each block's dashboards read (one LM pass for all blocks)."""
     light: bool = True
     """Publish lightly: every latent's dashboard and token-pattern explanation, a sample's embedding score."""
@@ -102,7 +105,8 @@ class DemoTranscoders:
 
         return TrainConfig(out=out, model=self.model, site=["mlp.*"], arch=["topk"], width=[self.width], k=[self.k],
                            skip_connection=self.skip_connection, tokens=self.tokens, batch_size=self.batch_size,
-                           corpus=self.corpus, eval_fraction=self.eval_fraction, ce_contexts=self.ce_contexts,
+                           corpus=self.corpus, eval_fraction=self.eval_fraction, eval_tokens=self.eval_tokens,
+                           ce_contexts=self.ce_contexts, ce_each=False,
                            checkpoint_every=0, checkpoint_every_s=120.0, **self.train_overrides)
 
     def graph_config(self) -> dict:

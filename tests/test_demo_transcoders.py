@@ -29,8 +29,8 @@ def tiny_settings(model_dir: Path, corpus: Path):
     from app.demo_transcoders import DemoTranscoders
 
     return DemoTranscoders(model=str(model_dir), width=64, k=4, tokens=4096, batch_size=512, corpus=str(corpus),
-                           ce_contexts=0, analysis_tokens=2048, max_feature_nodes=128, pins=3,
-                           train_overrides=dict(ctx_len=64, lm_batch_size=16, shuffle_buffer=4096, eval_tokens=2048,
+                           ce_contexts=4, eval_tokens=2048, analysis_tokens=2048, max_feature_nodes=128, pins=3,
+                           train_overrides=dict(ctx_len=64, lm_batch_size=16, shuffle_buffer=4096,
                                                 device="cpu", lm_dtype="float32"),
                            analysis_overrides=dict(ctx_len=64, lm_batch_size=16, shard_contexts=8, device="cpu",
                                                    lm_dtype="float32"))
@@ -83,6 +83,9 @@ def test_a_built_demo_gets_only_its_transcoder_stage_and_a_second_run_nothing(
 
     tset = load_transcoder_set(stage.registered_manifest())
     assert sorted(tset.layers) == list(range(tiny_lm.n_layers))
+    # the whole set's CE is measured, not each block's alone (the demo's ce_each=False)
+    assert tset.metrics["ce_contexts"] == 4 and tset.metrics["ce_recovered_ci95"] is not None
+    assert all("ce_recovered" not in e.metrics and "fvu" in e.metrics for e in tset.layers.values())
     with session_scope() as session:
         for example in settings.prompts:
             row = gstore.get_graph(session, slugs[example.prompt])
