@@ -8,7 +8,15 @@ activation cache, and everything after that reads the cache: training and its ev
 four analyses (with what each SAE misses), and the relations between the four SAEs (two width
 pairs and two layer pairs), computed as they are published. The pydoc corpus is small (about
 0.57 M tokens), so the dashboards are computed over all of it; the SAEs' metrics come from the
-held-out documents. Later runs find the published SAEs and start the server in seconds.
+held-out documents.
+
+Then the transcoder stage (app.demo_transcoders): a TopK skip-transcoder for every one of the 30
+blocks' MLPs, trained streaming from one more LM pass (the activation cache would need 60 sites),
+published and registered as a transcoder set, and three example attribution graphs through it (a
+Python completion, a closing bracket, a word in prose), each stored with a caption, pins and
+supernodes computed from the graph. Each stage runs only when its results are missing, so an atlas
+built before the transcoder stage existed gets only that stage; later runs find everything and
+start the server in seconds.
 """
 
 from __future__ import annotations
