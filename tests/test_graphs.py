@@ -319,8 +319,9 @@ def test_the_graph_pages_render(api, done_graph, store_engine):
 
 
 def test_hover_looks_up_the_published_transcoders(api, done_graph, tiny_set, tiny_model_dir, store_engine):
-    """The page names, per layer, the published SAE of that layer's transcoder: the one published
-    from the set's own folder first, else one of the same model reading mlp_in.L; other layers none."""
+    """The page names, per layer, the published SAE of that layer's transcoder: while none of the
+    set's blocks is published, one of the same model reading mlp_in.L; once one is (published from
+    the set's own folder), only the set's own blocks, never another dictionary at the same site."""
     import html
 
     from sqlalchemy.orm import Session
@@ -335,13 +336,18 @@ def test_hover_looks_up_the_published_transcoders(api, done_graph, tiny_set, tin
         s.add(lm)
         s.flush()
         common = {"lm_id": lm.id, "architecture": "topk", "d_in": 64, "d_sae": 96, "status": "ready", "version": "1"}
-        s.add(SAE(name="g-l1-own", site="mlp_in.1", layer=1, weights_path=str(tset.folder(1).resolve()), **common))
         s.add(SAE(name="g-l2-same-model", site="mlp_in.2", layer=2, weights_path="/elsewhere", **common))
         s.add(SAE(name="g-l3-resid", site="resid_post.3", layer=3, weights_path="/elsewhere", **common))
     client, _ = api
-    page = client.get(f"/graphs/{done_graph}").text
-    saes = json.loads(html.unescape(page.split('data-saes="', 1)[1].split('"', 1)[0]))
-    assert saes == {"1": "g-l1-own", "2": "g-l2-same-model"}
+
+    def shown():
+        page = client.get(f"/graphs/{done_graph}").text
+        return json.loads(html.unescape(page.split('data-saes="', 1)[1].split('"', 1)[0]))
+
+    assert shown() == {"2": "g-l2-same-model"}
+    with Session(store_engine) as s, s.begin():
+        s.add(SAE(name="g-l1-own", site="mlp_in.1", layer=1, weights_path=str(tset.folder(1).resolve()), **common))
+    assert shown() == {"1": "g-l1-own"}
 
 
 def test_the_graph_form_needs_a_key_and_queues(api, store_engine):

@@ -106,6 +106,7 @@ def test_invalid_configs_are_refused_at_submission_with_the_reason(atlas, tiny_m
         ({"k": [64], "width": [32]}, "k=64 must be smaller than width=32"),
         ({"sites": ["resid_post.9"]}, "unknown site 'resid_post.9': the model has blocks 0..3"),
         ({"sites": ["residual.1"]}, "unknown site 'residual.1'"),
+        ({"sites": ["mlp.*"]}, "names transcoders, which the run queue does not train"),
         ({"model": "no-such-alias"}, "unknown model alias 'no-such-alias'"),
         ({"model": "/nowhere/model.gguf"}, "is not under the folders training runs may read"),
         ({"model": "./nowhere.gguf"}, "does not exist"),

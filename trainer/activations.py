@@ -285,8 +285,10 @@ class ActivationCache:
         shutil.rmtree(self.dir, ignore_errors=True)
         tmp.rename(self.dir)
 
-    def fill(self, lm, max_tokens: int, lm_batch_size: int = 32, desc: str = "caching activations") -> ActivationCache:
-        """Write the cache (one LM pass, with a progress bar) unless it already covers max_tokens."""
+    def fill(self, lm, max_tokens: int, lm_batch_size: int = 32, desc: str = "caching activations",
+             shard_tokens: int = 1 << 18) -> ActivationCache:
+        """Write the cache (one LM pass, with a progress bar) unless it already covers max_tokens.
+        shard_tokens: tokens per shard, held in memory for every site until the shard is written."""
         if self.covers(max_tokens) and self.has_contexts:
             return self
         from tqdm import tqdm
@@ -298,7 +300,7 @@ class ActivationCache:
         if source.corpus.finite:  # the progress bar's total (the corpus is listed once, shared with the pass)
             target = min(target, count_tokens(source.corpus, lm.tokenizer, self.spec.split, self.spec.eval_fraction))
         with tqdm(total=target, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
-            self.write(source, max_tokens=max_tokens, progress=bar.update)
+            self.write(source, max_tokens=max_tokens, shard_tokens=shard_tokens, progress=bar.update)
         log.info("cached %d tokens of %s activations (%s split) in %s", self.meta()["tokens"],
                  ", ".join(self.spec.sites), self.spec.split, self.dir)
         return self

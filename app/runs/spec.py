@@ -74,10 +74,14 @@ class RunSpec(BaseModel):
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
-        from trainer.sources import parse_site
+        from trainer.sources import is_transcoder_spec, parse_site
 
         out = []
         for s in v:
+            if is_transcoder_spec(s):
+                raise ValueError(f"site {s!r} names transcoders, which the run queue does not train: train them with "
+                                 f"`sae-atlas train --site '{s}'` and publish the set with "
+                                 "`sae-atlas publish-set RUN_FOLDER --prefix NAME`")
             try:
                 out.append(parse_site(s).name)
             except AtlasError as exc:

@@ -7,7 +7,7 @@
          mlp_in.L (trainer.activations.ActivationCache with all the sites)
       -> each block's analysis (trainer.analyze) reads its mlp_in.L from that cache: its examples
          are read where the transcoder reads, its logit effects go through its decoder, which
-         writes mlp_out.L
+         writes mlp_out.L; then the cache (n_blocks x d_model values per token) is deleted
       -> each block published (trainer.publish) as `{prefix}-L{layer}`, its config recording the
          set ({"transcoder_set": {"name", "layer", "n_layers", "manifest"}})
       -> the set registered as DATA_DIR/transcoder_sets/<name>/transcoder_set.json: the manifest
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace as dc_replace
 from pathlib import Path
@@ -54,8 +55,8 @@ def registered_dir(name: str) -> Path:
 
 def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, tokens: int = DEFAULT_TOKENS,
                            light: bool = False, replace: bool = False, name: str | None = None, engine=None,
-                           progress: bool = True, analysis: dict | None = None,
-                           timings: dict | None = None) -> list[str]:
+                           progress: bool = True, analysis: dict | None = None, explain: bool | None = None,
+                           keep_cache: bool = False, timings: dict | None = None) -> list[str]:
     """Analyse, publish and register a transcoder set; returns the published names, block by block.
 
     manifest_path: a run folder holding one transcoder_set*.json, or the manifest itself.
@@ -64,6 +65,9 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     the embedding score (see the module docstring). replace: publish again blocks already
     published, and re-register the set. name: the registered set's name (default: prefix).
     analysis: AnalyzeConfig fields to override for every block (corpus, ctx_len, device, ...).
+    explain: write token-pattern explanations (None: the publish_explanations setting).
+    keep_cache: keep the activation cache this call filled (n_blocks x d_model values per token, in
+    the LM's dtype) under DATA_DIR/activations; by default it is deleted once every block is analysed.
     timings: if given, filled with the seconds of each stage (lm_pass_s, analyses_s, publish_s).
     """
     from store.publish import check_name
@@ -88,9 +92,18 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     if todo:
         analyzers, lm = _analyzers(tset, todo, loaded, lm, tokens, analysis or {})
         started = time.perf_counter()
-        _fill_shared_cache([a for a in analyzers.values() if not a.complete()], lm, tokens)
+        filled = _fill_shared_cache([a for a in analyzers.values() if not a.complete()], lm, tokens)
         times["lm_pass_s"] = time.perf_counter() - started
-        _publish_blocks(tset, name, names, todo, analyzers, lm, light, replace, engine, progress, times)
+        started = time.perf_counter()
+        for layer in todo:
+            analyzers[layer].run(progress)
+        times["analyses_s"] = time.perf_counter() - started
+        if not keep_cache:
+            for cache in filled:  # every block's analysis is done: its codes are in its own folder now
+                shutil.rmtree(cache.dir, ignore_errors=True)
+        started = time.perf_counter()
+        _publish_blocks(tset, name, names, todo, lm, light, replace, engine, progress, explain)
+        times["publish_s"] = time.perf_counter() - started
     register_set(tset, name, names, replace=replace)
     return [names[layer] for layer in sorted(names)]
 
@@ -155,39 +168,39 @@ def _analyzers(tset, todo: list[int], loaded: dict, lm, tokens: int, overrides: 
     return out, lm
 
 
-def _fill_shared_cache(analyzers: list, lm, tokens: int) -> None:
+def _fill_shared_cache(analyzers: list, lm, tokens: int) -> list:
     """Fill one activation cache with every analyser's input site in one LM pass (unless a cache
-    with all of them already covers the tokens). The analyses then find it: a cache of more sites
-    serves each of them (trainer.activations.find_cache)."""
+    with all of them already covers the tokens) and return the caches filled here. The analyses
+    then find it: a cache of more sites serves each of them (trainer.activations.find_cache)."""
     from store.settings import get_settings
     from trainer.activations import ActivationCache, find_cache
 
     if not analyzers:
-        return
+        return []
     specs = {}
     for a in analyzers:
         spec = a.source.stream_spec(a.cfg.split)
         key = json.dumps({k: v for k, v in spec.__dict__.items() if k != "sites"}, sort_keys=True, default=str)
         specs.setdefault(key, [spec, []])[1].extend(spec.sites)
     root = get_settings().data_dir / "activations"
+    filled = []
     for spec, sites in specs.values():
         spec = dc_replace(spec, sites=sorted(set(sites), key=lambda s: int(s.split(".")[1])))
         found = find_cache(root, spec)
         if found is not None and found.covers(tokens):
             continue
-        ActivationCache(root, spec).fill(lm, tokens, analyzers[0].cfg.lm_batch_size,
-                                         desc=f"reading {len(spec.sites)} input sites")
+        # a shard's activations of every site wait in memory: as many tokens per shard in all as one site's
+        filled.append(ActivationCache(root, spec).fill(lm, tokens, analyzers[0].cfg.lm_batch_size,
+                                                       desc=f"reading {len(spec.sites)} input sites",
+                                                       shard_tokens=max(4096, (1 << 18) // len(spec.sites))))
+    return filled
 
 
-def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], analyzers: dict, lm, light: bool,
-                    replace: bool, engine, progress: bool, times: dict) -> None:
+def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], lm, light: bool, replace: bool,
+                    engine, progress: bool, explain: bool | None) -> None:
     from trainer.publish import publish
 
     for layer in todo:
-        started = time.perf_counter()
-        analyzers[layer].run(progress)
-        times["analyses_s"] += time.perf_counter() - started
-        started = time.perf_counter()
         entry = tset.layers[layer]
         description = (f"Block {layer} of the transcoder set {name} ({tset.n_layers} blocks of {tset.model}): a "
                        f"transcoder from {entry.input_site} to {entry.output_site}. Examples are read at "
@@ -196,9 +209,8 @@ def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], ana
                                     "input_site": entry.input_site, "output_site": entry.output_site,
                                     "manifest": str(tset.path.resolve())}}
         publish(tset.folder(layer), names[layer], replace=replace, engine=engine, description=description,
-                progress=progress, lm=lm, score_sample=LIGHT_SCORE_SAMPLE if light else None,
+                progress=progress, lm=lm, explain=explain, score_sample=LIGHT_SCORE_SAMPLE if light else None,
                 relate=False if light else None, extra_config=extra)
-        times["publish_s"] += time.perf_counter() - started
         log.info("published block %d of %s as %s", layer, name, names[layer])
 
 
