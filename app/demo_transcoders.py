@@ -51,9 +51,9 @@ DEMO_PROMPTS = (
     DemoPrompt("A Python completion", "for i in range(len(items)):\n    print(items[",
                "Which features, at which tokens, carry the loop variable and the indexing context into the "
                "prediction of the index?"),
-    DemoPrompt("A closing bracket", "total = max(len(first), len(second)",
-               "Which features at the open brackets, earlier in the line, reach the prediction of the bracket "
-               "that closes them?"),
+    DemoPrompt("A closing bracket", "x = sum(abs(v) for v in values",
+               "Which features, at the open bracket of sum( earlier in the line or on the generator's last "
+               "words, reach the prediction of the bracket that closes it?"),
     DemoPrompt("A word in prose", "Return a new list containing all items from the iterable in ascending",
                "Which features on the preceding words (a docstring of sorted()) predict the next word?"),
 )
@@ -72,20 +72,22 @@ class DemoTranscoders:
     """Active latents per token (TopK)."""
     skip_connection: bool = True
     """A learned linear skip term W_skip x beside the sparse code (a skip-transcoder)."""
-    tokens: int = 150_000
+    tokens: int = 65_536
     """Training tokens, streamed from the LM once for all blocks."""
     batch_size: int = 1024
     """Tokens per optimiser step."""
+    shuffle_buffer_mb: int = 1024
+    """Memory for the training stream's shuffle window (60 sites x 576 floats a token: ~3,900 tokens)."""
     corpus: str = "pydoc"
     """Training corpus (the demo's)."""
     eval_fraction: float = 0.1
     """Documents held out for the metrics (the demo's split)."""
-    eval_tokens: int = 32_768
+    eval_tokens: int = 16_384
     """Held-out tokens for each block's FVU, L0 and dead fraction."""
     ce_contexts: int = 32
     """Held-out contexts (of 128 tokens) for the whole set's spliced-in CE, with its 95% interval (each
     block alone is not spliced: that would cost an LM pass per block)."""
-    analysis_tokens: int = 32_768
+    analysis_tokens: int = 16_384
     """Tokens each block's dashboards read (one LM pass for all blocks)."""
     light: bool = True
     """Publish lightly: every latent's dashboard and token-pattern explanation, a sample's embedding score."""
@@ -107,7 +109,7 @@ class DemoTranscoders:
                            skip_connection=self.skip_connection, tokens=self.tokens, batch_size=self.batch_size,
                            corpus=self.corpus, eval_fraction=self.eval_fraction, eval_tokens=self.eval_tokens,
                            ce_contexts=self.ce_contexts, ce_each=False,
-                           checkpoint_every=0, checkpoint_every_s=120.0, **self.train_overrides)
+                           checkpoint_every=0, checkpoint_every_s=300.0, shuffle_buffer_mb=self.shuffle_buffer_mb, **self.train_overrides)
 
     def graph_config(self) -> dict:
         from trainer.circuits.compute import GraphConfig
@@ -177,10 +179,11 @@ def build_transcoders(lm=None, settings: DemoTranscoders | None = None, rebuild:
         times["train_s"] = time.perf_counter() - started
     _step(f"publishing the transcoder set as {DEMO_SET} (dashboards of every block from one LM pass)")
     started = time.perf_counter()
+    parts: dict = {}
     publish_transcoder_set(manifest, DEMO_SET, lm=lm, tokens=settings.analysis_tokens, light=settings.light,
-                           replace=rebuild, progress=True, analysis=settings.analysis_overrides,
-                           timings=times.setdefault("publish", {}))
+                           replace=rebuild, progress=True, analysis=settings.analysis_overrides, timings=parts)
     times["publish_s"] = time.perf_counter() - started
+    times.update({f"publish.{k}": v for k, v in parts.items()})
     done = {} if rebuild else stored_graphs(settings)
     engine = get_engine()
     slugs = {}
