@@ -61,8 +61,9 @@ DEMO_PROMPTS = (
 
 @dataclass
 class DemoTranscoders:
-    """How the demo trains, publishes and shows its transcoder set (chosen by measurement: BENCHMARKS.md,
-    'The demo's transcoder set')."""
+    """How the demo trains, publishes and shows its transcoder set. BENCHMARKS.md ('The demo's
+    transcoder set and example graphs') has what these give and how they were chosen (the time
+    budget; skip term and k 64 not yet measured against the alternatives)."""
 
     model: str = "smollm2-135m"
     """The LM whose every block gets a transcoder."""
