@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--manifest", type=Path, default=None,
+                    help="a set's manifest or run folder (default: the registered demo set)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo_transcoders.json")
     args = ap.parse_args()
 
@@ -34,7 +36,7 @@ def main() -> None:
     from store.models import AttributionGraph
     from trainer.transcoders import load_transcoder_set
 
-    tset = load_transcoder_set(registered_manifest())
+    tset = load_transcoder_set(args.manifest or registered_manifest())
     blocks = []
     for layer, entry in sorted(tset.layers.items()):
         m = entry.metrics
