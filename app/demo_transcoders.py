@@ -63,14 +63,15 @@ DEMO_PROMPTS = (
 class DemoTranscoders:
     """How the demo trains, publishes and shows its transcoder set. BENCHMARKS.md ('The demo's
     transcoder set and example graphs') has what these give and how they were chosen (the time
-    budget; skip term and k 64 not yet measured against the alternatives)."""
+    budget, and a small sweep of skip term and k on three blocks)."""
 
     model: str = "smollm2-135m"
     """The LM whose every block gets a transcoder."""
     width: int = 2304
     """Latents per transcoder."""
-    k: int = 64
-    """Active latents per token (TopK)."""
+    k: int = 32
+    """Active latents per token (TopK). 32: with the skip term, k 64 gave the same held-out FVU at a
+    higher L0 (BENCHMARKS.md); the 30-block run measured there used 64."""
     skip_connection: bool = True
     """A learned linear skip term W_skip x beside the sparse code (a skip-transcoder)."""
     tokens: int = 65_536
