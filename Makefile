@@ -11,10 +11,14 @@ export SAE_ATLAS_TEST_DEPS ?= $(CURDIR)/.test-deps
 # pytest workers: the suite is CPU-bound, one per core.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo test install serve bench clean lint
+.PHONY: demo demo-circuits test install serve bench clean lint
 
 demo: install
 	$(BIN)/sae-atlas demo
+
+# the demo plus a transcoder set for all 30 blocks and three example attribution graphs (long)
+demo-circuits: install
+	$(BIN)/sae-atlas demo --circuits
 
 test: install test-deps
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup

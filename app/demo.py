@@ -8,7 +8,17 @@ activation cache, and everything after that reads the cache: training and its ev
 four analyses (with what each SAE misses), and the relations between the four SAEs (two width
 pairs and two layer pairs), computed as they are published. The pydoc corpus is small (about
 0.57 M tokens), so the dashboards are computed over all of it; the SAEs' metrics come from the
-held-out documents. Later runs find the published SAEs and start the server in seconds.
+held-out documents.
+
+With `--circuits` (`make demo-circuits`) the transcoder stage follows (app.demo_transcoders): a TopK skip-transcoder for every one of the 30
+blocks' MLPs, trained streaming from one more LM pass (the activation cache would need 60 sites),
+published and registered as a transcoder set, and three example attribution graphs through it (a
+Python completion, a closing bracket, a word in prose), each stored with a caption, pins and
+supernodes computed from the graph. Each stage runs only when its results are missing, so an atlas
+built before the transcoder stage existed gets only that stage; later runs find everything and
+start the server in seconds. The stage is opt-in because it does not fit `make demo`'s time: on
+the 2-core AMD EPYC here it took over an hour under load, most of it publishing (BENCHMARKS.md,
+"The demo's transcoder set and example graphs").
 """
 
 from __future__ import annotations
@@ -58,7 +68,15 @@ def demo_folders() -> dict[tuple[int, int], Path]:
             for layer in DEMO_LAYERS for width in DEMO_WIDTHS}
 
 
-def demo_ready() -> bool:
+def demo_ready(circuits: bool = False) -> bool:
+    """Every stage asked for is done: the four SAEs published and, with circuits, the transcoder set
+    registered and its graphs stored."""
+    from app.demo_transcoders import transcoders_ready
+
+    return saes_ready() and (not circuits or transcoders_ready())
+
+
+def saes_ready() -> bool:
     names = list(demo_names().values())
     with session_scope() as session:
         ready = session.scalars(select(SAE.name).where(SAE.name.in_(names), SAE.status == SAEStatus.ready.value)).all()
@@ -69,27 +87,49 @@ def _step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
-    from trainer.activations import ActivationCache, LMStreamSpec
-    from trainer.analyze import AnalyzeConfig, analyze
+def build_demo(rebuild: bool = False, tokens: int | None = None, circuits: bool = False) -> None:
+    """Build what the demo atlas lacks (everything with rebuild): the four SAEs, then with circuits
+    the transcoder set and its example graphs (app.demo_transcoders)."""
+    from app.demo_transcoders import DEMO_SET, build_transcoders, demo_graph_summary, transcoders_ready
     from trainer.lm import load_lm
-    from trainer.publish import publish
-    from trainer.train import TrainConfig, train
 
-    settings = get_settings()
     engine = get_engine()
     if current_revision(engine) != head_revision():
         _step("creating the store (sae-atlas db upgrade)")
         upgrade(engine)
-    if demo_ready() and not rebuild:
-        print(f"The demo atlas is ready ({', '.join(demo_names().values())}).", flush=True)
+    if demo_ready(circuits) and not rebuild:
+        with_set = f"; transcoder set {DEMO_SET}" if transcoders_ready() else ""
+        print(f"The demo atlas is ready ({', '.join(demo_names().values())}{with_set}).", flush=True)
         store_demo_report_cards()  # an atlas built before the demo stored them gets them now (no LM pass)
         ensure_demo_key()
         return
     started = time.time()
-    out = settings.data_dir / "demo" / "sweep"
     _step("loading SmolLM2-135M-Instruct (the first run converts the bundled GGUF, ~20 s)")
     lm = load_lm("smollm2-135m")
+    if rebuild or not saes_ready():
+        stage = time.time()
+        build_saes(lm, rebuild, tokens)
+        print(f"\nThe four SAEs took {time.time() - stage:.0f} s.", flush=True)
+    if circuits and (rebuild or not transcoders_ready()):
+        stage = time.time()
+        timings: dict = {}
+        slugs = build_transcoders(lm, rebuild=rebuild, timings=timings)
+        print(f"\nThe transcoder set and its example graphs took {time.time() - stage:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if isinstance(v, float))}):\n"
+              f"{demo_graph_summary(slugs)}", flush=True)
+    print(f"\nDemo atlas built in {time.time() - started:.0f} s.", flush=True)
+    ensure_demo_key()
+
+
+def build_saes(lm, rebuild: bool = False, tokens: int | None = None) -> None:
+    """The four SAEs: one LM pass into the activation cache, training, analyses, publishing."""
+    from trainer.activations import ActivationCache, LMStreamSpec
+    from trainer.analyze import AnalyzeConfig, analyze
+    from trainer.publish import publish
+    from trainer.train import TrainConfig, train
+
+    settings = get_settings()
+    out = settings.data_dir / "demo" / "sweep"
     cfg = TrainConfig(out=out, overwrite=out.exists(), **{**DEMO_TRAIN, **({"tokens": tokens} if tokens else {})})
     folders = demo_folders()
     done = all((f / "metrics.json").is_file() and (f / "cfg.json").is_file() for f in folders.values())
@@ -117,9 +157,8 @@ def build_demo(rebuild: bool = False, tokens: int | None = None) -> None:
     store_demo_report_cards(lm)
     queue_demo_explanations()
     metrics = json.loads((folders[(max(DEMO_LAYERS), max(DEMO_WIDTHS))] / "metrics.json").read_text())
-    print(f"\nDemo atlas built in {time.time() - started:.0f} s: {DEMO_NAME} has FVU {metrics['fvu']:.3f}, "
-          f"L0 {metrics['l0']:.1f}, CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
-    ensure_demo_key()
+    print(f"\n{DEMO_NAME} has FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, "
+          f"CE recovered {metrics.get('ce_recovered', float('nan')):.1%}.", flush=True)
 
 
 def store_demo_report_cards(lm=None) -> None:

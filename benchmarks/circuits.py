@@ -5,8 +5,8 @@
 
 --random W K: random TopK transcoders of width W keeping K latents per token (timing only: the
 graph's content means nothing, but its size, K active features per layer and position, is that of
-a trained set at L0 = K). --transcoders: a folder of transcoder folders (trainer.formats.load_sae),
-one reading each mlp_in.L. The prompt is cut or repeated to --tokens tokens (BOS not counted).
+a trained set at L0 = K). --transcoders: a set's run folder (its transcoder_set.json), or a folder of transcoder folders
+(trainer.formats.load_sae), one reading each mlp_in.L. The prompt is cut or repeated to --tokens tokens (BOS not counted).
 --layers N keeps the first N blocks (the same width, a shallower model) for quick timings.
 Runs the graph --repeat times and reports each (the last is the steady state), with pruning and
 the scores, the CPU model, threads and dtype. Writes benchmarks/results/circuits.json.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,10 +46,17 @@ def random_set(lm, width: int, k: int, seed: int = 0):
     return out
 
 
-def loaded_set(folder: Path):
+def loaded_set(folder: Path) -> dict:
+    """block -> transcoder: a set's manifest (transcoder_set*.json) when the folder has one, else
+    every sub-folder keyed by the block of the site it reads."""
     from trainer.formats import load_sae
+    from trainer.sources import parse_site
+    from trainer.transcoders import load_transcoder_set
 
-    return [load_sae(p) for p in sorted(folder.iterdir()) if p.is_dir()]
+    if any(folder.glob("transcoder_set*.json")):
+        return load_transcoder_set(folder).load_all()
+    loaded = [load_sae(p) for p in sorted(folder.iterdir()) if p.is_dir()]
+    return {parse_site(t.site).layer: t for t in loaded}
 
 
 def main() -> None:
@@ -90,6 +98,7 @@ def main() -> None:
     cfg = AttributionConfig(batch_size=args.batch_size, backward_batch=args.backward_batch,
                             max_feature_nodes=args.max_feature_nodes)
     runs = []
+    load_before = os.getloadavg()
     for _ in range(args.repeat):
         graph = attribute(ids, rm, cfg)
         t = time.perf_counter()
@@ -106,6 +115,8 @@ def main() -> None:
     report = {"model": args.model, "layers": lm.n_layers, "transcoders": str(args.transcoders) if args.transcoders else f"random topk {args.random}",
               "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype, "cpu": cpu_model(),
               "torch": torch.__version__, "batch_size": args.batch_size, "backward_batch": args.backward_batch, "max_feature_nodes": args.max_feature_nodes,
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "runs": runs, "command": " ".join(["python"] + sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

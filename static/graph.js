@@ -3,7 +3,8 @@
 // coloured by sign and as wide as their weight; a slider keeps nodes up to a share of cumulative
 // influence (the nodes' stored `influence`); hover shows a feature's explanation and top
 // activations when its layer's transcoder is published; click pins, shift-click opens the feature
-// page; pinned nodes group into supernodes; pins and supernodes live in the URL's fragment.
+// page; pinned nodes group into supernodes; pins and supernodes live in the URL's fragment (a graph
+// stored with qParams.pinnedIds / supernodes opens with those when the URL names none).
 (function () {
   "use strict";
   const svg = document.getElementById("graphsvg");
@@ -160,7 +161,13 @@
     if (supernodes.length) parts.push("supernodes=" + supernodes.map((s) => encodeURIComponent(s.name) + ":" + s.ids.map(encodeURIComponent).join("|")).join(";"));
     history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname + location.search);
   }
-  function loadHash() {
+  function loadHash(preset) {
+    if (!location.hash.slice(1) && preset) { // the stored graph's own pins and supernodes (circuit-tracer's qParams)
+      (preset.pinnedIds || []).filter((id) => byId.has(id)).forEach((id) => pinned.add(id));
+      supernodes = (preset.supernodes || []).map((s) => ({ name: String(s[0] || "supernode"), ids: s.slice(1).filter((id) => byId.has(id)) }))
+        .filter((s) => s.ids.length);
+      return;
+    }
     const h = new URLSearchParams(location.hash.slice(1));
     (h.get("pinned") || "").split(",").filter((id) => byId.has(id)).forEach((id) => pinned.add(id));
     supernodes = (h.get("supernodes") || "").split(";").filter(Boolean).map((s) => {
@@ -299,8 +306,10 @@
     nPos = Math.max(tokens.length, 1 + nodes.reduce((m, n) => Math.max(m, n.ctx_idx), 0));
     nLayers = nodes.reduce((m, n) => n.feature_type === "logit" ? Math.max(m, Number(n.layer) - 1) : m, 0);
     nodes.forEach((n) => byId.set(n.node_id, n));
+    const caption = document.getElementById("graphcaption");
+    if (caption && g.metadata.caption) { caption.textContent = g.metadata.caption; caption.hidden = false; }
     layout();
-    loadHash();
+    loadHash(g.qParams);
     renderLists();
     draw();
     svg.dataset.ready = "1";

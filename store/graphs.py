@@ -156,3 +156,11 @@ def published_layers(session: Session, model: str, folders: dict[int, str], set_
         elif model in (lm_name, lm_source):
             loose.setdefault(layer, name)
     return exact or loose
+
+
+def set_graph_data(session: Session, graph_id: int, data: dict) -> None:
+    """Replace a finished graph's JSON, e.g. with a caption (metadata.caption) and preset pins and
+    supernodes (qParams.pinnedIds, qParams.supernodes) that the graph page shows when its URL
+    names none; the caller commits."""
+    session.execute(update(AttributionGraph).where(AttributionGraph.id == graph_id).values(
+        graph=pack(data), n_nodes=len(data["nodes"]), n_links=len(data["links"])))

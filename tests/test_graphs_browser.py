@@ -119,3 +119,45 @@ def test_the_graph_draws_prunes_and_pins_offline(served, done_graph):  # noqa: F
             context.close()
             browser.close()
     assert errors == [], errors
+
+
+def test_a_stored_caption_pins_and_supernodes_open_with_the_graph(served, done_graph, store_engine):  # noqa: F811
+    """A graph stored with metadata.caption and qParams (as the demo's example graphs are) opens
+    with that caption, those pins and that supernode when the URL names none; a URL's own pins win."""
+    from playwright.sync_api import sync_playwright
+    from sqlalchemy.orm import Session
+
+    from store import graphs as gstore
+
+    with Session(store_engine) as session:
+        row = gstore.get_graph(session, done_graph)
+        original = gstore.unpack(row.graph)
+        data = gstore.unpack(row.graph)
+        features = [n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"][:3]
+        data["metadata"]["caption"] = "A caption stored with the graph."
+        data["qParams"]["pinnedIds"] = features
+        data["qParams"]["supernodes"] = [["two features", *features[:2]]]
+        gstore.set_graph_data(session, row.id, data)
+        session.commit()
+    base = served
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.route("**/*", lambda r: r.continue_() if r.request.url.startswith(base) else r.abort())
+            page = context.new_page()
+            page.goto(f"{base}/graphs/{done_graph}")
+            page.wait_for_selector("#graphsvg[data-ready='1']", timeout=15_000)
+            assert page.locator("#graphcaption").inner_text() == "A caption stored with the graph."
+            assert page.locator("#graphpinned li").count() == 3
+            assert page.locator("#graphsupernodes li").count() == 1
+            assert page.locator("#graphsupernodes li").inner_text().startswith("two features")
+            page.goto(f"{base}/graphs/{done_graph}#pinned={features[2]}")
+            page.reload()
+            page.wait_for_selector("#graphsvg[data-ready='1']", timeout=15_000)
+            assert page.locator("#graphpinned li").count() == 1 and page.locator("#graphsupernodes li").count() == 0
+            browser.close()
+    finally:
+        with Session(store_engine) as session:
+            gstore.set_graph_data(session, gstore.get_graph(session, done_graph).id, original)
+            session.commit()

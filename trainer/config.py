@@ -123,6 +123,9 @@ class TrainConfig:
     ce_contexts: int = 512
     """Most held-out contexts for the spliced-in LM loss (0 skips it); it stops earlier, after at least
     32, once the 95% intervals of CE recovered and delta LM loss are within ce_ci_target."""
+    ce_each: bool = True
+    """With ce_contexts > 0: also splice each SAE in alone for its own CE (one LM pass per SAE and
+    batch of contexts); off, a multi-block transcoder run measures only each whole set's CE."""
     ce_ci_target: float = 0.005
     """Half-width wanted for the 95% intervals: CE recovered +-0.005 (0.5 points), delta LM loss
     +-0.5% of the clean loss."""

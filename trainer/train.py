@@ -435,11 +435,12 @@ class Trainer:
             metrics[run.name] = m
         self.set_metrics = {}
         if self.lm is not None and c.ce_contexts > 0:
-            contexts = held_out_contexts(c, self.lm, min(c.lm_batch_size, 32))
-            ce = spliced_lm_loss(self.lm, models, contexts, c.exclude_bos, c.sink_norm_ratio,
-                                 max_contexts=c.ce_contexts, min_contexts=min(32, c.ce_contexts), target=c.ce_ci_target)
-            for i, run in enumerate(self.runs):
-                metrics[run.name].update(ce.get(i, {}))
+            if c.ce_each:
+                contexts = held_out_contexts(c, self.lm, min(c.lm_batch_size, 32))
+                ce = spliced_lm_loss(self.lm, models, contexts, c.exclude_bos, c.sink_norm_ratio, max_contexts=c.ce_contexts,
+                                     min_contexts=min(32, c.ce_contexts), target=c.ce_ci_target)
+                for i, run in enumerate(self.runs):
+                    metrics[run.name].update(ce.get(i, {}))
             index = {r.name: i for i, r in enumerate(self.runs)}
             for tag, runs in self.set_groups().items():
                 if len(runs) < 2:

@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true")
     demo.add_argument("--workers", type=int, default=None, help="server processes (default: the web_workers setting)")
     demo.add_argument("--tokens", type=int, default=None, help="training tokens (default from app/demo.py)")
+    demo.add_argument("--circuits", action="store_true",
+                      help="also train the 30-block transcoder set and store three example attribution graphs (long: see README)")
     return p
 
 

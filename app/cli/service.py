@@ -199,7 +199,7 @@ def cmd_demo(args) -> int:
     from app.demo import build_demo
     from store.settings import get_settings
 
-    build_demo(rebuild=args.rebuild, tokens=args.tokens)
+    build_demo(rebuild=args.rebuild, tokens=args.tokens, circuits=args.circuits)
     if args.no_serve:
         return 0
     workers = args.workers or get_settings().server_processes
