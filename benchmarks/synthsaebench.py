@@ -51,6 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_model  # noqa: E402
 
 PEER = REPO / "benchmarks" / "peers" / "synthsaebench_peer.py"
 PEERS_PYTHON = Path(os.environ.get("SAE_ATLAS_PEERS_PYTHON", str(REPO / ".peers" / "venv" / "bin" / "python")))
@@ -203,22 +204,12 @@ def main(argv=None) -> None:
     out.write_text(json.dumps({
         "command": "python benchmarks/synthsaebench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
-        "machine": {"platform": platform.platform(), "cpu": _cpu(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "threads_per_process": 1},
         "dtype": "float32 (no autocast)", "model": {k: v for k, v in info.items() if k != "config"},
         "model_config": info["config"], "data_rows": rows_n, "width": WIDTH, "k": K, "batch_size": BATCH,
         "eval_samples": args.eval_samples, "published_l0_20": PUBLISHED, "rows": results}, indent=1))
     print(f"wrote {out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

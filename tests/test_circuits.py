@@ -81,6 +81,22 @@ def random_transcoders(lm, architecture: str = "topk", skip: bool = False, seed:
     return out
 
 
+def save_transcoder_set(root, tiny_model_dir, tiny_lm, seed: int = 11, drop: int | None = None):
+    """A random transcoder set saved as a run folder with its manifest (block `drop` left out)."""
+    from trainer.formats.saelens import save_sae
+    from trainer.transcoders.sets import SetLayer, write_transcoder_set
+
+    layers = []
+    for layer, tc in enumerate(random_transcoders(tiny_lm, seed=seed)):
+        if layer == drop:
+            continue
+        folder = f"mlp.{layer}-topk-w96-k6"
+        save_sae(root / folder, tc.sae, 1.0, tc.site, str(tiny_model_dir), output_site=tc.output_site)
+        layers.append(SetLayer(layer, folder, tc.site, tc.output_site, "topk"))
+    write_transcoder_set(root, "topk-w96-k6", True, str(tiny_model_dir), tiny_lm.n_layers, "topk", 96, 6, False, layers)
+    return root
+
+
 def hand_codes(tc: Transcoder, x: torch.Tensor) -> torch.Tensor:
     """Dense activations [T, F] by each architecture's inference rule, from the weights."""
     sae = tc.sae

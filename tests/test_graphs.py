@@ -13,7 +13,7 @@ import pytest
 import torch
 from sqlalchemy import inspect
 
-from tests.test_circuits import PROMPT, random_transcoders
+from tests.test_circuits import PROMPT, save_transcoder_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,19 +27,11 @@ def tiny_set(tiny_model_dir, tiny_lm):
     """A complete random transcoder set of the tiny model, saved as a run folder with its
     manifest in DATA_DIR/transcoder_sets/tiny-set."""
     from store.settings import get_settings
-    from trainer.formats.saelens import save_sae
-    from trainer.transcoders.sets import SetLayer, write_transcoder_set
 
     root = get_settings().data_dir / "transcoder_sets" / SET_NAME
     if (root / "transcoder_set.json").is_file():
         return root
-    layers = []
-    for layer, tc in enumerate(random_transcoders(tiny_lm, seed=3)):
-        folder = f"mlp.{layer}-topk-w96-k6"
-        save_sae(root / folder, tc.sae, 1.0, tc.site, str(tiny_model_dir), output_site=tc.output_site)
-        layers.append(SetLayer(layer, folder, tc.site, tc.output_site, "topk"))
-    write_transcoder_set(root, "topk-w96-k6", True, str(tiny_model_dir), tiny_lm.n_layers, "topk", 96, 6, False, layers)
-    return root
+    return save_transcoder_set(root, tiny_model_dir, tiny_lm, seed=3)
 
 
 @pytest.fixture(scope="module")

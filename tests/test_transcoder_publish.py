@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from store.errors import AtlasError
 from tests.test_circuits import PROMPT, hand_codes, random_transcoders
+from tests.test_circuits import save_transcoder_set as save_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,22 +38,6 @@ def analysis(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("corpus") / "docs.txt"
     path.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "trainer").glob("*.py"))))
     return {**ANALYSIS, "corpus": str(path)}
-
-
-def save_set(root: Path, tiny_model_dir, tiny_lm, seed: int = 11, drop: int | None = None) -> Path:
-    """A random transcoder set saved as a run folder with its manifest (block `drop` left out)."""
-    from trainer.formats.saelens import save_sae
-    from trainer.transcoders.sets import SetLayer, write_transcoder_set
-
-    layers = []
-    for layer, tc in enumerate(random_transcoders(tiny_lm, seed=seed)):
-        if layer == drop:
-            continue
-        folder = f"mlp.{layer}-topk-w96-k6"
-        save_sae(root / folder, tc.sae, 1.0, tc.site, str(tiny_model_dir), output_site=tc.output_site)
-        layers.append(SetLayer(layer, folder, tc.site, tc.output_site, "topk"))
-    write_transcoder_set(root, "topk-w96-k6", True, str(tiny_model_dir), tiny_lm.n_layers, "topk", 96, 6, False, layers)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +77,6 @@ def _sae(session, name):
 
 def test_every_block_is_published_with_its_set(published, store_engine, tiny_model_dir):
     from store.models import Feature
-
     from store.settings import get_settings
 
     run, names, timings = published
@@ -150,8 +134,8 @@ def test_examples_are_read_at_the_mlp_input(published, store_engine, tiny_lm):
 
 
 def test_a_light_publish_says_which_scores_it_did_not_compute(published, store_engine):
-    from tests.test_api import make_client
     from store.models import Explanation, Feature
+    from tests.test_api import make_client
 
     _, names, _ = published
     with Session(store_engine) as s:
