@@ -194,7 +194,6 @@ def test_batches_run_in_bfloat16_where_the_cpu_multiplies_it_natively(native_bf1
     import trainer.lm
 
     # AVX512-BF16 without AMX (the 2-core AMD EPYC): 2.5-3x the float32 texts/s (BENCHMARKS.md)
-    monkeypatch.setattr(trainer.lm, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(trainer.lm, "cpu_has_bf16_matmul", lambda: native_bf16)
     cpu = torch.device("cpu")
     assert emb._autocast_dtype("auto", cpu) == (torch.bfloat16 if native_bf16 else None)
