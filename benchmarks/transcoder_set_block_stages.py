@@ -19,6 +19,10 @@ one torch thread, after one warm-up text through the embedding model:
 --publish B...: then the whole light publish of each of these blocks in turn in this process
 (trainer.publish.publish with the arguments trainer.transcoders.publish_set gives it, as
 `stage-test-L<B>`), wall and CPU seconds each: the per-block cost of `publish-set --light`.
+--set-texts: then, without embedding, the texts a light publish of EVERY block would embed (the
+same sample): per kind, how many and how many tokens, how many were also embedded for an earlier
+block and for the block just before, and the padding of the search documents batched per block
+against batched for the whole set.
 --code DIR: import trainer/ and store/ from another checkout (the "before" of a change).
 CPU seconds are the process's (resource.getrusage). Prints one JSON line and writes
 benchmarks/results/transcoder_set_block_stages-<BLOCK>[-<label>].json.
@@ -48,6 +52,7 @@ def main() -> int:
     p.add_argument("block", type=int)
     p.add_argument("--light-only", action="store_true", help="skip the prepare on every latent")
     p.add_argument("--publish", type=int, nargs="*", default=[], help="blocks to publish whole, light, in turn")
+    p.add_argument("--set-texts", action="store_true", help="count the texts every block's light publish embeds")
     p.add_argument("--code", type=Path, default=REPO, help="the checkout whose trainer/ and store/ are measured")
     p.add_argument("--label", default="", help="suffix of the results file")
     args = p.parse_args()
@@ -119,12 +124,71 @@ def main() -> int:
                 extra_config={"transcoder_set": {"name": "stage-test", "layer": block, "n_layers": tset.n_layers}})
         out["publish"].append({"block": block, "s": round(time.perf_counter() - t, 1),
                                "cpu_s": round(cpu_s() - c, 1), "load": os.getloadavg()})
+    if args.set_texts:
+        out["set_texts"] = _set_texts(tset, tokenizer, emb, LIGHT_SCORE_SAMPLE)
     out["load_after"] = os.getloadavg()
     print(json.dumps(out))
     suffix = f"-{args.label}" if args.label else ""
     path = REPO / "benchmarks" / "results" / f"transcoder_set_block_stages-{args.block}{suffix}.json"
     path.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _set_texts(tset, tokenizer, emb, sample: int) -> dict:
+    """What the light publish of every block embeds, counted with the tokenizer only (the sampled
+    latents drawn as at_publish.prepare draws them)."""
+    import numpy as np
+
+    from store.vectors import document_text
+    from trainer.interpret import embedding_scorer, token_pattern, windows
+    from trainer.interpret.embedder import _batches
+    from trainer.publish import Analysis
+
+    kinds = ("windows", "documents", "queries")
+    out = {k: {"texts": 0, "tokens": 0, "in_earlier_block": 0, "in_earlier_block_tokens": 0,
+               "in_block_before": 0, "in_block_before_tokens": 0} for k in kinds}
+    n_tokens: dict[str, int] = {}
+    seen, before, doc_lengths, padded = set(), set(), [], 0
+    for layer in sorted(tset.layers):
+        a = Analysis.load(tset.folder(layer))
+        vocab = a.vocab
+        texts = [token_pattern.describe(st, lambda t: vocab[t] if 0 <= t < len(vocab) else f"<{t}>")
+                 for st in token_pattern.stats_from_analysis(a.examples, a.features)]
+        wins = windows.select(a.examples, a.features, vocab, n_pos=windows.N_POS, n_neg=windows.N_NEG, seed=0,
+                              window=windows.scoring_window())
+        explained = [i for i, t in enumerate(texts) if t]
+        pick = np.random.default_rng(0).choice(len(explained), size=min(sample, len(explained)), replace=False)
+        scored = sorted(explained[j] for j in pick.tolist())
+        used = sorted({j for i in scored for j in wins.pos[i] + wins.neg[i]})
+        block = {"windows": [wins.texts[j] for j in used], "documents": [document_text(texts[i]) for i in explained],
+                 "queries": [embedding_scorer.query_text(texts[i]) for i in scored]}
+        here: set[str] = set()
+        for kind in kinds:
+            distinct = [t for t in dict.fromkeys(block[kind]) if t not in here]
+            here.update(distinct)
+            new = [t for t in distinct if t not in n_tokens]
+            if new:
+                n_tokens.update(zip(new, (len(x) for x in tokenizer(new)["input_ids"])))
+            o = out[kind]
+            o["texts"] += len(distinct)
+            o["tokens"] += sum(n_tokens[t] for t in distinct)
+            for key, pool in (("in_earlier_block", seen), ("in_block_before", before)):
+                hits = [t for t in distinct if t in pool]
+                o[key] += len(hits)
+                o[key + "_tokens"] += sum(n_tokens[t] for t in hits)
+        lengths = np.sort([n_tokens[t] for t in block["documents"]])
+        doc_lengths.append(lengths)
+        padded += sum((b.stop - b.start) * int(lengths[b.stop - 1])
+                      for b in _batches(lengths, emb.batch_size, emb.tokens_per_batch))
+        before, seen = here, seen | here
+    every = np.sort(np.concatenate(doc_lengths))
+    together = sum((b.stop - b.start) * int(every[b.stop - 1]) for b in _batches(every, emb.batch_size, emb.tokens_per_batch))
+    total = sum(o["tokens"] for o in out.values())
+    for o in out.values():
+        o["share_of_tokens"] = round(o["tokens"] / max(total, 1), 4)
+    out["document_padding_per_block"] = round(padded / max(int(every.sum()), 1) - 1, 4)
+    out["document_padding_whole_set"] = round(together / max(int(every.sum()), 1) - 1, 4)
+    return out
 
 
 def _kinds(interp, a, s, tokenizer, document_text, query_text) -> dict:
