@@ -262,6 +262,34 @@ def test_days_of_the_week_that_never_co_fire_are_one_group_by_their_directions()
     assert _circle_residual(pts) < 0.3
 
 
+MAP_THREADS = """
+import numba, numpy as np, torch
+from trainer.structure.layout import MapConfig, build_map
+want = 1 if numba.config.NUMBA_NUM_THREADS != 1 else 2  # a count numba's own would overwrite
+torch.set_num_threads(want)
+assert torch.get_num_threads() == want  # asked once (as publishing does): numba's start then overwrites it
+d = np.random.default_rng(0).standard_normal((64, 8))
+unit = d / np.linalg.norm(d, axis=1, keepdims=True)
+cos = unit @ unit.T
+np.fill_diagonal(cos, -np.inf)
+ids = np.argsort(-cos, 1)[:, :8]
+build_map(d, ids, np.take_along_axis(cos, ids, 1), None, [None] * 64, MapConfig(seed=0, n_epochs=10))
+print(want, torch.get_num_threads())
+"""
+
+
+def test_the_map_leaves_torchs_thread_count_alone():
+    """UMAP starts numba's threads, which with numba's OpenMP layer sets the OpenMP runtime torch
+    shares to numba's count (every core). In a fresh process: that happens once, on first use."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MAP_THREADS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want, got = out.stdout.split()[-2:]
+    assert got == want
+
+
 def test_map_is_deterministic_for_a_seed():
     """Same seed, same layout and clusters; labels come from the members' explanations."""
     from trainer.structure.layout import MapConfig, build_map

@@ -109,10 +109,12 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """The CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX): an SAE's dense encoder
     matmul in bfloat16 is then several times faster than in float32 (4096x576 by 576x4608 on the
-    2-core AMD EPYC with AVX512-BF16: 174 against 45 GFLOP/s)."""
+    2-core AMD EPYC with AVX512-BF16: 174 against 45 GFLOP/s). Read once per process (the
+    embedder asks on every call)."""
     if cpu_has_fast_bf16():
         return True
     try:

@@ -17,11 +17,13 @@ two names are never compared).
 Speed (embedding the scoring windows of every latent is most of the work of publishing):
 - texts are tokenized once, sorted by token count and batched under a token budget, so a batch
   holds texts of nearly the same length and almost nothing is padding;
-- on CPUs with AMX tiles (and on CUDA) batches of texts run under bfloat16 autocast: ~2.5x faster
-  per CPU second than float32 here, with every vector within 1e-4 cosine of the float32 one
-  (pooling and normalisation stay float32). A search query (one short text) runs in float32:
-  autocast casts the weights on every pass, which costs more than it saves there. Elsewhere all
-  runs in float32; dtype="float32" forces that.
+- on CPUs that multiply bfloat16 natively (AMX tiles or AVX512-BF16) and on CUDA, batches of
+  texts run under bfloat16 autocast: ~2.5x faster per CPU second than float32 on an AMX Xeon, and
+  2.5-3x on the 2-core AMD EPYC with AVX512-BF16 (BENCHMARKS.md, "Publishing a block of the
+  demo's transcoder set"), with every vector within 1e-4 cosine of the float32 one (pooling and
+  normalisation stay float32). A search query (one short text) runs in float32: autocast casts
+  the weights on every pass, which costs more than it saves there. Elsewhere all runs in float32;
+  dtype="float32" forces that.
 - int8 dynamic quantisation of the Linear layers was tried and rejected: vectors drifted to 0.88
   cosine of the float32 ones.
 """
@@ -145,7 +147,7 @@ class TransformersEmbedder:
     batch_size: int = 64  # most texts per forward pass
     max_length: int | None = None
     name: str = ""
-    dtype: str = "auto"  # auto: bfloat16 autocast where it is fast (AMX CPUs, CUDA), else float32; or float32
+    dtype: str = "auto"  # auto: bfloat16 autocast where it is fast (AMX or AVX512-BF16 CPUs, CUDA), else float32; or float32
     tokens_per_batch: int = 2048  # padded tokens per forward pass (short texts get bigger batches)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loaded: tuple | None = field(default=None, repr=False)
@@ -191,7 +193,7 @@ class TransformersEmbedder:
         return tokenizer, model, device, max_length
 
     def precision(self) -> str:
-        """float32, or the autocast dtype the encoder runs in (bfloat16 on AMX CPUs)."""
+        """float32, or the autocast dtype the encoder runs its batches in (bfloat16 on AMX or AVX512-BF16 CPUs)."""
         import torch
 
         return str(_autocast_dtype(self.dtype, self.load()[2]) or torch.float32).replace("torch.", "")
@@ -237,10 +239,10 @@ def _batches(sorted_lengths: np.ndarray, max_texts: int, max_tokens: int):
 
 
 def _autocast_dtype(requested: str, device):
-    """bfloat16 where the hardware makes it fast (AMX CPUs, CUDA), else None (float32)."""
+    """bfloat16 where the hardware makes it fast (CPUs with AMX or AVX512-BF16, CUDA), else None (float32)."""
     import torch
 
-    from trainer.lm import cpu_has_fast_bf16
+    from trainer.lm import cpu_has_bf16_matmul
 
     if requested == "float32":
         return None
@@ -250,7 +252,7 @@ def _autocast_dtype(requested: str, device):
         raise ValueError(f"embedding dtype must be auto, float32 or bfloat16, not {requested!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
+    if device.type == "cpu" and cpu_has_bf16_matmul():
         return torch.bfloat16
     return None
 

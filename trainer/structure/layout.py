@@ -67,15 +67,25 @@ def layout(directions: np.ndarray, neighbor_ids: np.ndarray, neighbor_cos: np.nd
     k = min(cfg.n_neighbors, neighbor_ids.shape[1] + 1, F - 1)
     if k < 2 or F < 8:  # too few latents for UMAP's neighbourhood graph: a straight line is the honest layout
         return np.column_stack([np.arange(F, dtype=np.float64), np.zeros(F)])
+    import torch
     import umap
 
     idx = np.concatenate([np.arange(F)[:, None], neighbor_ids[:, :k - 1]], 1).astype(np.int64)
     dist = np.concatenate([np.zeros((F, 1)), 1.0 - neighbor_cos[:, :k - 1]], 1).clip(0, 2).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no NNDescent index (we never transform new points); n_jobs=1 with a seed
-        emb = umap.UMAP(n_neighbors=k, metric="cosine", min_dist=cfg.min_dist, n_epochs=cfg.n_epochs,
-                        random_state=cfg.seed, precomputed_knn=(idx, dist), n_jobs=1,
-                        ).fit_transform(np.asarray(directions, np.float32))
+    # UMAP sets numba's thread count to n_jobs and back to numba's default (every core) when done;
+    # with numba's OpenMP layer that is the OpenMP runtime torch shares, so torch would run on every
+    # core from then on, whatever the process asked for: publishing a transcoder set's next block
+    # then embedded 6x slower on 2 busy cores (BENCHMARKS.md, "Publishing a block of the demo's
+    # transcoder set"). Put torch's count back.
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no NNDescent index (we never transform new points); n_jobs=1 with a seed
+            emb = umap.UMAP(n_neighbors=k, metric="cosine", min_dist=cfg.min_dist, n_epochs=cfg.n_epochs,
+                            random_state=cfg.seed, precomputed_knn=(idx, dist), n_jobs=1,
+                            ).fit_transform(np.asarray(directions, np.float32))
+    finally:
+        torch.set_num_threads(threads)
     return np.asarray(emb, np.float64)
 
 
