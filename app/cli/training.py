@@ -13,7 +13,8 @@ SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "wi
                  "batch_size": "batch_size", "lr": "lr", "corpus": "corpus", "text_field": "text_field",
                  "ctx_len": "ctx_len", "eval_fraction": "eval_fraction", "seed": "seed",
                  "l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient", "device": "device",
-                 "lm_dtype": "lm_dtype"}
+                 "lm_dtype": "lm_dtype", "skip_connection": "skip_connection"}
+SUBMIT_ONLY = ("name", "analyze_tokens", "gpus", "priority", "description", "set_publish")
 
 
 def cmd_train(args, extra: dict) -> int:
@@ -27,7 +28,7 @@ def cmd_train(args, extra: dict) -> int:
     values.update(extra)
     if args.submit:
         return submit_run(args, values)
-    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+    for flag in SUBMIT_ONLY:
         if getattr(args, flag) is not None:
             raise AtlasError(f"--{flag.replace('_', '-')} only applies with --submit")
     cfg = build_config(TrainConfig, values)
@@ -79,7 +80,7 @@ def submit_run(args, values: dict) -> int:
         value = data.get(key)
         if isinstance(value, (str, Path)) and str(value).startswith(("./", "../")) and Path(value).exists():
             data[key] = str(Path(value).resolve())
-    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+    for flag in SUBMIT_ONLY:
         if getattr(args, flag) is not None:
             data[flag] = getattr(args, flag)
     try:
