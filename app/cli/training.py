@@ -67,7 +67,7 @@ def submit_run(args, values: dict) -> int:
 
     from store.db import check_schema, session_scope
     from app.runs.service import submit
-    from app.runs.spec import RunSpec
+    from app.runs.spec import RunSpec, validate_spec
     from trainer.config import TrainConfig
 
     cfg = build_config(TrainConfig, values)  # parses and type-checks the flags as for a local run
@@ -89,6 +89,7 @@ def submit_run(args, values: dict) -> int:
         reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'run'}: {e['msg'].removeprefix('Value error, ')}"
                             for e in exc.errors())
         raise AtlasError(f"invalid run: {reasons}") from None
+    spec = validate_spec(spec)  # the model, its sites and the corpus, before the database is asked
     check_schema()
     with session_scope() as session:
         run = submit(session, spec, requested_by="cli")
