@@ -35,7 +35,7 @@ Architecture = Literal[ARCHITECTURES]  # the trainer's own list, so a new archit
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 LONGEST_DEFAULT_NAME = f"run-{2**31 - 1}"  # runs without a name publish as run-<id>
-DEEPEST_CHECKED = 1000  # block numbers stood in for mlp.* when checking name lengths: no LM here has 1000 blocks
+DEEPEST_CHECKED = 1000  # transcoder sites may name blocks below this (no LM here has 1000 blocks)
 
 
 class RunSpec(BaseModel):
@@ -124,7 +124,9 @@ class RunSpec(BaseModel):
             self.train_config(Path("unused")).validate()
         except AtlasError as exc:
             raise ValueError(exc.one_line()) from None
-        for _, published in self.outputs(self.name or LONGEST_DEFAULT_NAME, n_layers=DEEPEST_CHECKED):  # stands in for mlp.*
+        # names are longest at the deepest block: mlp.999 stands in for mlp.* (whose depth is not known here)
+        deepest = [f"mlp.{DEEPEST_CHECKED - 1}" if s.strip() == "mlp.*" else s for s in self.sites]
+        for _, published in self.model_copy(update={"sites": deepest}).outputs(self.name or LONGEST_DEFAULT_NAME):
             if not PUBLISHED_NAME_RE.fullmatch(published):
                 raise ValueError(f"the SAE name {published!r} is too long to publish (at most 128 characters); "
                                  "choose a shorter name")
