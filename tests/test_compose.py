@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from app.cli.training import SUBMIT_ONLY  # train flags that need --submit
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 CPU_OVERRIDE = REPO / "docker-compose.cpu.yml"
@@ -342,7 +344,6 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise AssertionError("sae-atlas has no subcommands")
 
 
-SUBMIT_ONLY = ("name", "analyze_tokens", "gpus", "priority", "description")  # train flags that need --submit
 
 
 def run_spec(data: dict, where: str):

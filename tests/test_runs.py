@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,21 @@ from app.runs.child import PAUSE_AT_STEP_ENV, PAUSED_FILE
 from app.runs.worker import HOLD_PUBLISH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+SOURCES = "./sources.jsonl"
+
+
+def source_corpus(data: Path) -> str:
+    """A small .jsonl corpus of this repository's trainer sources under DATA_DIR/corpora, the runs'
+    default here: read in well under a second, where pydoc parses the standard library in every
+    process that reads it (about 7 s each time on a loaded 2-core machine)."""
+    folder = data / "corpora"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "sources.jsonl", "w") as fh:
+        for path in sorted((REPO / "trainer").glob("*.py")):
+            text = path.read_text()
+            for i in range(0, len(text), 2000):  # many documents, so that the held-out split has some
+                fh.write(json.dumps({"text": text[i:i + 2000]}) + "\n")
+    return SOURCES
 
 
 @pytest.fixture
@@ -39,6 +55,7 @@ def atlas(engine, tmp_path, monkeypatch, tiny_model_dir):
            "SAE_ATLAS_RUN_LEASE_S": "4", "SAE_ATLAS_RUN_CHECKPOINT_S": "1", "SAE_ATLAS_WORKER_POLL_S": "0.2",
            "PYTHONPATH": str(REPO), "SAE_ATLAS_MODEL_ROOTS": str(tmp_path / "models") + os.pathsep + str(tiny_model_dir.parent)}
     (tmp_path / "models").mkdir()
+    source_corpus(data)
     for k in ("DATABASE_URL", "SAE_ATLAS_DATA_DIR", "SAE_ATLAS_MODEL_ROOTS"):
         monkeypatch.setenv(k, env[k])
     get_settings.cache_clear()
@@ -51,7 +68,7 @@ def atlas(engine, tmp_path, monkeypatch, tiny_model_dir):
 
 def spec(model_dir: Path, **kw) -> dict:
     return {"model": str(model_dir), "sites": ["resid_post.1"], "width": [64], "k": [4], "tokens": 16_384,
-            "batch_size": 512, "analyze_tokens": 4000, "device": "cpu", "lm_dtype": "float32", **kw}
+            "batch_size": 512, "analyze_tokens": 4000, "device": "cpu", "lm_dtype": "float32", "corpus": SOURCES, **kw}
 
 
 def submit(client, key, body: dict) -> dict:
@@ -106,7 +123,13 @@ def test_invalid_configs_are_refused_at_submission_with_the_reason(atlas, tiny_m
         ({"k": [64], "width": [32]}, "k=64 must be smaller than width=32"),
         ({"sites": ["resid_post.9"]}, "unknown site 'resid_post.9': the model has blocks 0..3"),
         ({"sites": ["residual.1"]}, "unknown site 'residual.1'"),
-        ({"sites": ["mlp.*"]}, "names transcoders, which the run queue does not train"),
+        ({"sites": ["mlp.0-1"]}, "leave block(s) 2, 3 of the model's 4 without a transcoder"),
+        ({"sites": ["mlp.*", "resid_post.1"]}, "sites mlp.* train transcoder sets and resid_post.1 SAEs"),
+        ({"sites": ["mlp.0-9"]}, "unknown transcoder site 'mlp.0-9': the model has blocks 0..3"),
+        ({"sites": ["mlp.3-1"]}, "runs backwards"),
+        ({"sites": ["mlp.0-99999999999"]}, "names blocks past 999"),
+        ({"skip_connection": True}, "--skip-connection only applies to transcoders"),
+        ({"sites": ["mlp.*"], "set_publish": "heavy"}, "set_publish"),
         ({"model": "no-such-alias"}, "unknown model alias 'no-such-alias'"),
         ({"model": "/nowhere/model.gguf"}, "is not under the folders training runs may read"),
         ({"model": "./nowhere.gguf"}, "does not exist"),
@@ -187,6 +210,76 @@ def test_api_run_is_trained_analysed_and_published_by_a_worker(atlas, tiny_model
     page = client.get(f"/runs/{run['id']}")
     assert page.status_code == 200 and "<svg" in page.text and "/saes/tiny-run" in page.text
     assert f"/runs/{run['id']}" in client.get("/saes/tiny-run").text
+
+
+# --- a transcoder set from the API to a registered, published set ----------------------------------
+
+def two_block_model(tiny_model_dir: Path, models: Path) -> Path:
+    """The tiny model cut to its first 2 blocks (the weights of the others are left unread)."""
+    folder = models / "tiny-2-blocks"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    return folder
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_queued_transcoder_set_is_trained_published_and_registered_for_graphs(atlas, tiny_model_dir, tmp_path):
+    from store.graphs import published_layers
+    from trainer.transcoders.sets import load_transcoder_set, sets_dir
+
+    engine, client, key, env = atlas
+    model = two_block_model(tiny_model_dir, tmp_path / "models")
+    body = spec(model, name="tc", sites=["mlp.*"], width=[32], k=[4], tokens=512 * 8, analyze_tokens=2000)
+    run = submit(client, key, body)
+    assert run["spec"]["sites"] == ["mlp.0-1"]  # stored with the blocks it names
+    r = client.post("/api/v1/runs", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 409 and "already used" in r.text
+
+    worker = start_worker(env, "--once", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+    r = client.get(f"/api/v1/runs/{run['id']}").json()
+    assert r["status"] == "done", r
+    assert r["progress"] == 1.0 and r["step"] == 8
+    assert sorted(s["name"] for s in r["saes"]) == ["tc-L0", "tc-L1"]
+    assert sorted(client.get(f"/api/v1/runs/{run['id']}/metrics").json()["saes"]) == ["tc-L0", "tc-L1"]
+    with Session(engine) as session:
+        rows = {row.name: row for row in session.scalars(select(SAE).where(SAE.run_id == run["id"]))}
+        for layer in (0, 1):
+            block = rows[f"tc-L{layer}"]
+            assert block.status == "ready" and block.site == f"mlp_in.{layer}"
+            assert block.config["transcoder_set"]["name"] == "tc" and block.config["transcoder_set"]["layer"] == layer
+        # registered under the run's name, complete, each block linked to its published SAE
+        registered = sets_dir() / "tc" / "transcoder_set.json"
+        tset = load_transcoder_set(registered)
+        assert sorted(tset.layers) == [0, 1] and json.loads(registered.read_text())["published"] == {"0": "tc-L0", "1": "tc-L1"}
+        folders = {layer: str(tset.folder(layer)) for layer in tset.layers}
+        assert published_layers(session, tset.model, folders, "tc") == {0: "tc-L0", 1: "tc-L1"}
+    assert "tc" in client.get("/api/v1/graphs/sets").json()["sets"]
+    r = client.post("/api/v1/graphs", json={"set": "tc", "prompt": "def f(x):"}, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)  # SQLite's writer holds the whole file while publishing
+def test_a_transcoder_set_cancelled_while_publishing_publishes_and_registers_nothing(atlas, tiny_model_dir, tmp_path):
+    from trainer.transcoders.sets import sets_dir
+
+    engine, client, key, env = atlas
+    model = two_block_model(tiny_model_dir, tmp_path / "models")
+    run = submit(client, key, spec(model, name="tc2", sites=["mlp.*"], width=[32], k=[4], tokens=512 * 4,
+                                   analyze_tokens=1000))
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    worker = start_worker({**env, HOLD_PUBLISH_ENV: str(hold)}, "--once", log=tmp_path / "worker.log")
+    wait_for(lambda: (hold / "publishing").exists(), 240, "the publish to start")
+    assert client.post(f"/api/v1/runs/{run['id']}/cancel", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    (hold / "release").touch()
+    assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    r = client.get(f"/api/v1/runs/{run['id']}").json()
+    assert r["status"] == "cancelled" and r["saes"] == []
+    assert not (sets_dir() / "tc2").exists()
+    assert "cancelled" in (tmp_path / "worker.log").read_text()
 
 
 # --- a worker killed mid-run; another resumes it ---------------------------------------------------

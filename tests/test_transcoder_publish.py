@@ -246,10 +246,16 @@ def test_bad_sets_get_one_line_errors(published, tmp_path, tiny_model_dir, tiny_
     assert "invalid transcoder set name" in capsys.readouterr().err
 
 
-def test_the_run_queue_refuses_transcoders_naming_the_cli(capsys, tiny_model_dir):
+def test_the_run_queue_refuses_a_partial_transcoder_set_naming_the_cli(capsys, tiny_model_dir, monkeypatch):
     from app.cli import main
+    from store.settings import get_settings
 
-    assert main(["train", "--submit", "--site", "mlp.*", "--model", str(tiny_model_dir)]) != 0
+    monkeypatch.setenv("SAE_ATLAS_MODEL_ROOTS", str(tiny_model_dir.parent))
+    get_settings.cache_clear()
+    assert main(["train", "--submit", "--site", "mlp.0-1", "--model", str(tiny_model_dir)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "names transcoders, which the run queue does not train" in err[0]
-    assert "sae-atlas train --site 'mlp.*'" in err[0] and "sae-atlas publish-set" in err[0]
+    assert len(err) == 1 and "leave block(s) 2, 3 of the model's 4 without a transcoder" in err[0]
+    assert "sae-atlas train --site mlp.L" in err[0]
+    monkeypatch.undo()
+    get_settings.cache_clear()
+

@@ -286,9 +286,10 @@ class ActivationCache:
         tmp.rename(self.dir)
 
     def fill(self, lm, max_tokens: int, lm_batch_size: int = 32, desc: str = "caching activations",
-             shard_tokens: int = 1 << 18) -> ActivationCache:
+             shard_tokens: int = 1 << 18, report_phase: str | None = None) -> ActivationCache:
         """Write the cache (one LM pass, with a progress bar) unless it already covers max_tokens.
-        shard_tokens: tokens per shard, held in memory for every site until the shard is written."""
+        shard_tokens: tokens per shard, held in memory for every site until the shard is written.
+        report_phase: also report the pass's progress to trainer.progress under this phase."""
         if self.covers(max_tokens) and self.has_contexts:
             return self
         from tqdm import tqdm
@@ -300,7 +301,14 @@ class ActivationCache:
         if source.corpus.finite:  # the progress bar's total (the corpus is listed once, shared with the pass)
             target = min(target, count_tokens(source.corpus, lm.tokenizer, self.spec.split, self.spec.eval_fraction))
         with tqdm(total=target, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
-            self.write(source, max_tokens=max_tokens, shard_tokens=shard_tokens, progress=bar.update)
+            def advance(n: int) -> None:
+                bar.update(n)
+                if report_phase is not None:
+                    from trainer.progress import report
+
+                    report(report_phase, bar.n, target, "tok")
+
+            self.write(source, max_tokens=max_tokens, shard_tokens=shard_tokens, progress=advance)
         log.info("cached %d tokens of %s activations (%s split) in %s", self.meta()["tokens"],
                  ", ".join(self.spec.sites), self.spec.split, self.dir)
         return self

@@ -160,7 +160,8 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
                  description: str = "", progress: bool = True, run_id: int | None = None,
                  before_commit: Callable[[Session], None] | None = None, explain: bool | None = None,
                  relate: bool | None = None, lm=None, make_map: bool | None = None,
-                 score_sample: int | None = None, extra_config: dict | None = None) -> list[int]:
+                 score_sample: int | None = None, extra_config: dict | None = None,
+                 per_item: list[dict] | None = None) -> list[int]:
     """Publish several analysed SAEs (a run's sweep) in one transaction: all of them or none.
 
     before_commit(session) runs last inside the transaction; raising there rolls everything back
@@ -170,11 +171,16 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     transaction opens. make_map (default: the map_at_publish setting) lays out and clusters the
     latents (trainer/structure/layout.py), also before. score_sample: compute the embedding score of
     at most this many latents per SAE (the rest are stored as not computed; None: every latent).
-    extra_config: keys added to each SAE's config (a transcoder set's block records its set there). Then, unless relate is False (None: the relate_at_publish setting), the new
-    SAEs are related to their partners.
+    extra_config: keys added to each SAE's config (a transcoder set's block records its set there).
+    per_item: one dict per item overriding `description` and `extra_config` for that SAE (the blocks
+    of a transcoder set each say which block they are). Then, unless relate is False (None: the
+    relate_at_publish setting), the new SAEs are related to their partners.
     """
     for _, name in items:
         writes.check_name(name)
+    if per_item is not None and len(per_item) != len(items):
+        raise ValueError(f"per_item has {len(per_item)} entries for {len(items)} items")
+    options = [{"description": description, "extra_config": extra_config, **(o or {})} for o in (per_item or [None] * len(items))]
     engine = engine or get_engine()
     check_schema(engine)
     started = time.time()
@@ -185,9 +191,9 @@ def publish_many(items: list[tuple[str | Path, str]], replace: bool = False, eng
     ids, n_rows, n_examples = [], 0, 0
     try:
         with Session(engine) as session, session.begin():
-            for (sae_dir, name), a, interp, m in zip(items, analyses, interpretations, maps):
-                sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, description, run_id,
-                                                    a, interp, m, extra_config)
+            for (sae_dir, name), a, interp, m, o in zip(items, analyses, interpretations, maps, options):
+                sae_id, rows, examples = _write_sae(session, engine, Path(sae_dir), name, replace, o["description"], run_id,
+                                                    a, interp, m, o["extra_config"])
                 ids.append(sae_id)
                 n_rows += rows
                 n_examples += examples

@@ -53,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an SAE (or a sweep) on a model's activations or a .npy matrix")
     train.add_argument("--config", help="TOML file with the same keys as the flags")
     train.add_argument("--submit", action="store_true",
-                       help="queue the run for a trainer worker instead of training here (it is analysed and published too)")
+                       help="queue the run for a trainer worker instead of training here (it is analysed and published too; "
+                            "transcoder sites (mlp.*) must cover every block: the set is published and registered for graphs)")
     train.add_argument("--name", help="with --submit: name of the published SAE (a sweep's prefix)")
     train.add_argument("--analyze-tokens", dest="analyze_tokens", type=int, help="with --submit: tokens for the dashboards")
     train.add_argument("--gpus", type=int, help="with --submit: devices for the run (torchrun when more than one)")
     train.add_argument("--priority", type=int, help="with --submit: higher runs first")
     train.add_argument("--description", help="with --submit: shown on the SAE page")
+    train.add_argument("--set-publish", dest="set_publish", choices=["light", "full"],
+                       help="with --submit, transcoder sets: light (the default) samples the embedding score, full scores every latent")
     add_dataclass_flags(train, TrainConfig)
 
     an = sub.add_parser("analyze", help="compute every latent's dashboard in one pass of the LM")

@@ -13,7 +13,8 @@ SUBMIT_FIELDS = {"model": "model", "site": "sites", "arch": "arch", "width": "wi
                  "batch_size": "batch_size", "lr": "lr", "corpus": "corpus", "text_field": "text_field",
                  "ctx_len": "ctx_len", "eval_fraction": "eval_fraction", "seed": "seed",
                  "l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient", "device": "device",
-                 "lm_dtype": "lm_dtype"}
+                 "lm_dtype": "lm_dtype", "skip_connection": "skip_connection"}
+SUBMIT_ONLY = ("name", "analyze_tokens", "gpus", "priority", "description", "set_publish")
 
 
 def cmd_train(args, extra: dict) -> int:
@@ -27,7 +28,7 @@ def cmd_train(args, extra: dict) -> int:
     values.update(extra)
     if args.submit:
         return submit_run(args, values)
-    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+    for flag in SUBMIT_ONLY:
         if getattr(args, flag) is not None:
             raise AtlasError(f"--{flag.replace('_', '-')} only applies with --submit")
     cfg = build_config(TrainConfig, values)
@@ -66,7 +67,7 @@ def submit_run(args, values: dict) -> int:
 
     from store.db import check_schema, session_scope
     from app.runs.service import submit
-    from app.runs.spec import RunSpec
+    from app.runs.spec import RunSpec, validate_spec
     from trainer.config import TrainConfig
 
     cfg = build_config(TrainConfig, values)  # parses and type-checks the flags as for a local run
@@ -79,7 +80,7 @@ def submit_run(args, values: dict) -> int:
         value = data.get(key)
         if isinstance(value, (str, Path)) and str(value).startswith(("./", "../")) and Path(value).exists():
             data[key] = str(Path(value).resolve())
-    for flag in ("name", "analyze_tokens", "gpus", "priority", "description"):
+    for flag in SUBMIT_ONLY:
         if getattr(args, flag) is not None:
             data[flag] = getattr(args, flag)
     try:
@@ -88,6 +89,7 @@ def submit_run(args, values: dict) -> int:
         reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'run'}: {e['msg'].removeprefix('Value error, ')}"
                             for e in exc.errors())
         raise AtlasError(f"invalid run: {reasons}") from None
+    spec = validate_spec(spec)  # the model, its sites and the corpus, before the database is asked
     check_schema()
     with session_scope() as session:
         run = submit(session, spec, requested_by="cli")

@@ -1,7 +1,7 @@
 """The processes a trainer worker starts for one run: `train`, `analyze`, or `exec` (torchrun).
 
     python -m app.runs.child train WORKDIR       # resumes from WORKDIR/sae/checkpoint.pt if present
-    python -m app.runs.child analyze WORKDIR     # every SAE of the run; resumes a partial analysis
+    python -m app.runs.child analyze WORKDIR     # every SAE (or transcoder set) of the run; resumes a partial analysis
     python -m app.runs.child exec -- CMD ...     # torchrun for multi-GPU runs, tied to the worker
 
 They read WORKDIR/spec.json, report progress through SAE_ATLAS_PROGRESS_FILE (trainer.progress)
@@ -85,12 +85,30 @@ def analyze(workdir: Path) -> None:
     from trainer.lm import load_lm
 
     spec = load_spec(workdir)
-    folders = [folder for folder, _ in spec.outputs(prefix="")]
     lm = load_lm(spec.model, spec.device, spec.lm_dtype)
+    if spec.trains_transcoders:
+        return analyze_sets(workdir, spec, lm)
+    folders = [folder for folder, _ in spec.outputs(prefix="")]
     for i, folder in enumerate(folders):
         os.environ["SAE_ATLAS_PROGRESS_ITEM"] = f"{i + 1}/{len(folders)}"
-        run_analysis(AnalyzeConfig(sae_dir=workdir / SAE_DIR / folder, tokens=spec.analyze_tokens,
+        run_analysis(AnalyzeConfig(sae_dir=workdir / SAE_DIR / folder, tokens=spec.analysis_tokens(),
                                    split=spec.analyze_split, device=spec.device, lm_dtype=spec.lm_dtype), lm=lm)
+
+
+def analyze_sets(workdir: Path, spec: RunSpec, lm) -> None:
+    """Each transcoder set's blocks, analysed from one LM pass per set (publish_set.analyze_blocks);
+    the progress items are each set's pass and then its blocks."""
+    from trainer.transcoders.publish_set import analyze_blocks
+    from trainer.transcoders.sets import load_transcoder_set
+
+    sets = [load_transcoder_set(workdir / SAE_DIR / manifest) for manifest, _, _ in spec.transcoder_sets("run")]
+    total = sum(1 + len(tset.layers) for tset in sets)
+    first = 1
+    for tset in sets:
+        analyze_blocks(tset, sorted(tset.layers), lm=lm, tokens=spec.analysis_tokens(),
+                       analysis={"split": spec.analyze_split, "device": spec.device, "lm_dtype": spec.lm_dtype},
+                       progress_items=(first, total))
+        first += 1 + len(tset.layers)
 
 
 def main(argv: list[str] | None = None) -> int:

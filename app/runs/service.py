@@ -41,6 +41,13 @@ def submit(session: Session, spec: RunSpec, requested_by: str | None = None) -> 
         taken_sae = session.scalar(select(SAE.id).where(SAE.name.in_(published)).limit(1))
         if taken_run is not None or taken_sae is not None:
             raise NameTaken(f"the name {name!r} is already used by another run or SAE", "choose another name")
+        if spec.trains_transcoders:
+            from trainer.transcoders.publish_set import registered_dir
+            from trainer.transcoders.sets import SET_FILE
+
+            for _, set_name, _ in spec.transcoder_sets(name):
+                if (registered_dir(set_name) / SET_FILE).exists():
+                    raise NameTaken(f"a transcoder set named {set_name!r} is already registered", "choose another name")
     run = TrainingRun(name=name or f"pending-{utcnow().timestamp():.6f}", spec=spec.model_dump(mode="json"),
                       status=JobStatus.queued.value, gpus=spec.gpus, priority=spec.priority,
                       max_attempts=get_settings().run_max_attempts, requested_by=requested_by,

@@ -6,6 +6,12 @@ failing later on a GPU box: field ranges (pydantic), the sweep itself (TrainConf
 architectures, k < width, tokens >= one batch), the model (an alias, a local folder or .gguf, or a
 Hub id) and its sites (checked against the model's depth whenever the depth can be read without
 loading weights), and the corpus spec.
+
+A run whose sites name MLPs to transcode (mlp.L, mlp.A-B, mlp.*) trains transcoder sets: every
+block's transcoder from one LM pass, one set per configuration of the sweep. The queue publishes
+and registers sets whole, so their sites must cover every block of the model (checked against its
+depth, which must be readable without loading weights); `mlp.*` is stored as the explicit range
+`mlp.0-<last>`. Transcoders and SAEs of other sites go in separate runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ Architecture = Literal[ARCHITECTURES]  # the trainer's own list, so a new archit
 MAX_SWEEP = 32
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 LONGEST_DEFAULT_NAME = f"run-{2**31 - 1}"  # runs without a name publish as run-<id>
+DEEPEST_CHECKED = 1000  # transcoder sites may name blocks below this (no LM here has 1000 blocks)
 
 
 class RunSpec(BaseModel):
@@ -57,12 +64,19 @@ class RunSpec(BaseModel):
     ctx_len: int = Field(DEFAULTS.ctx_len, ge=4, le=32_768)
     eval_fraction: float = Field(DEFAULTS.eval_fraction, ge=0.01, lt=1)
     seed: int = Field(DEFAULTS.seed, ge=0, le=2**31 - 1)
-    analyze_tokens: int = Field(1_000_000, ge=1_000, le=10**10, description="tokens for the dashboards")
+    analyze_tokens: int | None = Field(None, ge=1_000, le=10**10,
+                                       description="tokens for the dashboards; blank: 1,000,000 for SAEs, 100,000 for a "
+                                                   "transcoder set (its one LM pass caches every block's input)")
     analyze_split: Literal["eval", "train", "all"] = "eval"
     gpus: int = Field(1, ge=1, le=64, description="devices; more than one trains data-parallel under torchrun")
     device: str = Field(DEFAULTS.device, pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = DEFAULTS.lm_dtype
     priority: int = Field(0, ge=-1000, le=1000)
+    skip_connection: bool = Field(DEFAULTS.skip_connection,
+                                  description="transcoder runs: skip-transcoders (a learned d x d skip term)")
+    set_publish: Literal["light", "full"] = Field(
+        "light", description="transcoder runs: light samples each block's embedding score and relates no SAEs "
+                             "(trainer.transcoders.publish_set); full scores every latent and relates the blocks")
 
     @field_validator("width", "k")
     @classmethod
@@ -76,16 +90,25 @@ class RunSpec(BaseModel):
     def _sites(cls, v: list[str]) -> list[str]:
         from trainer.sources import is_transcoder_spec, parse_site
 
+        from trainer.sources import transcoder_layers
+
         out = []
         for s in v:
-            if is_transcoder_spec(s):
-                raise ValueError(f"site {s!r} names transcoders, which the run queue does not train: train them with "
-                                 f"`sae-atlas train --site '{s}'` and publish the set with "
-                                 "`sae-atlas publish-set RUN_FOLDER --prefix NAME`")
             try:
-                out.append(parse_site(s).name)
+                if is_transcoder_spec(s):
+                    if any(int(n) >= DEEPEST_CHECKED for n in re.findall(r"\d+", s)):
+                        raise ValueError(f"transcoder site {s!r} names blocks past {DEEPEST_CHECKED - 1}; no model has them")
+                    transcoder_layers(s)  # its form; the blocks are checked against the model's depth later
+                    out.append(s.strip())
+                else:
+                    out.append(parse_site(s).name)
             except AtlasError as exc:
                 raise ValueError(exc.one_line()) from None
+        transcoders = [s for s in out if is_transcoder_spec(s)]
+        if transcoders and len(transcoders) < len(out):
+            others = [s for s in out if not is_transcoder_spec(s)]
+            raise ValueError(f"sites {', '.join(transcoders)} train transcoder sets and {', '.join(others)} SAEs: "
+                             "the run queue trains one or the other in a run; submit two runs")
         return list(dict.fromkeys(out))
 
     @model_validator(mode="after")
@@ -101,7 +124,9 @@ class RunSpec(BaseModel):
             self.train_config(Path("unused")).validate()
         except AtlasError as exc:
             raise ValueError(exc.one_line()) from None
-        for _, published in self.outputs(self.name or LONGEST_DEFAULT_NAME):
+        # names are longest at the deepest block: mlp.999 stands in for mlp.* (whose depth is not known here)
+        deepest = [f"mlp.{DEEPEST_CHECKED - 1}" if s.strip() == "mlp.*" else s for s in self.sites]
+        for _, published in self.model_copy(update={"sites": deepest}).outputs(self.name or LONGEST_DEFAULT_NAME):
             if not PUBLISHED_NAME_RE.fullmatch(published):
                 raise ValueError(f"the SAE name {published!r} is too long to publish (at most 128 characters); "
                                  "choose a shorter name")
@@ -114,18 +139,61 @@ class RunSpec(BaseModel):
               "width": list(self.width), "k": list(self.k), "tokens": self.tokens, "batch_size": self.batch_size,
               "lr": self.lr, "corpus": self.corpus, "text_field": self.text_field, "ctx_len": self.ctx_len,
               "eval_fraction": self.eval_fraction, "seed": self.seed, "device": self.device,
-              "lm_dtype": self.lm_dtype, "l1_coefficient": self.l1_coefficient, "l0_coefficient": self.l0_coefficient}
+              "lm_dtype": self.lm_dtype, "l1_coefficient": self.l1_coefficient, "l0_coefficient": self.l0_coefficient,
+              "skip_connection": self.skip_connection}
         return TrainConfig(**{**kw, **overrides})
 
-    def outputs(self, prefix: str) -> list[tuple[str, str]]:
+    @property
+    def trains_transcoders(self) -> bool:
+        from trainer.sources import is_transcoder_spec
+
+        return any(is_transcoder_spec(s) for s in self.sites)
+
+    def analysis_tokens(self) -> int:
+        """analyze_tokens, or its default: a set's analysis caches n_blocks x d_model values per token."""
+        from trainer.transcoders.publish_set import DEFAULT_TOKENS
+
+        if self.analyze_tokens is not None:
+            return self.analyze_tokens
+        return DEFAULT_TOKENS if self.trains_transcoders else 1_000_000
+
+    def outputs(self, prefix: str, n_layers: int | None = None) -> list[tuple[str, str]]:
         """(folder under the run's output, published SAE name) for every SAE of the run: a single
-        SAE is published as `prefix`, a sweep's members as `prefix-<site>-<arch>-w<width>[-k<k>]`."""
+        SAE is published as `prefix`, a sweep's members as `prefix-<site>-<arch>-w<width>[-k<k>]`,
+        a transcoder set's blocks as `<set name>-L<layer>` (transcoder_sets). n_layers: the model's
+        depth, needed while a site is still `mlp.*` (validate_spec stores it as a range)."""
+        if self.trains_transcoders:
+            return [out for _, _, blocks in self.transcoder_sets(prefix, n_layers) for out in blocks.values()]
         from trainer.config import sae_name
 
         configs = self.train_config(Path("unused")).sae_configs(1)
         if len(configs) == 1:
             return [("", prefix)]
         return [(sae_name(site, cfg), f"{prefix}-{sae_name(site, cfg)}") for site, cfg in configs]
+
+    def transcoder_sets(self, prefix: str, n_layers: int | None = None) -> list[tuple[str, str, dict[int, tuple[str, str]]]]:
+        """(manifest file under the run's output, registered set name, block -> (folder, published
+        name)) for every set of a transcoder run, as the trainer lays them out (trainer.train,
+        trainer.transcoders.sets): one set is registered as `prefix`, a sweep's sets as
+        `prefix-<arch>-w<width>[-k<k>]`."""
+        from trainer.config import sae_name
+        from trainer.sources import expand_sites, transcoder_layers
+        from trainer.transcoders.publish_set import block_name
+        from trainer.transcoders.sets import SET_FILE, set_groups
+
+        cfg = self.train_config(Path("unused"))
+        cfg.site = expand_sites(cfg.site, n_layers)
+        if any(transcoder_layers(s) is None for s in cfg.site):
+            raise AtlasError(f"the blocks of {', '.join(self.sites)} are unknown until the model's depth is known")
+        configs = cfg.sae_configs(1)
+        entries = [(transcoder_layers(site)[0], "" if len(configs) == 1 else sae_name(site, c), c) for site, c in configs]
+        groups = set_groups(entries)
+        out = []
+        for tag, group in groups.items():
+            name = prefix if len(groups) == 1 else f"{prefix}-{tag}"
+            manifest = SET_FILE if len(groups) == 1 else f"transcoder_set.{tag}.json"
+            out.append((manifest, name, {layer: (folder, block_name(name, layer)) for layer, folder, _ in group}))
+        return out
 
 
 # --- local paths: confined to the configured roots ----------------------------------------------
@@ -246,8 +314,34 @@ def validate_spec(spec: RunSpec) -> RunSpec:
 
     spec = confine_spec(spec)
     depth = check_model(spec.model)
-    if depth is not None:
+    if spec.trains_transcoders:
+        spec = whole_sets(spec, depth)
+    elif depth is not None:
         for s in spec.sites:
             parse_site(s, depth)
     check_corpus(spec.corpus)
     return spec
+
+
+def whole_sets(spec: RunSpec, depth: int | None) -> RunSpec:
+    """A transcoder run's spec with `mlp.*` written as `mlp.0-<last>`, after checking that its
+    sites name blocks of the model and cover all of them: the queue publishes and registers every
+    set whole (attribution graphs need a transcoder in every block)."""
+    from trainer.sources import transcoder_layers
+
+    if depth is None:
+        raise AtlasError(f"the depth of {spec.model!r} cannot be read without loading it, so its transcoder set "
+                         "cannot be checked before training",
+                         "download the model first (its config.json in the Hugging Face cache is enough), or use a "
+                         "local folder under the model roots")
+    layers: set[int] = set()
+    for s in spec.sites:
+        layers.update(transcoder_layers(s, depth))  # AtlasError for a block the model lacks
+    missing = sorted(set(range(depth)) - layers)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+        raise AtlasError(f"the transcoder sites {', '.join(spec.sites)} leave block(s) {shown} of the model's {depth} "
+                         "without a transcoder; the run queue trains whole transcoder sets",
+                         "use mlp.* (every block), or train single blocks with `sae-atlas train --site mlp.L`")
+    sites = [f"mlp.0-{depth - 1}" if s.strip() == "mlp.*" else s for s in spec.sites]
+    return spec.model_copy(update={"sites": list(dict.fromkeys(sites))})

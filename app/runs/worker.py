@@ -2,6 +2,10 @@
 
     claim (lease) -> train -> evaluate -> analyze -> publish (+ mark done, one transaction)
 
+A run of transcoder sets goes the same way: its analysis is each set's (one LM pass for all its
+blocks) and its publish writes every block and registers each set (app.runs.publishing). Which GPUs
+a worker may use is app.runs.devices; what its heartbeat carries, app.runs.heartbeat.
+
 - The heavy phases run in child processes (app.runs.child) in their own process group, so a
   cancel can stop them at once and a multi-GPU run is simply `torchrun` (tied to the worker's
   life by PDEATHSIG). The worker itself stays light: a monitor thread writes the run's progress,
@@ -25,15 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,153 +43,27 @@ from sqlalchemy.orm import Session
 
 from app import leases
 from app.autointerp.worker import new_worker_id
-from store.errors import AtlasError
-from store.models import JobStatus, RunMetric, TrainingRun, utcnow
 from app.runs import child
+from app.runs.devices import DeviceSlots, cuda_device_keys
+from app.runs.heartbeat import LOG_TAIL_LINES, MetricsReader, RunLost, _finite, log_tail
+from app.runs.publishing import HOLD_PUBLISH_ENV, hold_before_commit, publish_run, unregister_sets
 from app.runs.service import METRIC_FIELDS
 from app.runs.spec import RunSpec, confine_spec
+from store.errors import AtlasError
+from store.models import JobStatus, RunMetric, TrainingRun, utcnow
 from store.settings import get_settings
 from trainer import progress as progress_file
+
+# Their homes are app.runs.devices, .heartbeat and .publishing; importable from here as before.
+__all__ = ["DeviceSlots", "Execution", "HOLD_PUBLISH_ENV", "LOG_TAIL_LINES", "MetricsReader", "RunLost", "TrainerWorker",
+           "cuda_device_keys", "hold_before_commit", "log_tail"]
 
 log = logging.getLogger("app.runs.worker")
 
 # Share of the pipeline's progress bar each phase covers.
 PHASES = {"train": (0.0, 0.85), "evaluate": (0.85, 0.88), "analyze": (0.88, 0.97), "select": (0.88, 0.97),
           "publish": (0.97, 1.0)}
-LOG_TAIL_LINES = 60
 KILL_GRACE_S = 5.0
-
-
-def _finite(v):
-    """NaN and inf become None: JSON (and PostgreSQL's json type) has no spelling for them."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-# Tests of long publishes: with this set to a folder, the worker writes FOLDER/publishing once every
-# SAE is written, and commits only when FOLDER/release exists (the heartbeat goes on meanwhile).
-HOLD_PUBLISH_ENV = "SAE_ATLAS_RUN_HOLD_PUBLISH"
-
-
-def hold_before_commit(workdir: Path) -> None:
-    folder = os.environ.get(HOLD_PUBLISH_ENV)
-    if not folder:
-        return
-    import time
-
-    Path(folder, "publishing").write_text(str(workdir))
-    while not Path(folder, "release").exists():
-        time.sleep(0.05)
-
-
-class RunLost(Exception):
-    """The run stopped being ours: cancelled, or re-leased by another worker."""
-
-
-def cuda_device_keys() -> list[str]:
-    """A stable name per visible CUDA device (its UUID where torch exposes it), [] without CUDA."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return []
-        keys = []
-        for i in range(torch.cuda.device_count()):
-            uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
-            keys.append(f"gpu-{uuid}" if uuid else f"{socket.gethostname()}-cuda{i}")
-        return keys
-    except Exception:  # torch without a usable CUDA runtime
-        return []
-
-
-class DeviceSlots:
-    """Which GPUs this worker may use for its next run, shared fairly between trainer workers.
-
-    Scaled trainer containers on one host all see every GPU. Before a run, a worker takes an
-    exclusive lock (flock, released by the kernel if the worker dies) on a file per device under
-    DATA_DIR/runs/.devices, keyed by the device's UUID, so two workers never train on one GPU;
-    the run's children get CUDA_VISIBLE_DEVICES for exactly the devices locked."""
-
-    def __init__(self, folder: Path, keys: list[str]):
-        self.folder = folder
-        self.keys = keys
-        self.held: dict[int, int] = {}  # device index -> open file descriptor
-
-    def free(self) -> list[int]:
-        import fcntl
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        out = []
-        for i, key in enumerate(self.keys):
-            if i in self.held:
-                out.append(i)
-                continue
-            fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            self.held[i] = fd
-            out.append(i)
-        return out
-
-    def keep(self, indices: list[int]) -> None:
-        """Hold these devices, release the others."""
-        for i in list(self.held):
-            if i not in indices:
-                os.close(self.held.pop(i))
-
-    def release(self) -> None:
-        self.keep([])
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The end of a child's log as a terminal would show it: progress bars redraw with \\r, so
-    only the text after a line's last \\r is kept."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 32_768))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    shown = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-    return "\n".join([line for line in shown if line][-lines:])
-
-
-@dataclass
-class MetricsReader:
-    """Reads the new records of each SAE's metrics.jsonl from stored byte offsets, so every record
-    reaches the store once even across workers (the offsets commit with the rows)."""
-
-    files: dict[str, Path]  # SAE name within the run -> metrics.jsonl
-    offsets: dict[str, int] = field(default_factory=dict)
-
-    def read(self) -> tuple[dict[str, list[dict]], dict[str, int]]:
-        new, offsets = {}, dict(self.offsets)
-        for name, path in self.files.items():
-            start = offsets.get(name, 0)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            if size < start:  # the file was started again (an attempt that died before its first checkpoint)
-                start = 0
-            with open(path, "rb") as fh:
-                fh.seek(start)
-                chunk = fh.read(size - start)
-            end = chunk.rfind(b"\n") + 1  # only whole lines; a half-written one waits for the next read
-            records = []
-            for line in chunk[:end].splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-            offsets[name] = start + end
-            if records:
-                new[name] = records
-        return new, offsets
 
 
 class Execution:
@@ -350,8 +225,9 @@ class Execution:
     # --- the pipeline ---------------------------------------------------------------------------
 
     def trained(self) -> bool:
+        sets = self.spec.transcoder_sets(self.name) if self.spec.trains_transcoders else []
         return all((self.out / folder / "cfg.json").is_file() and (self.out / folder / "metrics.json").is_file()
-                   for folder, _ in self.outputs)
+                   for folder, _ in self.outputs) and all((self.out / manifest).is_file() for manifest, _, _ in sets)
 
     def execute(self) -> str:
         """Carry the run to done, failed, cancelled or released; returns that status ('lost' if
@@ -393,39 +269,13 @@ class Execution:
             self.phase = "publish"
             self.progress_path.write_text(json.dumps({"phase": "publish", "done": 0, "total": 1}))
             self.flush()
-            return self.publish()
+            return publish_run(self)
         except RunLost:
             return self._lost()
         finally:
             stop.set()
             monitor.join(timeout=10)
             self.kill_child()
-
-    def publish(self) -> str:
-        from trainer.publish import publish_many
-
-        items = [(self.out / folder, name) for folder, name in self.outputs]
-
-        def mark_done(session: Session) -> None:
-            hold_before_commit(self.workdir)
-            n = session.execute(update(TrainingRun).where(leases.owned(self.run_id, self.worker.id, TrainingRun)).values(
-                status=JobStatus.done.value, phase=None, progress=1.0, step=self.total_steps, finished_at=utcnow(),
-                lease_owner=None, lease_expires_at=None, error=None)).rowcount
-            if not n:
-                raise RunLost(f"run {self.run_id} was cancelled or taken over before it was published")
-
-        try:
-            publish_many(items, engine=self.worker.engine, description=self.spec.description or f"training run {self.run_id}",
-                         run_id=self.run_id, before_commit=mark_done, progress=False)
-        except RunLost:
-            return self._lost()
-        except AtlasError as exc:
-            return self._fail(exc.one_line(), retryable=False)
-        from trainer.train import CHECKPOINT
-
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # optimiser state: not needed once published
-        log.info("run %d (%s): done, published %s", self.run_id, self.name, ", ".join(n for _, n in self.outputs))
-        return JobStatus.done.value
 
     def _status_now(self) -> str | None:
         with Session(self.worker.engine) as session:
@@ -437,6 +287,7 @@ class Execution:
         status = self._status_now()
         if status == JobStatus.cancelled.value:
             log.info("run %d: cancelled; stopped its processes, published nothing", self.run_id)
+            unregister_sets(self)
             shutil.rmtree(self.out, ignore_errors=True)  # checkpoints and partial analyses of a cancelled run
             return JobStatus.cancelled.value
         log.warning("run %d: no longer ours (status %s); dropped this attempt", self.run_id, status)

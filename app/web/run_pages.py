@@ -43,7 +43,8 @@ CURVES = (("loss", "loss", None, num), ("fvu", "FVU", False, num), ("l0", "L0", 
 
 # The form's fields: name -> (label, kind). Kinds: text, int (one whole number; 2M, 1e6 and
 # 1_000 are fine), tokens (an int that also takes k/M/B), ints (comma-separated whole numbers),
-# list (comma-separated text), float, select (RunSpec's Literal choices), arch (checkboxes).
+# list (comma-separated text), float, select (RunSpec's Literal choices), yesno (a bool as a no/yes
+# select), arch (checkboxes).
 FIELDS: dict[str, tuple[str, str]] = {
     "name": ("name", "text"),
     "description": ("description", "text"),
@@ -68,9 +69,12 @@ FIELDS: dict[str, tuple[str, str]] = {
     "analyze_split": ("analysis split", "select"),
     "device": ("device", "text"),
     "lm_dtype": ("LM dtype", "select"),
+    "skip_connection": ("skip-transcoders", "yesno"),
+    "set_publish": ("transcoder set publish", "select"),
 }
-CHOICES = {name: typing.get_args(RunSpec.model_fields[name].annotation) for name, (_, kind) in FIELDS.items()
-           if kind == "select"}
+YESNO = ("no", "yes")
+CHOICES = {name: typing.get_args(RunSpec.model_fields[name].annotation) if kind == "select" else YESNO
+           for name, (_, kind) in FIELDS.items() if kind in ("select", "yesno")}
 MAX_VALUE_LEN = 2000
 
 
@@ -88,7 +92,8 @@ def form_values(spec: dict | None = None) -> dict[str, typing.Any]:
     """The form's text for each field: RunSpec's defaults, overridden by `spec` (a copied run)."""
     defaults = RunSpec.model_construct().model_dump()
     spec = {**defaults, **(spec or {})}
-    values: dict[str, typing.Any] = {name: _fmt_value(spec.get(name)) for name in FIELDS}
+    values: dict[str, typing.Any] = {name: YESNO[bool(spec.get(name))] if kind == "yesno" else _fmt_value(spec.get(name))
+                                     for name, (_, kind) in FIELDS.items()}
     values["arch"] = list(spec.get("arch") or [])
     return values
 
@@ -139,6 +144,8 @@ def spec_data(values: dict) -> dict:
             data[name] = [_intish(p) for p in items] if kind == "ints" else items
         elif kind in ("int", "tokens"):
             data[name] = _intish(text, suffixes=kind == "tokens")
+        elif kind == "yesno":
+            data[name] = {"no": False, "yes": True}.get(text, text)
         else:
             data[name] = text
     return data

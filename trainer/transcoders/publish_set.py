@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
 
@@ -70,6 +71,58 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     the LM's dtype) under DATA_DIR/activations; by default it is deleted once every block is analysed.
     timings: if given, filled with the seconds of each stage (lm_pass_s, analyses_s, publish_s).
     """
+    plan = plan_set_publish(manifest_path, prefix, name=name, replace=replace, engine=engine)
+    times = timings if timings is not None else {}
+    times.update(lm_pass_s=0.0, analyses_s=0.0, publish_s=0.0)
+    if plan.todo:
+        lm = analyze_blocks(plan.tset, plan.todo, loaded=plan.loaded, lm=lm, tokens=tokens, analysis=analysis,
+                            progress=progress, keep_cache=keep_cache, timings=times)
+        started = time.perf_counter()
+        _publish_blocks(plan, lm, light, replace, progress, explain)
+        times["publish_s"] = time.perf_counter() - started
+    register_set(plan.tset, plan.name, plan.names, replace=replace)
+    return [plan.names[layer] for layer in sorted(plan.names)]
+
+
+@dataclass
+class SetPublish:
+    """What publishing one set involves, checked before anything is analysed or written."""
+
+    tset: object
+    """The TranscoderSet (complete, every block the transcoder its manifest says)."""
+    name: str
+    """The name the set is registered under."""
+    names: dict[int, str]
+    """Block -> its published name."""
+    todo: list[int]
+    """The blocks still to publish (the others are published from the set's own folders)."""
+    loaded: dict
+    """Block -> its LoadedSAE."""
+    engine: object
+    """The store's engine."""
+
+    def items(self) -> tuple[list[tuple[Path, str]], list[dict]]:
+        """(folder, published name) of every block to publish and, for trainer.publish.publish_many's
+        per_item, each block's description and the config keys recording its set."""
+        tset, items, per_item = self.tset, [], []
+        for layer in self.todo:
+            entry = tset.layers[layer]
+            description = (f"Block {layer} of the transcoder set {self.name} ({tset.n_layers} blocks of {tset.model}): a "
+                           f"transcoder from {entry.input_site} to {entry.output_site}. Examples are read at "
+                           f"{entry.input_site}; logit effects go through the decoder, which writes {entry.output_site}.")
+            extra = {"transcoder_set": {"name": self.name, "layer": layer, "n_layers": tset.n_layers,
+                                        "input_site": entry.input_site, "output_site": entry.output_site,
+                                        "manifest": str(tset.path.resolve())}}
+            items.append((tset.folder(layer), self.names[layer]))
+            per_item.append({"description": description, "extra_config": extra})
+        return items, per_item
+
+
+def plan_set_publish(manifest_path: str | Path, prefix: str, name: str | None = None, replace: bool = False,
+                     engine=None) -> SetPublish:
+    """Load a set and check it can be published under `prefix` and registered as `name` (default:
+    prefix): every block loads as the transcoder the manifest says, no name is taken by another
+    set or SAE (unless replace). AtlasError otherwise."""
     from store.publish import check_name
     from trainer.transcoders.sets import load_transcoder_set
 
@@ -79,8 +132,6 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     names = {layer: block_name(prefix, layer) for layer in sorted(tset.layers)}
     for n in names.values():
         check_name(n)
-    if tokens <= 0:
-        raise AtlasError(f"tokens must be positive, not {tokens}")
     check_registration(tset, name, replace)
     folders = {layer: tset.folder(layer).resolve() for layer in names}
     loaded = {layer: tset.load(layer) for layer in names}  # every block is the transcoder the manifest says
@@ -88,25 +139,40 @@ def publish_transcoder_set(manifest_path: str | Path, prefix: str, *, lm=None, t
     done = _already_published(engine, names, folders, replace)
     todo = [layer for layer in names if layer not in done]
     log.info("transcoder set %s: %d blocks, %d already published", tset.path, len(names), len(done))
+    return SetPublish(tset, name, names, todo, loaded, engine)
+
+
+def analyze_blocks(tset, layers: list[int], *, loaded: dict | None = None, lm=None, tokens: int = DEFAULT_TOKENS,
+                   analysis: dict | None = None, progress: bool = True, keep_cache: bool = False,
+                   timings: dict | None = None, progress_items: tuple[int, int] | None = None):
+    """Analyse these blocks of a set: one LM pass caches every block's input site, then each
+    block's analysis reads it (see the module docstring); returns the LM. An analysis already
+    finished is kept. progress_items: (first, total) to number the stages (the LM pass, then each
+    block) as items for trainer.progress, whose reports a trainer worker turns into a run's progress."""
+    if tokens <= 0:
+        raise AtlasError(f"tokens must be positive, not {tokens}")
+    loaded = loaded or {layer: tset.load(layer) for layer in layers}
     times = timings if timings is not None else {}
-    times.update(lm_pass_s=0.0, analyses_s=0.0, publish_s=0.0)
-    if todo:
-        analyzers, lm = _analyzers(tset, todo, loaded, lm, tokens, analysis or {})
-        started = time.perf_counter()
-        filled = _fill_shared_cache([a for a in analyzers.values() if not a.complete()], lm, tokens)
-        times["lm_pass_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        for layer in todo:
-            analyzers[layer].run(progress)
-        times["analyses_s"] = time.perf_counter() - started
-        if not keep_cache:
-            for cache in filled:  # every block's analysis is done: its codes are in its own folder now
-                shutil.rmtree(cache.dir, ignore_errors=True)
-        started = time.perf_counter()
-        _publish_blocks(tset, name, names, todo, lm, light, replace, engine, progress, explain)
-        times["publish_s"] = time.perf_counter() - started
-    register_set(tset, name, names, replace=replace)
-    return [names[layer] for layer in sorted(names)]
+
+    def item(i: int) -> None:
+        if progress_items is not None:
+            os.environ["SAE_ATLAS_PROGRESS_ITEM"] = f"{progress_items[0] + i}/{progress_items[1]}"
+
+    analyzers, lm = _analyzers(tset, layers, loaded, lm, tokens, analysis or {})
+    started = time.perf_counter()
+    item(0)
+    filled = _fill_shared_cache([a for a in analyzers.values() if not a.complete()], lm, tokens,
+                                report=progress_items is not None)
+    times["lm_pass_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for i, layer in enumerate(layers):
+        item(i + 1)
+        analyzers[layer].run(progress)
+    times["analyses_s"] = time.perf_counter() - started
+    if not keep_cache:
+        for cache in filled:  # every block's analysis is done: its codes are in its own folder now
+            shutil.rmtree(cache.dir, ignore_errors=True)
+    return lm
 
 
 def _check_set_name(name: str) -> None:
@@ -169,10 +235,11 @@ def _analyzers(tset, todo: list[int], loaded: dict, lm, tokens: int, overrides: 
     return out, lm
 
 
-def _fill_shared_cache(analyzers: list, lm, tokens: int) -> list:
+def _fill_shared_cache(analyzers: list, lm, tokens: int, report: bool = False) -> list:
     """Fill one activation cache with every analyser's input site in one LM pass (unless a cache
     with all of them already covers the tokens) and return the caches filled here. The analyses
-    then find it: a cache of more sites serves each of them (trainer.activations.find_cache)."""
+    then find it: a cache of more sites serves each of them (trainer.activations.find_cache).
+    report: also report the pass's progress to trainer.progress (phase analyze)."""
     from store.settings import get_settings
     from trainer.activations import ActivationCache, find_cache
 
@@ -193,26 +260,20 @@ def _fill_shared_cache(analyzers: list, lm, tokens: int) -> list:
         # a shard's activations of every site wait in memory: as many tokens per shard in all as one site's
         filled.append(ActivationCache(root, spec).fill(lm, tokens, analyzers[0].cfg.lm_batch_size,
                                                        desc=f"reading {len(spec.sites)} input sites",
-                                                       shard_tokens=max(4096, (1 << 18) // len(spec.sites))))
+                                                       shard_tokens=max(4096, (1 << 18) // len(spec.sites)),
+                                                       report_phase="analyze" if report else None))
     return filled
 
 
-def _publish_blocks(tset, name: str, names: dict[int, str], todo: list[int], lm, light: bool, replace: bool,
-                    engine, progress: bool, explain: bool | None) -> None:
+def _publish_blocks(plan: SetPublish, lm, light: bool, replace: bool, progress: bool, explain: bool | None) -> None:
+    """Publish the set's blocks one by one (a block's dashboards are in memory only while it is written)."""
     from trainer.publish import publish
 
-    for layer in todo:
-        entry = tset.layers[layer]
-        description = (f"Block {layer} of the transcoder set {name} ({tset.n_layers} blocks of {tset.model}): a "
-                       f"transcoder from {entry.input_site} to {entry.output_site}. Examples are read at "
-                       f"{entry.input_site}; logit effects go through the decoder, which writes {entry.output_site}.")
-        extra = {"transcoder_set": {"name": name, "layer": layer, "n_layers": tset.n_layers,
-                                    "input_site": entry.input_site, "output_site": entry.output_site,
-                                    "manifest": str(tset.path.resolve())}}
-        publish(tset.folder(layer), names[layer], replace=replace, engine=engine, description=description,
-                progress=progress, lm=lm, explain=explain, score_sample=LIGHT_SCORE_SAMPLE if light else None,
-                relate=False if light else None, extra_config=extra)
-        log.info("published block %d of %s as %s", layer, name, names[layer])
+    items, per_item = plan.items()
+    for (folder, published), options in zip(items, per_item):
+        publish(folder, published, replace=replace, engine=plan.engine, progress=progress, lm=lm, explain=explain,
+                score_sample=LIGHT_SCORE_SAMPLE if light else None, relate=False if light else None, **options)
+        log.info("published %s of %s", published, plan.name)
 
 
 def register_set(tset, name: str, names: dict[int, str], replace: bool = False) -> Path:
