@@ -17,7 +17,7 @@ Python completion, a closing bracket, a word in prose), each stored with a capti
 supernodes computed from the graph. Each stage runs only when its results are missing, so an atlas
 built before the transcoder stage existed gets only that stage; later runs find everything and
 start the server in seconds. The stage is opt-in because it does not fit `make demo`'s time: on
-the 2-core AMD EPYC here it takes about an hour on one thread, most of it training on 524,288 tokens
+the 2-core AMD EPYC here it takes about 50 min on two threads, most of it training on 1,048,576 tokens
 (BENCHMARKS.md, "The demo's transcoder set and example graphs")."""
 
 from __future__ import annotations

@@ -74,13 +74,14 @@ class DemoTranscoders:
     higher L0 (BENCHMARKS.md, on blocks 4, 15 and 26 of another split)."""
     skip_connection: bool = True
     """A learned linear skip term W_skip x beside the sparse code (a skip-transcoder)."""
-    tokens: int = 524_288
+    tokens: int = 1_048_576
     """Training tokens, streamed from the LM once for all blocks. Of the levers tried on three blocks
     (batch size, learning rate, width, k, a solved skip term) only more optimiser steps moved FVU
     much, ~0.05 per doubling (BENCHMARKS.md, 'What buys a transcoder FVU'). On the 30 blocks:
     65,536 tokens gave mean FVU 0.366, CE recovered 0.938 and graph replacement 0.29-0.39;
-    524,288 give FVU 0.212, CE recovered 0.983 and replacement 0.49-0.50, completeness 0.86-0.87.
-    That costs ~46 min of training on one core of the 2-core EPYC, which is why the stage is opt-in."""
+    524,288 gave 0.212, 0.983 and 0.49-0.50; 1,048,576 give 0.191, 0.987 and 0.53-0.54 (completeness
+    0.87-0.89), the first budget to meet issue 20's goals. That costs ~40 min of training on the 2-core
+    EPYC with two threads, which is why the stage is opt-in."""
     batch_size: int = 1024
     """Tokens per optimiser step."""
     shuffle_buffer_mb: int = 1024
