@@ -83,16 +83,19 @@ def make(folder: Path, model: str, layers: int | None, tokens: int, random: list
             raise SystemExit(f"{transcoders} lacks transcoders for blocks {missing}")
         saes = [loaded[L].sae for L in range(lm.n_layers)]
         bad = [s.cfg.architecture for s in saes if s.cfg.architecture != "topk"]
-        if bad or any(getattr(s.io, "W_skip", None) is not None for s in saes):
-            raise SystemExit("only TopK transcoders without a skip term are converted for circuit-tracer here")
+        if bad:
+            raise SystemExit(f"only TopK transcoders are converted for circuit-tracer here, not {sorted(set(bad))}")
         k = saes[0].cfg.k
         width = saes[0].cfg.d_sae
     for layer, sae in enumerate(saes):
         W_enc = sae.W_enc.detach().float().clone()
         b_dec = sae.b_dec.detach().float().clone()
-        save_file({"W_enc": W_enc, "W_dec": sae.W_dec.detach().float().clone(),
-                   "b_enc": sae.b_enc.detach().float() - W_enc @ b_dec, "b_dec": b_dec},
-                  str(out / f"layer_{layer}.safetensors"))
+        tensors = {"W_enc": W_enc, "W_dec": sae.W_dec.detach().float().clone(),
+                   "b_enc": sae.b_enc.detach().float() - W_enc @ b_dec, "b_dec": b_dec}
+        w_skip = getattr(sae.io, "W_skip", None)
+        if w_skip is not None:  # [d_out, d_in], circuit-tracer's layout too (it adds x @ W_skip.T)
+            tensors["W_skip"] = w_skip.detach().float().clone()
+        save_file(tensors, str(out / f"layer_{layer}.safetensors"))
     (folder / "job.json").write_text(json.dumps({"tokens": ids, "model_dir": str(model_dir), "model": model,
                                                  "n_layers": lm.n_layers, "width": width, "k": k}))
 
@@ -106,6 +109,7 @@ def serve(folder: Path, threads: int, cfg_json: str) -> None:
     from trainer.circuits.prune import prune
     from trainer.circuits.replacement import ReplacementModel
     from trainer.circuits.transcoders import Transcoder
+    from trainer.formats.common import SiteIO
     from trainer.lm import load_lm
     from trainer.sae import SAEConfig, build_sae
 
@@ -121,6 +125,8 @@ def serve(folder: Path, threads: int, cfg_json: str) -> None:
             sae.W_dec.copy_(t["W_dec"])
             sae.b_dec.copy_(t["b_dec"])
             sae.b_enc.copy_(t["b_enc"] + t["W_enc"] @ t["b_dec"])
+        if "W_skip" in t:
+            sae.io = SiteIO(restore_output=False, w_skip=t["W_skip"])
         tcs.append(Transcoder(sae, f"mlp_in.{layer}", f"mlp_out.{layer}"))
     rm = ReplacementModel(lm, tcs)
     cfg = AttributionConfig(**json.loads(cfg_json))
@@ -164,7 +170,7 @@ def circuit_tracer_model(folder: Path):
     tcs = {}
     for layer in range(cfg.n_layers):
         t = load_file(str(folder / "transcoders" / f"layer_{layer}.safetensors"))
-        tc = SingleLayerTranscoder(cfg.d_model, job["width"], TopK(job["k"]), layer, skip_connection=False,
+        tc = SingleLayerTranscoder(cfg.d_model, job["width"], TopK(job["k"]), layer, skip_connection="W_skip" in t,
                                    device=torch.device("cpu"), dtype=torch.float32)
         tc.load_state_dict(t)
         tcs[layer] = tc
