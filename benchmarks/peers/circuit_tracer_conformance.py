@@ -86,6 +86,28 @@ def make(folder: Path) -> None:
     (folder / "job.json").write_text(json.dumps({"tokens": ids, "n_layers": lm.n_layers}))
 
 
+def our_transcoder(t: dict, d_model: int, width: int, architecture: str, k: int, layer: int):
+    """Our Transcoder for block `layer` from circuit-tracer SingleLayerTranscoder tensors: their b_enc
+    acts on x - b_dec, ours on x; a W_skip [d_out, d_in] is in the same layout on both sides."""
+    import torch
+
+    from trainer.circuits.transcoders import Transcoder
+    from trainer.formats.common import SiteIO
+    from trainer.sae import SAEConfig, build_sae
+
+    sae = build_sae(SAEConfig(d_in=d_model, d_sae=width, architecture=architecture, k=k))
+    with torch.no_grad():
+        sae.W_enc.copy_(t["W_enc"])
+        sae.W_dec.copy_(t["W_dec"])
+        sae.b_dec.copy_(t["b_dec"])
+        sae.b_enc.copy_(t["b_enc"] + t["W_enc"] @ t["b_dec"])
+        if architecture == "jumprelu":
+            sae.threshold.copy_(t["threshold"])
+    if "W_skip" in t:
+        sae.io = SiteIO(restore_output=False, w_skip=t["W_skip"])
+    return Transcoder(sae, f"mlp_in.{layer}", f"mlp_out.{layer}")
+
+
 def ours(folder: Path, case: str) -> None:
     import torch
     from safetensors.torch import load_file
@@ -94,29 +116,15 @@ def ours(folder: Path, case: str) -> None:
     from trainer.circuits.export import graph_json
     from trainer.circuits.prune import graph_scores, prune
     from trainer.circuits.replacement import ReplacementModel
-    from trainer.circuits.transcoders import Transcoder
-    from trainer.formats.common import SiteIO
     from trainer.lm import load_lm
-    from trainer.sae import SAEConfig, build_sae
 
     torch.set_num_threads(1)
     act, skip, width, cap, batch, interval = CASES[case]
     job = json.loads((folder / "job.json").read_text())
     lm = load_lm(str(folder / "model"), "cpu", "float32")
-    tcs = []
-    for layer in range(lm.n_layers):
-        t = load_file(str(folder / case / f"layer_{layer}.safetensors"))
-        sae = build_sae(SAEConfig(d_in=lm.d_model, d_sae=width, architecture=act, k=K))
-        with torch.no_grad():
-            sae.W_enc.copy_(t["W_enc"])
-            sae.W_dec.copy_(t["W_dec"])
-            sae.b_dec.copy_(t["b_dec"])
-            sae.b_enc.copy_(t["b_enc"] + t["W_enc"] @ t["b_dec"])
-            if act == "jumprelu":
-                sae.threshold.copy_(t["threshold"])
-        if skip:
-            sae.io = SiteIO(restore_output=False, w_skip=t["W_skip"])
-        tcs.append(Transcoder(sae, f"mlp_in.{layer}", f"mlp_out.{layer}"))
+    tcs = [our_transcoder(load_file(str(folder / case / f"layer_{layer}.safetensors")), lm.d_model, width, act, K, layer)
+           for layer in range(lm.n_layers)]
+    assert all(tc.has_skip == skip for tc in tcs)
     rm = ReplacementModel(lm, tcs)
     start = time.perf_counter()
     graph = attribute(job["tokens"], rm, AttributionConfig(batch_size=batch, max_feature_nodes=cap, update_interval=interval))

@@ -108,26 +108,15 @@ def serve(folder: Path, threads: int, cfg_json: str) -> None:
     from trainer.circuits.attribute import AttributionConfig, attribute
     from trainer.circuits.prune import prune
     from trainer.circuits.replacement import ReplacementModel
-    from trainer.circuits.transcoders import Transcoder
-    from trainer.formats.common import SiteIO
     from trainer.lm import load_lm
-    from trainer.sae import SAEConfig, build_sae
+
+    from circuit_tracer_conformance import our_transcoder
 
     torch.set_num_threads(threads)
     job = json.loads((folder / "job.json").read_text())
     lm = _truncate(load_lm(job["model"], "cpu", "float32"), job["n_layers"])
-    tcs = []
-    for layer in range(lm.n_layers):
-        t = load_file(str(folder / "transcoders" / f"layer_{layer}.safetensors"))
-        sae = build_sae(SAEConfig(d_in=lm.d_model, d_sae=job["width"], architecture="topk", k=job["k"]))
-        with torch.no_grad():
-            sae.W_enc.copy_(t["W_enc"])
-            sae.W_dec.copy_(t["W_dec"])
-            sae.b_dec.copy_(t["b_dec"])
-            sae.b_enc.copy_(t["b_enc"] + t["W_enc"] @ t["b_dec"])
-        if "W_skip" in t:
-            sae.io = SiteIO(restore_output=False, w_skip=t["W_skip"])
-        tcs.append(Transcoder(sae, f"mlp_in.{layer}", f"mlp_out.{layer}"))
+    tcs = [our_transcoder(load_file(str(folder / "transcoders" / f"layer_{layer}.safetensors")), lm.d_model,
+                          job["width"], "topk", job["k"], layer) for layer in range(lm.n_layers)]
     rm = ReplacementModel(lm, tcs)
     cfg = AttributionConfig(**json.loads(cfg_json))
     print(json.dumps({"ready": True}), flush=True)
